@@ -1,0 +1,730 @@
+//! Configuration: command-line flags, `KEYHOLE_*` environment variables and
+//! a TOML file, merged with flags > environment > file into one validated
+//! [`Config`].
+//!
+//! clap defines the flags and renders `--help`; the values themselves go
+//! through one generic lookup ([`Layers`]) keyed by the flag's long name, so
+//! every flag gets its environment variable and file key for free, and a
+//! test can feed the environment from a map instead of the process.
+
+mod duration;
+pub mod target;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+pub use target::Protocol;
+
+const ENV_HELP: &str = "\
+Every option can also be set with an environment variable KEYHOLE_<OPTION> \
+(upper case, dashes as underscores: KEYHOLE_MAX_CONNECTIONS=100), or as a key \
+in the --config TOML file (max-connections = 100). Targets: KEYHOLE_TARGETS \
+(separated by spaces) or `targets = [\"postgres://...\"]`. Flags win over the \
+environment, which wins over the file.
+
+Target parameters (postgres://HOST[:PORT]?name=value&...):
+  listen=ADDR:PORT     listen here instead of --address/--port
+  unix-socket=DIR      listen on DIR/.s.PGSQL.<port> (no TCP unless listen= is given)
+  ca-file=PATH         CA bundle that signs this server's certificate
+  server-name=NAME     name to verify in the server certificate (default: HOST)
+  tls-mode=MODE        verify-full (default) or verify-ca
+  client-cert=PATH, client-key=PATH   client certificate for this server
+
+Examples:
+  keyhole --ca-file global-bundle.pem postgres://mydb.abc123.eu-west-1.rds.amazonaws.com
+  keyhole -p 6432 'postgres://10.0.0.5?server-name=db.internal&ca-file=ca.pem'";
+
+/// keyhole: plain Postgres on localhost, verified TLS to the database.
+#[derive(Parser, Debug)]
+#[command(name = "keyhole", version, about, after_long_help = ENV_HELP, after_help = "See --help for environment variables, target parameters and examples.")]
+pub struct Cli {
+    /// Databases to proxy, each as postgres://HOST[:PORT][?PARAMS].
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
+
+    /// Address to listen on. [default: 127.0.0.1]
+    #[arg(short = 'a', long, value_name = "ADDR")]
+    pub address: Option<String>,
+
+    /// First listen port; each further target takes the next one. [default: 5432]
+    #[arg(short = 'p', long, value_name = "PORT")]
+    pub port: Option<String>,
+
+    /// Listen on a Unix socket in DIR (DIR/.s.PGSQL.<port>) instead of TCP.
+    #[arg(long, value_name = "DIR")]
+    pub unix_socket: Option<String>,
+
+    /// PEM bundle of CAs that sign the servers' certificates. [default: the system roots]
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<String>,
+
+    /// Client certificate (PEM) keyhole presents to servers that ask for one.
+    #[arg(long, value_name = "PATH")]
+    pub client_cert: Option<String>,
+
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, value_name = "PATH")]
+    pub client_key: Option<String>,
+
+    /// Certificate (PEM) for TLS on the local leg; clients may then use sslmode=require.
+    #[arg(long, value_name = "PATH")]
+    pub listen_cert: Option<String>,
+
+    /// Private key (PEM) of --listen-cert.
+    #[arg(long, value_name = "PATH")]
+    pub listen_key: Option<String>,
+
+    /// TOML file with any of these options.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
+    /// Most client connections at once, over all targets; 0 means no limit. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<String>,
+
+    /// On SIGTERM/SIGINT, how long open connections may go on before they are cut. [default: 0s]
+    #[arg(long, value_name = "DURATION")]
+    pub max_sigterm_delay: Option<String>,
+
+    /// How long a new client may take to send its startup packet. [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub startup_timeout: Option<String>,
+
+    /// How long to wait for the server's TCP connection and TLS handshake. [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+
+    /// Log lines as text or json. Levels from RUST_LOG (default: info).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub targets: Vec<TargetConfig>,
+    /// `None`: no limit.
+    pub max_connections: Option<NonZeroUsize>,
+    pub max_sigterm_delay: Duration,
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub log_format: LogFormat,
+    /// Certificate for TLS on the client leg.
+    pub listen_tls: Option<CertKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertKey {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One database keyhole proxies to, with where it listens for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetConfig {
+    /// `postgres://host:port`, for logs and messages.
+    pub name: String,
+    pub protocol: Protocol,
+    pub host: String,
+    pub port: u16,
+    /// TCP listen address, if any.
+    pub listen: Option<SocketAddr>,
+    /// Unix socket file, if any.
+    pub unix_socket: Option<PathBuf>,
+    pub tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// `None`: the system trust store.
+    pub ca_file: Option<PathBuf>,
+    /// The name the server certificate must carry.
+    pub server_name: String,
+    pub mode: TlsMode,
+    pub client_cert: Option<CertKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Chain to a trusted CA and name match.
+    VerifyFull,
+    /// Chain to a trusted CA; any name.
+    VerifyCa,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--help`, `--version` or a malformed command line: clap renders it.
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Flag,
+    Env,
+    File,
+}
+
+/// The three sources, each a map from an option's long name to its text.
+struct Layers {
+    flags: HashMap<String, String>,
+    env: HashMap<String, String>,
+    file: BTreeMap<String, String>,
+    file_path: Option<PathBuf>,
+}
+
+impl Layers {
+    fn get(&self, key: &str) -> Option<(String, Origin)> {
+        if let Some(v) = self.flags.get(key) {
+            return Some((v.clone(), Origin::Flag));
+        }
+        if let Some(v) = self.env.get(&env_name(key)) {
+            return Some((v.clone(), Origin::Env));
+        }
+        self.file.get(key).map(|v| (v.clone(), Origin::File))
+    }
+
+    fn describe(&self, key: &str, origin: Origin) -> String {
+        match origin {
+            Origin::Flag => format!("--{key}"),
+            Origin::Env => env_name(key),
+            Origin::File => format!(
+                "'{key}' in {}",
+                self.file_path
+                    .as_deref()
+                    .unwrap_or(Path::new("the config file"))
+                    .display()
+            ),
+        }
+    }
+
+    /// Looks `key` up and parses it, naming the source in any error.
+    fn parse<T>(
+        &self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some((text, origin)) => parse(&text)
+                .map(Some)
+                .map_err(|e| invalid(format!("{}: {e}", self.describe(key, origin)))),
+        }
+    }
+}
+
+/// `max-connections` → `KEYHOLE_MAX_CONNECTIONS`.
+pub fn env_name(key: &str) -> String {
+    format!("KEYHOLE_{}", key.to_ascii_uppercase().replace('-', "_"))
+}
+
+impl Config {
+    /// Reads the process's own arguments and environment.
+    pub fn from_process() -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("KEYHOLE_"))
+            .collect();
+        Config::load(std::env::args_os(), &env)
+    }
+
+    /// Parses `args` (program name first) against `env`, reading the config
+    /// file if one is named.
+    pub fn load<I, T>(args: I, env: &HashMap<String, String>) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let command = Cli::command();
+        let known: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .filter(|l| l != "help" && l != "version")
+            .collect();
+        let matches = command.try_get_matches_from(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+
+        let mut flags = HashMap::new();
+        for key in &known {
+            let id = key.replace('-', "_");
+            if let Ok(Some(v)) = matches.try_get_one::<String>(&id) {
+                flags.insert(key.clone(), v.clone());
+            }
+        }
+        let mut layers = Layers {
+            flags,
+            env: env.clone(),
+            file: BTreeMap::new(),
+            file_path: None,
+        };
+        let mut file_targets = Vec::new();
+        if let Some((path, _)) = layers.get("config") {
+            let path = PathBuf::from(path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| invalid(format!("cannot read config file {}: {e}", path.display())))?;
+            let (values, targets) = parse_file(&text, &known)
+                .map_err(|e| invalid(format!("config file {}: {e}", path.display())))?;
+            layers.file = values;
+            file_targets = targets;
+            layers.file_path = Some(path);
+        }
+
+        let targets: Vec<String> = if !cli.targets.is_empty() {
+            cli.targets
+        } else if let Some(t) = env.get("KEYHOLE_TARGETS") {
+            t.split_whitespace().map(str::to_owned).collect()
+        } else {
+            file_targets
+        };
+        build(&layers, &targets)
+    }
+}
+
+/// The TOML file: option keys as in the flags, plus `targets`.
+fn parse_file(
+    text: &str,
+    known: &[String],
+) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+    let mut values = BTreeMap::new();
+    let mut targets = Vec::new();
+    for (key, value) in table {
+        if key == "targets" {
+            let list = value
+                .as_array()
+                .ok_or("'targets' must be a list of strings")?;
+            for t in list {
+                targets.push(
+                    t.as_str()
+                        .ok_or("'targets' must be a list of strings")?
+                        .to_owned(),
+                );
+            }
+            continue;
+        }
+        if key == "config" || !known.contains(&key) {
+            return Err(format!(
+                "unknown key '{key}' (known: targets, {})",
+                known.join(", ")
+            ));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => return Err(format!("'{key}' must be a string or a number")),
+        };
+        values.insert(key, text);
+    }
+    Ok((values, targets))
+}
+
+fn parse_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        Err("empty path".into())
+    } else {
+        Ok(PathBuf::from(text))
+    }
+}
+
+fn parse_tls_mode(text: &str) -> Result<TlsMode, String> {
+    match text {
+        "verify-full" => Ok(TlsMode::VerifyFull),
+        "verify-ca" => Ok(TlsMode::VerifyCa),
+        other => Err(format!(
+            "'{other}' is not a TLS mode (verify-full or verify-ca; keyhole never connects without TLS)"
+        )),
+    }
+}
+
+fn cert_key(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    what: &str,
+) -> Result<Option<CertKey>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(CertKey { cert, key })),
+        (None, None) => Ok(None),
+        _ => Err(invalid(format!(
+            "{what}-cert and {what}-key go together: give both or neither"
+        ))),
+    }
+}
+
+fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
+    if targets.is_empty() {
+        return Err(invalid(
+            "no target given: name at least one database, like keyhole postgres://db.internal:5432",
+        ));
+    }
+    let address: IpAddr = layers
+        .parse("address", |t| {
+            t.parse::<IpAddr>()
+                .map_err(|_| format!("'{t}' is not an IP address"))
+        })?
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let base_port: Option<u16> = layers.parse("port", |t| {
+        t.parse::<u16>()
+            .map_err(|_| format!("'{t}' is not a port number"))
+    })?;
+    let unix_socket = layers.parse("unix-socket", parse_path)?;
+    let ca_file = layers.parse("ca-file", parse_path)?;
+    let client_cert = cert_key(
+        layers.parse("client-cert", parse_path)?,
+        layers.parse("client-key", parse_path)?,
+        "client",
+    )?;
+    let listen_tls = cert_key(
+        layers.parse("listen-cert", parse_path)?,
+        layers.parse("listen-key", parse_path)?,
+        "listen",
+    )?;
+    let max_connections = layers
+        .parse("max-connections", |t| {
+            t.parse::<usize>()
+                .map_err(|_| format!("'{t}' is not a number"))
+        })?
+        .and_then(NonZeroUsize::new);
+    let max_sigterm_delay = layers
+        .parse("max-sigterm-delay", duration::parse)?
+        .unwrap_or(Duration::ZERO);
+    let startup_timeout = layers
+        .parse("startup-timeout", duration::parse)?
+        .unwrap_or(Duration::from_secs(10));
+    let connect_timeout = layers
+        .parse("connect-timeout", duration::parse)?
+        .unwrap_or(Duration::from_secs(10));
+    let log_format = layers
+        .parse("log-format", |t| match t {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("'{other}' is not a log format (text or json)")),
+        })?
+        .unwrap_or(LogFormat::Text);
+    if startup_timeout.is_zero() || connect_timeout.is_zero() {
+        return Err(invalid(
+            "startup-timeout and connect-timeout must be more than zero",
+        ));
+    }
+
+    let mut built = Vec::with_capacity(targets.len());
+    for (index, text) in targets.iter().enumerate() {
+        let url = target::parse(text).map_err(invalid)?;
+        let name = format!(
+            "{}://{}",
+            url.protocol.scheme(),
+            host_port(&url.host, url.port)
+        );
+        let param = |key: &str| {
+            url.params
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let in_target = |key: &str, e: String| invalid(format!("target {name}: {key}: {e}"));
+
+        let port = u32::from(base_port.unwrap_or(url.protocol.default_port())) + index as u32;
+        let port = u16::try_from(port)
+            .map_err(|_| invalid(format!("target {name}: listen port {port} is out of range")))?;
+        let explicit_listen = param("listen")
+            .map(|t| target::parse_listen(t).map_err(|e| in_target("listen", e)))
+            .transpose()?;
+        let socket_dir = match param("unix-socket") {
+            Some(dir) => Some(parse_path(dir).map_err(|e| in_target("unix-socket", e))?),
+            None => unix_socket.clone(),
+        };
+        let listen_port = explicit_listen.map_or(port, |a| a.port());
+        let unix_path = socket_dir.map(|dir| dir.join(format!(".s.PGSQL.{listen_port}")));
+        let listen = match (explicit_listen, &unix_path) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(_)) => None,
+            (None, None) => Some(SocketAddr::new(address, port)),
+        };
+        let tls = UpstreamTls {
+            ca_file: match param("ca-file") {
+                Some(p) => Some(parse_path(p).map_err(|e| in_target("ca-file", e))?),
+                None => ca_file.clone(),
+            },
+            server_name: param("server-name").unwrap_or(&url.host).to_owned(),
+            mode: param("tls-mode")
+                .map(|m| parse_tls_mode(m).map_err(|e| in_target("tls-mode", e)))
+                .transpose()?
+                .unwrap_or(TlsMode::VerifyFull),
+            client_cert: match cert_key(
+                param("client-cert").map(PathBuf::from),
+                param("client-key").map(PathBuf::from),
+                "client",
+            )? {
+                Some(ck) => Some(ck),
+                None => client_cert.clone(),
+            },
+        };
+        built.push(TargetConfig {
+            name,
+            protocol: url.protocol,
+            host: url.host,
+            port: url.port,
+            listen,
+            unix_socket: unix_path,
+            tls,
+        });
+    }
+    check_distinct_listeners(&built)?;
+    Ok(Config {
+        targets: built,
+        max_connections,
+        max_sigterm_delay,
+        startup_timeout,
+        connect_timeout,
+        log_format,
+        listen_tls,
+    })
+}
+
+fn check_distinct_listeners(targets: &[TargetConfig]) -> Result<(), ConfigError> {
+    for (i, a) in targets.iter().enumerate() {
+        for b in &targets[..i] {
+            if a.listen.is_some() && a.listen == b.listen {
+                return Err(invalid(format!(
+                    "targets {} and {} both listen on {}",
+                    b.name,
+                    a.name,
+                    a.listen.map(|l| l.to_string()).unwrap_or_default()
+                )));
+            }
+            if a.unix_socket.is_some() && a.unix_socket == b.unix_socket {
+                return Err(invalid(format!(
+                    "targets {} and {} share a Unix socket",
+                    b.name, a.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(std::iter::once("keyhole").chain(args.iter().copied()), &env)
+    }
+
+    fn message(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid(m)) => m,
+            Err(ConfigError::Cli(e)) => e.to_string(),
+            Ok(c) => panic!("expected an error, got {c:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_for_one_target() {
+        let c = load(&["postgres://db.internal"], &[]).expect("valid");
+        let t = &c.targets[0];
+        assert_eq!(t.name, "postgres://db.internal:5432");
+        assert_eq!(t.listen, Some("127.0.0.1:5432".parse().expect("addr")));
+        assert_eq!(t.unix_socket, None);
+        assert_eq!(t.tls.server_name, "db.internal");
+        assert_eq!(t.tls.mode, TlsMode::VerifyFull);
+        assert_eq!(t.tls.ca_file, None);
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.max_sigterm_delay, Duration::ZERO);
+        assert_eq!(c.startup_timeout, Duration::from_secs(10));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn further_targets_take_the_next_ports_and_params_override() {
+        let c = load(
+            &[
+                "-a",
+                "::1",
+                "-p",
+                "7000",
+                "--ca-file",
+                "global.pem",
+                "postgres://a",
+                "postgres://b?ca-file=b.pem&server-name=b.example&tls-mode=verify-ca",
+                "postgres://c?listen=127.0.0.2:9000",
+            ],
+            &[],
+        )
+        .expect("valid");
+        let listens: Vec<_> = c
+            .targets
+            .iter()
+            .map(|t| t.listen.map(|l| l.to_string()))
+            .collect();
+        assert_eq!(
+            listens,
+            [
+                Some("[::1]:7000".into()),
+                Some("[::1]:7001".into()),
+                Some("127.0.0.2:9000".into())
+            ]
+        );
+        assert_eq!(c.targets[0].tls.ca_file, Some("global.pem".into()));
+        assert_eq!(c.targets[1].tls.ca_file, Some("b.pem".into()));
+        assert_eq!(c.targets[1].tls.server_name, "b.example");
+        assert_eq!(c.targets[1].tls.mode, TlsMode::VerifyCa);
+    }
+
+    #[test]
+    fn unix_socket_replaces_tcp_unless_listen_is_explicit() {
+        let c = load(
+            &[
+                "--unix-socket",
+                "/run/keyhole",
+                "-p",
+                "6000",
+                "postgres://a",
+                "postgres://b?listen=127.0.0.1:7000",
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(c.targets[0].listen, None);
+        assert_eq!(
+            c.targets[0].unix_socket,
+            Some("/run/keyhole/.s.PGSQL.6000".into())
+        );
+        assert_eq!(
+            c.targets[1].listen,
+            Some("127.0.0.1:7000".parse().expect("addr"))
+        );
+        assert_eq!(
+            c.targets[1].unix_socket,
+            Some("/run/keyhole/.s.PGSQL.7000".into())
+        );
+    }
+
+    #[test]
+    fn flags_beat_env_which_beats_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("keyhole.toml");
+        std::fs::write(
+            &file,
+            "targets = [\"postgres://from-file\"]\nport = 1000\nmax-connections = 7\nlog-format = \"json\"\nstartup-timeout = \"3s\"\n",
+        )
+        .expect("write");
+        let path = file.to_str().expect("utf-8 path");
+        let env = [
+            ("KEYHOLE_CONFIG", path),
+            ("KEYHOLE_PORT", "2000"),
+            ("KEYHOLE_MAX_CONNECTIONS", "8"),
+        ];
+
+        let c = load(&[], &env).expect("valid");
+        assert_eq!(c.targets[0].host, "from-file");
+        assert_eq!(c.targets[0].listen.map(|l| l.port()), Some(2000));
+        assert_eq!(c.max_connections.map(|n| n.get()), Some(8));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.startup_timeout, Duration::from_secs(3));
+
+        let c = load(&["--port", "3000", "postgres://from-flag"], &env).expect("valid");
+        assert_eq!(c.targets[0].host, "from-flag");
+        assert_eq!(c.targets[0].listen.map(|l| l.port()), Some(3000));
+
+        let mut with_targets = env.to_vec();
+        with_targets.push(("KEYHOLE_TARGETS", "postgres://e1 postgres://e2"));
+        let c = load(&[], &with_targets).expect("valid");
+        assert_eq!(c.targets.len(), 2);
+        assert_eq!(c.targets[1].host, "e2");
+    }
+
+    #[test]
+    fn errors_name_the_source_of_the_bad_value() {
+        assert_eq!(
+            message(load(&["postgres://a"], &[("KEYHOLE_PORT", "http")])),
+            "KEYHOLE_PORT: 'http' is not a port number"
+        );
+        assert_eq!(
+            message(load(&["--max-sigterm-delay", "soon", "postgres://a"], &[])),
+            "--max-sigterm-delay: 'soon' is not a duration (examples: 30s, 500ms, 2m, 1h30m)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "max-conections = 3\n").expect("write");
+        let m = message(load(
+            &["--config", file.to_str().expect("utf-8"), "postgres://a"],
+            &[],
+        ));
+        assert!(m.contains("unknown key 'max-conections'"), "{m}");
+        std::fs::write(&file, "port = \"x\"\n").expect("write");
+        let m = message(load(
+            &["--config", file.to_str().expect("utf-8"), "postgres://a"],
+            &[],
+        ));
+        assert_eq!(
+            m,
+            format!("'port' in {}: 'x' is not a port number", file.display())
+        );
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        assert!(message(load(&[], &[])).starts_with("no target given"));
+        assert!(
+            message(load(&["--listen-cert", "c.pem", "postgres://a"], &[])).contains("go together")
+        );
+        assert!(message(load(&["postgres://a?tls-mode=disable"], &[]))
+            .contains("never connects without TLS"));
+        assert!(message(load(
+            &[
+                "postgres://a?listen=127.0.0.1:9",
+                "postgres://b?listen=127.0.0.1:9"
+            ],
+            &[]
+        ))
+        .contains("both listen on 127.0.0.1:9"));
+        assert!(
+            message(load(&["-p", "65535", "postgres://a", "postgres://b"], &[]))
+                .contains("out of range")
+        );
+        assert!(
+            message(load(&["--log-format", "xml", "postgres://a"], &[])).contains("text or json")
+        );
+        // clap's own errors (exit code 2 like ours).
+        assert!(matches!(
+            load(&["--no-such-flag", "postgres://a"], &[]),
+            Err(ConfigError::Cli(_))
+        ));
+    }
+}

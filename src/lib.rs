@@ -1,0 +1,4 @@
+pub mod config;
+pub mod net;
+pub mod protocol;
+pub mod splice;

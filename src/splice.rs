@@ -1,0 +1,300 @@
+//! The data path: once both legs are authenticated, bytes go both ways
+//! untouched until either side ends.
+//!
+//! [`Splice`] is a small hand-written future with one half-state per
+//! direction. Each half owns one buffer for the life of the connection (no
+//! allocation per read) and counts what it delivered; the counts stay
+//! readable after an error or after the future is abandoned (for example on
+//! a forced shutdown), so the connection's log line is always complete.
+//!
+//! Half-close: when one side ends its stream (EOF), the other side's write
+//! half is flushed and shut down (for TLS: close_notify, then FIN) and the
+//! opposite direction keeps flowing until it ends too. Postgres clients end
+//! with Terminate and close; the server then closes its side, so both halves
+//! finish on their own. An I/O error on either side ends both.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes per direction moved per read. One TLS record carries at most 16 KiB
+/// of plaintext, so a read never has to stop halfway through a record.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// Bytes delivered so far, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the client, written to the server.
+    pub client_to_server: u64,
+    /// From the server, written to the client.
+    pub server_to_client: u64,
+}
+
+/// Which side's failure ended the splice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} connection failed: {source}", side.as_str())]
+pub struct SpliceError {
+    pub side: Side,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Copies in both directions between `client` and `server`.
+pub struct Splice<'a, C: ?Sized, S: ?Sized> {
+    client: &'a mut C,
+    server: &'a mut S,
+    upstream: Half,
+    downstream: Half,
+}
+
+impl<'a, C, S> Splice<'a, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    pub fn new(client: &'a mut C, server: &'a mut S) -> Self {
+        Splice {
+            client,
+            server,
+            upstream: Half::new(),
+            downstream: Half::new(),
+        }
+    }
+
+    /// What has been delivered so far; valid at any time.
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            client_to_server: self.upstream.delivered,
+            server_to_client: self.downstream.delivered,
+        }
+    }
+}
+
+impl<C, S> Future for Splice<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = Result<(), SpliceError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let up = this
+            .upstream
+            .poll_copy(cx, &mut *this.client, &mut *this.server);
+        if let Poll::Ready(Err(e)) = up {
+            return Poll::Ready(Err(e.attribute(Side::Client, Side::Server)));
+        }
+        let down = this
+            .downstream
+            .poll_copy(cx, &mut *this.server, &mut *this.client);
+        if let Poll::Ready(Err(e)) = down {
+            return Poll::Ready(Err(e.attribute(Side::Server, Side::Client)));
+        }
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Which end of a half failed: the one it reads or the one it writes.
+enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl HalfError {
+    fn attribute(self, reader: Side, writer: Side) -> SpliceError {
+        match self {
+            HalfError::Read(source) => SpliceError {
+                side: reader,
+                source,
+            },
+            HalfError::Write(source) => SpliceError {
+                side: writer,
+                source,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HalfState {
+    /// Reading and writing.
+    Copying,
+    /// The reader ended; flushing and shutting the writer down.
+    ShuttingDown,
+    Done,
+}
+
+/// One direction: read into the buffer, write it all out, repeat.
+struct Half {
+    buf: Box<[u8]>,
+    /// Bytes `buf[pos..filled]` are read but not yet written.
+    pos: usize,
+    filled: usize,
+    /// Written since the last flush.
+    needs_flush: bool,
+    state: HalfState,
+    delivered: u64,
+}
+
+impl Half {
+    fn new() -> Half {
+        Half {
+            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+            needs_flush: false,
+            state: HalfState::Copying,
+            delivered: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self.state {
+                HalfState::Done => return Poll::Ready(Ok(())),
+                HalfState::ShuttingDown => {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(HalfError::Write)?;
+                    self.state = HalfState::Done;
+                }
+                HalfState::Copying => {
+                    // Drain what is buffered before reading more.
+                    while self.pos < self.filled {
+                        let chunk = &self.buf[self.pos..self.filled];
+                        let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
+                            .map_err(HalfError::Write)?;
+                        if n == 0 {
+                            return Poll::Ready(Err(HalfError::Write(
+                                io::ErrorKind::WriteZero.into(),
+                            )));
+                        }
+                        self.pos += n;
+                        self.delivered += n as u64;
+                        self.needs_flush = true;
+                    }
+                    let mut read_buf = ReadBuf::new(&mut self.buf);
+                    match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = read_buf.filled().len();
+                            self.pos = 0;
+                            self.filled = n;
+                            if n == 0 {
+                                // EOF: flush what we wrote, then half-close.
+                                self.state = HalfState::ShuttingDown;
+                            }
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
+                        Poll::Pending => {
+                            // Nothing more to read for now: push out what we wrote.
+                            if self.needs_flush {
+                                ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                    .map_err(HalfError::Write)?;
+                                self.needs_flush = false;
+                            }
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_and_counts() {
+        let (mut client_app, mut client_leg) = duplex(1024);
+        let (mut server_leg, mut server_app) = duplex(1024);
+        let task = tokio::spawn(async move {
+            let mut s = Splice::new(&mut client_leg, &mut server_leg);
+            let r = (&mut s).await;
+            (r.is_ok(), s.transferred())
+        });
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_app.write_all(&sent).await.expect("write");
+            client_app.shutdown().await.expect("shutdown");
+            let mut back = Vec::new();
+            client_app.read_to_end(&mut back).await.expect("read back");
+            back
+        });
+        let mut got = Vec::new();
+        server_app
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads until half-close");
+        assert_eq!(got, payload);
+        server_app
+            .write_all(b"bye")
+            .await
+            .expect("reply after half-close");
+        server_app.shutdown().await.expect("shutdown");
+        drop(server_app);
+        assert_eq!(writer.await.expect("join"), b"bye");
+        let (ok, t) = task.await.expect("join");
+        assert!(ok);
+        assert_eq!(
+            t,
+            Transferred {
+                client_to_server: 100_000,
+                server_to_client: 3
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn error_keeps_counts_and_names_the_side() {
+        let (mut client_app, mut client_leg) = duplex(64);
+        let (mut server_leg, server_app) = duplex(64);
+        client_app.write_all(b"hello").await.expect("write");
+        let mut s = Splice::new(&mut client_leg, &mut server_leg);
+        // Let the first bytes through, then make the server side vanish.
+        let mut server_app = server_app;
+        let mut buf = [0u8; 5];
+        tokio::select! {
+            _ = &mut s => panic!("splice ended early"),
+            r = server_app.read_exact(&mut buf) => { r.expect("read"); }
+        }
+        drop(server_app);
+        client_app.write_all(b"more").await.expect("write");
+        let err = (&mut s).await.expect_err("server is gone");
+        assert_eq!(err.side, Side::Server);
+        assert_eq!(s.transferred().client_to_server, 5);
+    }
+}
