@@ -1,4 +1,20 @@
+//! keyhole: a database connection proxy. Clients speak plain Postgres to it
+//! on localhost; it reaches the database over verified TLS and splices the
+//! bytes through.
+//!
+//! Where a byte goes: [`listener`] accepts it, [`frontend`] drives the
+//! protocol startup with [`protocol`]'s codecs, [`upstream`] opens the
+//! verified TLS connection, and [`splice`] carries everything after.
+//! [`proxy`] ties these together and owns the lifecycle.
+
+pub mod cancel;
 pub mod config;
+pub mod frontend;
+pub mod listener;
+pub mod logging;
 pub mod net;
 pub mod protocol;
+pub mod proxy;
 pub mod splice;
+pub mod tls;
+pub mod upstream;

@@ -1,1 +1,46 @@
-fn main() {}
+//! The `keyhole` binary: configuration, logging, runtime, exit code.
+
+use std::process::ExitCode;
+
+use keyhole::config::{Config, ConfigError};
+use keyhole::proxy::Proxy;
+
+/// Exit code for a configuration that cannot work.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let config = match Config::from_process() {
+        Ok(config) => config,
+        Err(ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("keyhole: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    keyhole::tls::install_crypto_provider();
+    let proxy = match Proxy::prepare(&config) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("keyhole: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    keyhole::logging::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyhole: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(proxy.run()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

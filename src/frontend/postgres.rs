@@ -1,0 +1,478 @@
+//! The Postgres session: negotiate with the client (SSLRequest, GSSENCRequest,
+//! direct TLS, CancelRequest, StartupMessage), open the verified upstream,
+//! relay authentication, then hand both legs to the splice loop.
+//!
+//! Every failure before the splice loop that the client can still read
+//! reaches it as an ErrorResponse with a SQLSTATE; nothing closes silently
+//! except where the protocol leaves no room for a message.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::ClientStream;
+use crate::cancel::CancelRegistry;
+use crate::net::{Rewind, Socket};
+use crate::protocol::postgres::{
+    self as pg, auth, sqlstate, tag, CancelKey, Message, MessageError, SaslError, StartupError,
+    StartupMessage, StartupPacket,
+};
+use crate::splice::{Splice, SpliceError, Transferred};
+use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
+
+/// What one Postgres target needs to serve a client.
+pub struct PostgresFrontend {
+    pub upstream: SharedUpstream,
+    /// TLS for the client leg, when `--listen-cert` is set.
+    pub local_tls: Option<TlsAcceptor>,
+    pub startup_timeout: Duration,
+    pub cancels: Arc<CancelRegistry>,
+    /// The configured connection limit, for the 53300 message.
+    pub max_connections: Option<usize>,
+}
+
+/// Whether the connection fits under `--max-connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    OverLimit,
+}
+
+/// How a session went, for its log line.
+#[derive(Debug, Default)]
+pub struct SessionReport {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub transferred: Transferred,
+    /// Set when the session ended with a cancel request forwarded.
+    pub cancel_forwarded: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client sent no startup packet within {}", crate::upstream::humanize(*.0))]
+    StartupTimeout(Duration),
+    #[error("client closed the connection during startup")]
+    ClientClosed,
+    #[error("client connection failed: {0}")]
+    ClientIo(io::Error),
+    #[error("invalid startup packet: {0}")]
+    Startup(#[from] StartupError),
+    #[error("invalid message from client: {0}")]
+    ClientMessage(MessageError),
+    #[error("unexpected message '{}' from client during authentication", char::from(*.0))]
+    UnexpectedClientMessage(u8),
+    #[error("{0} sent twice or after TLS was set up")]
+    RepeatedUpgrade(&'static str),
+    #[error("client sent data after SSLRequest before the TLS handshake")]
+    DataAfterUpgrade,
+    #[error(
+        "client opened with TLS, but keyhole has no --listen-cert: use sslmode=disable or prefer"
+    )]
+    LocalTlsNotConfigured,
+    #[error("direct TLS requires ALPN \"postgresql\"")]
+    MissingAlpn,
+    #[error("TLS handshake with the client failed: {0}")]
+    ClientTls(io::Error),
+    #[error("too many connections: keyhole allows {0} at once (--max-connections)")]
+    TooManyConnections(usize),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the server closed the connection during authentication")]
+    UpstreamClosed,
+    #[error("connection to the server failed during authentication: {0}")]
+    UpstreamIo(io::Error),
+    #[error("the server sent an invalid message during authentication: {0}")]
+    UpstreamProtocol(String),
+    #[error("{0}")]
+    ChannelBinding(SaslError),
+    #[error("the server refused the session (SQLSTATE {0})")]
+    ServerRefused(String),
+    #[error("no session with that cancel key is open through keyhole")]
+    UnknownCancelKey,
+    #[error("cut at shutdown")]
+    Cut,
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
+}
+
+impl SessionError {
+    /// A short stable name for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionError::StartupTimeout(_) => "startup_timeout",
+            SessionError::ClientClosed | SessionError::ClientIo(_) => "client_io",
+            SessionError::Startup(_)
+            | SessionError::ClientMessage(_)
+            | SessionError::UnexpectedClientMessage(_)
+            | SessionError::RepeatedUpgrade(_)
+            | SessionError::DataAfterUpgrade
+            | SessionError::MissingAlpn => "client_protocol",
+            SessionError::LocalTlsNotConfigured | SessionError::ClientTls(_) => "client_tls",
+            SessionError::TooManyConnections(_) => "too_many_connections",
+            SessionError::Upstream(e) => e.label(),
+            SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
+            SessionError::UpstreamProtocol(_) | SessionError::ChannelBinding(_) => {
+                "upstream_protocol"
+            }
+            SessionError::ServerRefused(_) => "server_refused",
+            SessionError::UnknownCancelKey => "unknown_cancel_key",
+            SessionError::Cut => "cut_at_shutdown",
+            SessionError::Splice(e) => match e.side {
+                crate::splice::Side::Client => "client_io",
+                crate::splice::Side::Server => "upstream_io",
+            },
+        }
+    }
+
+    /// The ErrorResponse the client should get, if it can still read one.
+    fn answer(&self) -> Option<&'static str> {
+        Some(match self {
+            SessionError::StartupTimeout(_)
+            | SessionError::Startup(_)
+            | SessionError::ClientMessage(_)
+            | SessionError::UnexpectedClientMessage(_)
+            | SessionError::RepeatedUpgrade(_)
+            | SessionError::MissingAlpn => sqlstate::PROTOCOL_VIOLATION,
+            SessionError::TooManyConnections(_) => sqlstate::TOO_MANY_CONNECTIONS,
+            SessionError::Upstream(_) | SessionError::ChannelBinding(_) => {
+                sqlstate::UNABLE_TO_CONNECT
+            }
+            SessionError::UpstreamClosed
+            | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamProtocol(_) => sqlstate::CONNECTION_FAILURE,
+            // The client is gone, or mid-TLS, or already has the server's own
+            // error, or (cancel) expects no answer by protocol.
+            SessionError::ClientClosed
+            | SessionError::ClientIo(_)
+            | SessionError::DataAfterUpgrade
+            | SessionError::LocalTlsNotConfigured
+            | SessionError::ClientTls(_)
+            | SessionError::ServerRefused(_)
+            | SessionError::UnknownCancelKey
+            | SessionError::Cut
+            | SessionError::Splice(_) => return None,
+        })
+    }
+}
+
+/// What the client asked for once negotiation is over.
+enum Opening {
+    Session(StartupMessage),
+    Cancel(CancelKey),
+}
+
+impl PostgresFrontend {
+    /// Serves one client connection to its end.
+    pub async fn serve(
+        &self,
+        socket: Socket,
+        admission: Admission,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let mut client = ClientStream::Plain(socket);
+        let mut from_client = BytesMut::with_capacity(1024);
+        let result = self
+            .run(&mut client, &mut from_client, admission, cut, report)
+            .await;
+        if let Err(err) = &result {
+            if let Some(code) = err.answer() {
+                let mut out = BytesMut::new();
+                pg::encode_error_response(&mut out, code, &err.to_string());
+                // Best effort: the client may be gone already.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    client.write_all(&out).await?;
+                    client.flush().await
+                })
+                .await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+        result
+    }
+
+    async fn run(
+        &self,
+        client: &mut ClientStream,
+        from_client: &mut BytesMut,
+        admission: Admission,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let opening =
+            tokio::time::timeout(self.startup_timeout, self.negotiate(client, from_client))
+                .await
+                .map_err(|_| SessionError::StartupTimeout(self.startup_timeout))??;
+        let startup = match opening {
+            Opening::Cancel(key) => {
+                let upstream = self
+                    .cancels
+                    .route(&key)
+                    .ok_or(SessionError::UnknownCancelKey)?;
+                upstream.send_cancel(&key).await?;
+                report.cancel_forwarded = true;
+                return Ok(());
+            }
+            Opening::Session(startup) => startup,
+        };
+        report.user = Some(startup.user.clone());
+        report.database = startup.database.clone();
+        if admission == Admission::OverLimit {
+            return Err(SessionError::TooManyConnections(
+                self.max_connections.unwrap_or(0),
+            ));
+        }
+
+        let mut server = self.upstream.connect_postgres().await?;
+        let mut from_server = BytesMut::with_capacity(1024);
+        write_flush(&mut server, &startup.raw)
+            .await
+            .map_err(SessionError::UpstreamIo)?;
+        let key = self
+            .relay_auth(client, from_client, &mut server, &mut from_server)
+            .await?;
+        let _registration = key.map(|k| self.cancels.register(k, self.upstream.clone()));
+
+        // Bytes either side sent past the last message keyhole read belong
+        // to the session: deliver them before splicing.
+        if !from_client.is_empty() {
+            write_flush(&mut server, from_client)
+                .await
+                .map_err(SessionError::UpstreamIo)?;
+        }
+        if !from_server.is_empty() {
+            write_flush(client, &from_server)
+                .await
+                .map_err(SessionError::ClientIo)?;
+        }
+        let mut splice = Splice::new(client, &mut server);
+        let result = tokio::select! {
+            r = &mut splice => r.map_err(SessionError::from),
+            _ = cut.cancelled() => Err(SessionError::Cut),
+        };
+        report.transferred = splice.transferred();
+        result
+    }
+
+    /// Reads startup packets until the client asks for a session or a cancel,
+    /// answering encryption requests along the way.
+    async fn negotiate(
+        &self,
+        client: &mut ClientStream,
+        buf: &mut BytesMut,
+    ) -> Result<Opening, SessionError> {
+        let mut ssl_requested = false;
+        let mut gss_requested = false;
+        let mut tls_active = false;
+        let mut first_read = true;
+        loop {
+            let packet = loop {
+                if let Some(packet) = pg::decode_startup(buf)? {
+                    break packet;
+                }
+                read_more(client, buf).await?;
+                if first_read && buf.first() == Some(&pg::TLS_HANDSHAKE_RECORD) {
+                    // PG17 direct TLS: a ClientHello where a length belongs.
+                    let prefix = buf.split().freeze();
+                    self.accept_tls(client, prefix, true).await?;
+                    tls_active = true;
+                }
+                first_read = false;
+            };
+            first_read = false;
+            match packet {
+                StartupPacket::SslRequest => {
+                    if ssl_requested || tls_active {
+                        return Err(SessionError::RepeatedUpgrade("SSLRequest"));
+                    }
+                    ssl_requested = true;
+                    if self.local_tls.is_some() {
+                        // Anything buffered now was sent before the handshake
+                        // and must not be read as if it came through TLS.
+                        if !buf.is_empty() {
+                            return Err(SessionError::DataAfterUpgrade);
+                        }
+                        write_flush(client, b"S")
+                            .await
+                            .map_err(SessionError::ClientIo)?;
+                        self.accept_tls(client, Bytes::new(), false).await?;
+                        tls_active = true;
+                    } else {
+                        write_flush(client, b"N")
+                            .await
+                            .map_err(SessionError::ClientIo)?;
+                    }
+                }
+                StartupPacket::GssEncRequest => {
+                    if gss_requested || tls_active {
+                        return Err(SessionError::RepeatedUpgrade("GSSENCRequest"));
+                    }
+                    gss_requested = true;
+                    write_flush(client, b"N")
+                        .await
+                        .map_err(SessionError::ClientIo)?;
+                }
+                StartupPacket::Cancel(key) => return Ok(Opening::Cancel(key)),
+                StartupPacket::Startup(startup) => return Ok(Opening::Session(startup)),
+            }
+        }
+    }
+
+    async fn accept_tls(
+        &self,
+        client: &mut ClientStream,
+        prefix: Bytes,
+        direct: bool,
+    ) -> Result<(), SessionError> {
+        let acceptor = self
+            .local_tls
+            .as_ref()
+            .ok_or(SessionError::LocalTlsNotConfigured)?;
+        let ClientStream::Plain(socket) = std::mem::replace(client, ClientStream::Gone) else {
+            return Err(SessionError::RepeatedUpgrade("TLS"));
+        };
+        let tls = acceptor
+            .accept(Rewind::new(prefix, socket))
+            .await
+            .map_err(SessionError::ClientTls)?;
+        let alpn_ok = tls.get_ref().1.alpn_protocol() == Some(pg::ALPN);
+        *client = ClientStream::Tls(Box::new(tls));
+        if direct && !alpn_ok {
+            return Err(SessionError::MissingAlpn);
+        }
+        Ok(())
+    }
+
+    /// Relays the authentication exchange until ReadyForQuery, answering
+    /// nothing itself. Returns the session's cancel key.
+    async fn relay_auth(
+        &self,
+        client: &mut ClientStream,
+        from_client: &mut BytesMut,
+        server: &mut UpstreamStream,
+        from_server: &mut BytesMut,
+    ) -> Result<Option<CancelKey>, SessionError> {
+        let mut to_client = BytesMut::with_capacity(1024);
+        let mut key = None;
+        loop {
+            let msg = read_server_message(server, from_server).await?;
+            match msg.tag {
+                tag::AUTHENTICATION => {
+                    let code = pg::auth_code(&msg).ok_or_else(|| {
+                        SessionError::UpstreamProtocol(
+                            "authentication request without a code".into(),
+                        )
+                    })?;
+                    let msg = if code == auth::SASL {
+                        pg::strip_channel_binding(&msg)
+                            .map_err(SessionError::ChannelBinding)?
+                            .unwrap_or(msg)
+                    } else {
+                        msg
+                    };
+                    msg.encode(&mut to_client);
+                    if pg::auth_expects_reply(code) {
+                        write_flush(client, &to_client)
+                            .await
+                            .map_err(SessionError::ClientIo)?;
+                        to_client.clear();
+                        let reply = tokio::time::timeout(
+                            self.startup_timeout,
+                            read_client_message(client, from_client),
+                        )
+                        .await
+                        .map_err(|_| SessionError::StartupTimeout(self.startup_timeout))??;
+                        if reply.tag != tag::PASSWORD_MESSAGE {
+                            return Err(SessionError::UnexpectedClientMessage(reply.tag));
+                        }
+                        let mut out = BytesMut::with_capacity(5 + reply.body.len());
+                        reply.encode(&mut out);
+                        write_flush(server, &out)
+                            .await
+                            .map_err(SessionError::UpstreamIo)?;
+                    }
+                }
+                tag::BACKEND_KEY_DATA => {
+                    key = pg::backend_key(&msg);
+                    msg.encode(&mut to_client);
+                }
+                tag::READY_FOR_QUERY => {
+                    msg.encode(&mut to_client);
+                    write_flush(client, &to_client)
+                        .await
+                        .map_err(SessionError::ClientIo)?;
+                    return Ok(key);
+                }
+                tag::ERROR_RESPONSE => {
+                    // The server's own words reach the client unchanged.
+                    msg.encode(&mut to_client);
+                    write_flush(client, &to_client)
+                        .await
+                        .map_err(SessionError::ClientIo)?;
+                    let code = pg::error_fields(&msg)
+                        .into_iter()
+                        .find(|(f, _)| *f == b'C')
+                        .map(|(_, v)| v)
+                        .unwrap_or_default();
+                    return Err(SessionError::ServerRefused(code));
+                }
+                // ParameterStatus, NoticeResponse, NegotiateProtocolVersion, ...
+                _ => msg.encode(&mut to_client),
+            }
+        }
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+async fn read_more<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<(), SessionError> {
+    match r.read_buf(buf).await {
+        Ok(0) => Err(SessionError::ClientClosed),
+        Ok(_) => Ok(()),
+        Err(e) => Err(SessionError::ClientIo(e)),
+    }
+}
+
+async fn read_client_message(
+    client: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> Result<Message, SessionError> {
+    loop {
+        if let Some(msg) = pg::decode_message(buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+            .map_err(SessionError::ClientMessage)?
+        {
+            return Ok(msg);
+        }
+        read_more(client, buf).await?;
+    }
+}
+
+async fn read_server_message(
+    server: &mut UpstreamStream,
+    buf: &mut BytesMut,
+) -> Result<Message, SessionError> {
+    loop {
+        if let Some(msg) = pg::decode_message(buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
+        {
+            return Ok(msg);
+        }
+        match server.read_buf(buf).await {
+            Ok(0) => return Err(SessionError::UpstreamClosed),
+            Ok(_) => {}
+            Err(e) => return Err(SessionError::UpstreamIo(e)),
+        }
+    }
+}

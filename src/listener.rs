@@ -1,0 +1,140 @@
+//! Listening sockets: TCP and Postgres-style Unix sockets, and the accept
+//! loop that admits connections under the limit and hands them to a session
+//! task until shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::net::Socket;
+
+/// Where a client came from, for logs.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    /// Removes its socket file when dropped.
+    Unix(UnixListener, UnixSocketFile),
+}
+
+pub struct UnixSocketFile(PathBuf);
+
+impl Drop for UnixSocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {what}: {source}")]
+pub struct BindError {
+    what: String,
+    source: io::Error,
+}
+
+impl BindError {
+    pub(crate) fn new(what: String, source: io::Error) -> BindError {
+        BindError { what, source }
+    }
+}
+
+impl Listener {
+    pub fn bind_tcp(addr: SocketAddr) -> Result<Listener, BindError> {
+        let err = |source| BindError {
+            what: addr.to_string(),
+            source,
+        };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        if addr.is_ipv6() {
+            // [::] means IPv6 only here; bind 0.0.0.0 for IPv4.
+            let _ = socket.set_only_v6(true);
+        }
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.bind(&addr.into()).map_err(err)?;
+        socket.listen(1024).map_err(err)?;
+        let listener = TcpListener::from_std(socket.into()).map_err(err)?;
+        Ok(Listener::Tcp(listener))
+    }
+
+    /// Binds `path`, replacing a stale socket file that nobody listens on.
+    pub fn bind_unix(path: &Path) -> Result<Listener, BindError> {
+        let err = |source| BindError {
+            what: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening there",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        Ok(Listener::Unix(listener, UnixSocketFile(path.to_owned())))
+    }
+
+    pub async fn accept(&self) -> io::Result<(Socket, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                Ok((Socket::Tcp(s), Peer::Tcp(addr)))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Socket::Unix(s), Peer::Unix))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, file) => file.0.display().to_string(),
+        }
+    }
+}
+
+/// Whether an accept error is about this process's resources (back off and
+/// go on) rather than one connection (go on at once).
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -1,0 +1,290 @@
+//! The running proxy: targets prepared from the configuration, listeners
+//! bound, one task per connection, and the shutdown sequence.
+//!
+//! Shutdown: the first SIGTERM/SIGINT stops every accept loop; open
+//! connections may go on for `--max-sigterm-delay` (a second signal ends
+//! the wait); whatever is still open then is cut. The exit code says which:
+//! 0 when every connection ended by itself, 128 + the signal otherwise.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, TargetConfig};
+use crate::frontend::postgres::{Admission, PostgresFrontend, SessionReport};
+use crate::listener::{self, Listener, Peer};
+use crate::net;
+use crate::protocol::postgres as pg;
+use crate::tls::{self, TlsSetupError};
+use crate::upstream::Upstream;
+
+/// A target ready to serve: its settings and its session driver.
+pub struct Target {
+    pub config: TargetConfig,
+    pub frontend: PostgresFrontend,
+}
+
+/// Everything built from the configuration before any socket is bound.
+pub struct Proxy {
+    targets: Vec<Arc<Target>>,
+    limit: Option<Arc<Semaphore>>,
+    max_sigterm_delay: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("target {target}: {source}")]
+pub struct PrepareError {
+    target: String,
+    source: TlsSetupError,
+}
+
+/// Why the process is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Terminate,
+    Interrupt,
+}
+
+impl StopSignal {
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Terminate => 128 + libc::SIGTERM as u8,
+            StopSignal::Interrupt => 128 + libc::SIGINT as u8,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Terminate => "SIGTERM",
+            StopSignal::Interrupt => "SIGINT",
+        }
+    }
+}
+
+impl Proxy {
+    /// Loads every certificate and key the configuration names; any problem
+    /// is a configuration error.
+    pub fn prepare(config: &Config) -> Result<Proxy, PrepareError> {
+        let cancels = Arc::new(CancelRegistry::default());
+        let mut targets = Vec::with_capacity(config.targets.len());
+        for target in &config.targets {
+            let fail = |source| PrepareError {
+                target: target.name.clone(),
+                source,
+            };
+            let upstream = Upstream::new(target, config.connect_timeout, pg::ALPN).map_err(fail)?;
+            let local_tls = config
+                .listen_tls
+                .as_ref()
+                .map(|ck| tls::server_config(ck, pg::ALPN).map(TlsAcceptor::from))
+                .transpose()
+                .map_err(fail)?;
+            targets.push(Arc::new(Target {
+                config: target.clone(),
+                frontend: PostgresFrontend {
+                    upstream: Arc::new(upstream),
+                    local_tls,
+                    startup_timeout: config.startup_timeout,
+                    cancels: cancels.clone(),
+                    max_connections: config.max_connections.map(|n| n.get()),
+                },
+            }));
+        }
+        Ok(Proxy {
+            targets,
+            limit: config
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n.get()))),
+            max_sigterm_delay: config.max_sigterm_delay,
+        })
+    }
+
+    /// Binds every listener, serves until a stop signal, drains, and returns
+    /// the process exit code.
+    pub async fn run(self) -> Result<u8, listener::BindError> {
+        let mut bound = Vec::new();
+        for target in &self.targets {
+            if let Some(addr) = target.config.listen {
+                bound.push((target.clone(), Listener::bind_tcp(addr)?));
+            }
+            if let Some(path) = &target.config.unix_socket {
+                bound.push((target.clone(), Listener::bind_unix(path)?));
+            }
+        }
+        let stop_signal =
+            StopSignals::install().map_err(|source| listener::BindError::signals(source))?;
+
+        let stop_accepting = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let accept_loops = TaskTracker::new();
+        let ids = Arc::new(AtomicU64::new(0));
+        for (target, listener) in bound {
+            tracing::info!(target = %target.config.name, listen = %listener.describe(), "listening");
+            accept_loops.spawn(accept_loop(
+                listener,
+                target,
+                self.limit.clone(),
+                stop_accepting.clone(),
+                cut.clone(),
+                connections.clone(),
+                ids.clone(),
+            ));
+        }
+        accept_loops.close();
+        let mut stop_signal = stop_signal;
+        let received = stop_signal.recv().await;
+
+        stop_accepting.cancel();
+        accept_loops.wait().await;
+        connections.close();
+        let open = connections.len();
+        if open > 0 {
+            tracing::info!(
+                signal = received.name(),
+                open_connections = open,
+                max_wait_secs = self.max_sigterm_delay.as_secs_f64(),
+                "stopped accepting; waiting for open connections to finish"
+            );
+        }
+        let drained = tokio::select! {
+            _ = connections.wait() => true,
+            _ = tokio::time::sleep(self.max_sigterm_delay) => false,
+            again = stop_signal.recv() => {
+                tracing::info!(signal = again.name(), "second signal: not waiting any longer");
+                false
+            }
+        };
+        if drained {
+            tracing::info!(signal = received.name(), "all connections ended; exiting");
+            return Ok(0);
+        }
+        tracing::warn!(
+            open_connections = connections.len(),
+            "cutting the connections still open"
+        );
+        cut.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+        Ok(received.exit_code())
+    }
+}
+
+impl listener::BindError {
+    fn signals(source: std::io::Error) -> Self {
+        listener::BindError::new("signal handlers".into(), source)
+    }
+}
+
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+    async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            _ = self.term.recv() => StopSignal::Terminate,
+            _ = self.int.recv() => StopSignal::Interrupt,
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    target: Arc<Target>,
+    limit: Option<Arc<Semaphore>>,
+    stop: CancellationToken,
+    cut: CancellationToken,
+    connections: TaskTracker,
+    ids: Arc<AtomicU64>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (socket, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) if listener::is_resource_exhaustion(&e) => {
+                tracing::error!(error = %e, listen = %listener.describe(), "accept failed: out of file descriptors or memory; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listen = %listener.describe(), "accept failed");
+                continue;
+            }
+        };
+        net::tune_client(&socket);
+        let permit = match &limit {
+            None => None,
+            Some(sem) => sem.clone().try_acquire_owned().ok(),
+        };
+        let admission = if limit.is_some() && permit.is_none() {
+            Admission::OverLimit
+        } else {
+            Admission::Admitted
+        };
+        let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let target = target.clone();
+        let cut = cut.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            serve_connection(id, peer, socket, admission, &target, &cut).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    id: u64,
+    peer: Peer,
+    socket: net::Socket,
+    admission: Admission,
+    target: &Target,
+    cut: &CancellationToken,
+) {
+    let started = Instant::now();
+    let name = target.config.name.as_str();
+    tracing::info!(conn = id, client = %peer, target = name, "connection opened");
+    let mut report = SessionReport::default();
+    let result = target
+        .frontend
+        .serve(socket, admission, cut, &mut report)
+        .await;
+    let (outcome, error) = match &result {
+        Ok(()) if report.cancel_forwarded => ("cancel_forwarded", None),
+        Ok(()) => ("ok", None),
+        Err(e) => (e.label(), Some(e.to_string())),
+    };
+    let fields = (
+        report.user.as_deref().unwrap_or("-"),
+        report.database.as_deref().unwrap_or("-"),
+        report.transferred.client_to_server,
+        report.transferred.server_to_client,
+        started.elapsed().as_millis() as u64,
+    );
+    match error {
+        None => tracing::info!(
+            conn = id, client = %peer, target = name, user = fields.0, database = fields.1,
+            bytes_from_client = fields.2, bytes_to_client = fields.3, duration_ms = fields.4,
+            outcome, "connection closed"
+        ),
+        Some(error) => tracing::warn!(
+            conn = id, client = %peer, target = name, user = fields.0, database = fields.1,
+            bytes_from_client = fields.2, bytes_to_client = fields.3, duration_ms = fields.4,
+            outcome, error, "connection closed"
+        ),
+    }
+}

@@ -1,0 +1,159 @@
+//! The upstream connector: reach the database over TCP and upgrade to
+//! verified TLS the way its protocol prescribes. Fail closed: no path here
+//! ever returns a plaintext stream.
+
+pub mod postgres;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{host_port, TargetConfig};
+use crate::tls::{self, TlsSetupError};
+
+/// The TLS stream to a database.
+pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Where one target's database is and how to verify it.
+pub struct Upstream {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    server_name_text: String,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
+    #[error("connection to {addr} refused (is the database running and reachable?)")]
+    Refused { addr: SocketAddr },
+    #[error("connection to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connection to {addr} timed out after {}", humanize(*after))]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("TLS setup with {addr} timed out after {}", humanize(*after))]
+    TlsTimeout { addr: SocketAddr, after: Duration },
+    #[error("upstream refused TLS: {addr} does not accept encrypted connections, and keyhole never falls back to plaintext")]
+    TlsRefused { addr: SocketAddr },
+    #[error("{addr} answered the TLS request with byte 0x{byte:02x}: not a database server that speaks TLS")]
+    NotTls { addr: SocketAddr, byte: u8 },
+    #[error("{addr} sent data before the TLS handshake (possible man-in-the-middle); connection refused")]
+    DataBeforeHandshake { addr: SocketAddr },
+    #[error("{addr} closed the connection during TLS setup")]
+    ClosedDuringSetup { addr: SocketAddr },
+    #[error("{message}")]
+    Tls { message: String },
+    #[error("connection to {addr} failed during TLS setup: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+}
+
+impl UpstreamError {
+    /// A short stable name for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Resolve { .. } | UpstreamError::NoAddress { .. } => "upstream_resolve",
+            UpstreamError::Refused { .. } | UpstreamError::Connect { .. } => "upstream_connect",
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::TlsTimeout { .. } => {
+                "upstream_timeout"
+            }
+            UpstreamError::TlsRefused { .. } => "upstream_tls_refused",
+            UpstreamError::NotTls { .. } | UpstreamError::DataBeforeHandshake { .. } => {
+                "upstream_protocol"
+            }
+            UpstreamError::Tls { .. } => "upstream_tls",
+            UpstreamError::ClosedDuringSetup { .. } | UpstreamError::Io { .. } => "upstream_io",
+        }
+    }
+}
+
+pub(crate) fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl Upstream {
+    pub fn new(
+        target: &TargetConfig,
+        connect_timeout: Duration,
+        alpn: &[u8],
+    ) -> Result<Upstream, TlsSetupError> {
+        let config = tls::client_config(&target.tls, alpn)?;
+        Ok(Upstream {
+            host: target.host.clone(),
+            port: target.port,
+            server_name: tls::server_name(&target.tls.server_name)?,
+            server_name_text: target.tls.server_name.clone(),
+            tls: TlsConnector::from(config),
+            connect_timeout,
+        })
+    }
+
+    /// `host:port`, for messages.
+    pub fn address(&self) -> String {
+        host_port(&self.host, self.port)
+    }
+
+    /// Resolves the host afresh (a failover moves the name) and connects to
+    /// the first address that answers.
+    pub async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                host: self.host.clone(),
+                source,
+            })?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
+                    crate::net::tune_upstream(&tcp);
+                    return Ok(tcp);
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    last = Some(UpstreamError::Refused { addr })
+                }
+                Ok(Err(source)) => last = Some(UpstreamError::Connect { addr, source }),
+                Err(_) => {
+                    last = Some(UpstreamError::ConnectTimeout {
+                        addr,
+                        after: self.connect_timeout,
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::NoAddress {
+            host: self.host.clone(),
+        }))
+    }
+
+    /// The TLS handshake over an established, already-upgraded-for-TLS stream.
+    async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
+        self.tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls {
+                message: tls::describe_handshake_error(&e, &self.server_name_text),
+            })
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+/// Shared handle: sessions and the cancel registry both point at it.
+pub type SharedUpstream = Arc<Upstream>;

@@ -1,0 +1,71 @@
+//! Postgres STARTTLS: SSLRequest, exactly one byte of answer, then TLS.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Upstream, UpstreamError, UpstreamStream};
+use crate::protocol::postgres::{CancelKey, SSL_REQUEST};
+
+impl Upstream {
+    /// Connects and upgrades to verified TLS, or fails closed.
+    pub async fn connect_postgres(&self) -> Result<UpstreamStream, UpstreamError> {
+        let tcp = self.dial().await?;
+        let addr = tcp.peer_addr().map_err(|source| UpstreamError::Connect {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
+        let after = self.connect_timeout();
+        match tokio::time::timeout(after, self.start_tls(tcp, addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::TlsTimeout { addr, after }),
+        }
+    }
+
+    async fn start_tls(
+        &self,
+        mut tcp: TcpStream,
+        addr: std::net::SocketAddr,
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let io_err = |source: io::Error| match source.kind() {
+            io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr },
+            _ => UpstreamError::Io { addr, source },
+        };
+        tcp.write_all(&SSL_REQUEST).await.map_err(io_err)?;
+        // Exactly one byte: whatever follows belongs to the TLS handshake.
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io_err)?;
+        match answer[0] {
+            b'S' => {}
+            b'N' => return Err(UpstreamError::TlsRefused { addr }),
+            // Anything else (an 'E' error text included) is not shown: a
+            // server that is not yet authenticated gets no say in what the
+            // user reads (CVE-2024-10977).
+            byte => return Err(UpstreamError::NotTls { addr, byte }),
+        }
+        // CVE-2021-23222: nothing may arrive between 'S' and our ClientHello.
+        let mut probe = [0u8; 1];
+        match tcp.try_read(&mut probe) {
+            Ok(0) => return Err(UpstreamError::ClosedDuringSetup { addr }),
+            Ok(_) => return Err(UpstreamError::DataBeforeHandshake { addr }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(source) => return Err(UpstreamError::Io { addr, source }),
+        }
+        self.handshake(tcp).await
+    }
+
+    /// Delivers a CancelRequest over TLS. The server answers nothing and
+    /// closes; we wait for that so the cancel has been read before we go.
+    pub async fn send_cancel(&self, key: &CancelKey) -> Result<(), UpstreamError> {
+        let mut tls = self.connect_postgres().await?;
+        let io_err = |source: io::Error| UpstreamError::Tls {
+            message: format!("sending the cancel request failed: {source}"),
+        };
+        tls.write_all(&key.cancel_request()).await.map_err(io_err)?;
+        tls.flush().await.map_err(io_err)?;
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(self.connect_timeout(), tls.read(&mut sink)).await;
+        Ok(())
+    }
+}
