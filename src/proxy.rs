@@ -117,8 +117,7 @@ impl Proxy {
                 bound.push((target.clone(), Listener::bind_unix(path)?));
             }
         }
-        let stop_signal =
-            StopSignals::install().map_err(|source| listener::BindError::signals(source))?;
+        let stop_signal = StopSignals::install().map_err(listener::BindError::signals)?;
 
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();
