@@ -131,6 +131,8 @@ impl SessionError {
     }
 
     /// The ErrorResponse the client should get, if it can still read one.
+    /// (Before keyhole answers an SSLRequest with `S` the client still reads
+    /// plain bytes, so refusals up to that point get a message too.)
     fn answer(&self) -> Option<&'static str> {
         Some(match self {
             SessionError::StartupTimeout(_)
@@ -138,6 +140,7 @@ impl SessionError {
             | SessionError::ClientMessage(_)
             | SessionError::UnexpectedClientMessage(_)
             | SessionError::RepeatedUpgrade(_)
+            | SessionError::DataAfterUpgrade
             | SessionError::MissingAlpn => sqlstate::PROTOCOL_VIOLATION,
             SessionError::TooManyConnections(_) => sqlstate::TOO_MANY_CONNECTIONS,
             SessionError::Upstream(_) | SessionError::ChannelBinding(_) => {
@@ -150,7 +153,6 @@ impl SessionError {
             // error, or (cancel) expects no answer by protocol.
             SessionError::ClientClosed
             | SessionError::ClientIo(_)
-            | SessionError::DataAfterUpgrade
             | SessionError::LocalTlsNotConfigured
             | SessionError::ClientTls(_)
             | SessionError::ServerRefused(_)

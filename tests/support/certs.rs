@@ -1,0 +1,57 @@
+//! Test certificates, made by the same `certs/generate.sh` that users run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::process::{describe_output, output_with_timeout};
+
+/// A CA with one server and one client certificate (EC P-256, 30 days).
+#[derive(Debug)]
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// Set by [`TestPki::generate`]: deletes `dir` on drop.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestPki {
+    /// Generates a fresh PKI into a new temporary directory (deleted on drop).
+    /// The server certificate carries `names` plus localhost, 127.0.0.1 and ::1.
+    pub fn generate(names: &[&str]) -> TestPki {
+        let tmp = super::scratch_dir("keyhole-pki-");
+        let mut pki = TestPki::generate_in(tmp.path(), names);
+        pki._tmp = Some(tmp);
+        pki
+    }
+
+    /// Generates a fresh PKI into `dir` (created if needed); the caller owns `dir`.
+    pub fn generate_in(dir: &Path, names: &[&str]) -> TestPki {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/generate.sh");
+        // Through bash rather than exec, so a lost executable bit does not matter.
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(dir).args(names);
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}",
+            script.display(),
+            describe_output(&out)
+        );
+        TestPki {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+            _tmp: None,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Shared harness for keyhole's integration tests: real PostgreSQL servers, real
+//! clients, the real `keyhole` binary. Every test file includes it with
+//! `mod support;` and becomes its own test binary whose tests run in parallel
+//! threads, so everything here is thread-safe and picks its own ports and
+//! scratch directories.
+//!
+//! # API
+//!
+//! - [`free_port`]`() -> u16`: a TCP port on 127.0.0.1 that was free a moment ago
+//!   (never the same one twice in one process).
+//! - [`certs::TestPki`]: `TestPki::generate(names: &[&str]) -> TestPki` runs
+//!   `certs/generate.sh` into a fresh temporary directory (deleted on drop);
+//!   `TestPki::generate_in(dir, names)` writes into a directory you own. Fields
+//!   `dir, ca, ca_key, server_cert, server_key, client_cert, client_key: PathBuf`.
+//! - [`postgres::PgCluster`]:
+//!   - `PgCluster::start(PgOptions { ssl, extra_conf, extra_hba }) -> PgCluster`
+//!     (`PgOptions::default()` is a TLS-only cluster), `PgCluster::shared() ->
+//!     &'static PgCluster` (one TLS cluster per test binary, started lazily);
+//!   - fields `port: u16`, `pki: TestPki` (server SANs localhost, db.internal,
+//!     127.0.0.1, ::1), `data_dir`, `socket_dir`, `log_file`, `scratch_dir`;
+//!   - `psql_direct(user, password: Option<&str>, sql) -> Result<String, String>`
+//!     (verify-full TLS straight to the server), `admin_sql(sql) -> String`
+//!     (superuser over the Unix socket, panics on error), `keyhole_target() ->
+//!     String`, `logs()`, `log_tail(lines)`, `restart()`, `shutdown_server()`,
+//!     `start_server()`, `stop()`.
+//!   - Users: `postgres` (superuser, trust), `trust_user` (trust), `md5_user` /
+//!     `md5_pass` (md5), `scram_user` / `scram_pass` (scram-sha-256); any other
+//!     role needs scram-sha-256. See the constants in [`postgres`].
+//! - [`keyhole::Keyhole`]: `Keyhole::start(args) -> Keyhole` picks a free port
+//!   and *prepends* `--port <port>` itself (callers never pass `--port` to
+//!   `start`/`start_on`), retrying on another port if that one was taken
+//!   meanwhile; `Keyhole::start_on(port, args)`; `Keyhole::spawn(args, env,
+//!   Ready)` passes the arguments verbatim, adds `env` (e.g. `KEYHOLE_*`
+//!   settings) and waits for whatever [`keyhole::Ready`] says (`Tcp(port)`,
+//!   `Unix(path)`, `Nothing`); `Keyhole::start_expect_exit(args, timeout) ->
+//!   (ExitStatus, String)` for configuration errors. Readiness means "this
+//!   process has a listening socket there" (read from /proc, no probe
+//!   connection). Methods: `port()` (the first target's port), `pid()`,
+//!   `logs()`, `log_path()`, `signal(libc::SIGTERM)`, `wait_exit(timeout) ->
+//!   Option<ExitStatus>`. Drop kills it. With several targets keyhole also
+//!   listens on the next ports; `start` retries if one of those is taken.
+//! - [`clients`]: `psql(port, user, password: Option<&str>, sql) -> Output`
+//!   (TCP to 127.0.0.1, database `postgres`), `psql_unix(socket_dir, port, user,
+//!   password, sql)`, `psql_conninfo(conninfo, password, sql)`,
+//!   `psql_args(args, password)`, `pgbench(args, password)`, `command(program,
+//!   password) -> Command`, and `stdout`/`stderr`/`expect_success` helpers.
+//!   Clients run with libpq defaults (no sslmode): every `PG*` variable is
+//!   removed and `PGPASSWORD` is set only when a password is given. psql gets
+//!   `-X -A -t -q -w -v ON_ERROR_STOP=1`. Every command has a time limit.
+//! - [`process`]: `output_with_timeout`, `Watchdog`, `server_user`, `clean_env`.
+//!
+//! # Cleanup
+//!
+//! Every long-lived process has a [`process::Watchdog`]: a small `sh` that waits
+//! on a pipe only the test process holds and cleans up when that pipe closes,
+//! which happens on drop and also when the test process panics, exits or is
+//! killed. PostgreSQL clusters are stopped with `pg_ctl stop` and their scratch
+//! directory deleted; keyhole processes are killed and their log directory
+//! deleted. Statics (the shared cluster, the initdb template) are never dropped:
+//! their watchdogs clean up right after the test binary exits.
+//!
+//! # Root
+//!
+//! `initdb`, `pg_ctl` and `postgres` refuse to run as root. When the tests run as
+//! root (as CI does), those programs run as the `postgres` system user if it
+//! exists, else as `keyhole-test` (created with `useradd`), and the scratch
+//! directories are handed to that user. Scratch directories live under the
+//! standard temporary directory (`TMPDIR`), which that user must be able to
+//! traverse. Clients and keyhole run as the invoking user.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod certs;
+pub mod clients;
+pub mod keyhole;
+pub mod postgres;
+pub mod process;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::sync::Mutex;
+
+/// A TCP port on 127.0.0.1 that the kernel had free a moment ago. Within one test
+/// process no port is handed out twice; another process may still grab it before
+/// the caller binds it, which is why the starters in this module retry on
+/// "address in use".
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local address").port();
+        drop(listener);
+        let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A fresh, empty directory under the temporary directory, deleted when the
+/// returned handle drops (call `.keep()` to hand that job to a watchdog).
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a scratch directory")
+}
