@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+#
+# scripts/test.sh: THE test command of keyhole. CI runs it (through .ci/run), and so
+# does a developer before pushing.
+#
+#   scripts/test.sh                 everything: packages, fmt, clippy, all tests
+#   scripts/test.sh postgres_       the same checks, then `cargo test --locked postgres_`
+#   scripts/test.sh -- --nocapture  any arguments go to `cargo test` as they are
+#
+# Steps:
+#   1. system packages the tests need (PostgreSQL server and client, openssl, ...):
+#      installed with apt-get when run as root, otherwise only reported
+#      (the list lives in scripts/lib/packages.sh)
+#   2. the rustfmt and clippy components
+#   3. cargo fmt --all -- --check
+#   4. cargo clippy --all-targets --locked -- -D warnings
+#   5. cargo test: doc tests first, then the library, binaries and integration tests,
+#      so the output closes on cargo test's own summary of the main suite.
+#      Benchmarks are not run here.
+#
+# Environment:
+#   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
+#   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+# shellcheck source=scripts/lib/packages.sh
+source "$repo_root/scripts/lib/packages.sh"
+
+case ${1:-} in
+-h | --help)
+  sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+  exit 0
+  ;;
+esac
+
+keyhole_cargo_on_path
+
+locked=()
+[[ -f Cargo.lock ]] && locked=(--locked)
+
+# Interactive runs keep cargo's colours even though the test step is piped.
+if [[ -t 1 ]]; then
+  export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
+fi
+
+readonly total_steps=5
+step_no=0
+step_started=$SECONDS
+step_times=()
+
+step() {
+  if ((step_no > 0)); then
+    step_times+=("$step_name $(keyhole_duration $((SECONDS - step_started)))")
+  fi
+  step_no=$((step_no + 1))
+  step_name=$1
+  step_started=$SECONDS
+  keyhole_heading "[$step_no/$total_steps] $2"
+}
+
+fail() {
+  printf '\n==> FAILED at step %d/%d (%s) after %s\n' "$step_no" "$total_steps" \
+    "$step_name" "$(keyhole_duration "$SECONDS")" >&2
+  exit 1
+}
+
+# Pass cargo test's output through, but hold back the closing summary (the last
+# "test result:" line and the blank lines after it) until the end, print the total
+# time, then the summary: the run shows its time and still closes on cargo test's
+# own lines.
+hold_closing_summary() {
+  local line held=()
+  while IFS= read -r line || [[ -n $line ]]; do
+    if [[ $line == "test result:"* ]]; then
+      ((${#held[@]} > 0)) && printf '%s\n' "${held[@]}"
+      held=("$line")
+    elif ((${#held[@]} > 0)) && [[ -z ${line//[[:space:]]/} ]]; then
+      held+=("$line")
+    else
+      ((${#held[@]} > 0)) && printf '%s\n' "${held[@]}"
+      held=()
+      printf '%s\n' "$line"
+    fi
+  done
+  step_times+=("$step_name $(keyhole_duration $((SECONDS - step_started)))")
+  local joined
+  joined=$(printf '%s, ' "${step_times[@]}")
+  printf '==> scripts/test.sh: total time %s (%s)\n' \
+    "$(keyhole_duration "$SECONDS")" "${joined%, }"
+  ((${#held[@]} > 0)) && printf '%s\n' "${held[@]}"
+  return 0
+}
+
+has_lib_target() {
+  [[ -f src/lib.rs ]] || grep -q '^\[lib\]' Cargo.toml
+}
+
+SECONDS=0
+
+step packages "system packages"
+# shellcheck disable=SC2119 # no arguments: the whole package list
+keyhole_ensure_packages || fail
+if pg_bindir=$(keyhole_pg_bindir); then
+  keyhole_log "PostgreSQL server binaries: $pg_bindir"
+fi
+
+step toolchain "Rust toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+  keyhole_warn "cargo not found: install Rust with rustup (https://rustup.rs)"
+  fail
+fi
+components=()
+cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
+if ((${#components[@]} > 0)); then
+  if command -v rustup >/dev/null 2>&1; then
+    keyhole_log "adding toolchain components: ${components[*]}"
+    rustup component add "${components[@]}" || fail
+  else
+    keyhole_warn "missing toolchain components (${components[*]}) and no rustup to add them"
+    fail
+  fi
+fi
+cargo --version
+rustc --version
+cargo fmt --version
+cargo clippy --version
+
+step fmt "cargo fmt --all -- --check"
+cargo fmt --all -- --check || fail
+
+step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings"
+cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
+
+if (($# > 0)); then
+  step test "cargo test ${locked[*]} $*"
+  status=0
+  cargo test "${locked[@]}" "$@" 2>&1 | hold_closing_summary || status=$?
+else
+  step test "cargo test: doc tests, then lib, bins and integration tests"
+  if has_lib_target; then
+    cargo test "${locked[@]}" --doc || fail
+  fi
+  status=0
+  cargo test "${locked[@]}" --tests 2>&1 | hold_closing_summary || status=$?
+fi
+((status == 0)) || fail
