@@ -221,6 +221,15 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// Whether an I/O error is a TLS alert from the peer.
+pub fn is_alert(err: &io::Error) -> bool {
+    matches!(
+        err.get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(_))
+    )
+}
+
 /// A failed upstream handshake, in words a person can act on.
 pub fn describe_handshake_error(err: &io::Error, server_name: &str) -> String {
     let Some(tls) = err
@@ -246,7 +255,8 @@ pub fn describe_handshake_error(err: &io::Error, server_name: &str) -> String {
             other => format!("upstream certificate for {server_name} rejected: {other:?}"),
         },
         rustls::Error::AlertReceived(alert) => format!(
-            "the server rejected keyhole's TLS handshake ({alert:?}); if it requires a client certificate, set --client-cert and --client-key"
+            "the server rejected keyhole's TLS handshake ({alert:?}); if it requires a client certificate, \
+             check that --client-cert and --client-key are set and signed by a CA the server trusts"
         ),
         other => format!("TLS handshake with the server failed: {other}"),
     }

@@ -61,8 +61,7 @@ fn psql_with_default_settings_logs_in_with_every_auth_method() {
         "{}",
         clients::stderr(&out)
     );
-    let logs = keyhole.logs();
-    assert!(logs.contains("outcome=\"server_refused\""), "{logs}");
+    let logs = keyhole.wait_for_log("outcome=\"server_refused\"", 1);
     for secret in [MD5_PASS, SCRAM_PASS, "not-the-password"] {
         assert!(
             !logs.contains(secret),
@@ -404,5 +403,5 @@ async fn direct_tls_needs_alpn_postgresql() {
         reply.first() == Some(&b'E') && text.contains("ALPN"),
         "{text}"
     );
-    assert!(keyhole.logs().contains("outcome=\"client_protocol\""));
+    keyhole.wait_for_log("outcome=\"client_protocol\"", 1);
 }

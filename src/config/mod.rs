@@ -96,7 +96,7 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub startup_timeout: Option<String>,
 
-    /// How long to wait for the server's TCP connection and TLS handshake. [default: 10s]
+    /// Limit for each TCP connect attempt to the server, and again for its TLS setup. [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
 

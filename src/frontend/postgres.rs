@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,8 @@ pub enum SessionError {
     TooManyConnections(usize),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    #[error("the server did not answer within {} during authentication", crate::upstream::humanize(*.0))]
+    UpstreamStalled(Duration),
     #[error("the server closed the connection during authentication")]
     UpstreamClosed,
     #[error("connection to the server failed during authentication: {0}")]
@@ -117,6 +119,7 @@ impl SessionError {
             SessionError::TooManyConnections(_) => "too_many_connections",
             SessionError::Upstream(e) => e.label(),
             SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
+            SessionError::UpstreamStalled(_) => "upstream_timeout",
             SessionError::UpstreamProtocol(_) | SessionError::ChannelBinding(_) => {
                 "upstream_protocol"
             }
@@ -148,6 +151,7 @@ impl SessionError {
             }
             SessionError::UpstreamClosed
             | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamStalled(_)
             | SessionError::UpstreamProtocol(_) => sqlstate::CONNECTION_FAILURE,
             // The client is gone, or mid-TLS, or already has the server's own
             // error, or (cancel) expects no answer by protocol.
@@ -178,42 +182,53 @@ impl PostgresFrontend {
         cut: &CancellationToken,
         report: &mut SessionReport,
     ) -> Result<(), SessionError> {
-        let mut client = ClientStream::Plain(socket);
-        let mut from_client = BytesMut::with_capacity(1024);
-        let result = self
-            .run(&mut client, &mut from_client, admission, cut, report)
-            .await;
+        let mut session = Session {
+            frontend: self,
+            client: ClientStream::Plain(socket),
+            from_client: BytesMut::with_capacity(1024),
+            startup_bytes: Transferred::default(),
+        };
+        let result = session.run(admission, cut, report).await;
         if let Err(err) = &result {
             if let Some(code) = err.answer() {
                 let mut out = BytesMut::new();
                 pg::encode_error_response(&mut out, code, &err.to_string());
                 // Best effort: the client may be gone already.
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    client.write_all(&out).await?;
-                    client.flush().await
-                })
-                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), session.send(&out)).await;
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.client.shutdown()).await;
+        report.transferred.client_to_server += session.startup_bytes.client_to_server;
+        report.transferred.server_to_client += session.startup_bytes.server_to_client;
         result
     }
+}
 
+/// One client connection while keyhole itself reads it (until the splice).
+struct Session<'a> {
+    frontend: &'a PostgresFrontend,
+    client: ClientStream,
+    /// Read from the client, not yet consumed.
+    from_client: BytesMut,
+    /// Bytes read from and written to the client before the splice.
+    startup_bytes: Transferred,
+}
+
+impl Session<'_> {
     async fn run(
-        &self,
-        client: &mut ClientStream,
-        from_client: &mut BytesMut,
+        &mut self,
         admission: Admission,
         cut: &CancellationToken,
         report: &mut SessionReport,
     ) -> Result<(), SessionError> {
-        let opening =
-            tokio::time::timeout(self.startup_timeout, self.negotiate(client, from_client))
-                .await
-                .map_err(|_| SessionError::StartupTimeout(self.startup_timeout))??;
+        let frontend = self.frontend;
+        let timeout = frontend.startup_timeout;
+        let opening = tokio::time::timeout(timeout, self.negotiate())
+            .await
+            .map_err(|_| SessionError::StartupTimeout(timeout))??;
         let startup = match opening {
             Opening::Cancel(key) => {
-                let upstream = self
+                let upstream = frontend
                     .cancels
                     .route(&key)
                     .ok_or(SessionError::UnknownCancelKey)?;
@@ -227,33 +242,30 @@ impl PostgresFrontend {
         report.database = startup.database.clone();
         if admission == Admission::OverLimit {
             return Err(SessionError::TooManyConnections(
-                self.max_connections.unwrap_or(0),
+                frontend.max_connections.unwrap_or(0),
             ));
         }
 
-        let mut server = self.upstream.connect_postgres().await?;
-        let mut from_server = BytesMut::with_capacity(1024);
-        write_flush(&mut server, &startup.raw)
-            .await
-            .map_err(SessionError::UpstreamIo)?;
-        let key = self
-            .relay_auth(client, from_client, &mut server, &mut from_server)
-            .await?;
-        let _registration = key.map(|k| self.cancels.register(k, self.upstream.clone()));
+        let mut server = ServerLeg::new(frontend.upstream.connect_postgres().await?);
+        let key = async {
+            server.send(&startup.raw).await?;
+            self.relay_auth(&mut server).await
+        }
+        .await
+        .map_err(|e| late_tls_failure(e, frontend.upstream.server_name()))?;
+        let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
         // Bytes either side sent past the last message keyhole read belong
         // to the session: deliver them before splicing.
-        if !from_client.is_empty() {
-            write_flush(&mut server, from_client)
-                .await
-                .map_err(SessionError::UpstreamIo)?;
+        if !self.from_client.is_empty() {
+            let pending = self.from_client.split();
+            server.send(&pending).await?;
         }
-        if !from_server.is_empty() {
-            write_flush(client, &from_server)
-                .await
-                .map_err(SessionError::ClientIo)?;
+        if !server.buf.is_empty() {
+            let pending = server.buf.split();
+            self.send(&pending).await?;
         }
-        let mut splice = Splice::new(client, &mut server);
+        let mut splice = Splice::new(&mut self.client, &mut server.stream);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
@@ -264,25 +276,21 @@ impl PostgresFrontend {
 
     /// Reads startup packets until the client asks for a session or a cancel,
     /// answering encryption requests along the way.
-    async fn negotiate(
-        &self,
-        client: &mut ClientStream,
-        buf: &mut BytesMut,
-    ) -> Result<Opening, SessionError> {
+    async fn negotiate(&mut self) -> Result<Opening, SessionError> {
         let mut ssl_requested = false;
         let mut gss_requested = false;
         let mut tls_active = false;
         let mut first_read = true;
         loop {
             let packet = loop {
-                if let Some(packet) = pg::decode_startup(buf)? {
+                if let Some(packet) = pg::decode_startup(&mut self.from_client)? {
                     break packet;
                 }
-                read_more(client, buf).await?;
-                if first_read && buf.first() == Some(&pg::TLS_HANDSHAKE_RECORD) {
+                self.read_more().await?;
+                if first_read && self.from_client.first() == Some(&pg::TLS_HANDSHAKE_RECORD) {
                     // PG17 direct TLS: a ClientHello where a length belongs.
-                    let prefix = buf.split().freeze();
-                    self.accept_tls(client, prefix, true).await?;
+                    let prefix = self.from_client.split().freeze();
+                    self.accept_tls(prefix, true).await?;
                     tls_active = true;
                 }
                 first_read = false;
@@ -294,21 +302,17 @@ impl PostgresFrontend {
                         return Err(SessionError::RepeatedUpgrade("SSLRequest"));
                     }
                     ssl_requested = true;
-                    if self.local_tls.is_some() {
+                    if self.frontend.local_tls.is_some() {
                         // Anything buffered now was sent before the handshake
                         // and must not be read as if it came through TLS.
-                        if !buf.is_empty() {
+                        if !self.from_client.is_empty() {
                             return Err(SessionError::DataAfterUpgrade);
                         }
-                        write_flush(client, b"S")
-                            .await
-                            .map_err(SessionError::ClientIo)?;
-                        self.accept_tls(client, Bytes::new(), false).await?;
+                        self.send(b"S").await?;
+                        self.accept_tls(Bytes::new(), false).await?;
                         tls_active = true;
                     } else {
-                        write_flush(client, b"N")
-                            .await
-                            .map_err(SessionError::ClientIo)?;
+                        self.send(b"N").await?;
                     }
                 }
                 StartupPacket::GssEncRequest => {
@@ -316,9 +320,7 @@ impl PostgresFrontend {
                         return Err(SessionError::RepeatedUpgrade("GSSENCRequest"));
                     }
                     gss_requested = true;
-                    write_flush(client, b"N")
-                        .await
-                        .map_err(SessionError::ClientIo)?;
+                    self.send(b"N").await?;
                 }
                 StartupPacket::Cancel(key) => return Ok(Opening::Cancel(key)),
                 StartupPacket::Startup(startup) => return Ok(Opening::Session(startup)),
@@ -326,17 +328,14 @@ impl PostgresFrontend {
         }
     }
 
-    async fn accept_tls(
-        &self,
-        client: &mut ClientStream,
-        prefix: Bytes,
-        direct: bool,
-    ) -> Result<(), SessionError> {
+    async fn accept_tls(&mut self, prefix: Bytes, direct: bool) -> Result<(), SessionError> {
         let acceptor = self
+            .frontend
             .local_tls
             .as_ref()
             .ok_or(SessionError::LocalTlsNotConfigured)?;
-        let ClientStream::Plain(socket) = std::mem::replace(client, ClientStream::Gone) else {
+        let ClientStream::Plain(socket) = std::mem::replace(&mut self.client, ClientStream::Gone)
+        else {
             return Err(SessionError::RepeatedUpgrade("TLS"));
         };
         let tls = acceptor
@@ -344,7 +343,7 @@ impl PostgresFrontend {
             .await
             .map_err(SessionError::ClientTls)?;
         let alpn_ok = tls.get_ref().1.alpn_protocol() == Some(pg::ALPN);
-        *client = ClientStream::Tls(Box::new(tls));
+        self.client = ClientStream::Tls(Box::new(tls));
         if direct && !alpn_ok {
             return Err(SessionError::MissingAlpn);
         }
@@ -354,16 +353,16 @@ impl PostgresFrontend {
     /// Relays the authentication exchange until ReadyForQuery, answering
     /// nothing itself. Returns the session's cancel key.
     async fn relay_auth(
-        &self,
-        client: &mut ClientStream,
-        from_client: &mut BytesMut,
-        server: &mut UpstreamStream,
-        from_server: &mut BytesMut,
+        &mut self,
+        server: &mut ServerLeg,
     ) -> Result<Option<CancelKey>, SessionError> {
+        let timeout = self.frontend.startup_timeout;
         let mut to_client = BytesMut::with_capacity(1024);
         let mut key = None;
         loop {
-            let msg = read_server_message(server, from_server).await?;
+            let msg = tokio::time::timeout(timeout, server.read_message())
+                .await
+                .map_err(|_| SessionError::UpstreamStalled(timeout))??;
             match msg.tag {
                 tag::AUTHENTICATION => {
                     let code = pg::auth_code(&msg).ok_or_else(|| {
@@ -380,24 +379,17 @@ impl PostgresFrontend {
                     };
                     msg.encode(&mut to_client);
                     if pg::auth_expects_reply(code) {
-                        write_flush(client, &to_client)
-                            .await
-                            .map_err(SessionError::ClientIo)?;
+                        self.send(&to_client).await?;
                         to_client.clear();
-                        let reply = tokio::time::timeout(
-                            self.startup_timeout,
-                            read_client_message(client, from_client),
-                        )
-                        .await
-                        .map_err(|_| SessionError::StartupTimeout(self.startup_timeout))??;
+                        let reply = tokio::time::timeout(timeout, self.read_message())
+                            .await
+                            .map_err(|_| SessionError::StartupTimeout(timeout))??;
                         if reply.tag != tag::PASSWORD_MESSAGE {
                             return Err(SessionError::UnexpectedClientMessage(reply.tag));
                         }
                         let mut out = BytesMut::with_capacity(5 + reply.body.len());
                         reply.encode(&mut out);
-                        write_flush(server, &out)
-                            .await
-                            .map_err(SessionError::UpstreamIo)?;
+                        server.send(&out).await?;
                     }
                 }
                 tag::BACKEND_KEY_DATA => {
@@ -406,17 +398,13 @@ impl PostgresFrontend {
                 }
                 tag::READY_FOR_QUERY => {
                     msg.encode(&mut to_client);
-                    write_flush(client, &to_client)
-                        .await
-                        .map_err(SessionError::ClientIo)?;
+                    self.send(&to_client).await?;
                     return Ok(key);
                 }
                 tag::ERROR_RESPONSE => {
                     // The server's own words reach the client unchanged.
                     msg.encode(&mut to_client);
-                    write_flush(client, &to_client)
-                        .await
-                        .map_err(SessionError::ClientIo)?;
+                    self.send(&to_client).await?;
                     let code = pg::error_fields(&msg)
                         .into_iter()
                         .find(|(f, _)| *f == b'C')
@@ -429,52 +417,91 @@ impl PostgresFrontend {
             }
         }
     }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        write_flush(&mut self.client, bytes)
+            .await
+            .map_err(SessionError::ClientIo)?;
+        self.startup_bytes.server_to_client += bytes.len() as u64;
+        Ok(())
+    }
+
+    async fn read_more(&mut self) -> Result<(), SessionError> {
+        match self.client.read_buf(&mut self.from_client).await {
+            Ok(0) => Err(SessionError::ClientClosed),
+            Ok(n) => {
+                self.startup_bytes.client_to_server += n as u64;
+                Ok(())
+            }
+            Err(e) => Err(SessionError::ClientIo(e)),
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Message, SessionError> {
+        loop {
+            if let Some(msg) =
+                pg::decode_message(&mut self.from_client, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+                    .map_err(SessionError::ClientMessage)?
+            {
+                return Ok(msg);
+            }
+            self.read_more().await?;
+        }
+    }
+}
+
+/// The server's leg while keyhole reads it.
+struct ServerLeg {
+    stream: UpstreamStream,
+    /// Read from the server, not yet consumed.
+    buf: BytesMut,
+}
+
+impl ServerLeg {
+    fn new(stream: UpstreamStream) -> Self {
+        ServerLeg {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        write_flush(&mut self.stream, bytes)
+            .await
+            .map_err(SessionError::UpstreamIo)
+    }
+
+    async fn read_message(&mut self) -> Result<Message, SessionError> {
+        loop {
+            if let Some(msg) = pg::decode_message(&mut self.buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+                .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
+            {
+                return Ok(msg);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(SessionError::UpstreamClosed),
+                Ok(_) => {}
+                Err(e) => return Err(SessionError::UpstreamIo(e)),
+            }
+        }
+    }
+}
+
+/// A TLS 1.3 server checks keyhole's client certificate after keyhole's side
+/// of the handshake is done, so its refusal arrives as an alert on the first
+/// exchange: report it as the TLS failure it is.
+fn late_tls_failure(err: SessionError, server_name: &str) -> SessionError {
+    match err {
+        SessionError::UpstreamIo(io) if crate::tls::is_alert(&io) => {
+            SessionError::Upstream(UpstreamError::Tls {
+                message: crate::tls::describe_handshake_error(&io, server_name),
+            })
+        }
+        other => other,
+    }
 }
 
 async fn write_flush<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
-}
-
-async fn read_more<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    buf: &mut BytesMut,
-) -> Result<(), SessionError> {
-    match r.read_buf(buf).await {
-        Ok(0) => Err(SessionError::ClientClosed),
-        Ok(_) => Ok(()),
-        Err(e) => Err(SessionError::ClientIo(e)),
-    }
-}
-
-async fn read_client_message(
-    client: &mut ClientStream,
-    buf: &mut BytesMut,
-) -> Result<Message, SessionError> {
-    loop {
-        if let Some(msg) = pg::decode_message(buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
-            .map_err(SessionError::ClientMessage)?
-        {
-            return Ok(msg);
-        }
-        read_more(client, buf).await?;
-    }
-}
-
-async fn read_server_message(
-    server: &mut UpstreamStream,
-    buf: &mut BytesMut,
-) -> Result<Message, SessionError> {
-    loop {
-        if let Some(msg) = pg::decode_message(buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
-            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
-        {
-            return Ok(msg);
-        }
-        match server.read_buf(buf).await {
-            Ok(0) => return Err(SessionError::UpstreamClosed),
-            Ok(_) => {}
-            Err(e) => return Err(SessionError::UpstreamIo(e)),
-        }
-    }
 }

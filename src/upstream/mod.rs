@@ -101,6 +101,11 @@ impl Upstream {
         })
     }
 
+    /// The name the server certificate is verified against.
+    pub fn server_name(&self) -> &str {
+        &self.server_name_text
+    }
+
     /// `host:port`, for messages.
     pub fn address(&self) -> String {
         host_port(&self.host, self.port)

@@ -111,6 +111,24 @@ impl Keyhole {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits (up to 20 s) until `needle` occurs at least `count` times in the
+    /// log, and returns the log. keyhole writes a connection's closed line
+    /// after the client has seen the end of it, so tests that check a line
+    /// must wait for it. Panics with the log if it never comes.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= count {
+                return logs;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("keyhole never logged {needle:?} {count} time(s); its log:\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Path of the log file (stdout and stderr).
     pub fn log_path(&self) -> &Path {
         &self.log_path
