@@ -11,7 +11,19 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let config = match Config::from_process() {
         Ok(config) => config,
-        Err(ConfigError::Cli(e)) => e.exit(),
+        // --help and --version: clap prints them and exits 0.
+        Err(ConfigError::Cli(e)) if !e.use_stderr() => e.exit(),
+        // A malformed command line is bad configuration like any other:
+        // one line, exit 2.
+        Err(ConfigError::Cli(e)) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid command line");
+            eprintln!(
+                "keyhole: {} (see keyhole --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             eprintln!("keyhole: {e}");
             return ExitCode::from(EXIT_CONFIG);

@@ -108,6 +108,8 @@ impl Proxy {
     /// Binds every listener, serves until a stop signal, drains, and returns
     /// the process exit code.
     pub async fn run(self) -> Result<u8, listener::BindError> {
+        // Handlers first: a supervisor may signal as soon as a port opens.
+        let stop_signal = StopSignals::install().map_err(listener::BindError::signals)?;
         let mut bound = Vec::new();
         for target in &self.targets {
             if let Some(addr) = target.config.listen {
@@ -117,7 +119,6 @@ impl Proxy {
                 bound.push((target.clone(), Listener::bind_unix(path)?));
             }
         }
-        let stop_signal = StopSignals::install().map_err(listener::BindError::signals)?;
 
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();

@@ -1,0 +1,906 @@
+//! The life of connections through keyhole, as users see it: cancelling a
+//! running query (psql's Ctrl-C, tokio-postgres' CancelToken, a guessed key),
+//! a client vanishing mid-query, the server restarting under a session,
+//! graceful shutdown and its exit codes, configuration errors, and what the
+//! logs say (text and JSON, never a password).
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use support::clients;
+use support::keyhole::{listens_tcp, Keyhole, Ready};
+use support::postgres::{PgCluster, PgOptions, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER};
+use support::process::signal_pid;
+use tokio::runtime::Runtime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// Generous limit for anything the tests wait for (a log line, a backend to go
+/// away, keyhole to exit): long enough for a loaded CI machine, short enough
+/// that a hang fails the test instead of the whole run.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The CancelRequest code (PostgreSQL protocol: 1234 << 16 | 5678).
+const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+/// The SSLRequest packet: length 8, code 1234 << 16 | 5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn ca_arg(pg: &PgCluster) -> String {
+    pg.pki
+        .ca
+        .to_str()
+        .expect("the CA path is UTF-8")
+        .to_string()
+}
+
+/// keyhole in front of `pg`, with `extra` options before the usual ones.
+fn keyhole_for(pg: &PgCluster, extra: &[&str]) -> Keyhole {
+    let ca = ca_arg(pg);
+    let target = pg.keyhole_target();
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["--ca-file", ca.as_str(), target.as_str()]);
+    Keyhole::start(&args)
+}
+
+/// Calls `done` until it returns true; panics with `what` and `context()` after
+/// `limit`.
+fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() >= deadline {
+            panic!("{what}: still not the case after {limit:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A runtime for tokio-postgres whose worker drives the connections while the
+/// test thread blocks on psql, admin SQL or keyhole.
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime")
+}
+
+/// A tokio-postgres session through keyhole as scram_user, tagged with
+/// `application_name = app` so the server's pg_stat_activity can find it.
+fn connect(rt: &Runtime, port: u16, app: &str) -> (Client, tokio::task::JoinHandle<()>) {
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={SCRAM_USER} password={SCRAM_PASS} dbname=postgres \
+         application_name={app} connect_timeout=20"
+    );
+    let (client, connection) = rt
+        .block_on(tokio_postgres::connect(&conninfo, NoTls))
+        .unwrap_or_else(|e| panic!("connecting through keyhole on port {port} failed: {e}"));
+    let task = rt.spawn(async move {
+        // Errors show up on the client's next request.
+        let _ = connection.await;
+    });
+    (client, task)
+}
+
+/// Runs `sql` and returns the first column of every row.
+fn simple_query(
+    rt: &Runtime,
+    client: &Client,
+    sql: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let answer = rt
+        .block_on(async { tokio::time::timeout(PATIENCE, client.simple_query(sql)).await })
+        .unwrap_or_else(|_| panic!("`{sql}` got no answer within {PATIENCE:?}"))?;
+    Ok(answer
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect())
+}
+
+/// How many server backends carry `application_name = app` (and, if given,
+/// are sleeping in pg_sleep).
+fn backends(pg: &PgCluster, app: &str, only_sleeping: bool) -> usize {
+    let filter = if only_sleeping {
+        " and wait_event = 'PgSleep'"
+    } else {
+        ""
+    };
+    pg.admin_sql(&format!(
+        "select count(*) from pg_stat_activity where application_name = '{app}'{filter}"
+    ))
+    .parse()
+    .expect("count(*) is a number")
+}
+
+/// Waits until the session tagged `app` is inside pg_sleep on the server.
+fn wait_sleeping(pg: &PgCluster, app: &str, keyhole: &Keyhole) {
+    wait_until(
+        &format!("a backend of {app} sleeping in pg_sleep"),
+        PATIENCE,
+        || backends(pg, app, true) == 1,
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+}
+
+/// Kills a child that outlives its time limit. The child must not be reaped
+/// before [`KillAfter::disarm`] returns, so its PID cannot name a stranger.
+struct KillAfter {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<bool>,
+}
+
+impl KillAfter {
+    fn arm(pid: u32, limit: Duration) -> KillAfter {
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::spawn(move || match stopped.recv_timeout(limit) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                signal_pid(pid, libc::SIGKILL);
+                true
+            }
+            _ => false,
+        });
+        KillAfter { stop, thread }
+    }
+
+    /// Stops the timer; true if it had fired.
+    fn disarm(self) -> bool {
+        let _ = self.stop.send(());
+        self.thread.join().expect("the kill timer thread")
+    }
+}
+
+/// Collects a spawned child's output (stdout and stderr piped), killing it if
+/// it runs longer than `limit`.
+fn finish(mut child: Child, limit: Duration) -> Output {
+    let timer = KillAfter::arm(child.id(), limit);
+    let mut err_pipe = child.stderr.take().expect("stderr is piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = err_pipe.read_to_end(&mut bytes);
+        bytes
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        let _ = pipe.read_to_end(&mut stdout);
+    }
+    let stderr = err_reader.join().expect("the stderr reader thread");
+    let killed = timer.disarm();
+    let status = child.wait().expect("wait for the child");
+    let output = Output {
+        status,
+        stdout,
+        stderr,
+    };
+    assert!(
+        !killed,
+        "the child ran longer than {limit:?} and was killed:\n{}",
+        clients::stderr(&output)
+    );
+    output
+}
+
+/// The `key=value` fields of one text log line; quoted values are unquoted.
+fn text_fields(line: &str) -> HashMap<String, String> {
+    let mut fields = HashMap::new();
+    let mut rest = line;
+    while let Some(eq) = rest.find('=') {
+        let key = &rest[rest[..eq].rfind(' ').map_or(0, |i| i + 1)..eq];
+        let after = &rest[eq + 1..];
+        let (value, remaining) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let mut value = String::new();
+                let mut end = quoted.len();
+                let mut chars = quoted.char_indices();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                (value, &quoted[end..])
+            }
+            None => {
+                let end = after.find(' ').unwrap_or(after.len());
+                (after[..end].to_string(), &after[end..])
+            }
+        };
+        fields.insert(key.to_string(), value);
+        rest = remaining;
+    }
+    fields
+}
+
+/// The fields of every "connection closed" line of a text log.
+fn closed_lines(logs: &str) -> Vec<HashMap<String, String>> {
+    logs.lines()
+        .filter(|l| l.contains(" connection closed "))
+        .map(text_fields)
+        .collect()
+}
+
+fn field<'a>(fields: &'a HashMap<String, String>, key: &str) -> &'a str {
+    fields.get(key).map_or("", String::as_str)
+}
+
+/// Waits for a "connection closed" line that `pick` accepts and returns it.
+fn wait_closed_line(
+    keyhole: &Keyhole,
+    what: &str,
+    pick: impl Fn(&HashMap<String, String>) -> bool,
+) -> HashMap<String, String> {
+    let mut found = None;
+    wait_until(
+        &format!("a \"connection closed\" line {what}"),
+        PATIENCE,
+        || {
+            found = closed_lines(&keyhole.logs()).into_iter().find(|f| pick(f));
+            found.is_some()
+        },
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    found.expect("found above")
+}
+
+/// A psql child running `sql` through keyhole as scram_user, tagged `app`.
+fn spawn_psql(port: u16, app: &str, sql: &str) -> Child {
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={SCRAM_USER} dbname=postgres application_name={app}"
+    );
+    let mut cmd = clients::command("psql", Some(SCRAM_PASS));
+    cmd.args(clients::PSQL_FLAGS)
+        .args(["-d", &conninfo, "-c", sql])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"))
+}
+
+/// A raw CancelRequest for (pid, secret), optionally preceded by an
+/// SSLRequest that keyhole (without --listen-cert) must answer 'N'. Returns
+/// what keyhole sent back after the request (the protocol says: nothing).
+fn raw_cancel(port: u16, ssl_first: bool, pid: u32, secret: u32) -> Vec<u8> {
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("connect to keyhole");
+    socket
+        .set_read_timeout(Some(PATIENCE))
+        .expect("set a read timeout");
+    if ssl_first {
+        socket.write_all(&SSL_REQUEST).expect("send SSLRequest");
+        let mut answer = [0u8; 1];
+        socket
+            .read_exact(&mut answer)
+            .expect("keyhole answers the SSLRequest");
+        assert_eq!(
+            answer[0], b'N',
+            "keyhole without --listen-cert declines TLS"
+        );
+    }
+    let mut packet = Vec::with_capacity(16);
+    for word in [16, CANCEL_REQUEST_CODE, pid, secret] {
+        packet.extend_from_slice(&word.to_be_bytes());
+    }
+    socket.write_all(&packet).expect("send CancelRequest");
+    let mut reply = Vec::new();
+    socket
+        .read_to_end(&mut reply)
+        .expect("keyhole closes the cancel connection");
+    reply
+}
+
+fn exit_code(status: ExitStatus) -> Option<i32> {
+    assert!(
+        status.signal().is_none(),
+        "keyhole was killed by signal {:?} instead of exiting",
+        status.signal()
+    );
+    status.code()
+}
+
+// ---------------------------------------------------------------------------
+// Cancel
+// ---------------------------------------------------------------------------
+
+#[test]
+fn psql_ctrl_c_cancels_the_running_query() {
+    let pg = PgCluster::shared();
+    let keyhole = keyhole_for(pg, &[]);
+    let app = "lifecycle_psql_cancel";
+    let mut psql = spawn_psql(keyhole.port(), app, "select pg_sleep(60)");
+
+    let deadline = Instant::now() + PATIENCE;
+    while backends(pg, app, true) == 0 {
+        if let Some(status) = psql.try_wait().expect("poll psql") {
+            panic!(
+                "psql ended ({status}) before its query ran; keyhole log:\n{}",
+                keyhole.logs()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "psql's query never showed up in pg_stat_activity; keyhole log:\n{}",
+            keyhole.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What Ctrl-C in a terminal does: psql sends a CancelRequest to the
+    // address it is connected to, keyhole.
+    signal_pid(psql.id(), libc::SIGINT);
+    let out = finish(psql, PATIENCE);
+
+    let stderr = clients::stderr(&out);
+    assert!(
+        !out.status.success(),
+        "psql succeeded although its query was cancelled:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "psql's error is not the server's cancel message:\n{stderr}\nkeyhole log:\n{}",
+        keyhole.logs()
+    );
+    let cancel = wait_closed_line(&keyhole, "with outcome=cancel_forwarded", |f| {
+        field(f, "outcome") == "cancel_forwarded"
+    });
+    assert_eq!(field(&cancel, "user"), "-", "a cancel carries no user");
+    wait_until(
+        "psql's session is gone from the server",
+        PATIENCE,
+        || backends(pg, app, false) == 0,
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+}
+
+#[test]
+fn tokio_postgres_cancel_token_cancels_through_keyhole() {
+    let pg = PgCluster::shared();
+    let keyhole = keyhole_for(pg, &[]);
+    let app = "lifecycle_token_cancel";
+    let rt = runtime();
+    let (client, _connection) = connect(&rt, keyhole.port(), app);
+    let token = client.cancel_token();
+    let query = rt.spawn(async move {
+        let result = client.simple_query("select pg_sleep(60)").await;
+        (result.map(|_| ()), client)
+    });
+    wait_sleeping(pg, app, &keyhole);
+
+    rt.block_on(token.cancel_query(NoTls))
+        .expect("tokio-postgres delivers the cancel request to keyhole");
+    let (result, client) = rt
+        .block_on(async { tokio::time::timeout(PATIENCE, query).await })
+        .expect("the cancelled query returns")
+        .expect("the query task does not panic");
+    let err = result.expect_err("the query was cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::QUERY_CANCELED),
+        "unexpected error: {err:?}"
+    );
+    wait_closed_line(&keyhole, "with outcome=cancel_forwarded", |f| {
+        field(f, "outcome") == "cancel_forwarded"
+    });
+    // The session itself survives a cancelled statement.
+    let rows = simple_query(&rt, &client, "select 'still here'").expect("the session goes on");
+    assert_eq!(rows, ["still here"]);
+}
+
+#[test]
+fn cancel_with_an_unknown_key_goes_nowhere_and_keyhole_keeps_serving() {
+    let pg = PgCluster::shared();
+    let keyhole = keyhole_for(pg, &[]);
+    let app = "lifecycle_unknown_cancel";
+    let rt = runtime();
+    let (client, _connection) = connect(&rt, keyhole.port(), app);
+    let pid: u32 = simple_query(&rt, &client, "select pg_backend_pid()").expect("backend pid")[0]
+        .parse()
+        .expect("a pid is a number");
+
+    // The pid of a live session with a guessed secret, bare and after an
+    // SSLRequest: neither matches a key keyhole handed out.
+    for (ssl_first, secret) in [(false, 0x1234_5678), (true, 0x0bad_cafe)] {
+        let reply = raw_cancel(keyhole.port(), ssl_first, pid, secret);
+        assert!(
+            reply.is_empty(),
+            "keyhole answered a CancelRequest with {reply:?}"
+        );
+    }
+    wait_until(
+        "two connections closed with outcome=unknown_cancel_key",
+        PATIENCE,
+        || {
+            closed_lines(&keyhole.logs())
+                .iter()
+                .filter(|f| field(f, "outcome") == "unknown_cancel_key")
+                .count()
+                == 2
+        },
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    let logs = keyhole.logs();
+    assert!(
+        !closed_lines(&logs)
+            .iter()
+            .any(|f| field(f, "outcome") == "cancel_forwarded"),
+        "a cancel with an unknown key was forwarded:\n{logs}"
+    );
+    for secret in [0x1234_5678_u32, 0x0bad_cafe] {
+        assert!(
+            !logs.contains(&secret.to_string()) && !logs.contains(&format!("{secret:x}")),
+            "the secret of a cancel key appears in the log:\n{logs}"
+        );
+    }
+
+    // The session is untouched and new clients still get through.
+    let rows = simple_query(&rt, &client, "select 'alive'").expect("the session goes on");
+    assert_eq!(rows, ["alive"]);
+    let out = clients::psql(keyhole.port(), SCRAM_USER, Some(SCRAM_PASS), "select 7*6");
+    assert_eq!(
+        clients::expect_success(&out, "psql after the bogus cancels"),
+        "42"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Client and server going away
+// ---------------------------------------------------------------------------
+
+#[test]
+fn client_vanishing_mid_query_ends_the_server_backend() {
+    let pg = PgCluster::shared();
+    let keyhole = keyhole_for(pg, &[]);
+    let app = "lifecycle_client_vanishes";
+    let rt = runtime();
+    let (client, connection) = connect(&rt, keyhole.port(), app);
+    let query = rt.spawn(async move {
+        let _ = client.simple_query("select pg_sleep(60)").await;
+    });
+    wait_sleeping(pg, app, &keyhole);
+
+    // The application dies: its socket closes without a Terminate.
+    connection.abort();
+    query.abort();
+    rt.block_on(async {
+        let _ = connection.await;
+        let _ = query.await;
+    });
+
+    // keyhole passes the close on; the server notices within its
+    // client_connection_check_interval and ends the backend.
+    wait_until(
+        "the server backend of the vanished client is gone",
+        PATIENCE,
+        || backends(pg, app, false) == 0,
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    let closed = wait_closed_line(&keyhole, "for the vanished client", |f| {
+        field(f, "user") == SCRAM_USER
+    });
+    assert_eq!(field(&closed, "database"), "postgres");
+    assert!(
+        ["ok", "client_io"].contains(&field(&closed, "outcome")),
+        "unexpected outcome for a client that went away: {closed:?}"
+    );
+
+    let (client, _connection) = connect(&rt, keyhole.port(), app);
+    let rows = simple_query(&rt, &client, "select 'next'").expect("a new session works");
+    assert_eq!(rows, ["next"]);
+}
+
+#[test]
+fn server_restart_ends_the_session_but_not_keyhole() {
+    let pg = PgCluster::start(PgOptions::default());
+    let mut keyhole = keyhole_for(&pg, &[]);
+    let rt = runtime();
+    let (client, _connection) = connect(&rt, keyhole.port(), "lifecycle_restart");
+    let rows = simple_query(&rt, &client, "select 'before'").expect("query before the restart");
+    assert_eq!(rows, ["before"]);
+
+    pg.restart();
+
+    let err = simple_query(&rt, &client, "select 'after'")
+        .expect_err("the session did not survive a server restart");
+    assert!(
+        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
+        "expected 57P01 or a closed connection, got: {err:?}"
+    );
+    let closed = wait_closed_line(&keyhole, "for the session cut by the restart", |f| {
+        field(f, "user") == SCRAM_USER
+    });
+    assert_eq!(field(&closed, "database"), "postgres");
+    assert!(
+        keyhole.wait_exit(Duration::ZERO).is_none(),
+        "keyhole exited when the server restarted:\n{}",
+        keyhole.logs()
+    );
+
+    let (client, _connection) = connect(&rt, keyhole.port(), "lifecycle_restart");
+    let rows = simple_query(&rt, &client, "select 'after'").expect("a new session works");
+    assert_eq!(rows, ["after"]);
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sigterm_lets_open_sessions_finish_and_exits_0() {
+    let pg = PgCluster::shared();
+    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", "30s"]);
+    let rt = runtime();
+    let (client, connection) = connect(&rt, keyhole.port(), "lifecycle_drain");
+    assert_eq!(
+        simple_query(&rt, &client, "select 1").expect("query"),
+        ["1"]
+    );
+
+    keyhole.signal(libc::SIGTERM);
+    // Watched in /proc: a probe connection could itself be let in before
+    // the listener closes.
+    wait_until(
+        "keyhole closes its listener after SIGTERM",
+        PATIENCE,
+        || !listens_tcp(keyhole.pid(), keyhole.port()),
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], keyhole.port()));
+    let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+    assert!(
+        refused.is_err(),
+        "a TCP connection was accepted after SIGTERM"
+    );
+    let out = clients::psql(keyhole.port(), SCRAM_USER, Some(SCRAM_PASS), "select 1");
+    let stderr = clients::stderr(&out);
+    assert!(
+        !out.status.success() && stderr.contains("Connection refused"),
+        "a new client was not refused after SIGTERM:\n{stderr}"
+    );
+
+    // The session opened before the signal carries on...
+    let rows = simple_query(&rt, &client, "select 'draining'").expect("the old session works");
+    assert_eq!(rows, ["draining"]);
+    assert!(
+        keyhole.wait_exit(Duration::ZERO).is_none(),
+        "keyhole exited while a session was still open:\n{}",
+        keyhole.logs()
+    );
+    // ...and when it ends by itself, keyhole exits 0.
+    drop(client);
+    rt.block_on(connection).expect("the connection task ends");
+    let status = keyhole
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("keyhole still runs:\n{}", keyhole.logs()));
+    assert_eq!(exit_code(status), Some(0), "log:\n{}", keyhole.logs());
+    let closed = closed_lines(&keyhole.logs());
+    assert_eq!(closed.len(), 1, "log:\n{}", keyhole.logs());
+    assert_eq!(field(&closed[0], "outcome"), "ok");
+}
+
+/// Opens a session, sends `signals` (waiting for keyhole to take in the
+/// first), and checks that the still-open session is cut with `code`.
+fn shutdown_cuts_open_session(delay: &str, signals: &[libc::c_int], code: i32) {
+    let pg = PgCluster::shared();
+    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", delay]);
+    let rt = runtime();
+    let (client, _connection) = connect(&rt, keyhole.port(), "lifecycle_cut");
+    assert_eq!(
+        simple_query(&rt, &client, "select 1").expect("query"),
+        ["1"]
+    );
+
+    for (i, &sig) in signals.iter().enumerate() {
+        if i > 0 {
+            wait_until(
+                "keyhole announces that it waits for open connections",
+                PATIENCE,
+                || keyhole.logs().contains("waiting for open connections"),
+                || format!("keyhole log:\n{}", keyhole.logs()),
+            );
+        }
+        keyhole.signal(sig);
+    }
+    let status = keyhole
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("keyhole still runs:\n{}", keyhole.logs()));
+    let logs = keyhole.logs();
+    assert_eq!(exit_code(status), Some(code), "log:\n{logs}");
+    let closed = closed_lines(&logs);
+    assert_eq!(closed.len(), 1, "log:\n{logs}");
+    assert_eq!(field(&closed[0], "outcome"), "cut_at_shutdown", "{logs}");
+    assert_eq!(field(&closed[0], "user"), SCRAM_USER);
+
+    let err = simple_query(&rt, &client, "select 1").expect_err("the session was cut");
+    assert!(err.is_closed() || err.code().is_none(), "{err:?}");
+}
+
+#[test]
+fn sigterm_cuts_sessions_still_open_after_the_delay_and_exits_143() {
+    shutdown_cuts_open_session("1s", &[libc::SIGTERM], 143);
+}
+
+#[test]
+fn sigint_cuts_sessions_still_open_after_the_delay_and_exits_130() {
+    shutdown_cuts_open_session("1s", &[libc::SIGINT], 130);
+}
+
+#[test]
+fn second_sigterm_stops_waiting_for_open_sessions() {
+    // The delay is far longer than PATIENCE: only the second signal can end it in time.
+    shutdown_cuts_open_session("10m", &[libc::SIGTERM, libc::SIGTERM], 143);
+}
+
+#[test]
+fn sigterm_without_connections_exits_0() {
+    let pg = PgCluster::shared();
+    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", "10m"]);
+    // "listening" is logged once the signal handlers are in place.
+    wait_until(
+        "keyhole logs \"listening\"",
+        PATIENCE,
+        || keyhole.logs().contains("listening"),
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    keyhole.signal(libc::SIGTERM);
+    let status = keyhole
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("keyhole still runs:\n{}", keyhole.logs()));
+    assert_eq!(exit_code(status), Some(0), "log:\n{}", keyhole.logs());
+}
+
+// ---------------------------------------------------------------------------
+// Configuration errors
+// ---------------------------------------------------------------------------
+
+#[test]
+fn configuration_errors_exit_2_with_one_line_before_binding() {
+    let pg = PgCluster::shared();
+    let ca = ca_arg(pg);
+    let target = pg.keyhole_target();
+    let scratch = support::scratch_dir("keyhole-missing-ca-");
+    let missing_ca = scratch.path().join("missing-ca.pem");
+    let missing_ca = missing_ca.to_str().expect("UTF-8 path");
+    let tls_disable = format!("{target}&tls-mode=disable");
+
+    // keyhole's port is held open by the test throughout: had keyhole tried
+    // to bind it before validating, it would fail on the bind instead.
+    let held = TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let port = held.local_addr().expect("local address").port().to_string();
+
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--max-connections", "lots", "--ca-file", &ca, &target],
+            "--max-connections",
+        ),
+        (
+            &["--max-sigterm-delay", "forever", "--ca-file", &ca, &target],
+            "--max-sigterm-delay",
+        ),
+        (&["--ca-file", missing_ca, &target], "missing-ca.pem"),
+        (&["--ca-file", &ca, &tls_disable], "tls-mode"),
+        (&["--ca-file", &ca], "no target"),
+        (&["--ca-file"], "--ca-file"),
+        (&["--bogus", "x", &ca, &target], "--bogus"),
+    ];
+    for (args, mentions) in cases {
+        let mut all = vec!["--port", port.as_str()];
+        all.extend_from_slice(args);
+        let (status, output) = Keyhole::start_expect_exit(&all, PATIENCE);
+        assert_eq!(status.code(), Some(2), "{all:?}:\n{output}");
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{all:?} printed more than one line:\n{output}"
+        );
+        assert!(
+            lines[0].starts_with("keyhole: ") && lines[0].contains(mentions),
+            "{all:?}: expected one \"keyhole: \" line mentioning {mentions:?}, got:\n{output}"
+        );
+    }
+
+    // Control: with a valid configuration keyhole does reach the held port
+    // and fails there, so the cases above really stopped before binding.
+    let (status, output) =
+        Keyhole::start_expect_exit(&["--port", &port, "--ca-file", &ca, &target], PATIENCE);
+    assert!(!status.success(), "{output}");
+    assert_ne!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains(&format!("127.0.0.1:{port}")) && output.contains("in use"),
+        "expected an address-in-use error:\n{output}"
+    );
+    drop(held);
+}
+
+// ---------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------
+
+/// One log line as a JSON object: its top-level members, strings unquoted
+/// and other values as written.
+fn parse_json_object(line: &str) -> Result<HashMap<String, String>, String> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let object = value.as_object().ok_or("not an object")?;
+    Ok(object
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect())
+}
+
+#[test]
+fn logs_are_json_on_request_and_never_show_a_password() {
+    // Besides the md5 and SCRAM users, a user with plain `password`
+    // authentication: the only method where the password itself crosses
+    // keyhole, so the only one where keyhole could leak it.
+    const CLEAR_USER: &str = "clear_user";
+    const CLEAR_PASS: &str = "clear_pass_c0ffee";
+    const WRONG_PASS: &str = "wrong_pass_dec0de";
+    let pg = PgCluster::start(PgOptions {
+        extra_hba: vec![
+            format!("hostssl all {CLEAR_USER} 127.0.0.1/32 password"),
+            format!("hostssl all {CLEAR_USER} ::1/128 password"),
+        ],
+        ..PgOptions::default()
+    });
+    pg.admin_sql(&format!(
+        "CREATE ROLE {CLEAR_USER} LOGIN PASSWORD '{CLEAR_PASS}'"
+    ));
+
+    let ca = ca_arg(&pg);
+    let target = pg.keyhole_target();
+    for format in ["text", "json"] {
+        let port = support::free_port();
+        let port_arg = port.to_string();
+        // Debug level: a password must not show up at any level.
+        let mut keyhole = Keyhole::spawn(
+            &[
+                "--port",
+                &port_arg,
+                "--log-format",
+                format,
+                "--ca-file",
+                &ca,
+                &target,
+            ],
+            &[("RUST_LOG", "debug")],
+            Ready::Tcp(port),
+        );
+        for (user, password) in [
+            (MD5_USER, MD5_PASS),
+            (SCRAM_USER, SCRAM_PASS),
+            (CLEAR_USER, CLEAR_PASS),
+        ] {
+            let out = clients::psql(port, user, Some(password), "select current_user");
+            assert_eq!(clients::expect_success(&out, user), user);
+        }
+        for user in [MD5_USER, SCRAM_USER, CLEAR_USER] {
+            let out = clients::psql(port, user, Some(WRONG_PASS), "select 1");
+            let stderr = clients::stderr(&out);
+            assert!(
+                !out.status.success() && stderr.contains("password authentication failed"),
+                "{user} with a wrong password:\n{stderr}"
+            );
+        }
+        // Six sessions, three of them refused by the server.
+        wait_until(
+            &format!("six \"connection closed\" lines ({format})"),
+            PATIENCE,
+            || keyhole.logs().matches("connection closed").count() == 6,
+            || format!("keyhole log:\n{}", keyhole.logs()),
+        );
+        keyhole.signal(libc::SIGTERM);
+        keyhole
+            .wait_exit(PATIENCE)
+            .expect("keyhole exits on SIGTERM");
+        let logs = keyhole.logs();
+
+        for secret in [MD5_PASS, SCRAM_PASS, CLEAR_PASS, WRONG_PASS] {
+            assert!(
+                !logs.contains(secret),
+                "the {format} log contains the password {secret:?}:\n{logs}"
+            );
+        }
+
+        if format == "text" {
+            let closed = closed_lines(&logs);
+            assert_eq!(closed.len(), 6, "{logs}");
+            let refused = closed
+                .iter()
+                .filter(|f| field(f, "outcome") == "server_refused")
+                .count();
+            assert_eq!(refused, 3, "{logs}");
+            continue;
+        }
+
+        let mut closed = Vec::new();
+        for line in logs.lines() {
+            let members = parse_json_object(line)
+                .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}\nlog:\n{logs}"));
+            assert!(
+                members.contains_key("timestamp") && members.contains_key("level"),
+                "{line}"
+            );
+            if members.get("message").map(String::as_str) == Some("connection closed") {
+                closed.push(members);
+            }
+        }
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("\"message\":\"listening\"")),
+            "{logs}"
+        );
+        assert_eq!(closed.len(), 6, "{logs}");
+        for members in &closed {
+            for key in [
+                "conn",
+                "client",
+                "target",
+                "user",
+                "database",
+                "bytes_from_client",
+                "bytes_to_client",
+                "duration_ms",
+                "outcome",
+            ] {
+                assert!(members.contains_key(key), "no {key} in {members:?}");
+            }
+            assert_eq!(
+                members["target"],
+                format!("postgres://127.0.0.1:{}", pg.port)
+            );
+            assert_eq!(members["database"], "postgres");
+            for number in [
+                "conn",
+                "bytes_from_client",
+                "bytes_to_client",
+                "duration_ms",
+            ] {
+                assert!(
+                    members[number].parse::<u64>().is_ok(),
+                    "{number} is not a JSON number in {members:?}"
+                );
+            }
+            match members["outcome"].as_str() {
+                "ok" => assert!(
+                    members["bytes_to_client"] != "0" && !members.contains_key("error"),
+                    "{members:?}"
+                ),
+                "server_refused" => assert!(members.contains_key("error"), "{members:?}"),
+                other => panic!("unexpected outcome {other} in {members:?}"),
+            }
+        }
+        let mut users: Vec<&str> = closed
+            .iter()
+            .filter(|m| m["outcome"] == "ok")
+            .map(|m| m["user"].as_str())
+            .collect();
+        users.sort_unstable();
+        assert_eq!(users, [CLEAR_USER, MD5_USER, SCRAM_USER]);
+    }
+}
