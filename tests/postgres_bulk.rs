@@ -9,7 +9,7 @@ mod support;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use support::clients;
 use support::keyhole::Keyhole;
 use support::postgres::{PgCluster, SCRAM_PASS, SCRAM_USER};
-use support::process::signal_pid;
+use support::process::KillAfter;
 
 /// Rows per COPY and letters per row: 131072 rows of about 8 KiB, 1 GiB and a
 /// little more in all.
@@ -46,11 +46,6 @@ fn letter_runs(base: u8) -> Vec<Vec<u8>> {
     (0..26).map(|i| vec![base + i; LETTERS]).collect()
 }
 
-fn keyhole_for(pg: &PgCluster) -> Keyhole {
-    let ca = pg.pki.ca.to_str().expect("the CA path is UTF-8");
-    Keyhole::start(&["--ca-file", ca, &pg.keyhole_target()])
-}
-
 /// psql through keyhole as scram_user running `sql`, with stdin and stdout
 /// as the caller says and stderr piped.
 fn psql_command(port: u16, sql: &str) -> Command {
@@ -71,33 +66,6 @@ fn psql_command(port: u16, sql: &str) -> Command {
         ])
         .stderr(Stdio::piped());
     cmd
-}
-
-/// Kills a child that outlives its time limit. The child must not be reaped
-/// before [`KillAfter::disarm`] returns, so its PID cannot name a stranger.
-struct KillAfter {
-    stop: mpsc::Sender<()>,
-    thread: JoinHandle<bool>,
-}
-
-impl KillAfter {
-    fn arm(pid: u32, limit: Duration) -> KillAfter {
-        let (stop, stopped) = mpsc::channel();
-        let thread = std::thread::spawn(move || match stopped.recv_timeout(limit) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                signal_pid(pid, libc::SIGKILL);
-                true
-            }
-            _ => false,
-        });
-        KillAfter { stop, thread }
-    }
-
-    /// Stops the timer; true if it had fired.
-    fn disarm(self) -> bool {
-        let _ = self.stop.send(());
-        self.thread.join().expect("the kill timer thread")
-    }
 }
 
 /// Reads the child's stderr to the end on a thread of its own.
@@ -184,7 +152,7 @@ fn copy_out_of_a_gigabyte_arrives_intact() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
 
     // Row i: "i<TAB>" then LETTERS times the letter for i, then a newline.
     let sql = format!(
@@ -261,7 +229,7 @@ fn copy_in_of_a_gigabyte_arrives_intact() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
     let table = "keyhole_bulk_in";
     // Set up directly, so the COPY is keyhole's only session. lz4 keeps the
     // server's share of the work small (pglz if the server has no lz4).

@@ -14,21 +14,15 @@ use support::certs::TestPki;
 use support::clients::{self, expect_success};
 use support::keyhole::Keyhole;
 use support::postgres::{PgCluster, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER, TRUST_USER};
+use support::wire::{
+    self, cancel_request, read_message, read_until_ready, simple_query, startup_packet, SSL_REQUEST,
+};
 
 const USERS: [(&str, Option<&str>); 3] = [
     (TRUST_USER, None),
     (MD5_USER, Some(MD5_PASS)),
     (SCRAM_USER, Some(SCRAM_PASS)),
 ];
-
-fn keyhole_for(cluster: &PgCluster, extra: &[&str]) -> Keyhole {
-    let ca = cluster.pki.ca.to_str().expect("utf-8 path").to_owned();
-    let target = cluster.keyhole_target();
-    let mut args = vec!["--ca-file", ca.as_str()];
-    args.extend_from_slice(extra);
-    args.push(target.as_str());
-    Keyhole::start(&args)
-}
 
 /// What the server saw: the user and whether its connection is TLS.
 const WHO_AND_TLS: &str =
@@ -37,7 +31,7 @@ const WHO_AND_TLS: &str =
 #[test]
 fn psql_with_default_settings_logs_in_with_every_auth_method() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     for (user, password) in USERS {
         let out = clients::psql(keyhole.port(), user, password, WHO_AND_TLS);
         assert_eq!(
@@ -73,7 +67,7 @@ fn psql_with_default_settings_logs_in_with_every_auth_method() {
 #[test]
 fn pgbench_with_default_settings_runs_clean() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let port = keyhole.port().to_string();
     let base = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", SCRAM_USER];
     let mut init = base.to_vec();
@@ -104,7 +98,7 @@ async fn driver_connect(port: u16, user: &str, password: Option<&str>) -> tokio_
 #[tokio::test]
 async fn rust_driver_logs_in_with_every_auth_method() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     for (user, password) in USERS {
         let client = driver_connect(keyhole.port(), user, password).await;
         let row = client
@@ -120,7 +114,7 @@ async fn rust_driver_logs_in_with_every_auth_method() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_at_once() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let port = keyhole.port();
     let mut tasks = Vec::new();
     for i in 0..200i32 {
@@ -156,74 +150,12 @@ async fn two_hundred_clients_at_once() {
 
 // --- raw protocol helpers -------------------------------------------------
 
-fn startup_packet(version: u32, user: &str) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", "postgres")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
-/// Reads one typed message.
-fn read_message(stream: &mut impl Read) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).expect("message header");
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).expect("message body");
-    (header[0], body)
-}
-
-/// Reads until ReadyForQuery; returns the tags seen and the BackendKeyData body.
-fn read_until_ready(stream: &mut impl Read) -> (Vec<u8>, Vec<u8>) {
-    let mut tags = Vec::new();
-    let mut key = Vec::new();
-    loop {
-        let (tag, body) = read_message(stream);
-        tags.push(tag);
-        match tag {
-            b'K' => key = body,
-            b'E' => panic!("server error: {}", String::from_utf8_lossy(&body)),
-            b'Z' => return (tags, key),
-            _ => {}
-        }
-    }
-}
-
-fn simple_query(sql: &str) -> Vec<u8> {
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    q.extend_from_slice(sql.as_bytes());
-    q.push(0);
-    q
-}
-
-fn cancel_request(key: &[u8]) -> Vec<u8> {
-    let mut packet = ((8 + key.len()) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-    packet.extend_from_slice(key);
-    packet
-}
-
 /// Reads messages until an ErrorResponse; returns its SQLSTATE.
 fn read_error_code(stream: &mut impl Read) -> String {
     loop {
         let (tag, body) = read_message(stream);
         if tag == b'E' {
-            let text = String::from_utf8_lossy(&body).into_owned();
-            let code = text
-                .split('\0')
-                .find_map(|f| f.strip_prefix('C'))
-                .expect("SQLSTATE field");
-            return code.to_owned();
+            return wire::error_field(&body, 'C');
         }
     }
 }
@@ -238,10 +170,13 @@ fn connect(port: u16) -> TcpStream {
 #[test]
 fn protocol_3_2_startup_is_negotiated_through() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let mut s = connect(keyhole.port());
-    s.write_all(&startup_packet((3 << 16) | 2, TRUST_USER))
-        .expect("startup 3.2");
+    s.write_all(&startup_packet(
+        (3 << 16) | 2,
+        &[("user", TRUST_USER), ("database", "postgres")],
+    ))
+    .expect("startup 3.2");
     let (tags, key) = read_until_ready(&mut s);
     // PostgreSQL 15 speaks 3.0 and says so with NegotiateProtocolVersion.
     assert_eq!(
@@ -260,10 +195,13 @@ fn protocol_3_2_startup_is_negotiated_through() {
 #[test]
 fn cancel_request_after_ssl_request_reaches_the_server() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let mut session = connect(keyhole.port());
     session
-        .write_all(&startup_packet(3 << 16, TRUST_USER))
+        .write_all(&startup_packet(
+            3 << 16,
+            &[("user", TRUST_USER), ("database", "postgres")],
+        ))
         .expect("startup");
     let (_, key) = read_until_ready(&mut session);
     session
@@ -315,7 +253,7 @@ fn local_tls_keyhole(cluster: &PgCluster) -> (Keyhole, TestPki) {
     let local = TestPki::generate(&["localhost"]);
     let cert = local.server_cert.to_str().expect("utf-8").to_owned();
     let key = local.server_key.to_str().expect("utf-8").to_owned();
-    let keyhole = keyhole_for(cluster, &["--listen-cert", &cert, "--listen-key", &key]);
+    let keyhole = Keyhole::for_cluster(cluster, &["--listen-cert", &cert, "--listen-key", &key]);
     (keyhole, local)
 }
 
@@ -378,9 +316,12 @@ async fn direct_tls_needs_alpn_postgresql() {
         .connect(name.clone(), tcp)
         .await
         .expect("direct TLS handshake");
-    tls.write_all(&startup_packet(3 << 16, TRUST_USER))
-        .await
-        .expect("startup");
+    tls.write_all(&startup_packet(
+        3 << 16,
+        &[("user", TRUST_USER), ("database", "postgres")],
+    ))
+    .await
+    .expect("startup");
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {

@@ -11,14 +11,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use support::clients;
 use support::keyhole::{listens_tcp, Keyhole, Ready};
 use support::postgres::{PgCluster, PgOptions, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER};
-use support::process::signal_pid;
+use support::process::{signal_pid, KillAfter};
 use tokio::runtime::Runtime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -45,15 +43,6 @@ fn ca_arg(pg: &PgCluster) -> String {
         .to_string()
 }
 
-/// keyhole in front of `pg`, with `extra` options before the usual ones.
-fn keyhole_for(pg: &PgCluster, extra: &[&str]) -> Keyhole {
-    let ca = ca_arg(pg);
-    let target = pg.keyhole_target();
-    let mut args: Vec<&str> = extra.to_vec();
-    args.extend(["--ca-file", ca.as_str(), target.as_str()]);
-    Keyhole::start(&args)
-}
-
 /// Calls `done` until it returns true; panics with `what` and `context()` after
 /// `limit`.
 fn wait_until(
@@ -69,16 +58,6 @@ fn wait_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A runtime for tokio-postgres whose worker drives the connections while the
-/// test thread blocks on psql, admin SQL or keyhole.
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("build a tokio runtime")
 }
 
 /// A tokio-postgres session through keyhole as scram_user, tagged with
@@ -139,33 +118,6 @@ fn wait_sleeping(pg: &PgCluster, app: &str, keyhole: &Keyhole) {
         || backends(pg, app, true) == 1,
         || format!("keyhole log:\n{}", keyhole.logs()),
     );
-}
-
-/// Kills a child that outlives its time limit. The child must not be reaped
-/// before [`KillAfter::disarm`] returns, so its PID cannot name a stranger.
-struct KillAfter {
-    stop: mpsc::Sender<()>,
-    thread: JoinHandle<bool>,
-}
-
-impl KillAfter {
-    fn arm(pid: u32, limit: Duration) -> KillAfter {
-        let (stop, stopped) = mpsc::channel();
-        let thread = std::thread::spawn(move || match stopped.recv_timeout(limit) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                signal_pid(pid, libc::SIGKILL);
-                true
-            }
-            _ => false,
-        });
-        KillAfter { stop, thread }
-    }
-
-    /// Stops the timer; true if it had fired.
-    fn disarm(self) -> bool {
-        let _ = self.stop.send(());
-        self.thread.join().expect("the kill timer thread")
-    }
 }
 
 /// Collects a spawned child's output (stdout and stderr piped), killing it if
@@ -326,7 +278,7 @@ fn exit_code(status: ExitStatus) -> Option<i32> {
 #[test]
 fn psql_ctrl_c_cancels_the_running_query() {
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg, &[]);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
     let app = "lifecycle_psql_cancel";
     let mut psql = spawn_psql(keyhole.port(), app, "select pg_sleep(60)");
 
@@ -375,9 +327,9 @@ fn psql_ctrl_c_cancels_the_running_query() {
 #[test]
 fn tokio_postgres_cancel_token_cancels_through_keyhole() {
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg, &[]);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
     let app = "lifecycle_token_cancel";
-    let rt = runtime();
+    let rt = support::runtime();
     let (client, _connection) = connect(&rt, keyhole.port(), app);
     let token = client.cancel_token();
     let query = rt.spawn(async move {
@@ -409,9 +361,9 @@ fn tokio_postgres_cancel_token_cancels_through_keyhole() {
 #[test]
 fn cancel_with_an_unknown_key_goes_nowhere_and_keyhole_keeps_serving() {
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg, &[]);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
     let app = "lifecycle_unknown_cancel";
-    let rt = runtime();
+    let rt = support::runtime();
     let (client, _connection) = connect(&rt, keyhole.port(), app);
     let pid: u32 = simple_query(&rt, &client, "select pg_backend_pid()").expect("backend pid")[0]
         .parse()
@@ -469,9 +421,9 @@ fn cancel_with_an_unknown_key_goes_nowhere_and_keyhole_keeps_serving() {
 #[test]
 fn client_vanishing_mid_query_ends_the_server_backend() {
     let pg = PgCluster::shared();
-    let keyhole = keyhole_for(pg, &[]);
+    let keyhole = Keyhole::for_cluster(pg, &[]);
     let app = "lifecycle_client_vanishes";
-    let rt = runtime();
+    let rt = support::runtime();
     let (client, connection) = connect(&rt, keyhole.port(), app);
     let query = rt.spawn(async move {
         let _ = client.simple_query("select pg_sleep(60)").await;
@@ -511,8 +463,8 @@ fn client_vanishing_mid_query_ends_the_server_backend() {
 #[test]
 fn server_restart_ends_the_session_but_not_keyhole() {
     let pg = PgCluster::start(PgOptions::default());
-    let mut keyhole = keyhole_for(&pg, &[]);
-    let rt = runtime();
+    let mut keyhole = Keyhole::for_cluster(&pg, &[]);
+    let rt = support::runtime();
     let (client, _connection) = connect(&rt, keyhole.port(), "lifecycle_restart");
     let rows = simple_query(&rt, &client, "select 'before'").expect("query before the restart");
     assert_eq!(rows, ["before"]);
@@ -547,8 +499,8 @@ fn server_restart_ends_the_session_but_not_keyhole() {
 #[test]
 fn sigterm_lets_open_sessions_finish_and_exits_0() {
     let pg = PgCluster::shared();
-    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", "30s"]);
-    let rt = runtime();
+    let mut keyhole = Keyhole::for_cluster(pg, &["--max-sigterm-delay", "30s"]);
+    let rt = support::runtime();
     let (client, connection) = connect(&rt, keyhole.port(), "lifecycle_drain");
     assert_eq!(
         simple_query(&rt, &client, "select 1").expect("query"),
@@ -601,8 +553,8 @@ fn sigterm_lets_open_sessions_finish_and_exits_0() {
 /// first), and checks that the still-open session is cut with `code`.
 fn shutdown_cuts_open_session(delay: &str, signals: &[libc::c_int], code: i32) {
     let pg = PgCluster::shared();
-    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", delay]);
-    let rt = runtime();
+    let mut keyhole = Keyhole::for_cluster(pg, &["--max-sigterm-delay", delay]);
+    let rt = support::runtime();
     let (client, _connection) = connect(&rt, keyhole.port(), "lifecycle_cut");
     assert_eq!(
         simple_query(&rt, &client, "select 1").expect("query"),
@@ -653,7 +605,7 @@ fn second_sigterm_stops_waiting_for_open_sessions() {
 #[test]
 fn sigterm_without_connections_exits_0() {
     let pg = PgCluster::shared();
-    let mut keyhole = keyhole_for(pg, &["--max-sigterm-delay", "10m"]);
+    let mut keyhole = Keyhole::for_cluster(pg, &["--max-sigterm-delay", "10m"]);
     // "listening" is logged once the signal handlers are in place.
     wait_until(
         "keyhole logs \"listening\"",

@@ -11,15 +11,7 @@ use std::time::Duration;
 use support::clients::{self, expect_success};
 use support::keyhole::Keyhole;
 use support::postgres::{PgCluster, MD5_PASS, MD5_USER, TRUST_USER};
-
-fn keyhole_for(cluster: &PgCluster, extra: &[&str]) -> Keyhole {
-    let ca = cluster.pki.ca.to_str().expect("utf-8 path").to_owned();
-    let target = cluster.keyhole_target();
-    let mut args = vec!["--ca-file", ca.as_str()];
-    args.extend_from_slice(extra);
-    args.push(target.as_str());
-    Keyhole::start(&args)
-}
+use support::wire::{startup_packet, GSSENC_REQUEST, SSL_REQUEST};
 
 fn connect(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to keyhole");
@@ -55,23 +47,6 @@ fn error_fields(reply: &[u8]) -> (String, String) {
     (field('C'), field('M'))
 }
 
-fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
-
 /// Sends `bytes`, expects one FATAL ErrorResponse, returns (SQLSTATE, message).
 fn refused(port: u16, bytes: &[u8]) -> (String, String) {
     let mut s = connect(port);
@@ -82,7 +57,7 @@ fn refused(port: u16, bytes: &[u8]) -> (String, String) {
 #[test]
 fn malformed_startup_packets_get_an_error_response_and_keyhole_stays_up() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let port = keyhole.port();
 
     // Over the server's 10,000-byte cap: refused from the length alone.
@@ -140,7 +115,7 @@ fn malformed_startup_packets_get_an_error_response_and_keyhole_stays_up() {
 #[test]
 fn each_upgrade_is_allowed_once() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &[]);
+    let keyhole = Keyhole::for_cluster(cluster, &[]);
     let port = keyhole.port();
 
     let mut s = connect(port);
@@ -189,7 +164,7 @@ fn bytes_pipelined_behind_an_ssl_request_are_refused_before_tls() {
     let local = support::certs::TestPki::generate(&["localhost"]);
     let cert = local.server_cert.to_str().expect("utf-8").to_owned();
     let key = local.server_key.to_str().expect("utf-8").to_owned();
-    let keyhole = keyhole_for(cluster, &["--listen-cert", &cert, "--listen-key", &key]);
+    let keyhole = Keyhole::for_cluster(cluster, &["--listen-cert", &cert, "--listen-key", &key]);
     // An SSLRequest and a StartupMessage in one write: had keyhole said 'S',
     // the StartupMessage would be read as if it came through TLS.
     let mut bytes = SSL_REQUEST.to_vec();
@@ -205,7 +180,7 @@ fn bytes_pipelined_behind_an_ssl_request_are_refused_before_tls() {
 #[test]
 fn a_silent_client_is_timed_out_with_an_error() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &["--startup-timeout", "1s"]);
+    let keyhole = Keyhole::for_cluster(cluster, &["--startup-timeout", "1s"]);
     let mut silent = connect(keyhole.port());
     let (code, msg) = error_fields(&read_all(&mut silent));
     assert_eq!(
@@ -224,7 +199,7 @@ fn a_silent_client_is_timed_out_with_an_error() {
 #[tokio::test]
 async fn clients_over_the_limit_get_53300_and_the_next_one_fits_again() {
     let cluster = PgCluster::shared();
-    let keyhole = keyhole_for(cluster, &["--max-connections", "1"]);
+    let keyhole = Keyhole::for_cluster(cluster, &["--max-connections", "1"]);
     let conninfo = format!(
         "host=127.0.0.1 port={} user={MD5_USER} password={MD5_PASS} dbname=postgres",
         keyhole.port()

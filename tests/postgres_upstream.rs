@@ -42,16 +42,6 @@ const CERT_USER: &str = "keyhole-client";
 /// Whether this connection to the server is encrypted, as the server sees it.
 const SSL_SQL: &str = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
 
-/// A small runtime for tokio-postgres and the byte-level peers; its one worker
-/// keeps the peers answering while the test thread waits for psql.
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("build a tokio runtime")
-}
-
 /// A path as a target URL parameter value (percent-encoded where it must be).
 fn url_path(path: &Path) -> String {
     let text = path.to_str().expect("test paths are UTF-8");
@@ -137,7 +127,7 @@ fn a_server_certificate_from_another_ca_is_refused_in_both_tls_modes() {
     let target = format!("postgres://127.0.0.1:{}", pg.port);
     let chain_only = format!("{target}?tls-mode=verify-ca");
     let keyhole = Keyhole::start(&["--ca-file", path_arg(&stranger.ca), &target, &chain_only]);
-    let rt = runtime();
+    let rt = support::runtime();
 
     // verify-ca skips the name, never the chain.
     for port in [keyhole.port(), keyhole.port() + 1] {
@@ -165,7 +155,7 @@ fn the_server_name_is_verified_unless_tls_mode_is_verify_ca() {
         &wrong_chain_only,
         &tunnel,
     ]);
-    let rt = runtime();
+    let rt = support::runtime();
     let base = keyhole.port();
 
     let refused = refusal(&rt, base, SCRAM_USER, Some(SCRAM_PASS), UNABLE_TO_CONNECT);
@@ -186,7 +176,7 @@ fn a_server_without_tls_is_refused_and_sees_no_startup_packet() {
     });
     let target = format!("postgres://127.0.0.1:{}", pg.port);
     let keyhole = Keyhole::start(&["--ca-file", path_arg(&pg.pki.ca), &target]);
-    let rt = runtime();
+    let rt = support::runtime();
     let log_before = pg.logs().len();
 
     let refused = refusal(
@@ -305,7 +295,7 @@ fn spawn_peer(
 #[test]
 fn misbehaving_peers_are_refused_and_keyhole_keeps_serving() {
     let pg = PgCluster::shared();
-    let rt = runtime();
+    let rt = support::runtime();
     let (report, mut reports) = mpsc::unbounded_channel();
     let kinds = [
         Misbehaviour::ErrorText,
@@ -422,7 +412,7 @@ fn a_server_that_requires_a_client_certificate() {
     let pg = cert_cluster();
     let target = format!("postgres://127.0.0.1:{}", pg.port);
     let ca = path_arg(&pg.pki.ca);
-    let rt = runtime();
+    let rt = support::runtime();
 
     let without = Keyhole::start(&["--ca-file", ca, &target]);
     let refused = refusal(&rt, without.port(), CERT_USER, None, INVALID_AUTHORIZATION);
@@ -567,7 +557,7 @@ fn the_unix_socket_listener_serves_and_is_removed_on_sigterm() {
 /// after `--startup-timeout` instead of waiting forever.
 #[test]
 fn a_server_that_goes_quiet_after_tls_is_reported() {
-    let rt = runtime();
+    let rt = support::runtime();
     let pki = TestPki::generate(&["localhost"]);
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&pki.server_cert)
         .expect("server cert")

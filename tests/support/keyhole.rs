@@ -106,6 +106,16 @@ impl Keyhole {
         self.child.id()
     }
 
+    /// keyhole in front of `pg` (its CA, its target), with `extra` options
+    /// before the usual ones.
+    pub fn for_cluster(pg: &crate::support::postgres::PgCluster, extra: &[&str]) -> Keyhole {
+        let ca = pg.pki.ca.to_str().expect("the CA path is UTF-8").to_owned();
+        let target = pg.keyhole_target();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["--ca-file", ca.as_str(), target.as_str()]);
+        Keyhole::start(&args)
+    }
+
     /// Everything keyhole wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -75,6 +75,7 @@ pub mod clients;
 pub mod keyhole;
 pub mod postgres;
 pub mod process;
+pub mod wire;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -104,4 +105,15 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
         .prefix(prefix)
         .tempdir()
         .expect("create a scratch directory")
+}
+
+/// A small multi-threaded runtime for tokio-postgres and byte-level peers:
+/// its one worker keeps connections and peers going while the test thread
+/// blocks on psql, admin SQL or keyhole.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime")
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Strips the inherited environment of everything that would make a client or
@@ -241,5 +242,32 @@ impl Watchdog {
 impl Drop for Watchdog {
     fn drop(&mut self) {
         self.fire();
+    }
+}
+
+/// Kills a child that outlives its time limit. The child must not be reaped
+/// before [`KillAfter::disarm`] returns, so its PID cannot name a stranger.
+pub struct KillAfter {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<bool>,
+}
+
+impl KillAfter {
+    pub fn arm(pid: u32, limit: Duration) -> KillAfter {
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::spawn(move || match stopped.recv_timeout(limit) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                signal_pid(pid, libc::SIGKILL);
+                true
+            }
+            _ => false,
+        });
+        KillAfter { stop, thread }
+    }
+
+    /// Stops the timer; true if it had fired.
+    pub fn disarm(self) -> bool {
+        let _ = self.stop.send(());
+        self.thread.join().expect("the kill timer thread")
     }
 }
