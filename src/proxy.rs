@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, TargetConfig};
-use crate::frontend::postgres::{Admission, PostgresFrontend, SessionReport};
+use crate::config::{Config, Protocol, TargetConfig};
+use crate::frontend::mysql::MysqlFrontend;
+use crate::frontend::postgres::PostgresFrontend;
+use crate::frontend::{Admission, SessionError, SessionReport};
 use crate::listener::{self, Listener, Peer};
 use crate::net;
 use crate::protocol::postgres as pg;
@@ -28,7 +30,28 @@ use crate::upstream::Upstream;
 /// A target ready to serve: its settings and its session driver.
 pub struct Target {
     pub config: TargetConfig,
-    pub frontend: PostgresFrontend,
+    pub frontend: Frontend,
+}
+
+/// The session driver of a target's protocol.
+pub enum Frontend {
+    Postgres(PostgresFrontend),
+    Mysql(MysqlFrontend),
+}
+
+impl Frontend {
+    async fn serve(
+        &self,
+        socket: net::Socket,
+        admission: Admission,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        match self {
+            Frontend::Postgres(f) => f.serve(socket, admission, cut, report).await,
+            Frontend::Mysql(f) => f.serve(socket, admission, cut, report).await,
+        }
+    }
 }
 
 /// Everything built from the configuration before any socket is bound.
@@ -78,22 +101,38 @@ impl Proxy {
                 target: target.name.clone(),
                 source,
             };
-            let upstream = Upstream::new(target, config.connect_timeout, pg::ALPN).map_err(fail)?;
+            let alpn = match target.protocol {
+                Protocol::Postgres => Some(pg::ALPN),
+                Protocol::Mysql => None,
+            };
+            let upstream =
+                Arc::new(Upstream::new(target, config.connect_timeout, alpn).map_err(fail)?);
             let local_tls = config
                 .listen_tls
                 .as_ref()
-                .map(|ck| tls::server_config(ck, pg::ALPN).map(TlsAcceptor::from))
+                .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
                 .transpose()
                 .map_err(fail)?;
+            let startup_timeout = config.startup_timeout;
+            let max_connections = config.max_connections.map(|n| n.get());
+            let frontend = match target.protocol {
+                Protocol::Postgres => Frontend::Postgres(PostgresFrontend {
+                    upstream,
+                    local_tls,
+                    startup_timeout,
+                    cancels: cancels.clone(),
+                    max_connections,
+                }),
+                Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
+                    upstream,
+                    local_tls,
+                    startup_timeout,
+                    max_connections,
+                }),
+            };
             targets.push(Arc::new(Target {
                 config: target.clone(),
-                frontend: PostgresFrontend {
-                    upstream: Arc::new(upstream),
-                    local_tls,
-                    startup_timeout: config.startup_timeout,
-                    cancels: cancels.clone(),
-                    max_connections: config.max_connections.map(|n| n.get()),
-                },
+                frontend,
             }));
         }
         Ok(Proxy {

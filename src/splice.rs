@@ -100,15 +100,29 @@ where
         let up = this
             .upstream
             .poll_copy(cx, &mut *this.client, &mut *this.server);
-        if let Poll::Ready(Err(e)) = up {
-            return Poll::Ready(Err(e.attribute(Side::Client, Side::Server)));
-        }
+        let up = match up {
+            // Once the other direction has ended, a reset is how many peers
+            // close (the server after a client's quit, say): a clean end.
+            Poll::Ready(Err(e)) if this.downstream.state == HalfState::Done && e.is_closed() => {
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                return Poll::Ready(Err(e.attribute(Side::Client, Side::Server)))
+            }
+            other => other,
+        };
         let down = this
             .downstream
             .poll_copy(cx, &mut *this.server, &mut *this.client);
-        if let Poll::Ready(Err(e)) = down {
-            return Poll::Ready(Err(e.attribute(Side::Server, Side::Client)));
-        }
+        let down = match down {
+            Poll::Ready(Err(e)) if this.upstream.state == HalfState::Done && e.is_closed() => {
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                return Poll::Ready(Err(e.attribute(Side::Server, Side::Client)))
+            }
+            other => other,
+        };
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -123,7 +137,24 @@ enum HalfError {
     Write(io::Error),
 }
 
+/// Errors that only say the peer has gone.
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 impl HalfError {
+    fn is_closed(&self) -> bool {
+        match self {
+            HalfError::Read(e) | HalfError::Write(e) => is_closed(e),
+        }
+    }
+
     fn attribute(self, reader: Side, writer: Side) -> SpliceError {
         match self {
             HalfError::Read(source) => SpliceError {
@@ -185,8 +216,11 @@ impl Half {
             match self.state {
                 HalfState::Done => return Poll::Ready(Ok(())),
                 HalfState::ShuttingDown => {
-                    ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(HalfError::Write)?;
-                    self.state = HalfState::Done;
+                    match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                        // The other side closed first; nothing is lost.
+                        Err(e) if !is_closed(&e) => return Poll::Ready(Err(HalfError::Write(e))),
+                        _ => self.state = HalfState::Done,
+                    }
                 }
                 HalfState::Copying => {
                     // Drain what is buffered before reading more.
@@ -213,6 +247,15 @@ impl Half {
                                 // EOF: flush what we wrote, then half-close.
                                 self.state = HalfState::ShuttingDown;
                             }
+                        }
+                        // A TLS peer that closes without close_notify has
+                        // still closed: MySQL servers do after COM_QUIT, and
+                        // both protocols frame their own messages, so no
+                        // truncation can pass for a whole message.
+                        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            self.pos = 0;
+                            self.filled = 0;
+                            self.state = HalfState::ShuttingDown;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
                         Poll::Pending => {
@@ -296,5 +339,58 @@ mod tests {
         let err = (&mut s).await.expect_err("server is gone");
         assert_eq!(err.side, Side::Server);
         assert_eq!(s.transferred().client_to_server, 5);
+    }
+
+    /// Reads `data`, then fails as a TLS peer does that closes without
+    /// close_notify; writes go nowhere.
+    struct AbruptPeer {
+        data: &'static [u8],
+    }
+
+    impl AsyncRead for AbruptPeer {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.data.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            let n = self.data.len().min(buf.remaining());
+            buf.put_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for AbruptPeer {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_without_close_notify_ends_cleanly() {
+        let (mut client_app, mut client_leg) = duplex(64);
+        let mut server = AbruptPeer {
+            data: b"last words",
+        };
+        client_app.shutdown().await.expect("client quits");
+        let mut s = Splice::new(&mut client_leg, &mut server);
+        (&mut s).await.expect("a clean end, not an error");
+        assert_eq!(s.transferred().server_to_client, 10);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"last words");
     }
 }

@@ -127,7 +127,10 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsSetupError> {
 }
 
 /// The client config for one upstream.
-pub fn client_config(tls: &UpstreamTls, alpn: &[u8]) -> Result<Arc<ClientConfig>, TlsSetupError> {
+pub fn client_config(
+    tls: &UpstreamTls,
+    alpn: Option<&[u8]>,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let roots = Arc::new(roots(tls.ca_file.as_deref())?);
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
@@ -155,12 +158,15 @@ pub fn client_config(tls: &UpstreamTls, alpn: &[u8]) -> Result<Arc<ClientConfig>
         )?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(Arc::new(config))
 }
 
 /// The server config for TLS on the client leg.
-pub fn server_config(ck: &CertKey, alpn: &[u8]) -> Result<Arc<ServerConfig>, TlsSetupError> {
+pub fn server_config(
+    ck: &CertKey,
+    alpn: Option<&[u8]>,
+) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -168,7 +174,7 @@ pub fn server_config(ck: &CertKey, alpn: &[u8]) -> Result<Arc<ServerConfig>, Tls
             load_certs(&ck.cert, "listen certificate")?,
             load_key(&ck.key, "listen key")?,
         )?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(Arc::new(config))
 }
 

@@ -16,6 +16,10 @@ KEYHOLE_APT_PACKAGES=(
   "postgresql         /usr/lib/postgresql/*/bin/initdb"
   # psql, pgbench
   "postgresql-client  psql"
+  # MariaDB server (mariadbd in /usr/sbin, mariadb-install-db) for the MySQL tests
+  "mariadb-server     /usr/sbin/mariadbd"
+  # the mariadb command-line client
+  "mariadb-client     mariadb"
   # test certificates (certs/generate.sh)
   "openssl            openssl"
   # ps, pgrep, pkill for test harnesses

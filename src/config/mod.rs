@@ -28,9 +28,10 @@ in the --config TOML file (max-connections = 100). Targets: KEYHOLE_TARGETS \
 (separated by spaces) or `targets = [\"postgres://...\"]`. Flags win over the \
 environment, which wins over the file.
 
-Target parameters (postgres://HOST[:PORT]?name=value&...):
+Target parameters (postgres://HOST[:PORT]?name=value&..., mysql://HOST[:PORT]?...):
   listen=ADDR:PORT     listen here instead of --address/--port
-  unix-socket=DIR      listen on DIR/.s.PGSQL.<port> (no TCP unless listen= is given)
+  unix-socket=DIR      listen on DIR/.s.PGSQL.<port> (Postgres) or DIR/mysql-<port>.sock
+                       (MySQL); no TCP unless listen= is given
   ca-file=PATH         CA bundle that signs this server's certificate
   server-name=NAME     name to verify in the server certificate (default: HOST)
   tls-mode=MODE        verify-full (default) or verify-ca
@@ -38,13 +39,14 @@ Target parameters (postgres://HOST[:PORT]?name=value&...):
 
 Examples:
   keyhole --ca-file global-bundle.pem postgres://mydb.abc123.eu-west-1.rds.amazonaws.com
-  keyhole -p 6432 'postgres://10.0.0.5?server-name=db.internal&ca-file=ca.pem'";
+  keyhole -p 6432 'postgres://10.0.0.5?server-name=db.internal&ca-file=ca.pem'
+  keyhole --ca-file ca.pem postgres://10.0.0.5 mysql://10.0.0.6   (listens on 5432 and 3306)";
 
 /// keyhole: plain Postgres on localhost, verified TLS to the database.
 #[derive(Parser, Debug)]
 #[command(name = "keyhole", version, about, after_long_help = ENV_HELP, after_help = "See --help for environment variables, target parameters and examples.")]
 pub struct Cli {
-    /// Databases to proxy, each as postgres://HOST[:PORT][?PARAMS].
+    /// Databases to proxy, each as postgres://HOST[:PORT][?PARAMS] or mysql://HOST[:PORT][?PARAMS].
     #[arg(value_name = "TARGET")]
     pub targets: Vec<String>,
 
@@ -52,11 +54,11 @@ pub struct Cli {
     #[arg(short = 'a', long, value_name = "ADDR")]
     pub address: Option<String>,
 
-    /// First listen port; each further target takes the next one. [default: 5432]
+    /// First listen port; each further target takes the next one. [default: 5432 for Postgres, 3306 for MySQL]
     #[arg(short = 'p', long, value_name = "PORT")]
     pub port: Option<String>,
 
-    /// Listen on a Unix socket in DIR (DIR/.s.PGSQL.<port>) instead of TCP.
+    /// Listen on a Unix socket in DIR (.s.PGSQL.<port> or mysql-<port>.sock) instead of TCP.
     #[arg(long, value_name = "DIR")]
     pub unix_socket: Option<String>,
 
@@ -376,7 +378,7 @@ fn cert_key(
 fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     if targets.is_empty() {
         return Err(invalid(
-            "no target given: name at least one database, like keyhole postgres://db.internal:5432",
+            "no target given: name at least one database, like keyhole postgres://db.internal:5432 or mysql://db.internal:3306",
         ));
     }
     let address: IpAddr = layers
@@ -430,6 +432,9 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     }
 
     let mut built = Vec::with_capacity(targets.len());
+    // Without --port each protocol counts from its own default port
+    // (5432, 5433, ... and 3306, 3307, ...); with it, all count from there.
+    let mut per_protocol: Vec<(Protocol, u32)> = Vec::new();
     for (index, text) in targets.iter().enumerate() {
         let url = target::parse(text).map_err(invalid)?;
         let name = format!(
@@ -446,7 +451,23 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         };
         let in_target = |key: &str, e: String| invalid(format!("target {name}: {key}: {e}"));
 
-        let port = u32::from(base_port.unwrap_or(url.protocol.default_port())) + index as u32;
+        let port = match base_port {
+            Some(base) => u32::from(base) + index as u32,
+            None => {
+                let seen = per_protocol.iter_mut().find(|(p, _)| *p == url.protocol);
+                let nth = match seen {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        per_protocol.push((url.protocol, 0));
+                        0
+                    }
+                };
+                u32::from(url.protocol.default_port()) + nth
+            }
+        };
         let port = u16::try_from(port)
             .map_err(|_| invalid(format!("target {name}: listen port {port} is out of range")))?;
         let explicit_listen = param("listen")
@@ -457,7 +478,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
             None => unix_socket.clone(),
         };
         let listen_port = explicit_listen.map_or(port, |a| a.port());
-        let unix_path = socket_dir.map(|dir| dir.join(format!(".s.PGSQL.{listen_port}")));
+        let unix_path = socket_dir.map(|dir| dir.join(url.protocol.socket_file(listen_port)));
         let listen = match (explicit_listen, &unix_path) {
             (Some(addr), _) => Some(addr),
             (None, Some(_)) => None,
@@ -604,6 +625,34 @@ mod tests {
         assert_eq!(c.targets[1].tls.ca_file, Some("b.pem".into()));
         assert_eq!(c.targets[1].tls.server_name, "b.example");
         assert_eq!(c.targets[1].tls.mode, TlsMode::VerifyCa);
+    }
+
+    #[test]
+    fn each_protocol_counts_from_its_own_default_port() {
+        let c = load(
+            &["postgres://a", "mysql://b", "postgres://c", "mysql://d"],
+            &[],
+        )
+        .expect("valid");
+        let ports: Vec<_> = c
+            .targets
+            .iter()
+            .map(|t| t.listen.map(|l| l.port()))
+            .collect();
+        assert_eq!(ports, [Some(5432), Some(3306), Some(5433), Some(3307)]);
+        let c = load(&["-p", "7000", "postgres://a", "mysql://b"], &[]).expect("valid");
+        let ports: Vec<_> = c
+            .targets
+            .iter()
+            .map(|t| t.listen.map(|l| l.port()))
+            .collect();
+        assert_eq!(ports, [Some(7000), Some(7001)]);
+        let c = load(&["--unix-socket", "/run/k", "mysql://b"], &[]).expect("valid");
+        assert_eq!(
+            c.targets[0].unix_socket,
+            Some("/run/k/mysql-3306.sock".into())
+        );
+        assert_eq!(c.targets[0].protocol, Protocol::Mysql);
     }
 
     #[test]

@@ -6,17 +6,28 @@ use std::net::SocketAddr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Postgres,
+    Mysql,
 }
 
 impl Protocol {
     pub fn default_port(self) -> u16 {
         match self {
             Protocol::Postgres => 5432,
+            Protocol::Mysql => 3306,
         }
     }
     pub fn scheme(self) -> &'static str {
         match self {
             Protocol::Postgres => "postgres",
+            Protocol::Mysql => "mysql",
+        }
+    }
+    /// The socket file a client finds in a `--unix-socket` directory.
+    pub fn socket_file(self, port: u16) -> String {
+        match self {
+            // libpq's own convention: psql -h DIR -p PORT finds it.
+            Protocol::Postgres => format!(".s.PGSQL.{port}"),
+            Protocol::Mysql => format!("mysql-{port}.sock"),
         }
     }
 }
@@ -56,14 +67,10 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
         .ok_or_else(|| format!("target '{text}' is not a URL like postgres://HOST[:PORT]"))?;
     let protocol = match scheme.to_ascii_lowercase().as_str() {
         "postgres" | "postgresql" => Protocol::Postgres,
-        "mysql" => {
-            return Err(format!(
-                "target '{text}': mysql:// targets are not supported yet"
-            ))
-        }
+        "mysql" | "mariadb" => Protocol::Mysql,
         other => {
             return Err(format!(
-                "target '{text}': unknown scheme '{other}' (use postgres://)"
+                "target '{text}': unknown scheme '{other}' (use postgres:// or mysql://)"
             ))
         }
     };
@@ -204,6 +211,10 @@ mod tests {
     fn defaults_and_ipv6() {
         let t = parse("postgresql://10.0.0.5").expect("valid");
         assert_eq!((t.host.as_str(), t.port), ("10.0.0.5", 5432));
+        let t = parse("mysql://10.0.0.6").expect("valid");
+        assert_eq!((t.protocol, t.port), (Protocol::Mysql, 3306));
+        let t = parse("mariadb://10.0.0.6:3307").expect("valid");
+        assert_eq!((t.protocol, t.port), (Protocol::Mysql, 3307));
         let t = parse("postgres://[fd00::5]:5433/").expect("valid");
         assert_eq!((t.host.as_str(), t.port), ("fd00::5", 5433));
     }
@@ -212,7 +223,6 @@ mod tests {
     fn clear_errors_for_what_a_target_cannot_be() {
         let err = |s: &str| parse(s).expect_err(s);
         assert!(err("db.internal:5432").contains("not a URL"));
-        assert!(err("mysql://db").contains("not supported yet"));
         assert!(err("redis://db").contains("unknown scheme 'redis'"));
         assert!(err("postgres://db/mydb").contains("not a database"));
         assert!(err("postgres://me:pw@db").contains("no user or password"));

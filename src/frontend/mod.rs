@@ -1,7 +1,11 @@
 //! Per-protocol session drivers: the client side of the startup, then the
 //! hand-off to the upstream and the splice loop.
 
+mod error;
+pub mod mysql;
 pub mod postgres;
+
+pub use error::{Admission, SessionError, SessionReport};
 
 use std::io;
 use std::pin::Pin;

@@ -15,14 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::ClientStream;
+use super::{Admission, ClientStream, SessionError, SessionReport};
 use crate::cancel::CancelRegistry;
 use crate::net::{Rewind, Socket};
 use crate::protocol::postgres::{
-    self as pg, auth, sqlstate, tag, CancelKey, Message, MessageError, SaslError, StartupError,
-    StartupMessage, StartupPacket,
+    self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
 };
-use crate::splice::{Splice, SpliceError, Transferred};
+use crate::splice::{Splice, Transferred};
 use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
 
 /// What one Postgres target needs to serve a client.
@@ -34,137 +33,6 @@ pub struct PostgresFrontend {
     pub cancels: Arc<CancelRegistry>,
     /// The configured connection limit, for the 53300 message.
     pub max_connections: Option<usize>,
-}
-
-/// Whether the connection fits under `--max-connections`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Admitted,
-    OverLimit,
-}
-
-/// How a session went, for its log line.
-#[derive(Debug, Default)]
-pub struct SessionReport {
-    pub user: Option<String>,
-    pub database: Option<String>,
-    pub transferred: Transferred,
-    /// Set when the session ended with a cancel request forwarded.
-    pub cancel_forwarded: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("client sent no startup packet within {}", crate::upstream::humanize(*.0))]
-    StartupTimeout(Duration),
-    #[error("client closed the connection during startup")]
-    ClientClosed,
-    #[error("client connection failed: {0}")]
-    ClientIo(io::Error),
-    #[error("invalid startup packet: {0}")]
-    Startup(#[from] StartupError),
-    #[error("invalid message from client: {0}")]
-    ClientMessage(MessageError),
-    #[error("unexpected message '{}' from client during authentication", char::from(*.0))]
-    UnexpectedClientMessage(u8),
-    #[error("{0} sent twice or after TLS was set up")]
-    RepeatedUpgrade(&'static str),
-    #[error("client sent data after SSLRequest before the TLS handshake")]
-    DataAfterUpgrade,
-    #[error(
-        "client opened with TLS, but keyhole has no --listen-cert: use sslmode=disable or prefer"
-    )]
-    LocalTlsNotConfigured,
-    #[error("direct TLS requires ALPN \"postgresql\"")]
-    MissingAlpn,
-    #[error("TLS handshake with the client failed: {0}")]
-    ClientTls(io::Error),
-    #[error("too many connections: keyhole allows {0} at once (--max-connections)")]
-    TooManyConnections(usize),
-    #[error("{0}")]
-    Upstream(#[from] UpstreamError),
-    #[error("the server did not answer within {} during authentication", crate::upstream::humanize(*.0))]
-    UpstreamStalled(Duration),
-    #[error("the server closed the connection during authentication")]
-    UpstreamClosed,
-    #[error("connection to the server failed during authentication: {0}")]
-    UpstreamIo(io::Error),
-    #[error("the server sent an invalid message during authentication: {0}")]
-    UpstreamProtocol(String),
-    #[error("{0}")]
-    ChannelBinding(SaslError),
-    #[error("the server refused the session (SQLSTATE {0})")]
-    ServerRefused(String),
-    #[error("no session with that cancel key is open through keyhole")]
-    UnknownCancelKey,
-    #[error("cut at shutdown")]
-    Cut,
-    #[error(transparent)]
-    Splice(#[from] SpliceError),
-}
-
-impl SessionError {
-    /// A short stable name for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            SessionError::StartupTimeout(_) => "startup_timeout",
-            SessionError::ClientClosed | SessionError::ClientIo(_) => "client_io",
-            SessionError::Startup(_)
-            | SessionError::ClientMessage(_)
-            | SessionError::UnexpectedClientMessage(_)
-            | SessionError::RepeatedUpgrade(_)
-            | SessionError::DataAfterUpgrade
-            | SessionError::MissingAlpn => "client_protocol",
-            SessionError::LocalTlsNotConfigured | SessionError::ClientTls(_) => "client_tls",
-            SessionError::TooManyConnections(_) => "too_many_connections",
-            SessionError::Upstream(e) => e.label(),
-            SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
-            SessionError::UpstreamStalled(_) => "upstream_timeout",
-            SessionError::UpstreamProtocol(_) | SessionError::ChannelBinding(_) => {
-                "upstream_protocol"
-            }
-            SessionError::ServerRefused(_) => "server_refused",
-            SessionError::UnknownCancelKey => "unknown_cancel_key",
-            SessionError::Cut => "cut_at_shutdown",
-            SessionError::Splice(e) => match e.side {
-                crate::splice::Side::Client => "client_io",
-                crate::splice::Side::Server => "upstream_io",
-            },
-        }
-    }
-
-    /// The ErrorResponse the client should get, if it can still read one.
-    /// (Before keyhole answers an SSLRequest with `S` the client still reads
-    /// plain bytes, so refusals up to that point get a message too.)
-    fn answer(&self) -> Option<&'static str> {
-        Some(match self {
-            SessionError::StartupTimeout(_)
-            | SessionError::Startup(_)
-            | SessionError::ClientMessage(_)
-            | SessionError::UnexpectedClientMessage(_)
-            | SessionError::RepeatedUpgrade(_)
-            | SessionError::DataAfterUpgrade
-            | SessionError::MissingAlpn => sqlstate::PROTOCOL_VIOLATION,
-            SessionError::TooManyConnections(_) => sqlstate::TOO_MANY_CONNECTIONS,
-            SessionError::Upstream(_) | SessionError::ChannelBinding(_) => {
-                sqlstate::UNABLE_TO_CONNECT
-            }
-            SessionError::UpstreamClosed
-            | SessionError::UpstreamIo(_)
-            | SessionError::UpstreamStalled(_)
-            | SessionError::UpstreamProtocol(_) => sqlstate::CONNECTION_FAILURE,
-            // The client is gone, or mid-TLS, or already has the server's own
-            // error, or (cancel) expects no answer by protocol.
-            SessionError::ClientClosed
-            | SessionError::ClientIo(_)
-            | SessionError::LocalTlsNotConfigured
-            | SessionError::ClientTls(_)
-            | SessionError::ServerRefused(_)
-            | SessionError::UnknownCancelKey
-            | SessionError::Cut
-            | SessionError::Splice(_) => return None,
-        })
-    }
 }
 
 /// What the client asked for once negotiation is over.
@@ -190,7 +58,7 @@ impl PostgresFrontend {
         };
         let result = session.run(admission, cut, report).await;
         if let Err(err) = &result {
-            if let Some(code) = err.answer() {
+            if let Some(code) = err.postgres_answer() {
                 let mut out = BytesMut::new();
                 pg::encode_error_response(&mut out, code, &err.to_string());
                 // Best effort: the client may be gone already.
@@ -225,7 +93,10 @@ impl Session<'_> {
         let timeout = frontend.startup_timeout;
         let opening = tokio::time::timeout(timeout, self.negotiate())
             .await
-            .map_err(|_| SessionError::StartupTimeout(timeout))??;
+            .map_err(|_| SessionError::StartupTimeout {
+                what: "startup packet",
+                waited: timeout,
+            })??;
         let startup = match opening {
             Opening::Cancel(key) => {
                 let upstream = frontend
@@ -383,7 +254,10 @@ impl Session<'_> {
                         to_client.clear();
                         let reply = tokio::time::timeout(timeout, self.read_message())
                             .await
-                            .map_err(|_| SessionError::StartupTimeout(timeout))??;
+                            .map_err(|_| SessionError::StartupTimeout {
+                                what: "reply to the authentication request",
+                                waited: timeout,
+                            })??;
                         if reply.tag != tag::PASSWORD_MESSAGE {
                             return Err(SessionError::UnexpectedClientMessage(reply.tag));
                         }
@@ -410,7 +284,7 @@ impl Session<'_> {
                         .find(|(f, _)| *f == b'C')
                         .map(|(_, v)| v)
                         .unwrap_or_default();
-                    return Err(SessionError::ServerRefused(code));
+                    return Err(SessionError::ServerRefused(format!("SQLSTATE {code}")));
                 }
                 // ParameterStatus, NoticeResponse, NegotiateProtocolVersion, ...
                 _ => msg.encode(&mut to_client),

@@ -4,4 +4,5 @@
 //! `Ok(None)` until a whole message is buffered, and bounds every length it
 //! reads before it trusts it.
 
+pub mod mysql;
 pub mod postgres;

@@ -2,6 +2,7 @@
 //! verified TLS the way its protocol prescribes. Fail closed: no path here
 //! ever returns a plaintext stream.
 
+pub mod mysql;
 pub mod postgres;
 
 use std::io;
@@ -49,6 +50,10 @@ pub enum UpstreamError {
     NotTls { addr: SocketAddr, byte: u8 },
     #[error("{addr} sent data before the TLS handshake (possible man-in-the-middle); connection refused")]
     DataBeforeHandshake { addr: SocketAddr },
+    #[error("{addr} refused the connection before TLS with MySQL error {code} (text sent before TLS is not shown)")]
+    RefusedBeforeTls { addr: SocketAddr, code: u16 },
+    #[error("{addr} did not greet like a MySQL server: {reason}")]
+    NotMysql { addr: SocketAddr, reason: String },
     #[error("{addr} closed the connection during TLS setup")]
     ClosedDuringSetup { addr: SocketAddr },
     #[error("{message}")]
@@ -58,6 +63,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether TLS itself (not reaching the server) failed.
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::TlsRefused { .. }
+                | UpstreamError::Tls { .. }
+                | UpstreamError::TlsTimeout { .. }
+                | UpstreamError::DataBeforeHandshake { .. }
+        )
+    }
+
     /// A short stable name for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -67,9 +83,10 @@ impl UpstreamError {
                 "upstream_timeout"
             }
             UpstreamError::TlsRefused { .. } => "upstream_tls_refused",
-            UpstreamError::NotTls { .. } | UpstreamError::DataBeforeHandshake { .. } => {
-                "upstream_protocol"
-            }
+            UpstreamError::NotTls { .. }
+            | UpstreamError::NotMysql { .. }
+            | UpstreamError::DataBeforeHandshake { .. } => "upstream_protocol",
+            UpstreamError::RefusedBeforeTls { .. } => "upstream_refused",
             UpstreamError::Tls { .. } => "upstream_tls",
             UpstreamError::ClosedDuringSetup { .. } | UpstreamError::Io { .. } => "upstream_io",
         }
@@ -85,10 +102,11 @@ pub(crate) fn humanize(d: Duration) -> String {
 }
 
 impl Upstream {
+    /// `alpn`: the protocol name to offer, if the protocol has one.
     pub fn new(
         target: &TargetConfig,
         connect_timeout: Duration,
-        alpn: &[u8],
+        alpn: Option<&[u8]>,
     ) -> Result<Upstream, TlsSetupError> {
         let config = tls::client_config(&target.tls, alpn)?;
         Ok(Upstream {

@@ -26,6 +26,35 @@
 //!   - Users: `postgres` (superuser, trust), `trust_user` (trust), `md5_user` /
 //!     `md5_pass` (md5), `scram_user` / `scram_pass` (scram-sha-256); any other
 //!     role needs scram-sha-256. See the constants in [`postgres`].
+//! - [`mariadb::MariaDb`]:
+//!   - `MariaDb::start(MariaDbOptions { tls, extra_conf }) -> MariaDb`
+//!     (`MariaDbOptions::default()` is a TLS server with
+//!     `require_secure_transport=ON`; `tls: false` offers no TLS at all;
+//!     `extra_conf` entries are `mariadbd` options, `--` optional),
+//!     `MariaDb::shared() -> &'static MariaDb` (one TLS server per test binary,
+//!     started lazily);
+//!   - `port()`, `pki()` (same SANs as PostgreSQL's), `tls()`, `socket_path()`,
+//!     `data_dir()`, `scratch_dir()`, `log_path()`, `pid()`, `logs()`,
+//!     `log_tail(lines)`;
+//!   - `mariadb_direct(user, password, sql) -> Result<String, String>`
+//!     (`--ssl-verify-server-cert` against the server's CA, straight to the
+//!     server), `admin_sql(sql) -> String` (administrator over the Unix socket by
+//!     `unix_socket` authentication, panics on error), `keyhole_target() ->
+//!     String` (`mysql://127.0.0.1:PORT?server-name=localhost`), `restart()`,
+//!     `shutdown_server()`, `start_server()`, `stop()`;
+//!   - Users: `native_user` / `native_pass` (mysql_native_password),
+//!     `ed25519_user` / `ed25519_pass` (ed25519), host `%`, ALL on database
+//!     `keyhole_test`, plus PROCESS and CONNECTION ADMIN. See the constants in
+//!     [`mariadb`]; its module docs say what the `mariadb` client does about TLS
+//!     by default and how a refused plain login looks.
+//!   - Client: `mariadb::mariadb(port, user, password: Option<&str>, sql) ->
+//!     Output` (TCP to 127.0.0.1, database `keyhole_test`),
+//!     `mariadb_with_args(args, password)`, `mariadb_command(password) ->
+//!     Command`; `--no-defaults` comes first, then `--batch --skip-column-names`;
+//!     `MYSQL_*`/`MARIADB_*` variables are removed and `MYSQL_PWD` is set only
+//!     when a password is given; no TLS option, so the client's defaults apply.
+//!     Every command has a time limit. `read_greeting(port) -> Greeting` reads a
+//!     server's greeting (capability flags, see `CLIENT_SSL`) and hangs up.
 //! - [`keyhole::Keyhole`]: `Keyhole::start(args) -> Keyhole` picks a free port
 //!   and *prepends* `--port <port>` itself (callers never pass `--port` to
 //!   `start`/`start_on`), retrying on another port if that one was taken
@@ -73,6 +102,7 @@
 pub mod certs;
 pub mod clients;
 pub mod keyhole;
+pub mod mariadb;
 pub mod postgres;
 pub mod process;
 pub mod wire;

@@ -1,0 +1,207 @@
+//! What can end a session before or during the splice, with one stable
+//! label for logs and metrics and one client-safe rendering per protocol
+//! (a Postgres ErrorResponse or a MySQL ERR packet).
+
+use std::io;
+use std::time::Duration;
+
+use crate::protocol::mysql::{self, PacketError, ResponseError};
+use crate::protocol::postgres::{sqlstate, MessageError, SaslError, StartupError};
+use crate::splice::{Side, SpliceError, Transferred};
+use crate::upstream::{humanize, UpstreamError};
+
+/// Whether the connection fits under `--max-connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    OverLimit,
+}
+
+/// How a session went, for its log line.
+#[derive(Debug, Default)]
+pub struct SessionReport {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub transferred: Transferred,
+    /// Set when the session ended with a cancel request forwarded.
+    pub cancel_forwarded: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client sent no {what} within {}", humanize(*.waited))]
+    StartupTimeout {
+        what: &'static str,
+        waited: Duration,
+    },
+    #[error("client closed the connection during startup")]
+    ClientClosed,
+    #[error("client connection failed: {0}")]
+    ClientIo(io::Error),
+    #[error("invalid startup packet: {0}")]
+    Startup(#[from] StartupError),
+    #[error("invalid message from client: {0}")]
+    ClientMessage(MessageError),
+    #[error("invalid packet from client: {0}")]
+    ClientPacket(PacketError),
+    #[error("invalid handshake response: {0}")]
+    Handshake(ResponseError),
+    #[error("unexpected message '{}' from client during authentication", char::from(*.0))]
+    UnexpectedClientMessage(u8),
+    #[error("{0} sent twice or after TLS was set up")]
+    RepeatedUpgrade(&'static str),
+    #[error("client sent data after SSLRequest before the TLS handshake")]
+    DataAfterUpgrade,
+    #[error(
+        "client asked for TLS, but keyhole has no --listen-cert: connect without TLS to keyhole"
+    )]
+    LocalTlsNotConfigured,
+    #[error("direct TLS requires ALPN \"postgresql\"")]
+    MissingAlpn,
+    #[error("TLS handshake with the client failed: {0}")]
+    ClientTls(io::Error),
+    #[error("too many connections: keyhole allows {0} at once (--max-connections)")]
+    TooManyConnections(usize),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the server did not answer within {} during authentication", humanize(*.0))]
+    UpstreamStalled(Duration),
+    #[error("the server closed the connection during authentication")]
+    UpstreamClosed,
+    #[error("connection to the server failed during authentication: {0}")]
+    UpstreamIo(io::Error),
+    #[error("the server sent an invalid message during authentication: {0}")]
+    UpstreamProtocol(String),
+    #[error("{0}")]
+    ChannelBinding(SaslError),
+    #[error("the server refused the session ({0})")]
+    ServerRefused(String),
+    #[error("no session with that cancel key is open through keyhole")]
+    UnknownCancelKey,
+    #[error("cut at shutdown")]
+    Cut,
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
+}
+
+/// What a client gets instead of a session, if it can still read anything.
+enum Answer {
+    /// Postgres SQLSTATE; MySQL error code and SQLSTATE.
+    Send {
+        sqlstate: &'static str,
+        mysql_code: u16,
+        mysql_sqlstate: &'static str,
+    },
+    /// The client is gone, mid-TLS, already has the server's own error, or
+    /// (cancel) expects nothing by protocol.
+    Nothing,
+}
+
+impl SessionError {
+    /// A short stable name for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionError::StartupTimeout { .. } => "startup_timeout",
+            SessionError::ClientClosed | SessionError::ClientIo(_) => "client_io",
+            SessionError::Startup(_)
+            | SessionError::ClientMessage(_)
+            | SessionError::ClientPacket(_)
+            | SessionError::Handshake(_)
+            | SessionError::UnexpectedClientMessage(_)
+            | SessionError::RepeatedUpgrade(_)
+            | SessionError::DataAfterUpgrade
+            | SessionError::MissingAlpn => "client_protocol",
+            SessionError::LocalTlsNotConfigured | SessionError::ClientTls(_) => "client_tls",
+            SessionError::TooManyConnections(_) => "too_many_connections",
+            SessionError::Upstream(e) => e.label(),
+            SessionError::UpstreamStalled(_) => "upstream_timeout",
+            SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
+            SessionError::UpstreamProtocol(_) | SessionError::ChannelBinding(_) => {
+                "upstream_protocol"
+            }
+            SessionError::ServerRefused(_) => "server_refused",
+            SessionError::UnknownCancelKey => "unknown_cancel_key",
+            SessionError::Cut => "cut_at_shutdown",
+            SessionError::Splice(e) => match e.side {
+                Side::Client => "client_io",
+                Side::Server => "upstream_io",
+            },
+        }
+    }
+
+    fn answer(&self) -> Answer {
+        use mysql::code;
+        let client_fault = Answer::Send {
+            sqlstate: sqlstate::PROTOCOL_VIOLATION,
+            mysql_code: code::BAD_HANDSHAKE,
+            mysql_sqlstate: "08S01",
+        };
+        match self {
+            SessionError::StartupTimeout { .. }
+            | SessionError::Startup(_)
+            | SessionError::ClientMessage(_)
+            | SessionError::ClientPacket(_)
+            | SessionError::Handshake(_)
+            | SessionError::UnexpectedClientMessage(_)
+            | SessionError::RepeatedUpgrade(_)
+            | SessionError::DataAfterUpgrade
+            | SessionError::MissingAlpn => client_fault,
+            // Over plain text (MySQL: before any TLS): still readable.
+            SessionError::LocalTlsNotConfigured => client_fault,
+            SessionError::TooManyConnections(_) => Answer::Send {
+                sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
+                mysql_code: code::TOO_MANY_CONNECTIONS,
+                mysql_sqlstate: "08004",
+            },
+            SessionError::Upstream(e) => Answer::Send {
+                sqlstate: sqlstate::UNABLE_TO_CONNECT,
+                mysql_code: if e.is_tls() {
+                    code::TLS_ERROR
+                } else {
+                    code::CANNOT_CONNECT
+                },
+                mysql_sqlstate: "08S01",
+            },
+            SessionError::ChannelBinding(_) => Answer::Send {
+                sqlstate: sqlstate::UNABLE_TO_CONNECT,
+                mysql_code: code::CANNOT_CONNECT,
+                mysql_sqlstate: "08S01",
+            },
+            SessionError::UpstreamClosed
+            | SessionError::UpstreamStalled(_)
+            | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamProtocol(_) => Answer::Send {
+                sqlstate: sqlstate::CONNECTION_FAILURE,
+                mysql_code: code::SERVER_LOST,
+                mysql_sqlstate: "08S01",
+            },
+            SessionError::ClientClosed
+            | SessionError::ClientIo(_)
+            | SessionError::ClientTls(_)
+            | SessionError::ServerRefused(_)
+            | SessionError::UnknownCancelKey
+            | SessionError::Cut
+            | SessionError::Splice(_) => Answer::Nothing,
+        }
+    }
+
+    /// The SQLSTATE of the ErrorResponse a Postgres client should get.
+    pub fn postgres_answer(&self) -> Option<&'static str> {
+        match self.answer() {
+            Answer::Send { sqlstate, .. } => Some(sqlstate),
+            Answer::Nothing => None,
+        }
+    }
+
+    /// The error code and SQLSTATE of the ERR packet a MySQL client should get.
+    pub fn mysql_answer(&self) -> Option<(u16, &'static str)> {
+        match self.answer() {
+            Answer::Send {
+                mysql_code,
+                mysql_sqlstate,
+                ..
+            } => Some((mysql_code, mysql_sqlstate)),
+            Answer::Nothing => None,
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The MySQL session: read the server's greeting (refusing a server without
+//! TLS), pass it to the client (TLS bit cleared on a plain local leg), take
+//! the client's response (after its own SSLRequest when the local leg does
+//! TLS), upgrade the server leg to verified TLS with an SSLRequest carrying
+//! the client's capabilities, forward the response, relay the
+//! authentication exchange with sequence ids renumbered between the two
+//! legs, then hand both legs to the splice loop. Nothing the client sends
+//! leaves keyhole before the server's certificate has been verified.
+//!
+//! The server leg spends one sequence id more than the client leg (keyhole's
+//! SSLRequest), unless the client did an SSLRequest of its own. After OK the
+//! ids restart at every command, so the splice needs no renumbering.
+//!
+//! Every failure before the splice that the client can still read reaches it
+//! as an ERR packet with the sequence id it expects next.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{Admission, ClientStream, SessionError, SessionReport};
+use crate::net::{Rewind, Socket};
+use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
+use crate::splice::{Splice, Transferred};
+use crate::upstream::{SharedUpstream, UpstreamStream};
+
+/// What one MySQL target needs to serve a client.
+pub struct MysqlFrontend {
+    pub upstream: SharedUpstream,
+    /// TLS for the client leg, when `--listen-cert` is set.
+    pub local_tls: Option<TlsAcceptor>,
+    pub startup_timeout: Duration,
+    /// The configured connection limit, for the 1040 message.
+    pub max_connections: Option<usize>,
+}
+
+impl MysqlFrontend {
+    /// Serves one client connection to its end.
+    pub async fn serve(
+        &self,
+        socket: Socket,
+        admission: Admission,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let mut session = Session {
+            frontend: self,
+            client: ClientStream::Plain(socket),
+            from_client: BytesMut::with_capacity(1024),
+            next_seq: 0,
+            startup_bytes: Transferred::default(),
+        };
+        let result = session.run(admission, cut, report).await;
+        if let Err(err) = &result {
+            if let Some((code, state)) = err.mysql_answer() {
+                let mut out = BytesMut::new();
+                mysql::encode_err(&mut out, session.next_seq, code, state, &err.to_string());
+                // Best effort: the client may be gone already.
+                let _ = tokio::time::timeout(Duration::from_secs(1), session.send(&out)).await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.client.shutdown()).await;
+        report.transferred.client_to_server += session.startup_bytes.client_to_server;
+        report.transferred.server_to_client += session.startup_bytes.server_to_client;
+        result
+    }
+}
+
+/// One client connection while keyhole itself reads it (until the splice).
+struct Session<'a> {
+    frontend: &'a MysqlFrontend,
+    client: ClientStream,
+    /// Read from the client, not yet consumed.
+    from_client: BytesMut,
+    /// The sequence id the client expects on keyhole's next packet.
+    next_seq: u8,
+    startup_bytes: Transferred,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        admission: Admission,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let frontend = self.frontend;
+        if admission == Admission::OverLimit {
+            // A server over its limit says so instead of greeting; so do we.
+            return Err(SessionError::TooManyConnections(
+                frontend.max_connections.unwrap_or(0),
+            ));
+        }
+        let greeted = frontend.upstream.greet_mysql().await?;
+        let greeting = greeted.greeting.clone();
+
+        let advertised = match frontend.local_tls {
+            Some(_) => greeting.capabilities,
+            None => greeting.capabilities & !caps::SSL,
+        };
+        self.send_packet(0, &greeting.with_capabilities(advertised))
+            .await?;
+
+        let timeout = frontend.startup_timeout;
+        let waited = |what| {
+            move |_| SessionError::StartupTimeout {
+                what,
+                waited: timeout,
+            }
+        };
+        let first = tokio::time::timeout(timeout, self.read_packet())
+            .await
+            .map_err(waited("handshake response"))??;
+        let (response, hello, delta) = match mysql::parse_client_hello(&first.payload)
+            .map_err(SessionError::Handshake)?
+        {
+            ClientHello::SslRequest { .. } => {
+                self.accept_tls().await?;
+                let full = tokio::time::timeout(timeout, self.read_packet())
+                    .await
+                    .map_err(waited("handshake response"))??;
+                match mysql::parse_client_hello(&full.payload).map_err(SessionError::Handshake)? {
+                    ClientHello::SslRequest { .. } => {
+                        return Err(SessionError::RepeatedUpgrade("SSLRequest"))
+                    }
+                    ClientHello::Response(hello) => (full, hello, 0u8),
+                }
+            }
+            ClientHello::Response(hello) => (first, hello, 1u8),
+        };
+        report.user = Some(hello.user);
+        report.database = hello.database;
+
+        // Only now can keyhole ask the server for TLS: the SSLRequest must
+        // carry the client's capabilities. The response goes out over the
+        // verified session, flagged the way a TLS client flags it.
+        let stream = frontend
+            .upstream
+            .upgrade_mysql(greeted, &response.payload)
+            .await?;
+        let mut server = ServerLeg {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+        };
+        let payload = mysql::with_client_capabilities(&response.payload, caps::SSL);
+        server
+            .send_packet(response.seq.wrapping_add(delta), &payload)
+            .await?;
+        self.relay_auth(&mut server, delta).await?;
+
+        // Bytes either side sent past the last packet keyhole read belong to
+        // the session: deliver them before splicing.
+        if !self.from_client.is_empty() {
+            let pending = self.from_client.split();
+            server.send(&pending).await?;
+        }
+        if !server.buf.is_empty() {
+            let pending = server.buf.split();
+            self.send(&pending).await?;
+        }
+        let mut splice = Splice::new(&mut self.client, &mut server.stream);
+        let result = tokio::select! {
+            r = &mut splice => r.map_err(SessionError::from),
+            _ = cut.cancelled() => Err(SessionError::Cut),
+        };
+        report.transferred = splice.transferred();
+        result
+    }
+
+    /// Relays packets both ways, renumbered, until the server's OK or ERR.
+    /// Either side may speak next (AuthSwitchRequest, AuthMoreData, public
+    /// key requests), so both are read at once; whoever keyhole waits on
+    /// longer than the startup timeout is named in the error.
+    async fn relay_auth(&mut self, server: &mut ServerLeg, delta: u8) -> Result<(), SessionError> {
+        let timeout = self.frontend.startup_timeout;
+        let mut client_to_answer = false;
+        loop {
+            let step = tokio::time::timeout(timeout, async {
+                tokio::select! {
+                    packet = server.read_packet() => Ok::<_, SessionError>((true, packet?)),
+                    packet = self.read_packet() => Ok((false, packet?)),
+                }
+            })
+            .await;
+            let (from_server, packet) = match step {
+                Ok(result) => result?,
+                Err(_) if client_to_answer => {
+                    return Err(SessionError::StartupTimeout {
+                        what: "reply to the authentication request",
+                        waited: timeout,
+                    })
+                }
+                Err(_) => return Err(SessionError::UpstreamStalled(timeout)),
+            };
+            if from_server {
+                self.send_packet(packet.seq.wrapping_sub(delta), &packet.payload)
+                    .await?;
+                match packet.payload.first() {
+                    Some(&reply::OK) => return Ok(()),
+                    Some(&reply::ERR) => {
+                        let code = mysql::parse_err(&packet.payload).map_or(0, |(code, _, _)| code);
+                        return Err(SessionError::ServerRefused(format!("MySQL error {code}")));
+                    }
+                    _ => client_to_answer = true,
+                }
+            } else {
+                server
+                    .send_packet(packet.seq.wrapping_add(delta), &packet.payload)
+                    .await?;
+                client_to_answer = false;
+            }
+        }
+    }
+
+    async fn accept_tls(&mut self) -> Result<(), SessionError> {
+        let acceptor = self
+            .frontend
+            .local_tls
+            .as_ref()
+            .ok_or(SessionError::LocalTlsNotConfigured)?;
+        if !self.from_client.is_empty() {
+            return Err(SessionError::DataAfterUpgrade);
+        }
+        let ClientStream::Plain(socket) = std::mem::replace(&mut self.client, ClientStream::Gone)
+        else {
+            return Err(SessionError::RepeatedUpgrade("SSLRequest"));
+        };
+        let tls = acceptor
+            .accept(Rewind::new(Bytes::new(), socket))
+            .await
+            .map_err(SessionError::ClientTls)?;
+        self.client = ClientStream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), SessionError> {
+        let mut out = BytesMut::with_capacity(4 + payload.len());
+        mysql::encode_packet(&mut out, seq, payload);
+        self.send(&out).await?;
+        self.next_seq = seq.wrapping_add(1);
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.client
+            .write_all(bytes)
+            .await
+            .map_err(SessionError::ClientIo)?;
+        self.client.flush().await.map_err(SessionError::ClientIo)?;
+        self.startup_bytes.server_to_client += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Reads one packet from the client (cancel-safe: partial bytes stay buffered).
+    async fn read_packet(&mut self) -> Result<Packet, SessionError> {
+        loop {
+            if let Some(packet) =
+                mysql::decode_packet(&mut self.from_client, mysql::MAX_HANDSHAKE_PAYLOAD)
+                    .map_err(SessionError::ClientPacket)?
+            {
+                self.next_seq = packet.seq.wrapping_add(1);
+                return Ok(packet);
+            }
+            match self.client.read_buf(&mut self.from_client).await {
+                Ok(0) => return Err(SessionError::ClientClosed),
+                Ok(n) => self.startup_bytes.client_to_server += n as u64,
+                Err(e) => return Err(SessionError::ClientIo(e)),
+            }
+        }
+    }
+}
+
+/// The server's leg while keyhole reads it.
+struct ServerLeg {
+    stream: UpstreamStream,
+    /// Read from the server, not yet consumed.
+    buf: BytesMut,
+}
+
+impl ServerLeg {
+    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), SessionError> {
+        let mut out = BytesMut::with_capacity(4 + payload.len());
+        mysql::encode_packet(&mut out, seq, payload);
+        self.send(&out).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(SessionError::UpstreamIo)?;
+        self.stream.flush().await.map_err(SessionError::UpstreamIo)
+    }
+
+    /// Reads one packet from the server (cancel-safe).
+    async fn read_packet(&mut self) -> Result<Packet, SessionError> {
+        loop {
+            if let Some(packet) = mysql::decode_packet(&mut self.buf, mysql::MAX_HANDSHAKE_PAYLOAD)
+                .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
+            {
+                return Ok(packet);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(SessionError::UpstreamClosed),
+                Ok(_) => {}
+                Err(e) => return Err(SessionError::UpstreamIo(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! The MySQL/MariaDB connection phase, as far as a proxy must understand it:
+//! packet framing, the server's HandshakeV10, the client's SSLRequest and
+//! HandshakeResponse41, OK/ERR, and the ERR packet keyhole answers with.
+//!
+//! Source: the MySQL client/server protocol documentation
+//! (page_protocol_connection_phase*); see `REFERENCE.md` in the design notes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest payload of one packet (16 MiB - 1).
+pub const MAX_PAYLOAD: usize = 0xff_ffff;
+/// Largest packet keyhole reads itself during the connection phase. Real
+/// handshakes are a few hundred bytes; connection attributes are capped by
+/// servers at 64 KiB.
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 256 * 1024;
+/// The SSLRequest packet's payload: the first 32 bytes of a HandshakeResponse41.
+pub const SSL_REQUEST_LEN: usize = 32;
+
+/// Capability flags (`CLIENT_*`).
+pub mod caps {
+    pub const LONG_PASSWORD: u32 = 1;
+    pub const FOUND_ROWS: u32 = 1 << 1;
+    pub const LONG_FLAG: u32 = 1 << 2;
+    pub const CONNECT_WITH_DB: u32 = 1 << 3;
+    pub const COMPRESS: u32 = 1 << 5;
+    pub const LOCAL_FILES: u32 = 1 << 7;
+    pub const PROTOCOL_41: u32 = 1 << 9;
+    pub const INTERACTIVE: u32 = 1 << 10;
+    pub const SSL: u32 = 1 << 11;
+    pub const TRANSACTIONS: u32 = 1 << 13;
+    pub const SECURE_CONNECTION: u32 = 1 << 15;
+    pub const MULTI_STATEMENTS: u32 = 1 << 16;
+    pub const MULTI_RESULTS: u32 = 1 << 17;
+    pub const PS_MULTI_RESULTS: u32 = 1 << 18;
+    pub const PLUGIN_AUTH: u32 = 1 << 19;
+    pub const CONNECT_ATTRS: u32 = 1 << 20;
+    pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 1 << 21;
+    pub const SESSION_TRACK: u32 = 1 << 23;
+    pub const DEPRECATE_EOF: u32 = 1 << 24;
+}
+
+/// The first byte of a server packet during authentication.
+pub mod reply {
+    pub const OK: u8 = 0x00;
+    pub const AUTH_MORE_DATA: u8 = 0x01;
+    pub const AUTH_SWITCH: u8 = 0xfe;
+    pub const ERR: u8 = 0xff;
+}
+
+/// Error codes keyhole answers with (server codes where one fits, client
+/// library codes for what a client would otherwise report itself).
+pub mod code {
+    /// ER_CON_COUNT_ERROR, "Too many connections".
+    pub const TOO_MANY_CONNECTIONS: u16 = 1040;
+    /// ER_HANDSHAKE_ERROR, "Bad handshake".
+    pub const BAD_HANDSHAKE: u16 = 1043;
+    /// CR_CONN_HOST_ERROR, "Can't connect to MySQL server".
+    pub const CANNOT_CONNECT: u16 = 2003;
+    /// CR_SERVER_LOST, "Lost connection to server during query".
+    pub const SERVER_LOST: u16 = 2013;
+    /// CR_SSL_CONNECTION_ERROR.
+    pub const TLS_ERROR: u16 = 2026;
+}
+
+/// A packet: sequence id and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub seq: u8,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PacketError {
+    #[error("packet of {len} bytes is larger than the {max} allowed during the handshake")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Decodes one packet, refusing payloads over `max`.
+pub fn decode_packet(buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, PacketError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = usize::from(buf[0]) | usize::from(buf[1]) << 8 | usize::from(buf[2]) << 16;
+    if len > max {
+        return Err(PacketError::TooLarge { len, max });
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let seq = buf[3];
+    let mut frame = buf.split_to(4 + len);
+    let payload = frame.split_off(4).freeze();
+    Ok(Some(Packet { seq, payload }))
+}
+
+/// Appends a packet with `payload` (at most [`MAX_PAYLOAD`] bytes).
+pub fn encode_packet(out: &mut BytesMut, seq: u8, payload: &[u8]) {
+    debug_assert!(payload.len() <= MAX_PAYLOAD);
+    let len = payload.len() as u32;
+    out.reserve(4 + payload.len());
+    out.put_slice(&len.to_le_bytes()[..3]);
+    out.put_u8(seq);
+    out.put_slice(payload);
+}
+
+/// Appends an ERR packet (protocol 4.1 form, with SQLSTATE).
+pub fn encode_err(out: &mut BytesMut, seq: u8, code: u16, sqlstate: &str, message: &str) {
+    let mut payload = BytesMut::with_capacity(9 + message.len());
+    payload.put_u8(reply::ERR);
+    payload.put_u16_le(code);
+    payload.put_u8(b'#');
+    let mut state = [b'H', b'Y', b'0', b'0', b'0'];
+    for (dst, src) in state.iter_mut().zip(sqlstate.bytes()) {
+        *dst = src;
+    }
+    payload.put_slice(&state);
+    // Keep the whole packet well under any client's buffer.
+    let room = 4096;
+    let message = if message.len() > room {
+        &message[..message.floor_char_boundary_compat(room)]
+    } else {
+        message
+    };
+    payload.put_slice(message.as_bytes());
+    encode_packet(out, seq, &payload);
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, index: usize) -> usize;
+}
+
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, mut index: usize) -> usize {
+        while !self.is_char_boundary(index) {
+            index -= 1;
+        }
+        index
+    }
+}
+
+/// The code, SQLSTATE and message of an ERR payload.
+pub fn parse_err(payload: &[u8]) -> Option<(u16, String, String)> {
+    if payload.first() != Some(&reply::ERR) || payload.len() < 3 {
+        return None;
+    }
+    let code = u16::from_le_bytes([payload[1], payload[2]]);
+    let rest = &payload[3..];
+    let (state, message) = match rest.split_first() {
+        Some((b'#', tail)) if tail.len() >= 5 => {
+            (String::from_utf8_lossy(&tail[..5]).into_owned(), &tail[5..])
+        }
+        _ => (String::new(), rest),
+    };
+    Some((code, state, String::from_utf8_lossy(message).into_owned()))
+}
+
+/// The server's HandshakeV10, with where its capability bytes sit so that a
+/// copy can be rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    pub server_version: String,
+    pub capabilities: u32,
+    pub charset: u8,
+    /// MariaDB's extended capabilities (reserved bytes 6..10), when the
+    /// server is MariaDB (it clears `LONG_PASSWORD` to say so).
+    pub mariadb_capabilities: Option<u32>,
+    /// Offset of the low capability bytes; the high ones sit 5 bytes later.
+    caps_low_at: usize,
+    pub raw: Bytes,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GreetingError {
+    #[error("the server's greeting is protocol version {0}, not 10")]
+    Version(u8),
+    #[error("the server's greeting is truncated")]
+    Truncated,
+}
+
+/// Parses HandshakeV10.
+pub fn parse_greeting(payload: &Bytes) -> Result<Greeting, GreetingError> {
+    let p = &payload[..];
+    match p.first() {
+        Some(10) => {}
+        Some(&v) => return Err(GreetingError::Version(v)),
+        None => return Err(GreetingError::Truncated),
+    }
+    let nul = p[1..]
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(GreetingError::Truncated)?;
+    let server_version = String::from_utf8_lossy(&p[1..1 + nul]).into_owned();
+    // version NUL, thread id (4), auth data part 1 (8), filler (1)
+    let caps_low_at = 1 + nul + 1 + 4 + 8 + 1;
+    // caps low (2), charset (1), status (2), caps high (2), auth data len (1), reserved (10)
+    if p.len() < caps_low_at + 2 + 1 + 2 + 2 + 1 + 10 {
+        return Err(GreetingError::Truncated);
+    }
+    let low = u16::from_le_bytes([p[caps_low_at], p[caps_low_at + 1]]);
+    let charset = p[caps_low_at + 2];
+    let high = u16::from_le_bytes([p[caps_low_at + 5], p[caps_low_at + 6]]);
+    let capabilities = u32::from(low) | u32::from(high) << 16;
+    let reserved = caps_low_at + 8;
+    let mariadb_capabilities = (capabilities & caps::LONG_PASSWORD == 0).then(|| {
+        u32::from_le_bytes([
+            p[reserved + 6],
+            p[reserved + 7],
+            p[reserved + 8],
+            p[reserved + 9],
+        ])
+    });
+    Ok(Greeting {
+        server_version,
+        capabilities,
+        charset,
+        mariadb_capabilities,
+        caps_low_at,
+        raw: payload.clone(),
+    })
+}
+
+impl Greeting {
+    /// A copy of the greeting that advertises `capabilities` instead.
+    pub fn with_capabilities(&self, capabilities: u32) -> Bytes {
+        let mut out = BytesMut::from(&self.raw[..]);
+        let at = self.caps_low_at;
+        out[at..at + 2].copy_from_slice(&(capabilities as u16).to_le_bytes());
+        out[at + 5..at + 7].copy_from_slice(&((capabilities >> 16) as u16).to_le_bytes());
+        out.freeze()
+    }
+}
+
+/// The SSLRequest payload keyhole sends for a client whose
+/// HandshakeResponse41 payload is `response`: the client's own first 32
+/// bytes (capabilities, max packet size, charset, and the filler where
+/// MariaDB clients put extended capabilities), with `SSL` set.
+pub fn ssl_request(response: &[u8]) -> [u8; SSL_REQUEST_LEN] {
+    let mut out = [0u8; SSL_REQUEST_LEN];
+    let n = response.len().min(SSL_REQUEST_LEN);
+    out[..n].copy_from_slice(&response[..n]);
+    let capabilities = u32::from_le_bytes([out[0], out[1], out[2], out[3]]) | caps::SSL;
+    out[..4].copy_from_slice(&capabilities.to_le_bytes());
+    out
+}
+
+/// What keyhole reads out of the client's HandshakeResponse41 (or SSLRequest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeResponse {
+    pub capabilities: u32,
+    pub user: String,
+    pub database: Option<String>,
+    pub plugin: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResponseError {
+    #[error("the client does not speak protocol 4.1 (too old)")]
+    Protocol40,
+    #[error("the handshake response is truncated or malformed ({0})")]
+    Malformed(&'static str),
+}
+
+/// The client's first packet: an SSLRequest, or a whole HandshakeResponse41.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientHello {
+    SslRequest { capabilities: u32 },
+    Response(HandshakeResponse),
+}
+
+pub fn parse_client_hello(payload: &[u8]) -> Result<ClientHello, ResponseError> {
+    if payload.len() < 4 {
+        return Err(ResponseError::Malformed("no capability flags"));
+    }
+    let capabilities = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    if capabilities & caps::PROTOCOL_41 == 0 {
+        return Err(ResponseError::Protocol40);
+    }
+    if payload.len() < SSL_REQUEST_LEN {
+        return Err(ResponseError::Malformed("shorter than 32 bytes"));
+    }
+    if payload.len() == SSL_REQUEST_LEN && capabilities & caps::SSL != 0 {
+        return Ok(ClientHello::SslRequest { capabilities });
+    }
+    let mut rest = &payload[SSL_REQUEST_LEN..];
+    let user = take_cstr(&mut rest).ok_or(ResponseError::Malformed("user name"))?;
+    // The auth response: length-encoded, one-byte length, or NUL-terminated.
+    if capabilities & caps::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
+        let len = take_lenenc(&mut rest).ok_or(ResponseError::Malformed("auth response length"))?;
+        skip(&mut rest, len).ok_or(ResponseError::Malformed("auth response"))?;
+    } else if capabilities & caps::SECURE_CONNECTION != 0 {
+        let (&len, tail) = rest
+            .split_first()
+            .ok_or(ResponseError::Malformed("auth response length"))?;
+        rest = tail;
+        skip(&mut rest, usize::from(len)).ok_or(ResponseError::Malformed("auth response"))?;
+    } else {
+        take_cstr(&mut rest).ok_or(ResponseError::Malformed("auth response"))?;
+    }
+    let database = if capabilities & caps::CONNECT_WITH_DB != 0 && !rest.is_empty() {
+        Some(take_cstr(&mut rest).ok_or(ResponseError::Malformed("database name"))?)
+    } else {
+        None
+    };
+    let plugin = if capabilities & caps::PLUGIN_AUTH != 0 && !rest.is_empty() {
+        Some(take_cstr(&mut rest).ok_or(ResponseError::Malformed("plugin name"))?)
+    } else {
+        None
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok(ClientHello::Response(HandshakeResponse {
+        capabilities,
+        user: text(user),
+        database: database.map(text),
+        plugin: plugin.map(text),
+    }))
+}
+
+/// A copy of a client packet payload with `extra` capability bits set.
+pub fn with_client_capabilities(payload: &[u8], extra: u32) -> Bytes {
+    let mut out = BytesMut::from(payload);
+    if out.len() >= 4 {
+        let caps = u32::from_le_bytes([out[0], out[1], out[2], out[3]]) | extra;
+        out[..4].copy_from_slice(&caps.to_le_bytes());
+    }
+    out.freeze()
+}
+
+fn take_cstr<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let end = rest.iter().position(|&b| b == 0)?;
+    let s = &rest[..end];
+    *rest = &rest[end + 1..];
+    Some(s)
+}
+
+fn skip(rest: &mut &[u8], n: usize) -> Option<()> {
+    if rest.len() < n {
+        return None;
+    }
+    *rest = &rest[n..];
+    Some(())
+}
+
+fn take_lenenc(rest: &mut &[u8]) -> Option<usize> {
+    let (&first, tail) = rest.split_first()?;
+    let (len, width) = match first {
+        0..=0xfa => (usize::from(first), 0),
+        0xfc => (0, 2),
+        0xfd => (0, 3),
+        0xfe => (0, 8),
+        _ => return None,
+    };
+    if width == 0 {
+        *rest = tail;
+        return Some(len);
+    }
+    if tail.len() < width {
+        return None;
+    }
+    let mut bytes = [0u8; 8];
+    bytes[..width].copy_from_slice(&tail[..width]);
+    *rest = &tail[width..];
+    usize::try_from(u64::from_le_bytes(bytes)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A MariaDB-style greeting: LONG_PASSWORD cleared, extended caps in the
+    /// last reserved bytes.
+    fn greeting(capabilities: u32, ext: u32) -> Bytes {
+        let mut p = BytesMut::new();
+        p.put_u8(10);
+        p.put_slice(b"5.5.5-10.11.19-MariaDB\0");
+        p.put_u32_le(42); // thread id
+        p.put_slice(b"12345678"); // auth data 1
+        p.put_u8(0);
+        p.put_u16_le(capabilities as u16);
+        p.put_u8(45); // utf8mb4_general_ci
+        p.put_u16_le(2); // status
+        p.put_u16_le((capabilities >> 16) as u16);
+        p.put_u8(21);
+        p.put_slice(&[0; 6]);
+        p.put_u32_le(ext);
+        p.put_slice(b"abcdefghijkl\0");
+        p.put_slice(b"mysql_native_password\0");
+        p.freeze()
+    }
+
+    #[test]
+    fn packets_frame_and_bound() {
+        let mut buf = BytesMut::from(&[3, 0, 0, 7, b'a', b'b', b'c', 9][..]);
+        let p = decode_packet(&mut buf, 16).expect("valid").expect("whole");
+        assert_eq!((p.seq, &p.payload[..]), (7, &b"abc"[..]));
+        assert_eq!(&buf[..], &[9]);
+        let mut partial = BytesMut::from(&[3, 0, 0, 7, b'a'][..]);
+        assert_eq!(decode_packet(&mut partial, 16), Ok(None));
+        let mut big = BytesMut::from(&[0xff, 0xff, 0xff, 0][..]);
+        assert_eq!(
+            decode_packet(&mut big, MAX_HANDSHAKE_PAYLOAD),
+            Err(PacketError::TooLarge {
+                len: MAX_PAYLOAD,
+                max: MAX_HANDSHAKE_PAYLOAD
+            })
+        );
+        let mut out = BytesMut::new();
+        encode_packet(&mut out, 2, b"xyz");
+        assert_eq!(&out[..], &[3, 0, 0, 2, b'x', b'y', b'z']);
+    }
+
+    #[test]
+    fn err_packet_byte_for_byte() {
+        let mut out = BytesMut::new();
+        encode_err(&mut out, 0, code::TOO_MANY_CONNECTIONS, "08004", "Too many");
+        assert_eq!(&out[..], b"\x11\x00\x00\x00\xff\x10\x04#08004Too many");
+        let mut buf = out.clone();
+        let p = decode_packet(&mut buf, 64).expect("valid").expect("whole");
+        assert_eq!(
+            parse_err(&p.payload),
+            Some((1040, "08004".into(), "Too many".into()))
+        );
+    }
+
+    #[test]
+    fn greeting_parses_and_rewrites_capabilities() {
+        let caps = caps::PROTOCOL_41
+            | caps::SSL
+            | caps::SECURE_CONNECTION
+            | caps::PLUGIN_AUTH
+            | caps::DEPRECATE_EOF;
+        let raw = greeting(caps, 0x1d);
+        let g = parse_greeting(&raw).expect("valid");
+        assert_eq!(g.server_version, "5.5.5-10.11.19-MariaDB");
+        assert_eq!(g.capabilities, caps);
+        assert_eq!(g.charset, 45);
+        assert_eq!(g.mariadb_capabilities, Some(0x1d));
+        let plain = g.with_capabilities(caps & !caps::SSL);
+        let again = parse_greeting(&plain).expect("valid");
+        assert_eq!(again.capabilities, caps & !caps::SSL);
+        assert_eq!(
+            again.mariadb_capabilities,
+            Some(0x1d),
+            "the rest is untouched"
+        );
+        assert_eq!(plain.len(), raw.len());
+        let diff = raw.iter().zip(plain.iter()).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 1, "only the SSL bit's byte changes");
+    }
+
+    #[test]
+    fn bad_greetings_are_refused() {
+        assert_eq!(
+            parse_greeting(&Bytes::from_static(&[9, 0])),
+            Err(GreetingError::Version(9))
+        );
+        assert_eq!(
+            parse_greeting(&Bytes::from_static(&[10, b'x', 0, 1])),
+            Err(GreetingError::Truncated)
+        );
+        assert_eq!(parse_greeting(&Bytes::new()), Err(GreetingError::Truncated));
+    }
+
+    #[test]
+    fn ssl_request_is_the_clients_own_header_with_ssl() {
+        let c = caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::COMPRESS | caps::PLUGIN_AUTH;
+        let mut r = response(c, &[7; 20], None, None);
+        r[28..32].copy_from_slice(&0x1du32.to_le_bytes()); // MariaDB extended caps
+        let req = ssl_request(&r);
+        assert_eq!(
+            u32::from_le_bytes([req[0], req[1], req[2], req[3]]),
+            c | caps::SSL
+        );
+        assert_eq!(
+            &req[4..],
+            &r[4..32],
+            "max packet, charset and filler are the client's"
+        );
+        assert_eq!(
+            parse_client_hello(&req),
+            Ok(ClientHello::SslRequest {
+                capabilities: c | caps::SSL
+            })
+        );
+    }
+
+    fn response(capabilities: u32, auth: &[u8], db: Option<&str>, plugin: Option<&str>) -> Vec<u8> {
+        let mut p = BytesMut::new();
+        p.put_u32_le(capabilities);
+        p.put_u32_le(1 << 24);
+        p.put_u8(45);
+        p.put_slice(&[0; 23]);
+        p.put_slice(b"alice\0");
+        // Short enough that the length-encoded and one-byte forms agree.
+        assert!(auth.len() < 0xfb);
+        p.put_u8(auth.len() as u8);
+        p.put_slice(auth);
+        if let Some(db) = db {
+            p.put_slice(db.as_bytes());
+            p.put_u8(0);
+        }
+        if let Some(plugin) = plugin {
+            p.put_slice(plugin.as_bytes());
+            p.put_u8(0);
+        }
+        p.to_vec()
+    }
+
+    #[test]
+    fn handshake_response_yields_user_database_plugin() {
+        let c =
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH | caps::CONNECT_WITH_DB;
+        let r = response(c, &[7; 20], Some("shop"), Some("mysql_native_password"));
+        let ClientHello::Response(h) = parse_client_hello(&r).expect("valid") else {
+            panic!("not a response");
+        };
+        assert_eq!(h.user, "alice");
+        assert_eq!(h.database.as_deref(), Some("shop"));
+        assert_eq!(h.plugin.as_deref(), Some("mysql_native_password"));
+        let lenenc = response(
+            c | caps::PLUGIN_AUTH_LENENC_CLIENT_DATA,
+            &[7; 32],
+            None,
+            None,
+        );
+        assert!(
+            matches!(parse_client_hello(&lenenc), Ok(ClientHello::Response(h)) if h.database.is_none())
+        );
+    }
+
+    #[test]
+    fn malformed_responses_are_refused() {
+        assert_eq!(
+            parse_client_hello(&[0, 0]),
+            Err(ResponseError::Malformed("no capability flags"))
+        );
+        assert_eq!(
+            parse_client_hello(&[0, 0, 0, 0, 0]),
+            Err(ResponseError::Protocol40)
+        );
+        let c = caps::PROTOCOL_41 | caps::SECURE_CONNECTION;
+        let mut r = response(c, &[1; 20], None, None);
+        r.truncate(45);
+        assert!(matches!(
+            parse_client_hello(&r),
+            Err(ResponseError::Malformed(_))
+        ));
+        let garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(parse_client_hello(garbage).is_err());
+    }
+
+    #[test]
+    fn client_capabilities_can_be_raised() {
+        let c = caps::PROTOCOL_41;
+        let r = response(c, &[], None, None);
+        let raised = with_client_capabilities(&r, caps::SSL);
+        assert_eq!(
+            u32::from_le_bytes([raised[0], raised[1], raised[2], raised[3]]),
+            c | caps::SSL
+        );
+        assert_eq!(&raised[4..], &r[4..]);
+    }
+}

@@ -1,0 +1,123 @@
+//! MySQL STARTTLS, in two steps because the server speaks first and the
+//! client's capabilities must go into keyhole's SSLRequest:
+//!
+//! 1. [`Upstream::greet_mysql`]: dial, read the server's HandshakeV10, and
+//!    require it to offer TLS (no plaintext fallback, ever).
+//! 2. [`Upstream::upgrade_mysql`]: once the client has answered, send the
+//!    SSLRequest made of the client's own first 32 bytes and complete
+//!    verified TLS. MySQL and MariaDB fix a session's capabilities, charset
+//!    and (MariaDB) extended capabilities from the SSLRequest and do not
+//!    re-read them from the response that follows, so they must be the
+//!    client's, not a guess.
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Upstream, UpstreamError, UpstreamStream};
+use crate::protocol::mysql::{self, caps, Greeting};
+
+/// A server connection that has greeted and awaits keyhole's SSLRequest.
+pub struct Greeted {
+    tcp: TcpStream,
+    addr: SocketAddr,
+    /// The greeting's sequence id (the SSLRequest takes the next one).
+    seq: u8,
+    pub greeting: Greeting,
+}
+
+impl Upstream {
+    /// Connects and reads the greeting; refuses a server without TLS.
+    pub async fn greet_mysql(&self) -> Result<Greeted, UpstreamError> {
+        let mut tcp = self.dial().await?;
+        let addr = tcp.peer_addr().map_err(|source| UpstreamError::Connect {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
+        let after = self.connect_timeout();
+        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
+            .await
+            .map_err(|_| UpstreamError::TlsTimeout { addr, after })??;
+        if payload.first() == Some(&mysql::reply::ERR) {
+            // Its text came before TLS, from a peer nobody has verified:
+            // report the code only.
+            let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
+            return Err(UpstreamError::RefusedBeforeTls { addr, code });
+        }
+        let greeting = mysql::parse_greeting(&payload).map_err(|e| UpstreamError::NotMysql {
+            addr,
+            reason: e.to_string(),
+        })?;
+        if greeting.capabilities & caps::SSL == 0 {
+            return Err(UpstreamError::TlsRefused { addr });
+        }
+        Ok(Greeted {
+            tcp,
+            addr,
+            seq,
+            greeting,
+        })
+    }
+
+    /// Sends the SSLRequest built from the client's HandshakeResponse41
+    /// payload and completes verified TLS.
+    pub async fn upgrade_mysql(
+        &self,
+        greeted: Greeted,
+        client_response: &[u8],
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let Greeted {
+            mut tcp, addr, seq, ..
+        } = greeted;
+        // Nothing may arrive between the greeting and our SSLRequest.
+        let mut probe = [0u8; 1];
+        match tcp.try_read(&mut probe) {
+            Ok(0) => return Err(UpstreamError::ClosedDuringSetup { addr }),
+            Ok(_) => return Err(UpstreamError::DataBeforeHandshake { addr }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(source) => return Err(UpstreamError::Io { addr, source }),
+        }
+        let mut request = BytesMut::with_capacity(4 + mysql::SSL_REQUEST_LEN);
+        mysql::encode_packet(
+            &mut request,
+            seq.wrapping_add(1),
+            &mysql::ssl_request(client_response),
+        );
+        let after = self.connect_timeout();
+        let upgrade = async {
+            tcp.write_all(&request)
+                .await
+                .map_err(|source| UpstreamError::Io { addr, source })?;
+            self.handshake(tcp).await
+        };
+        tokio::time::timeout(after, upgrade)
+            .await
+            .map_err(|_| UpstreamError::TlsTimeout { addr, after })?
+    }
+}
+
+/// Reads exactly one packet, nothing past it.
+async fn read_one_packet(
+    tcp: &mut TcpStream,
+    addr: SocketAddr,
+) -> Result<(u8, Bytes), UpstreamError> {
+    let io_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr },
+        _ => UpstreamError::Io { addr, source },
+    };
+    let mut header = [0u8; 4];
+    tcp.read_exact(&mut header).await.map_err(io_err)?;
+    let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
+    if len > mysql::MAX_HANDSHAKE_PAYLOAD {
+        return Err(UpstreamError::NotMysql {
+            addr,
+            reason: format!("a first packet of {len} bytes"),
+        });
+    }
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.map_err(io_err)?;
+    Ok((header[3], Bytes::from(payload)))
+}
