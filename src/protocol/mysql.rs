@@ -103,7 +103,8 @@ pub fn encode_packet(out: &mut BytesMut, seq: u8, payload: &[u8]) {
     out.put_slice(payload);
 }
 
-/// Appends an ERR packet (protocol 4.1 form, with SQLSTATE).
+/// Appends an ERR packet (protocol 4.1 form, with SQLSTATE). Messages are
+/// keyhole's own, a line long.
 pub fn encode_err(out: &mut BytesMut, seq: u8, code: u16, sqlstate: &str, message: &str) {
     let mut payload = BytesMut::with_capacity(9 + message.len());
     payload.put_u8(reply::ERR);
@@ -114,28 +115,8 @@ pub fn encode_err(out: &mut BytesMut, seq: u8, code: u16, sqlstate: &str, messag
         *dst = src;
     }
     payload.put_slice(&state);
-    // Keep the whole packet well under any client's buffer.
-    let room = 4096;
-    let message = if message.len() > room {
-        &message[..message.floor_char_boundary_compat(room)]
-    } else {
-        message
-    };
     payload.put_slice(message.as_bytes());
     encode_packet(out, seq, &payload);
-}
-
-trait FloorCharBoundary {
-    fn floor_char_boundary_compat(&self, index: usize) -> usize;
-}
-
-impl FloorCharBoundary for str {
-    fn floor_char_boundary_compat(&self, mut index: usize) -> usize {
-        while !self.is_char_boundary(index) {
-            index -= 1;
-        }
-        index
-    }
 }
 
 /// The code, SQLSTATE and message of an ERR payload.

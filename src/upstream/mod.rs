@@ -131,7 +131,7 @@ impl Upstream {
 
     /// Resolves the host afresh (a failover moves the name) and connects to
     /// the first address that answers.
-    pub async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+    pub async fn dial(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|source| UpstreamError::Resolve {
@@ -144,7 +144,7 @@ impl Upstream {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
                     crate::net::tune_upstream(&tcp);
-                    return Ok(tcp);
+                    return Ok((tcp, addr));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     last = Some(UpstreamError::Refused { addr })

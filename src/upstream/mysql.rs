@@ -32,11 +32,7 @@ pub struct Greeted {
 impl Upstream {
     /// Connects and reads the greeting; refuses a server without TLS.
     pub async fn greet_mysql(&self) -> Result<Greeted, UpstreamError> {
-        let mut tcp = self.dial().await?;
-        let addr = tcp.peer_addr().map_err(|source| UpstreamError::Connect {
-            addr: ([0, 0, 0, 0], 0).into(),
-            source,
-        })?;
+        let (mut tcp, addr) = self.dial().await?;
         let after = self.connect_timeout();
         let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
             .await

@@ -11,11 +11,7 @@ use crate::protocol::postgres::{CancelKey, SSL_REQUEST};
 impl Upstream {
     /// Connects and upgrades to verified TLS, or fails closed.
     pub async fn connect_postgres(&self) -> Result<UpstreamStream, UpstreamError> {
-        let tcp = self.dial().await?;
-        let addr = tcp.peer_addr().map_err(|source| UpstreamError::Connect {
-            addr: ([0, 0, 0, 0], 0).into(),
-            source,
-        })?;
+        let (tcp, addr) = self.dial().await?;
         let after = self.connect_timeout();
         match tokio::time::timeout(after, self.start_tls(tcp, addr)).await {
             Ok(result) => result,
