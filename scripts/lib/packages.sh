@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 #
-# Shared by scripts/test.sh and scripts/demo.sh (source it, don't run it): the Debian
+# Shared by scripts/test.sh, scripts/demo.sh and scripts/bench.sh (source it, don't run it): the Debian
 # packages keyhole's tests and demo need on a machine, and how to get them.
 #
 # As root on a Debian machine, missing packages are installed with apt-get.
