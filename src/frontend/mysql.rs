@@ -257,10 +257,16 @@ impl Session<'_> {
     /// Reads one packet from the client (cancel-safe: partial bytes stay buffered).
     async fn read_packet(&mut self) -> Result<Packet, SessionError> {
         loop {
-            if let Some(packet) =
-                mysql::decode_packet(&mut self.from_client, mysql::MAX_HANDSHAKE_PAYLOAD)
-                    .map_err(SessionError::ClientPacket)?
-            {
+            let decoded = mysql::decode_packet(&mut self.from_client, mysql::MAX_HANDSHAKE_PAYLOAD)
+                .map_err(|e| {
+                    // Refused from its header alone: still answer in the
+                    // client's sequence.
+                    if let Some(&seq) = self.from_client.get(3) {
+                        self.next_seq = seq.wrapping_add(1);
+                    }
+                    SessionError::ClientPacket(e)
+                })?;
+            if let Some(packet) = decoded {
                 self.next_seq = packet.seq.wrapping_add(1);
                 return Ok(packet);
             }

@@ -47,19 +47,24 @@ pub mod reply {
     pub const ERR: u8 = 0xff;
 }
 
-/// Error codes keyhole answers with (server codes where one fits, client
-/// library codes for what a client would otherwise report itself).
+/// Error codes keyhole answers with: server codes only. MariaDB Connector/C
+/// (the `mariadb` CLI's library) refuses an ERR that carries one of its own
+/// client codes (2001-2061, 5001-5026) as a malformed packet, and its user
+/// would never learn why the connection failed.
 pub mod code {
     /// ER_CON_COUNT_ERROR, "Too many connections".
     pub const TOO_MANY_CONNECTIONS: u16 = 1040;
     /// ER_HANDSHAKE_ERROR, "Bad handshake".
     pub const BAD_HANDSHAKE: u16 = 1043;
-    /// CR_CONN_HOST_ERROR, "Can't connect to MySQL server".
-    pub const CANNOT_CONNECT: u16 = 2003;
-    /// CR_SERVER_LOST, "Lost connection to server during query".
-    pub const SERVER_LOST: u16 = 2013;
-    /// CR_SSL_CONNECTION_ERROR.
-    pub const TLS_ERROR: u16 = 2026;
+    /// ER_CONNECT_TO_FOREIGN_DATA_SOURCE: a server could not reach another.
+    pub const CANNOT_CONNECT: u16 = 1429;
+    /// ER_NET_READ_ERROR, "Got an error reading communication packets".
+    pub const SERVER_LOST: u16 = 1158;
+    /// ER_SECURE_TRANSPORT_REQUIRED: no going on without verified TLS.
+    pub const TLS_ERROR: u16 = 3159;
+
+    /// Codes client libraries keep for themselves.
+    pub const CLIENT_RANGES: [std::ops::RangeInclusive<u16>; 2] = [2000..=2999, 5000..=5999];
 }
 
 /// A packet: sequence id and payload.
@@ -366,6 +371,23 @@ mod tests {
         p.put_slice(b"abcdefghijkl\0");
         p.put_slice(b"mysql_native_password\0");
         p.freeze()
+    }
+
+    #[test]
+    fn keyhole_answers_only_with_server_error_codes() {
+        let ours = [
+            code::TOO_MANY_CONNECTIONS,
+            code::BAD_HANDSHAKE,
+            code::CANNOT_CONNECT,
+            code::SERVER_LOST,
+            code::TLS_ERROR,
+        ];
+        for c in ours {
+            assert!(
+                code::CLIENT_RANGES.iter().all(|r| !r.contains(&c)),
+                "{c} is a client-library code"
+            );
+        }
     }
 
     #[test]

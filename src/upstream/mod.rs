@@ -42,6 +42,8 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connection to {addr} timed out after {}", humanize(*after))]
     ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("{addr} sent no greeting within {}", humanize(*after))]
+    GreetingTimeout { addr: SocketAddr, after: Duration },
     #[error("TLS setup with {addr} timed out after {}", humanize(*after))]
     TlsTimeout { addr: SocketAddr, after: Duration },
     #[error("upstream refused TLS: {addr} does not accept encrypted connections, and keyhole never falls back to plaintext")]
@@ -79,9 +81,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Resolve { .. } | UpstreamError::NoAddress { .. } => "upstream_resolve",
             UpstreamError::Refused { .. } | UpstreamError::Connect { .. } => "upstream_connect",
-            UpstreamError::ConnectTimeout { .. } | UpstreamError::TlsTimeout { .. } => {
-                "upstream_timeout"
-            }
+            UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::GreetingTimeout { .. }
+            | UpstreamError::TlsTimeout { .. } => "upstream_timeout",
             UpstreamError::TlsRefused { .. } => "upstream_tls_refused",
             UpstreamError::NotTls { .. }
             | UpstreamError::NotMysql { .. }

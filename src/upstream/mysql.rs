@@ -36,7 +36,7 @@ impl Upstream {
         let after = self.connect_timeout();
         let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
             .await
-            .map_err(|_| UpstreamError::TlsTimeout { addr, after })??;
+            .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
         if payload.first() == Some(&mysql::reply::ERR) {
             // Its text came before TLS, from a peer nobody has verified:
             // report the code only.
