@@ -14,10 +14,13 @@
 //! Every failure before the splice that the client can still read reaches it
 //! as an ERR packet with the sequence id it expects next.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -161,7 +164,8 @@ impl Session<'_> {
             let pending = server.buf.split();
             self.send(&pending).await?;
         }
-        let mut splice = Splice::new(&mut self.client, &mut server.stream);
+        let mut server_leg = NoHalfClose(&mut server.stream);
+        let mut splice = Splice::new(&mut self.client, &mut server_leg);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
@@ -315,5 +319,44 @@ impl ServerLeg {
                 Err(e) => return Err(SessionError::UpstreamIo(e)),
             }
         }
+    }
+}
+
+/// The server leg as the splice sees it. A MySQL client has no half-close:
+/// its EOF means it is gone. Passed on as a TLS close_notify, that EOF would
+/// sit unread in the server's socket, and MariaDB's check for a vanished
+/// client (every few seconds in SLEEP(), GET_LOCK() and the like) counts
+/// unread bytes as a live client, so an abandoned statement would run to its
+/// end. A bare FIN is what the server would have seen from the client itself.
+struct NoHalfClose<'a>(&'a mut UpstreamStream);
+
+impl AsyncRead for NoHalfClose<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for NoHalfClose<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut *this.0).poll_flush(cx))?;
+        let (tcp, _) = this.0.get_mut();
+        Pin::new(tcp).poll_shutdown(cx)
     }
 }
