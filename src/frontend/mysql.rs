@@ -57,17 +57,13 @@ impl MysqlFrontend {
             startup_bytes: Transferred::default(),
         };
         let result = session.run(admission, cut, report).await;
-        if let Err(err) = &result {
-            if let Some((code, state)) = err.mysql_answer() {
-                let mut out = BytesMut::new();
-                mysql::encode_err(&mut out, session.next_seq, code, state, &err.to_string());
-                // Best effort: the client may be gone already.
-                let _ = tokio::time::timeout(Duration::from_secs(1), session.send(&out)).await;
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), session.client.shutdown()).await;
-        report.transferred.client_to_server += session.startup_bytes.client_to_server;
-        report.transferred.server_to_client += session.startup_bytes.server_to_client;
+        let answer = result.as_ref().err().and_then(|err| {
+            let (code, state) = err.mysql_answer()?;
+            let mut out = BytesMut::new();
+            mysql::encode_err(&mut out, session.next_seq, code, state, &err.to_string());
+            Some(out)
+        });
+        super::close_session(&mut session.client, answer, session.startup_bytes, report).await;
         result
     }
 }

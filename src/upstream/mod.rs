@@ -180,5 +180,21 @@ impl Upstream {
     }
 }
 
+/// Before keyhole asks for TLS the server has nothing more to say: bytes
+/// waiting now were injected (or the server is broken), and must never be
+/// read as if they came through TLS.
+pub(crate) fn ensure_nothing_buffered(
+    tcp: &TcpStream,
+    addr: SocketAddr,
+) -> Result<(), UpstreamError> {
+    let mut probe = [0u8; 1];
+    match tcp.try_read(&mut probe) {
+        Ok(0) => Err(UpstreamError::ClosedDuringSetup { addr }),
+        Ok(_) => Err(UpstreamError::DataBeforeHandshake { addr }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(source) => Err(UpstreamError::Io { addr, source }),
+    }
+}
+
 /// Shared handle: sessions and the cancel registry both point at it.
 pub type SharedUpstream = Arc<Upstream>;

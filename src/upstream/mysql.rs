@@ -69,13 +69,7 @@ impl Upstream {
             mut tcp, addr, seq, ..
         } = greeted;
         // Nothing may arrive between the greeting and our SSLRequest.
-        let mut probe = [0u8; 1];
-        match tcp.try_read(&mut probe) {
-            Ok(0) => return Err(UpstreamError::ClosedDuringSetup { addr }),
-            Ok(_) => return Err(UpstreamError::DataBeforeHandshake { addr }),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(source) => return Err(UpstreamError::Io { addr, source }),
-        }
+        super::ensure_nothing_buffered(&tcp, addr)?;
         let mut request = BytesMut::with_capacity(4 + mysql::SSL_REQUEST_LEN);
         mysql::encode_packet(
             &mut request,

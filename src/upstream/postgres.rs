@@ -41,13 +41,7 @@ impl Upstream {
             byte => return Err(UpstreamError::NotTls { addr, byte }),
         }
         // CVE-2021-23222: nothing may arrive between 'S' and our ClientHello.
-        let mut probe = [0u8; 1];
-        match tcp.try_read(&mut probe) {
-            Ok(0) => return Err(UpstreamError::ClosedDuringSetup { addr }),
-            Ok(_) => return Err(UpstreamError::DataBeforeHandshake { addr }),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(source) => return Err(UpstreamError::Io { addr, source }),
-        }
+        super::ensure_nothing_buffered(&tcp, addr)?;
         self.handshake(tcp).await
     }
 
