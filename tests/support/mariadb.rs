@@ -77,8 +77,8 @@ use std::time::{Duration, Instant};
 use super::certs::TestPki;
 use super::clients;
 use super::process::{
-    as_server_user, chown_to_server_user, clean_env, describe_output, output_with_timeout,
-    signal_pid, KillAfter, Watchdog,
+    as_server_user, chown_to_server_user, clean_env, copy_template_with_pki, describe_output,
+    output_with_timeout, signal_pid, KillAfter, Watchdog,
 };
 
 /// `mysql_native_password` user (host `%`).
@@ -368,30 +368,14 @@ impl MariaDb {
         );
         let _ = tmp.keep();
 
-        // The certificates are made while the template is prepared and copied.
-        let pki = std::thread::spawn(move || TestPki::generate_in(&pki_dir, &SERVER_NAMES));
-
-        let template = template_data_dir();
-        // `cp -a` as the server user keeps the copy owned by that user; most of
-        // the redo log is zeros, which become holes.
-        let mut cp = Command::new("cp");
-        as_server_user(&mut cp)
-            .current_dir(&scratch)
-            .args(["-a", "--sparse=always"])
-            .arg(template)
-            .arg(&data_dir);
-        let out = output_with_timeout(&mut cp, Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "copying the mariadb-install-db template failed:\n{}",
-            describe_output(&out)
+        let pki = copy_template_with_pki(
+            "mariadb-install-db",
+            template_data_dir(),
+            &scratch,
+            &data_dir,
+            pki_dir,
+            &SERVER_NAMES,
         );
-
-        let pki = pki
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        // The server runs as the server user and must read its key (mode 0600).
-        chown_to_server_user(&pki.dir);
 
         let mut server = MariaDb {
             port: 0,

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::certs::TestPki;
 use super::clients;
 use super::process::{
-    as_server_user, chown_to_server_user, clean_env, describe_output, output_with_timeout, Watchdog,
+    as_server_user, chown_to_server_user, clean_env, copy_template_with_pki, describe_output,
+    output_with_timeout, Watchdog,
 };
 
 /// The superuser; trusted on the Unix socket and over TLS from localhost.
@@ -170,32 +171,15 @@ impl PgCluster {
         );
         let _ = tmp.keep();
 
-        // The certificates (a quarter of a second of openssl) are made while the
-        // template is prepared and copied.
-        let pki = std::thread::spawn(move || TestPki::generate_in(&pki_dir, &SERVER_NAMES));
-
         let template = template_data_dir();
-        // `cp -a` as the server user keeps the copy owned by that user. Most of
-        // the template is zeros (the first WAL segment alone is 16 MB of them):
-        // holes instead of written zeros make the copy much cheaper.
-        let mut cp = Command::new("cp");
-        as_server_user(&mut cp)
-            .current_dir(&scratch)
-            .args(["-a", "--sparse=always"])
-            .arg(template)
-            .arg(&data_dir);
-        let out = output_with_timeout(&mut cp, Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "copying the initdb template failed:\n{}",
-            describe_output(&out)
+        let pki = copy_template_with_pki(
+            "initdb",
+            template,
+            &scratch,
+            &data_dir,
+            pki_dir,
+            &SERVER_NAMES,
         );
-
-        let pki = pki
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        // The server insists on owning its key (mode 0600, set by generate.sh).
-        chown_to_server_user(&pki.dir);
 
         let mut cluster = PgCluster {
             port: 0,

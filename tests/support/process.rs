@@ -271,3 +271,37 @@ impl KillAfter {
         self.thread.join().expect("the kill timer thread")
     }
 }
+
+/// Copies a server's data-directory `template` to `data_dir` (as the server
+/// user, sparse: templates are mostly zeros) while the server's certificates
+/// are generated into `pki_dir` for `names`; then hands the certificates to
+/// the server user, which must own its key (mode 0600). `what` names the
+/// template in a failure message.
+pub fn copy_template_with_pki(
+    what: &str,
+    template: &Path,
+    scratch: &Path,
+    data_dir: &Path,
+    pki_dir: std::path::PathBuf,
+    names: &'static [&'static str],
+) -> crate::support::certs::TestPki {
+    let pki =
+        std::thread::spawn(move || crate::support::certs::TestPki::generate_in(&pki_dir, names));
+    let mut cp = Command::new("cp");
+    as_server_user(&mut cp)
+        .current_dir(scratch)
+        .args(["-a", "--sparse=always"])
+        .arg(template)
+        .arg(data_dir);
+    let out = output_with_timeout(&mut cp, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "copying the {what} template failed:\n{}",
+        describe_output(&out)
+    );
+    let pki = pki
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    chown_to_server_user(&pki.dir);
+    pki
+}
