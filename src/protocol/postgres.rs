@@ -58,9 +58,12 @@ impl CancelKey {
     pub fn from_wire(pid_and_secret: Bytes) -> CancelKey {
         CancelKey(pid_and_secret)
     }
+    /// The process id (0 for a key too short to carry one).
     pub fn pid(&self) -> u32 {
-        let b = &self.0;
-        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+        match self.0.get(..4) {
+            Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
+            _ => 0,
+        }
     }
     /// The CancelRequest packet that presents this key.
     pub fn cancel_request(&self) -> BytesMut {
