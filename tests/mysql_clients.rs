@@ -960,3 +960,62 @@ fn unix_socket_listener_serves_the_cli_and_the_driver() {
         conn.disconnect().await.expect("disconnect");
     });
 }
+
+/// A MySQL client may send its TLS ClientHello right behind the SSLRequest,
+/// since the server answers an SSLRequest with nothing. Both arrive here in
+/// one write; keyhole must take them as one TLS handshake, then speak MySQL
+/// inside it (an ERR for a response that is not one).
+#[test]
+fn a_client_hello_pipelined_behind_the_ssl_request_starts_tls() {
+    keyhole::tls::install_crypto_provider();
+    let db = MariaDb::shared();
+    let local = TestPki::generate(&["localhost"]);
+    let cert = local.server_cert.to_str().expect("utf-8 path");
+    let key = local.server_key.to_str().expect("utf-8 path");
+    let keyhole = keyhole_for(db, &["--listen-cert", cert, "--listen-key", key]);
+
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", keyhole.port())).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut header = [0u8; 4];
+    tcp.read_exact(&mut header).expect("greeting header");
+    let mut greeting = vec![0u8; usize::from(header[0]) | usize::from(header[1]) << 8];
+    tcp.read_exact(&mut greeting).expect("greeting");
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&local.ca).expect("ca");
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+
+    // SSLRequest (seq 1): PROTOCOL_41 | SSL | SECURE_CONNECTION | PLUGIN_AUTH, then the ClientHello.
+    let caps: u32 = 0x200 | 0x800 | 0x8000 | (1 << 19);
+    let mut bytes = vec![32, 0, 0, 1];
+    bytes.extend_from_slice(&caps.to_le_bytes());
+    bytes.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    bytes.push(45);
+    bytes.extend_from_slice(&[0; 23]);
+    conn.write_tls(&mut bytes).expect("client hello");
+    tcp.write_all(&bytes).expect("one write");
+
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Not a HandshakeResponse41: keyhole's ERR comes back inside TLS, in sequence.
+    tls.write_all(&[3, 0, 0, 2, b'x', b'y', b'z'])
+        .expect("write over TLS");
+    let mut reply = [0u8; 4];
+    tls.read_exact(&mut reply).expect("ERR header over TLS");
+    assert_eq!(reply[3], 3, "the ERR follows the client's packet 2");
+    let mut payload = vec![0u8; usize::from(reply[0]) | usize::from(reply[1]) << 8];
+    tls.read_exact(&mut payload).expect("ERR payload over TLS");
+    assert_eq!(payload[0], 0xff, "an ERR packet");
+    assert_eq!(u16::from_le_bytes([payload[1], payload[2]]), 1043);
+    let text = String::from_utf8_lossy(&payload[9..]);
+    assert!(text.starts_with("invalid handshake response"), "{text}");
+}

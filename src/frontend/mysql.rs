@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -221,15 +221,16 @@ impl Session<'_> {
             .local_tls
             .as_ref()
             .ok_or(SessionError::LocalTlsNotConfigured)?;
-        if !self.from_client.is_empty() {
-            return Err(SessionError::DataAfterUpgrade);
-        }
         let ClientStream::Plain(socket) = std::mem::replace(&mut self.client, ClientStream::Gone)
         else {
             return Err(SessionError::RepeatedUpgrade("SSLRequest"));
         };
+        // Unlike Postgres, MySQL answers an SSLRequest with nothing, so a
+        // client may send its ClientHello right behind it: whatever is
+        // buffered belongs to the TLS handshake.
+        let hello = self.from_client.split().freeze();
         let tls = acceptor
-            .accept(Rewind::new(Bytes::new(), socket))
+            .accept(Rewind::new(hello, socket))
             .await
             .map_err(SessionError::ClientTls)?;
         self.client = ClientStream::Tls(Box::new(tls));
