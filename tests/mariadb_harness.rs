@@ -92,19 +92,11 @@ fn shared_server_requires_tls_and_has_the_test_users() {
     // "Access denied" (not MySQL's ERROR 3159).
     let port = db.port().to_string();
     for (user, password) in [(NATIVE_USER, NATIVE_PASS), (ED25519_USER, ED25519_PASS)] {
-        let out = mariadb::mariadb_with_args(
-            &[
-                "-h",
-                "127.0.0.1",
-                "-P",
-                &port,
-                "-u",
-                user,
-                "--skip-ssl",
-                "-e",
-                "select 1",
-            ],
+        let out = mariadb::mariadb_tcp(
+            &port,
+            user,
             Some(password),
+            &["--skip-ssl", "-e", "select 1"],
         );
         assert!(!out.status.success(), "a plain login was accepted");
         let stderr = clients::stderr(&out);
@@ -126,19 +118,11 @@ fn client_defaults_use_tls_when_offered_without_verifying() {
     // Verification is available but off by default: asking for it without the
     // CA fails.
     let port = db.port().to_string();
-    let out = mariadb::mariadb_with_args(
-        &[
-            "-h",
-            "127.0.0.1",
-            "-P",
-            &port,
-            "-u",
-            NATIVE_USER,
-            "--ssl-verify-server-cert",
-            "-e",
-            "select 1",
-        ],
+    let out = mariadb::mariadb_tcp(
+        &port,
+        NATIVE_USER,
         Some(NATIVE_PASS),
+        &["--ssl-verify-server-cert", "-e", "select 1"],
     );
     assert!(!out.status.success(), "{}", describe_output(&out));
     assert!(

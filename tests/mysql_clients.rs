@@ -282,19 +282,11 @@ fn keyhole_advertises_tls_only_with_a_local_certificate() {
     assert_eq!(greeting.auth_plugin, server.auth_plugin);
     // So a client that insists on TLS is told there is none.
     let port = plain.port().to_string();
-    let out = mariadb::mariadb_with_args(
-        &[
-            "-h",
-            "127.0.0.1",
-            "-P",
-            &port,
-            "-u",
-            NATIVE_USER,
-            "--ssl-verify-server-cert",
-            "-e",
-            "select 1",
-        ],
+    let out = mariadb::mariadb_tcp(
+        &port,
+        NATIVE_USER,
         Some(NATIVE_PASS),
+        &["--ssl-verify-server-cert", "-e", "select 1"],
     );
     assert!(!out.status.success(), "{}", describe_output(&out));
     assert_eq!(

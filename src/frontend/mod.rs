@@ -2,6 +2,7 @@
 //! hand-off to the upstream and the splice loop.
 
 mod error;
+mod legs;
 pub mod mysql;
 pub mod postgres;
 
@@ -22,32 +23,6 @@ pub enum ClientStream {
     Tls(Box<TlsStream<Rewind<Socket>>>),
     /// Handed to the TLS acceptor, which failed: nothing left to talk to.
     Gone,
-}
-
-/// Ends a connection that keyhole still holds: the protocol's error message
-/// first (best effort: the client may be gone), then the shutdown, and the
-/// bytes keyhole itself exchanged with the client go into the report.
-pub(crate) async fn close_session(
-    client: &mut ClientStream,
-    answer: Option<bytes::BytesMut>,
-    startup_bytes: crate::splice::Transferred,
-    report: &mut SessionReport,
-) {
-    use tokio::io::AsyncWriteExt;
-    let limit = std::time::Duration::from_secs(1);
-    if let Some(answer) = answer {
-        let sent = tokio::time::timeout(limit, async {
-            client.write_all(&answer).await?;
-            client.flush().await
-        })
-        .await;
-        if matches!(sent, Ok(Ok(()))) {
-            report.transferred.server_to_client += answer.len() as u64;
-        }
-    }
-    let _ = tokio::time::timeout(limit, client.shutdown()).await;
-    report.transferred.client_to_server += startup_bytes.client_to_server;
-    report.transferred.server_to_client += startup_bytes.server_to_client;
 }
 
 fn gone() -> io::Error {

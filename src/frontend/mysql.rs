@@ -20,14 +20,15 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::legs::{ClientLeg, ServerLeg};
 use super::{Admission, ClientStream, SessionError, SessionReport};
 use crate::net::{Rewind, Socket};
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
-use crate::splice::{Splice, Transferred};
+use crate::splice::Splice;
 use crate::upstream::{SharedUpstream, UpstreamStream};
 
 /// What one MySQL target needs to serve a client.
@@ -51,10 +52,8 @@ impl MysqlFrontend {
     ) -> Result<(), SessionError> {
         let mut session = Session {
             frontend: self,
-            client: ClientStream::Plain(socket),
-            from_client: BytesMut::with_capacity(1024),
+            client: ClientLeg::new(socket),
             next_seq: 0,
-            startup_bytes: Transferred::default(),
         };
         let result = session.run(admission, cut, report).await;
         let answer = result.as_ref().err().and_then(|err| {
@@ -63,7 +62,7 @@ impl MysqlFrontend {
             mysql::encode_err(&mut out, session.next_seq, code, state, &err.to_string());
             Some(out)
         });
-        super::close_session(&mut session.client, answer, session.startup_bytes, report).await;
+        session.client.close(answer, report).await;
         result
     }
 }
@@ -71,12 +70,9 @@ impl MysqlFrontend {
 /// One client connection while keyhole itself reads it (until the splice).
 struct Session<'a> {
     frontend: &'a MysqlFrontend,
-    client: ClientStream,
-    /// Read from the client, not yet consumed.
-    from_client: BytesMut,
+    client: ClientLeg,
     /// The sequence id the client expects on keyhole's next packet.
     next_seq: u8,
-    startup_bytes: Transferred,
 }
 
 impl Session<'_> {
@@ -140,28 +136,14 @@ impl Session<'_> {
             .upstream
             .upgrade_mysql(greeted, &response.payload)
             .await?;
-        let mut server = ServerLeg {
-            stream,
-            buf: BytesMut::with_capacity(1024),
-        };
+        let mut server = ServerLeg::new(stream);
         let payload = mysql::with_client_capabilities(&response.payload, caps::SSL);
-        server
-            .send_packet(response.seq.wrapping_add(delta), &payload)
-            .await?;
+        send_server_packet(&mut server, response.seq.wrapping_add(delta), &payload).await?;
         self.relay_auth(&mut server, delta).await?;
 
-        // Bytes either side sent past the last packet keyhole read belong to
-        // the session: deliver them before splicing.
-        if !self.from_client.is_empty() {
-            let pending = self.from_client.split();
-            server.send(&pending).await?;
-        }
-        if !server.buf.is_empty() {
-            let pending = server.buf.split();
-            self.send(&pending).await?;
-        }
+        server.exchange_leftovers(&mut self.client).await?;
         let mut server_leg = NoHalfClose(&mut server.stream);
-        let mut splice = Splice::new(&mut self.client, &mut server_leg);
+        let mut splice = Splice::new(&mut self.client.stream, &mut server_leg);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
@@ -180,7 +162,7 @@ impl Session<'_> {
         loop {
             let step = tokio::time::timeout(timeout, async {
                 tokio::select! {
-                    packet = server.read_packet() => Ok::<_, SessionError>((true, packet?)),
+                    packet = read_server_packet(server) => Ok::<_, SessionError>((true, packet?)),
                     packet = self.read_packet() => Ok((false, packet?)),
                 }
             })
@@ -207,9 +189,7 @@ impl Session<'_> {
                     _ => client_to_answer = true,
                 }
             } else {
-                server
-                    .send_packet(packet.seq.wrapping_add(delta), &packet.payload)
-                    .await?;
+                send_server_packet(server, packet.seq.wrapping_add(delta), &packet.payload).await?;
                 client_to_answer = false;
             }
         }
@@ -221,48 +201,39 @@ impl Session<'_> {
             .local_tls
             .as_ref()
             .ok_or(SessionError::LocalTlsNotConfigured)?;
-        let ClientStream::Plain(socket) = std::mem::replace(&mut self.client, ClientStream::Gone)
+        let ClientStream::Plain(socket) =
+            std::mem::replace(&mut self.client.stream, ClientStream::Gone)
         else {
             return Err(SessionError::RepeatedUpgrade("SSLRequest"));
         };
         // Unlike Postgres, MySQL answers an SSLRequest with nothing, so a
         // client may send its ClientHello right behind it: whatever is
         // buffered belongs to the TLS handshake.
-        let hello = self.from_client.split().freeze();
+        let hello = self.client.buf.split().freeze();
         let tls = acceptor
             .accept(Rewind::new(hello, socket))
             .await
             .map_err(SessionError::ClientTls)?;
-        self.client = ClientStream::Tls(Box::new(tls));
+        self.client.stream = ClientStream::Tls(Box::new(tls));
         Ok(())
     }
 
     async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), SessionError> {
         let mut out = BytesMut::with_capacity(4 + payload.len());
         mysql::encode_packet(&mut out, seq, payload);
-        self.send(&out).await?;
+        self.client.send(&out).await?;
         self.next_seq = seq.wrapping_add(1);
-        Ok(())
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.client
-            .write_all(bytes)
-            .await
-            .map_err(SessionError::ClientIo)?;
-        self.client.flush().await.map_err(SessionError::ClientIo)?;
-        self.startup_bytes.server_to_client += bytes.len() as u64;
         Ok(())
     }
 
     /// Reads one packet from the client (cancel-safe: partial bytes stay buffered).
     async fn read_packet(&mut self) -> Result<Packet, SessionError> {
         loop {
-            let decoded = mysql::decode_packet(&mut self.from_client, mysql::MAX_HANDSHAKE_PAYLOAD)
+            let decoded = mysql::decode_packet(&mut self.client.buf, mysql::MAX_HANDSHAKE_PAYLOAD)
                 .map_err(|e| {
                     // Refused from its header alone: still answer in the
                     // client's sequence.
-                    if let Some(&seq) = self.from_client.get(3) {
+                    if let Some(&seq) = self.client.buf.get(3) {
                         self.next_seq = seq.wrapping_add(1);
                     }
                     SessionError::ClientPacket(e)
@@ -271,51 +242,30 @@ impl Session<'_> {
                 self.next_seq = packet.seq.wrapping_add(1);
                 return Ok(packet);
             }
-            match self.client.read_buf(&mut self.from_client).await {
-                Ok(0) => return Err(SessionError::ClientClosed),
-                Ok(n) => self.startup_bytes.client_to_server += n as u64,
-                Err(e) => return Err(SessionError::ClientIo(e)),
-            }
+            self.client.read_more().await?;
         }
     }
 }
 
-/// The server's leg while keyhole reads it.
-struct ServerLeg {
-    stream: UpstreamStream,
-    /// Read from the server, not yet consumed.
-    buf: BytesMut,
+async fn send_server_packet(
+    server: &mut ServerLeg,
+    seq: u8,
+    payload: &[u8],
+) -> Result<(), SessionError> {
+    let mut out = BytesMut::with_capacity(4 + payload.len());
+    mysql::encode_packet(&mut out, seq, payload);
+    server.send(&out).await
 }
 
-impl ServerLeg {
-    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), SessionError> {
-        let mut out = BytesMut::with_capacity(4 + payload.len());
-        mysql::encode_packet(&mut out, seq, payload);
-        self.send(&out).await
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(SessionError::UpstreamIo)?;
-        self.stream.flush().await.map_err(SessionError::UpstreamIo)
-    }
-
-    /// Reads one packet from the server (cancel-safe).
-    async fn read_packet(&mut self) -> Result<Packet, SessionError> {
-        loop {
-            if let Some(packet) = mysql::decode_packet(&mut self.buf, mysql::MAX_HANDSHAKE_PAYLOAD)
-                .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
-            {
-                return Ok(packet);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(SessionError::UpstreamClosed),
-                Ok(_) => {}
-                Err(e) => return Err(SessionError::UpstreamIo(e)),
-            }
+/// Reads one packet from the server (cancel-safe).
+async fn read_server_packet(server: &mut ServerLeg) -> Result<Packet, SessionError> {
+    loop {
+        if let Some(packet) = mysql::decode_packet(&mut server.buf, mysql::MAX_HANDSHAKE_PAYLOAD)
+            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
+        {
+            return Ok(packet);
         }
+        server.read_more().await?;
     }
 }
 

@@ -6,23 +6,22 @@
 //! reaches it as an ErrorResponse with a SQLSTATE; nothing closes silently
 //! except where the protocol leaves no room for a message.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::legs::{ClientLeg, ServerLeg};
 use super::{Admission, ClientStream, SessionError, SessionReport};
 use crate::cancel::CancelRegistry;
 use crate::net::{Rewind, Socket};
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
 };
-use crate::splice::{Splice, Transferred};
-use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
+use crate::splice::Splice;
+use crate::upstream::{SharedUpstream, UpstreamError};
 
 /// What one Postgres target needs to serve a client.
 pub struct PostgresFrontend {
@@ -52,9 +51,7 @@ impl PostgresFrontend {
     ) -> Result<(), SessionError> {
         let mut session = Session {
             frontend: self,
-            client: ClientStream::Plain(socket),
-            from_client: BytesMut::with_capacity(1024),
-            startup_bytes: Transferred::default(),
+            client: ClientLeg::new(socket),
         };
         let result = session.run(admission, cut, report).await;
         let answer = result.as_ref().err().and_then(|err| {
@@ -63,7 +60,7 @@ impl PostgresFrontend {
             pg::encode_error_response(&mut out, code, &err.to_string());
             Some(out)
         });
-        super::close_session(&mut session.client, answer, session.startup_bytes, report).await;
+        session.client.close(answer, report).await;
         result
     }
 }
@@ -71,11 +68,7 @@ impl PostgresFrontend {
 /// One client connection while keyhole itself reads it (until the splice).
 struct Session<'a> {
     frontend: &'a PostgresFrontend,
-    client: ClientStream,
-    /// Read from the client, not yet consumed.
-    from_client: BytesMut,
-    /// Bytes read from and written to the client before the splice.
-    startup_bytes: Transferred,
+    client: ClientLeg,
 }
 
 impl Session<'_> {
@@ -122,17 +115,8 @@ impl Session<'_> {
         .map_err(|e| late_tls_failure(e, frontend.upstream.server_name()))?;
         let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
-        // Bytes either side sent past the last message keyhole read belong
-        // to the session: deliver them before splicing.
-        if !self.from_client.is_empty() {
-            let pending = self.from_client.split();
-            server.send(&pending).await?;
-        }
-        if !server.buf.is_empty() {
-            let pending = server.buf.split();
-            self.send(&pending).await?;
-        }
-        let mut splice = Splice::new(&mut self.client, &mut server.stream);
+        server.exchange_leftovers(&mut self.client).await?;
+        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
@@ -150,13 +134,13 @@ impl Session<'_> {
         let mut first_read = true;
         loop {
             let packet = loop {
-                if let Some(packet) = pg::decode_startup(&mut self.from_client)? {
+                if let Some(packet) = pg::decode_startup(&mut self.client.buf)? {
                     break packet;
                 }
-                self.read_more().await?;
-                if first_read && self.from_client.first() == Some(&pg::TLS_HANDSHAKE_RECORD) {
+                self.client.read_more().await?;
+                if first_read && self.client.buf.first() == Some(&pg::TLS_HANDSHAKE_RECORD) {
                     // PG17 direct TLS: a ClientHello where a length belongs.
-                    let prefix = self.from_client.split().freeze();
+                    let prefix = self.client.buf.split().freeze();
                     self.accept_tls(prefix, true).await?;
                     tls_active = true;
                 }
@@ -172,14 +156,14 @@ impl Session<'_> {
                     if self.frontend.local_tls.is_some() {
                         // Anything buffered now was sent before the handshake
                         // and must not be read as if it came through TLS.
-                        if !self.from_client.is_empty() {
+                        if !self.client.buf.is_empty() {
                             return Err(SessionError::DataAfterUpgrade);
                         }
-                        self.send(b"S").await?;
+                        self.client.send(b"S").await?;
                         self.accept_tls(Bytes::new(), false).await?;
                         tls_active = true;
                     } else {
-                        self.send(b"N").await?;
+                        self.client.send(b"N").await?;
                     }
                 }
                 StartupPacket::GssEncRequest => {
@@ -187,7 +171,7 @@ impl Session<'_> {
                         return Err(SessionError::RepeatedUpgrade("GSSENCRequest"));
                     }
                     gss_requested = true;
-                    self.send(b"N").await?;
+                    self.client.send(b"N").await?;
                 }
                 StartupPacket::Cancel(key) => return Ok(Opening::Cancel(key)),
                 StartupPacket::Startup(startup) => return Ok(Opening::Session(startup)),
@@ -201,7 +185,8 @@ impl Session<'_> {
             .local_tls
             .as_ref()
             .ok_or(SessionError::LocalTlsNotConfigured)?;
-        let ClientStream::Plain(socket) = std::mem::replace(&mut self.client, ClientStream::Gone)
+        let ClientStream::Plain(socket) =
+            std::mem::replace(&mut self.client.stream, ClientStream::Gone)
         else {
             return Err(SessionError::RepeatedUpgrade("TLS"));
         };
@@ -210,7 +195,7 @@ impl Session<'_> {
             .await
             .map_err(SessionError::ClientTls)?;
         let alpn_ok = tls.get_ref().1.alpn_protocol() == Some(pg::ALPN);
-        self.client = ClientStream::Tls(Box::new(tls));
+        self.client.stream = ClientStream::Tls(Box::new(tls));
         if direct && !alpn_ok {
             return Err(SessionError::MissingAlpn);
         }
@@ -227,7 +212,7 @@ impl Session<'_> {
         let mut to_client = BytesMut::with_capacity(1024);
         let mut key = None;
         loop {
-            let msg = tokio::time::timeout(timeout, server.read_message())
+            let msg = tokio::time::timeout(timeout, read_server_message(server))
                 .await
                 .map_err(|_| SessionError::UpstreamStalled(timeout))??;
             match msg.tag {
@@ -246,7 +231,7 @@ impl Session<'_> {
                     };
                     msg.encode(&mut to_client);
                     if pg::auth_expects_reply(code) {
-                        self.send(&to_client).await?;
+                        self.client.send(&to_client).await?;
                         to_client.clear();
                         let reply = tokio::time::timeout(timeout, self.read_message())
                             .await
@@ -268,13 +253,13 @@ impl Session<'_> {
                 }
                 tag::READY_FOR_QUERY => {
                     msg.encode(&mut to_client);
-                    self.send(&to_client).await?;
+                    self.client.send(&to_client).await?;
                     return Ok(key);
                 }
                 tag::ERROR_RESPONSE => {
                     // The server's own words reach the client unchanged.
                     msg.encode(&mut to_client);
-                    self.send(&to_client).await?;
+                    self.client.send(&to_client).await?;
                     let code = pg::error_fields(&msg)
                         .into_iter()
                         .find(|(f, _)| *f == b'C')
@@ -288,72 +273,28 @@ impl Session<'_> {
         }
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        write_flush(&mut self.client, bytes)
-            .await
-            .map_err(SessionError::ClientIo)?;
-        self.startup_bytes.server_to_client += bytes.len() as u64;
-        Ok(())
-    }
-
-    async fn read_more(&mut self) -> Result<(), SessionError> {
-        match self.client.read_buf(&mut self.from_client).await {
-            Ok(0) => Err(SessionError::ClientClosed),
-            Ok(n) => {
-                self.startup_bytes.client_to_server += n as u64;
-                Ok(())
-            }
-            Err(e) => Err(SessionError::ClientIo(e)),
-        }
-    }
-
     async fn read_message(&mut self) -> Result<Message, SessionError> {
         loop {
             if let Some(msg) =
-                pg::decode_message(&mut self.from_client, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+                pg::decode_message(&mut self.client.buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
                     .map_err(SessionError::ClientMessage)?
             {
                 return Ok(msg);
             }
-            self.read_more().await?;
+            self.client.read_more().await?;
         }
     }
 }
 
-/// The server's leg while keyhole reads it.
-struct ServerLeg {
-    stream: UpstreamStream,
-    /// Read from the server, not yet consumed.
-    buf: BytesMut,
-}
-
-impl ServerLeg {
-    fn new(stream: UpstreamStream) -> Self {
-        ServerLeg {
-            stream,
-            buf: BytesMut::with_capacity(1024),
+/// Reads one typed message from the server.
+async fn read_server_message(server: &mut ServerLeg) -> Result<Message, SessionError> {
+    loop {
+        if let Some(msg) = pg::decode_message(&mut server.buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
+            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
+        {
+            return Ok(msg);
         }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        write_flush(&mut self.stream, bytes)
-            .await
-            .map_err(SessionError::UpstreamIo)
-    }
-
-    async fn read_message(&mut self) -> Result<Message, SessionError> {
-        loop {
-            if let Some(msg) = pg::decode_message(&mut self.buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)
-                .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?
-            {
-                return Ok(msg);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(SessionError::UpstreamClosed),
-                Ok(_) => {}
-                Err(e) => return Err(SessionError::UpstreamIo(e)),
-            }
-        }
+        server.read_more().await?;
     }
 }
 
@@ -369,9 +310,4 @@ fn late_tls_failure(err: SessionError, server_name: &str) -> SessionError {
         }
         other => other,
     }
-}
-
-async fn write_flush<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }

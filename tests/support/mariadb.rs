@@ -161,6 +161,14 @@ pub fn mariadb_command(password: Option<&str>) -> Command {
     cmd
 }
 
+/// The mariadb CLI over TCP to 127.0.0.1:`port` as `user`, with `extra`
+/// arguments after those (see [`mariadb_with_args`]).
+pub fn mariadb_tcp(port: &str, user: &str, password: Option<&str>, extra: &[&str]) -> Output {
+    let mut args = vec!["-h", "127.0.0.1", "-P", port, "-u", user];
+    args.extend_from_slice(extra);
+    mariadb_with_args(&args, password)
+}
+
 /// `mariadb --no-defaults --batch --skip-column-names ARGS...` with the client's
 /// default TLS behaviour (see the module docs), run to completion within
 /// [`MARIADB_TIMEOUT`].
@@ -174,21 +182,7 @@ pub fn mariadb_with_args(args: &[&str], password: Option<&str>) -> Output {
 /// database [`DATABASE`], running `sql` with default TLS settings.
 pub fn mariadb(port: u16, user: &str, password: Option<&str>, sql: &str) -> Output {
     let port = port.to_string();
-    mariadb_with_args(
-        &[
-            "-h",
-            "127.0.0.1",
-            "-P",
-            &port,
-            "-u",
-            user,
-            "-D",
-            DATABASE,
-            "-e",
-            sql,
-        ],
-        password,
-    )
+    mariadb_tcp(&port, user, password, &["-D", DATABASE, "-e", sql])
 }
 
 /// The first packet a MySQL-protocol server sends (protocol version 10).
@@ -481,14 +475,11 @@ impl MariaDb {
     pub fn mariadb_direct(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
         let port = self.port.to_string();
         let ca = format!("--ssl-ca={}", self.pki.ca.display());
-        let out = mariadb_with_args(
+        let out = mariadb_tcp(
+            &port,
+            user,
+            Some(password),
             &[
-                "-h",
-                "127.0.0.1",
-                "-P",
-                &port,
-                "-u",
-                user,
                 "-D",
                 DATABASE,
                 "--ssl",
@@ -497,7 +488,6 @@ impl MariaDb {
                 "-e",
                 sql,
             ],
-            Some(password),
         );
         if out.status.success() {
             Ok(clients::stdout(&out))

@@ -49,7 +49,7 @@
 //!     by default and how a refused plain login looks.
 //!   - Client: `mariadb::mariadb(port, user, password: Option<&str>, sql) ->
 //!     Output` (TCP to 127.0.0.1, database `keyhole_test`),
-//!     `mariadb_with_args(args, password)`, `mariadb_command(password) ->
+//!     `mariadb_tcp(port, user, password, extra)`, `mariadb_with_args(args, password)`, `mariadb_command(password) ->
 //!     Command`; `--no-defaults` comes first, then `--batch --skip-column-names`;
 //!     `MYSQL_*`/`MARIADB_*` variables are removed and `MYSQL_PWD` is set only
 //!     when a password is given; no TLS option, so the client's defaults apply.
