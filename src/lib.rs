@@ -9,6 +9,7 @@
 
 pub mod cancel;
 pub mod config;
+pub mod credentials;
 pub mod frontend;
 pub mod listener;
 pub mod logging;

@@ -1,0 +1,1 @@
+//! `iam=aws`: RDS IAM tokens. (Being written.)

@@ -1,0 +1,4 @@
+//! The token cache. (Being written.)
+
+/// One token per (endpoint, user). (Being written.)
+pub struct TokenCache;

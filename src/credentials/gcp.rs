@@ -1,0 +1,1 @@
+//! `iam=gcp`: Cloud SQL IAM database login. (Being written.)
