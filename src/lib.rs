@@ -7,12 +7,15 @@
 //! verified TLS connection, and [`splice`] carries everything after.
 //! [`proxy`] ties these together and owns the lifecycle.
 
+pub mod backend;
 pub mod cancel;
+pub mod cidr;
 pub mod config;
 pub mod credentials;
 pub mod frontend;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod proxy;

@@ -1,14 +1,46 @@
 //! Log output: tracing to stderr, as text or one JSON object per line.
 //! Levels come from `RUST_LOG` (default `info`).
+//!
+//! Libraries that see credentials are capped at `info` whatever `RUST_LOG`
+//! says: aws-sigv4 logs the canonical request (session token included) and
+//! the HTTP stack logs headers and bodies at debug and trace. Secrets never
+//! reach a log line, not even one an operator asked for.
 
+use tracing_subscriber::filter::Directive;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Targets that handle credentials, and the most they may say.
+const CAPPED: &[&str] = &[
+    "aws_sigv4=info",
+    "aws_config=info",
+    "aws_credential_types=info",
+    "aws_smithy_runtime=info",
+    "aws_smithy_runtime_api=info",
+    "aws_smithy_http_client=info",
+    "aws_sdk_sts=info",
+    "aws_sdk_sso=info",
+    "aws_sdk_ssooidc=info",
+    "hyper=info",
+    "hyper_util=info",
+    "h2=info",
+    "rustls=info",
+];
+
+pub fn filter() -> EnvFilter {
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    for cap in CAPPED {
+        if let Ok(directive) = cap.parse::<Directive>() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));

@@ -1,5 +1,6 @@
 //! The `keyhole` binary: configuration, logging, runtime, exit code.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use keyhole::config::{Config, ConfigError};
@@ -30,13 +31,6 @@ fn main() -> ExitCode {
         }
     };
     keyhole::tls::install_crypto_provider();
-    let proxy = match Proxy::prepare(&config) {
-        Ok(proxy) => proxy,
-        Err(e) => {
-            eprintln!("keyhole: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     keyhole::logging::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -48,11 +42,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(proxy.run()) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
+    let env: HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    runtime.block_on(async {
+        let proxy = match Proxy::prepare(&config, env).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                eprintln!("keyhole: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        match proxy.run().await {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -16,12 +16,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::HashMap;
+
+use crate::backend;
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, Protocol, TargetConfig};
+use crate::cidr;
+use crate::config::{self, Config, Protocol, TargetConfig};
+use crate::credentials::{self, SourceContext, TokenCache, TokenLogin};
 use crate::frontend::mysql::MysqlFrontend;
 use crate::frontend::postgres::PostgresFrontend;
-use crate::frontend::{Admission, SessionError, SessionReport};
+use crate::frontend::{Admission, LoginPolicy, SessionError, SessionReport};
 use crate::listener::{self, Listener, Peer};
+use crate::metrics::{self, RefusedReason};
 use crate::net;
 use crate::protocol::postgres as pg;
 use crate::tls::{self, TlsSetupError};
@@ -62,10 +68,10 @@ pub struct Proxy {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("target {target}: {source}")]
+#[error("target {target}: {reason}")]
 pub struct PrepareError {
     target: String,
-    source: TlsSetupError,
+    reason: String,
 }
 
 /// Why the process is stopping.
@@ -91,28 +97,55 @@ impl StopSignal {
 }
 
 impl Proxy {
-    /// Loads every certificate and key the configuration names; any problem
-    /// is a configuration error.
-    pub fn prepare(config: &Config) -> Result<Proxy, PrepareError> {
+    /// Loads every certificate and key the configuration names, builds each
+    /// target's backend and, for `iam=` targets, finds its credential
+    /// source; any problem is a configuration error. `env` is the process
+    /// environment, where credential sources are found.
+    pub async fn prepare(
+        config: &Config,
+        env: HashMap<String, String>,
+    ) -> Result<Proxy, PrepareError> {
         let cancels = Arc::new(CancelRegistry::default());
+        let mut sources = SourceContext::new(env, config.connect_timeout);
         let mut targets = Vec::with_capacity(config.targets.len());
         for target in &config.targets {
-            let fail = |source| PrepareError {
+            let fail = |reason: String| PrepareError {
                 target: target.name.clone(),
-                source,
+                reason,
             };
+            let tls_fail = |e: TlsSetupError| fail(e.to_string());
             let alpn = match target.protocol {
                 Protocol::Postgres => Some(pg::ALPN),
                 Protocol::Mysql => None,
             };
-            let upstream =
-                Arc::new(Upstream::new(target, config.connect_timeout, alpn).map_err(fail)?);
+            let backend = backend::build(target).map_err(fail)?;
+            let upstream = Arc::new(
+                Upstream::new(target, config.connect_timeout, alpn, backend).map_err(tls_fail)?,
+            );
             let local_tls = config
                 .listen_tls
                 .as_ref()
                 .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
                 .transpose()
-                .map_err(fail)?;
+                .map_err(tls_fail)?;
+            let tokens = match &target.iam {
+                None => None,
+                Some(iam) => {
+                    let source = credentials::build(iam, &mut sources).await.map_err(fail)?;
+                    tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), "token login: keyhole answers the server's password request");
+                    let cache = TokenCache::new(source, config.connect_timeout);
+                    Some(Arc::new(TokenLogin::new(
+                        cache,
+                        iam.endpoint_host.clone(),
+                        iam.endpoint_port,
+                    )))
+                }
+            };
+            let login = Arc::new(LoginPolicy {
+                fixed_user: target.user.clone(),
+                tokens,
+                protocol: target.protocol,
+            });
             let startup_timeout = config.startup_timeout;
             let max_connections = config.max_connections.map(|n| n.get());
             let frontend = match target.protocol {
@@ -122,12 +155,14 @@ impl Proxy {
                     startup_timeout,
                     cancels: cancels.clone(),
                     max_connections,
+                    login,
                 }),
                 Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
                     upstream,
                     local_tls,
                     startup_timeout,
                     max_connections,
+                    login,
                 }),
             };
             targets.push(Arc::new(Target {
@@ -267,11 +302,24 @@ async fn accept_loop(
             }
         };
         net::tune_client(&socket);
+        let allowed = match peer {
+            Peer::Tcp(addr) => {
+                target.config.allow.is_empty()
+                    || cidr::any_contains(&target.config.allow, addr.ip())
+            }
+            // File permissions guard a Unix socket; it has no address to check.
+            Peer::Unix => true,
+        };
         let permit = match &limit {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let admission = if limit.is_some() && permit.is_none() {
+        let admission = if !allowed {
+            tracing::warn!(client = %peer, target = %target.config.name, allow = %cidr::join(&target.config.allow), "client refused: its address is not in the target's allow list");
+            metrics::global().refused(RefusedReason::Allowlist);
+            Admission::NotAllowed
+        } else if limit.is_some() && permit.is_none() {
+            metrics::global().refused(RefusedReason::Limit);
             Admission::OverLimit
         } else {
             Admission::Admitted

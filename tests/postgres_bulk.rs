@@ -26,7 +26,7 @@ const LETTERS: usize = 8_184;
 /// The server builds a row's letters as `repeat(repeat(letter, RUN), LETTERS / RUN)`:
 /// the same text as one `repeat(letter, LETTERS)` for a fraction of the work.
 const RUN: usize = 24;
-const _: () = assert!(LETTERS % RUN == 0);
+const _: () = assert!(LETTERS.is_multiple_of(RUN));
 
 /// The longest one COPY may take before psql is killed and the test fails.
 const COPY_LIMIT: Duration = Duration::from_secs(600);

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
+use crate::cidr::Cidr;
+
 pub use target::Protocol;
 
 const ENV_HELP: &str = "\
@@ -36,11 +38,24 @@ Target parameters (postgres://HOST[:PORT]?name=value&..., mysql://HOST[:PORT]?..
   server-name=NAME     name to verify in the server certificate (default: HOST)
   tls-mode=MODE        verify-full (default) or verify-ca
   client-cert=PATH, client-key=PATH   client certificate for this server
+  backend=NAME         private-ip (default): dial only private addresses;
+                       public: dial only public addresses, verify-full, allow= off loopback
+  destinations=CIDR,.. extra ranges private-ip may dial; the only ones public may dial
+  allow=CIDR,..        clients (TCP source addresses) that may connect; default: any
+  iam=aws|gcp          answer the server's password request with an RDS IAM token (aws)
+                       or a Cloud SQL IAM login token (gcp); clients send no password
+  region=REGION        AWS region to sign for (default: from the RDS host name, then AWS_REGION)
+  user=NAME            database user for every client of this target
+  iam-port=PORT        port the token is signed for, when keyhole dials a tunnel or relay
+                       (the host signed for is server-name=)
 
 Examples:
   keyhole --ca-file global-bundle.pem postgres://mydb.abc123.eu-west-1.rds.amazonaws.com
   keyhole -p 6432 'postgres://10.0.0.5?server-name=db.internal&ca-file=ca.pem'
-  keyhole --ca-file ca.pem postgres://10.0.0.5 mysql://10.0.0.6   (listens on 5432 and 3306)";
+  keyhole --ca-file ca.pem postgres://10.0.0.5 mysql://10.0.0.6   (listens on 5432 and 3306)
+  keyhole --ca-file global-bundle.pem 'postgres://mydb.abc123.eu-west-1.rds.amazonaws.com?iam=aws'
+
+Tokens by hand: keyhole token aws|gcp --help";
 
 /// keyhole: plain Postgres on localhost, verified TLS to the database.
 #[derive(Parser, Debug)]
@@ -105,6 +120,30 @@ pub struct Cli {
     /// Log lines as text or json. Levels from RUST_LOG (default: info).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+
+    /// How keyhole may reach the databases: private-ip or public (target parameter backend=). [default: private-ip]
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+
+    /// Address ranges (CIDR, comma-separated) the backend may dial besides its own (target parameter destinations=).
+    #[arg(long, value_name = "CIDRS")]
+    pub destinations: Option<String>,
+
+    /// Client source ranges (CIDR, comma-separated) that may connect; others are refused (target parameter allow=). [default: any]
+    #[arg(long, value_name = "CIDRS")]
+    pub allow: Option<String>,
+
+    /// Log in with IAM tokens: aws (RDS/Aurora) or gcp (Cloud SQL) (target parameter iam=).
+    #[arg(long, value_name = "PROVIDER")]
+    pub iam: Option<String>,
+
+    /// AWS region for iam=aws tokens (target parameter region=). [default: from the RDS host name, then AWS_REGION]
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Database user for every client, whatever user it sends (target parameter user=).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 /// The whole configuration, validated.
@@ -140,6 +179,47 @@ pub struct TargetConfig {
     /// Unix socket file, if any.
     pub unix_socket: Option<PathBuf>,
     pub tls: UpstreamTls,
+    /// The network policy: a name in [`crate::backend::REGISTRY`].
+    pub backend: String,
+    /// `destinations=`: ranges the backend may dial besides (or, for
+    /// `public`, instead of) its own.
+    pub destinations: Vec<Cidr>,
+    /// `allow=`: client source ranges that may connect; empty means any.
+    pub allow: Vec<Cidr>,
+    /// Token login, if the target uses it.
+    pub iam: Option<Iam>,
+    /// `user=`: the database user for every client.
+    pub user: Option<String>,
+}
+
+/// Token login for a target (`iam=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iam {
+    pub provider: IamProvider,
+    /// `region=` (AWS); `None`: from the host name, then the environment.
+    pub region: Option<String>,
+    /// The host the token is for: the database's own name (`server-name=`,
+    /// which defaults to the target host), whatever address keyhole dials.
+    pub endpoint_host: String,
+    /// The port the token is for (`iam-port=`, default the target's port).
+    pub endpoint_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IamProvider {
+    /// RDS and Aurora IAM database authentication.
+    Aws,
+    /// Cloud SQL IAM database login.
+    Gcp,
+}
+
+impl IamProvider {
+    pub fn name(self) -> &'static str {
+        match self {
+            IamProvider::Aws => "aws",
+            IamProvider::Gcp => "gcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,6 +441,47 @@ fn parse_tls_mode(text: &str) -> Result<TlsMode, String> {
     }
 }
 
+fn parse_backend(text: &str) -> Result<String, String> {
+    match crate::backend::find(text) {
+        Some(r) => Ok(r.name.to_owned()),
+        None => Err(format!(
+            "unknown backend '{text}' (known: {})",
+            crate::backend::names()
+        )),
+    }
+}
+
+fn parse_iam(text: &str) -> Result<Option<IamProvider>, String> {
+    match text {
+        "aws" => Ok(Some(IamProvider::Aws)),
+        "gcp" => Ok(Some(IamProvider::Gcp)),
+        "none" | "" => Ok(None),
+        other => Err(format!(
+            "'{other}' is not a token provider (aws for RDS/Aurora, gcp for Cloud SQL, or none)"
+        )),
+    }
+}
+
+fn parse_region(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("'{text}' is not an AWS region like eu-west-1"))
+    }
+}
+
+fn parse_user(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.contains('\0') {
+        Err("a user name must be non-empty text".into())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
 fn cert_key(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -425,6 +546,12 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
             other => Err(format!("'{other}' is not a log format (text or json)")),
         })?
         .unwrap_or(LogFormat::Text);
+    let backend = layers.parse("backend", parse_backend)?;
+    let destinations = layers.parse("destinations", Cidr::parse_list)?;
+    let allow = layers.parse("allow", Cidr::parse_list)?;
+    let iam = layers.parse("iam", parse_iam)?.flatten();
+    let region = layers.parse("region", parse_region)?;
+    let user = layers.parse("user", parse_user)?;
     if startup_timeout.is_zero() || connect_timeout.is_zero() {
         return Err(invalid(
             "startup-timeout and connect-timeout must be more than zero",
@@ -503,6 +630,56 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
                 None => client_cert.clone(),
             },
         };
+        let backend = match param("backend") {
+            Some(b) => parse_backend(b).map_err(|e| in_target("backend", e))?,
+            None => backend
+                .clone()
+                .unwrap_or_else(|| crate::backend::default_name().to_owned()),
+        };
+        let ranges = |key: &str, default: &Option<Vec<Cidr>>| match param(key) {
+            Some(list) => Cidr::parse_list(list).map_err(|e| in_target(key, e)),
+            None => Ok(default.clone().unwrap_or_default()),
+        };
+        let destinations = ranges("destinations", &destinations)?;
+        let allow = ranges("allow", &allow)?;
+        let user = match param("user") {
+            Some(u) => Some(parse_user(u).map_err(|e| in_target("user", e))?),
+            None => user.clone(),
+        };
+        let provider = match param("iam") {
+            Some(p) => parse_iam(p).map_err(|e| in_target("iam", e))?,
+            None => iam,
+        };
+        let region = match param("region") {
+            Some(r) => Some(parse_region(r).map_err(|e| in_target("region", e))?),
+            None => region.clone(),
+        };
+        let iam_port = param("iam-port")
+            .map(|p| {
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| in_target("iam-port", format!("'{p}' is not a port number")))
+            })
+            .transpose()?;
+        let iam = match provider {
+            None if param("region").is_some() || param("iam-port").is_some() => {
+                return Err(invalid(format!(
+                    "target {name}: region= and iam-port= apply only with iam=aws or iam=gcp"
+                )))
+            }
+            None => None,
+            Some(provider) => Some(Iam {
+                provider,
+                region: if provider == IamProvider::Aws {
+                    region
+                } else {
+                    None
+                },
+                endpoint_host: tls.server_name.clone(),
+                endpoint_port: iam_port.unwrap_or(url.port),
+            }),
+        };
         built.push(TargetConfig {
             name,
             protocol: url.protocol,
@@ -511,6 +688,11 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
             listen,
             unix_socket: unix_path,
             tls,
+            backend,
+            destinations,
+            allow,
+            iam,
+            user,
         });
     }
     check_distinct_listeners(&built)?;

@@ -51,6 +51,13 @@ pub const TARGET_PARAMS: &[&str] = &[
     "tls-mode",
     "client-cert",
     "client-key",
+    "backend",
+    "destinations",
+    "allow",
+    "iam",
+    "region",
+    "user",
+    "iam-port",
 ];
 
 pub fn parse(raw: &str) -> Result<TargetUrl, String> {

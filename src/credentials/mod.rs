@@ -123,3 +123,100 @@ pub trait TokenSource: Send + Sync + 'static {
         user.to_owned()
     }
 }
+
+/// What the session drivers use on a target with `iam=`: the token cache,
+/// and the endpoint tokens are for.
+pub struct TokenLogin {
+    cache: Arc<TokenCache>,
+    endpoint_host: String,
+    endpoint_port: u16,
+}
+
+impl TokenLogin {
+    pub fn new(cache: Arc<TokenCache>, endpoint_host: String, endpoint_port: u16) -> TokenLogin {
+        TokenLogin {
+            cache,
+            endpoint_host,
+            endpoint_port,
+        }
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.cache.source().provider()
+    }
+
+    /// The database user for a client's user name.
+    pub fn database_user(&self, user: &str, protocol: Protocol) -> String {
+        self.cache.source().database_user(user, protocol)
+    }
+
+    /// A token for `user` (a database user, already mapped).
+    pub async fn token(&self, user: &str) -> Result<Token, CredentialsError> {
+        let request = TokenRequest {
+            host: self.endpoint_host.clone(),
+            port: self.endpoint_port,
+            user: user.to_owned(),
+        };
+        self.cache.get(&request).await
+    }
+}
+
+/// Process-wide inputs the token sources are built from, loaded once.
+pub struct SourceContext {
+    /// The process environment (a map, so tests can feed their own).
+    pub env: std::collections::HashMap<String, String>,
+    /// Bound on one token fetch.
+    pub timeout: Duration,
+    aws: Option<aws_config::SdkConfig>,
+}
+
+impl SourceContext {
+    pub fn new(env: std::collections::HashMap<String, String>, timeout: Duration) -> SourceContext {
+        SourceContext {
+            env,
+            timeout,
+            aws: None,
+        }
+    }
+}
+
+/// Builds the token source a target's `iam=` names: the one place that
+/// lists the providers. Errors are configuration errors (exit 2).
+pub async fn build(
+    iam: &crate::config::Iam,
+    context: &mut SourceContext,
+) -> Result<Arc<dyn TokenSource>, String> {
+    use crate::config::IamProvider;
+    match iam.provider {
+        IamProvider::Aws => {
+            if context.aws.is_none() {
+                context.aws = Some(aws::load_config().await);
+            }
+            let sdk = context
+                .aws
+                .as_ref()
+                .ok_or("AWS configuration did not load")?;
+            let region = iam
+                .region
+                .clone()
+                .or_else(|| aws::region_from_host(&iam.endpoint_host).map(str::to_owned))
+                .or_else(|| sdk.region().map(|r| r.to_string()))
+                .ok_or_else(|| {
+                    format!(
+                        "iam=aws needs a region: {} is not an RDS host name to read one from; \
+                         set region= (or --region), or AWS_REGION",
+                        iam.endpoint_host
+                    )
+                })?;
+            let credentials = sdk.credentials_provider().ok_or(
+                "the AWS SDK configuration has no credential chain (this is a bug in keyhole)",
+            )?;
+            Ok(Arc::new(aws::AwsTokenSource::new(credentials, region)))
+        }
+        IamProvider::Gcp => {
+            let source = gcp::GcpTokenSource::discover(&context.env, context.timeout)
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(source))
+        }
+    }
+}

@@ -5,6 +5,7 @@
 use std::io;
 use std::time::Duration;
 
+use crate::credentials::CredentialsError;
 use crate::protocol::mysql::{self, PacketError, ResponseError};
 use crate::protocol::postgres::{sqlstate, MessageError, SaslError, StartupError};
 use crate::splice::{Side, SpliceError, Transferred};
@@ -15,6 +16,8 @@ use crate::upstream::{humanize, UpstreamError};
 pub enum Admission {
     Admitted,
     OverLimit,
+    /// The client's address is outside the target's `allow=` list.
+    NotAllowed,
 }
 
 /// How a session went, for its log line.
@@ -62,6 +65,19 @@ pub enum SessionError {
     ClientTls(io::Error),
     #[error("too many connections: keyhole allows {0} at once (--max-connections)")]
     TooManyConnections(usize),
+    #[error("this client's address is not in the target's allow list (allow=)")]
+    NotAllowed,
+    #[error("keyhole could not get an IAM token for user \"{user}\": {source}")]
+    Credentials {
+        user: String,
+        source: CredentialsError,
+    },
+    #[error("the server asked for {asked} for user \"{user}\", not for the password an IAM token answers: {hint}")]
+    TokenNotAsked {
+        asked: String,
+        user: String,
+        hint: &'static str,
+    },
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("the server did not answer within {} during authentication", humanize(*.0))]
@@ -113,6 +129,9 @@ impl SessionError {
             | SessionError::MissingAlpn => "client_protocol",
             SessionError::LocalTlsNotConfigured | SessionError::ClientTls(_) => "client_tls",
             SessionError::TooManyConnections(_) => "too_many_connections",
+            SessionError::NotAllowed => "not_allowed",
+            SessionError::Credentials { .. } => "credentials",
+            SessionError::TokenNotAsked { .. } => "token_not_asked",
             SessionError::Upstream(e) => e.label(),
             SessionError::UpstreamStalled(_) => "upstream_timeout",
             SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
@@ -152,6 +171,21 @@ impl SessionError {
                 sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
                 mysql_code: code::TOO_MANY_CONNECTIONS,
                 mysql_sqlstate: "08004",
+            },
+            SessionError::NotAllowed => Answer::Send {
+                sqlstate: sqlstate::INVALID_AUTHORIZATION,
+                mysql_code: code::HOST_NOT_ALLOWED,
+                mysql_sqlstate: "HY000",
+            },
+            SessionError::Credentials { .. } => Answer::Send {
+                sqlstate: sqlstate::UNABLE_TO_CONNECT,
+                mysql_code: code::CANNOT_CONNECT,
+                mysql_sqlstate: "08S01",
+            },
+            SessionError::TokenNotAsked { .. } => Answer::Send {
+                sqlstate: sqlstate::INVALID_AUTHORIZATION,
+                mysql_code: code::ACCESS_DENIED,
+                mysql_sqlstate: "28000",
             },
             SessionError::Upstream(e) => Answer::Send {
                 sqlstate: sqlstate::UNABLE_TO_CONNECT,

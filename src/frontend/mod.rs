@@ -15,7 +15,75 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
+use std::sync::Arc;
+
+use crate::config::{IamProvider, Protocol};
+use crate::credentials::{Token, TokenLogin};
+use crate::metrics;
 use crate::net::{Rewind, Socket};
+
+/// How a target's clients log in to the database: as the user they send
+/// (the default) or the one `user=` fixes, and with their own password or,
+/// with `iam=`, a token keyhole answers the server's request with.
+pub struct LoginPolicy {
+    pub fixed_user: Option<String>,
+    pub tokens: Option<Arc<TokenLogin>>,
+    pub protocol: Protocol,
+}
+
+impl LoginPolicy {
+    /// The database user for a client that sent `client_user`.
+    pub fn database_user(&self, client_user: &str) -> String {
+        let user = self.fixed_user.as_deref().unwrap_or(client_user);
+        match &self.tokens {
+            Some(tokens) => tokens.database_user(user, self.protocol),
+            None => user.to_owned(),
+        }
+    }
+
+    /// The token for `user`, if this target logs in with tokens.
+    pub async fn token(&self, user: &str) -> Result<Option<Token>, SessionError> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(None);
+        };
+        match tokens.token(user).await {
+            Ok(token) => Ok(Some(token)),
+            Err(source) => {
+                metrics::global().token_failed();
+                Err(SessionError::Credentials {
+                    user: user.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The server asked for something other than the password a token
+    /// answers: say what to check on the database's side.
+    pub fn token_not_asked(&self, asked: String, user: &str) -> SessionError {
+        metrics::global().token_failed();
+        let provider = match self.tokens.as_ref().map(|t| t.provider()) {
+            Some("gcp") => IamProvider::Gcp,
+            _ => IamProvider::Aws,
+        };
+        let hint = match (provider, self.protocol) {
+            (IamProvider::Aws, Protocol::Postgres) => {
+                "on RDS, the user needs GRANT rds_iam, and the instance IAM database authentication"
+            }
+            (IamProvider::Aws, Protocol::Mysql) => {
+                "on RDS, the user must be IDENTIFIED WITH AWSAuthenticationPlugin AS 'RDS', and the instance needs IAM database authentication"
+            }
+            (IamProvider::Gcp, _) => {
+                "on Cloud SQL, the user must be an IAM user or service account (CLOUD_IAM_USER or CLOUD_IAM_SERVICE_ACCOUNT) and the instance needs the cloudsql_iam_authentication flag"
+            }
+        };
+        SessionError::TokenNotAsked {
+            asked,
+            user: user.to_owned(),
+            hint,
+        }
+    }
+}
 
 /// The client's leg: plain, or TLS when keyhole has a local certificate.
 pub enum ClientStream {

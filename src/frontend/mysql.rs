@@ -16,6 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +26,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{Admission, ClientStream, SessionError, SessionReport};
+use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
+use crate::credentials::Token;
+use crate::metrics;
 use crate::net::{Rewind, Socket};
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
 use crate::splice::Splice;
@@ -39,6 +42,8 @@ pub struct MysqlFrontend {
     pub startup_timeout: Duration,
     /// The configured connection limit, for the 1040 message.
     pub max_connections: Option<usize>,
+    /// Which user logs in, and with what.
+    pub login: Arc<LoginPolicy>,
 }
 
 impl MysqlFrontend {
@@ -83,11 +88,16 @@ impl Session<'_> {
         report: &mut SessionReport,
     ) -> Result<(), SessionError> {
         let frontend = self.frontend;
-        if admission == Admission::OverLimit {
-            // A server over its limit says so instead of greeting; so do we.
-            return Err(SessionError::TooManyConnections(
-                frontend.max_connections.unwrap_or(0),
-            ));
+        // A server over its limit, or refusing a host, says so instead of
+        // greeting; so do we.
+        match admission {
+            Admission::Admitted => {}
+            Admission::OverLimit => {
+                return Err(SessionError::TooManyConnections(
+                    frontend.max_connections.unwrap_or(0),
+                ))
+            }
+            Admission::NotAllowed => return Err(SessionError::NotAllowed),
         }
         let greeted = frontend.upstream.greet_mysql().await?;
         let greeting = greeted.greeting.clone();
@@ -126,8 +136,15 @@ impl Session<'_> {
             }
             ClientHello::Response(hello) => (first, hello, 1u8),
         };
-        report.user = Some(hello.user);
+        let user = frontend.login.database_user(&hello.user);
+        let response_payload = if user == hello.user {
+            response.payload.clone()
+        } else {
+            mysql::with_user(&response.payload, &user).map_err(SessionError::Handshake)?
+        };
+        report.user = Some(user.clone());
         report.database = hello.database;
+        let token = frontend.login.token(&user).await?;
 
         // Only now can keyhole ask the server for TLS: the SSLRequest must
         // carry the client's capabilities. The response goes out over the
@@ -137,9 +154,10 @@ impl Session<'_> {
             .upgrade_mysql(greeted, &response.payload)
             .await?;
         let mut server = ServerLeg::new(stream);
-        let payload = mysql::with_client_capabilities(&response.payload, caps::SSL);
+        let payload = mysql::with_client_capabilities(&response_payload, caps::SSL);
         send_server_packet(&mut server, response.seq.wrapping_add(delta), &payload).await?;
-        self.relay_auth(&mut server, delta).await?;
+        self.relay_auth(&mut server, delta, token.as_ref(), &user)
+            .await?;
 
         server.exchange_leftovers(&mut self.client).await?;
         let mut server_leg = NoHalfClose(&mut server.stream);
@@ -156,7 +174,18 @@ impl Session<'_> {
     /// Either side may speak next (AuthSwitchRequest, AuthMoreData, public
     /// key requests), so both are read at once; whoever keyhole waits on
     /// longer than the startup timeout is named in the error.
-    async fn relay_auth(&mut self, server: &mut ServerLeg, delta: u8) -> Result<(), SessionError> {
+    ///
+    /// With a token, keyhole answers the server's switch to
+    /// `mysql_clear_password` itself (the client never sees it; the two
+    /// packets widen the sequence gap by two) and refuses any other
+    /// method the server asks for.
+    async fn relay_auth(
+        &mut self,
+        server: &mut ServerLeg,
+        mut delta: u8,
+        token: Option<&Token>,
+        user: &str,
+    ) -> Result<(), SessionError> {
         let timeout = self.frontend.startup_timeout;
         let mut client_to_answer = false;
         loop {
@@ -178,6 +207,15 @@ impl Session<'_> {
                 Err(_) => return Err(SessionError::UpstreamStalled(timeout)),
             };
             if from_server {
+                if let Some(token) = token {
+                    if let Some(asked) = self.token_answer(server, &packet, token).await? {
+                        return Err(self.frontend.login.token_not_asked(asked, user));
+                    }
+                    if packet.payload.first() == Some(&reply::AUTH_SWITCH) {
+                        delta = delta.wrapping_add(2);
+                        continue;
+                    }
+                }
                 self.send_packet(packet.seq.wrapping_sub(delta), &packet.payload)
                     .await?;
                 match packet.payload.first() {
@@ -192,6 +230,36 @@ impl Session<'_> {
                 send_server_packet(server, packet.seq.wrapping_add(delta), &packet.payload).await?;
                 client_to_answer = false;
             }
+        }
+    }
+
+    /// With a token: answers a switch to `mysql_clear_password` on the
+    /// server leg. Returns what the server asked for instead, if it asked
+    /// for anything a token cannot answer.
+    async fn token_answer(
+        &self,
+        server: &mut ServerLeg,
+        packet: &Packet,
+        token: &Token,
+    ) -> Result<Option<String>, SessionError> {
+        match packet.payload.first() {
+            Some(&reply::AUTH_SWITCH) => match mysql::auth_switch_plugin(&packet.payload) {
+                Some(mysql::CLEAR_PASSWORD_PLUGIN) => {
+                    let answer = mysql::clear_password_reply(token.expose());
+                    send_server_packet(server, packet.seq.wrapping_add(1), &answer).await?;
+                    metrics::global().token_injected();
+                    Ok(None)
+                }
+                Some(plugin) => Ok(Some(format!(
+                    "the {} authentication method",
+                    String::from_utf8_lossy(plugin)
+                ))),
+                None => Ok(Some("the pre-4.1 authentication method".into())),
+            },
+            Some(&reply::AUTH_MORE_DATA) => {
+                Ok(Some("more data for its own authentication method".into()))
+            }
+            _ => Ok(None),
         }
     }
 

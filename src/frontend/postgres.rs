@@ -14,8 +14,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{Admission, ClientStream, SessionError, SessionReport};
+use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
 use crate::cancel::CancelRegistry;
+use crate::credentials::Token;
+use crate::metrics;
 use crate::net::{Rewind, Socket};
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
@@ -32,6 +34,8 @@ pub struct PostgresFrontend {
     pub cancels: Arc<CancelRegistry>,
     /// The configured connection limit, for the 53300 message.
     pub max_connections: Option<usize>,
+    /// Which user logs in, and with what.
+    pub login: Arc<LoginPolicy>,
 }
 
 /// What the client asked for once negotiation is over.
@@ -100,16 +104,29 @@ impl Session<'_> {
         };
         report.user = Some(startup.user.clone());
         report.database = startup.database.clone();
-        if admission == Admission::OverLimit {
-            return Err(SessionError::TooManyConnections(
-                frontend.max_connections.unwrap_or(0),
-            ));
+        match admission {
+            Admission::Admitted => {}
+            Admission::OverLimit => {
+                return Err(SessionError::TooManyConnections(
+                    frontend.max_connections.unwrap_or(0),
+                ))
+            }
+            Admission::NotAllowed => return Err(SessionError::NotAllowed),
         }
+        let user = frontend.login.database_user(&startup.user);
+        let startup = if user == startup.user {
+            startup
+        } else {
+            report.user = Some(user.clone());
+            startup.with_user(&user)
+        };
+        // Before dialling: without a token there is no point in a connection.
+        let token = frontend.login.token(&user).await?;
 
         let mut server = ServerLeg::new(frontend.upstream.connect_postgres().await?);
         let key = async {
             server.send(&startup.raw).await?;
-            self.relay_auth(&mut server).await
+            self.relay_auth(&mut server, token.as_ref(), &user).await
         }
         .await
         .map_err(|e| late_tls_failure(e, frontend.upstream.server_name()))?;
@@ -202,11 +219,15 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Relays the authentication exchange until ReadyForQuery, answering
-    /// nothing itself. Returns the session's cancel key.
+    /// Relays the authentication exchange until ReadyForQuery. With a
+    /// token, keyhole answers the server's cleartext password request itself
+    /// (the client never sees it) and refuses any other request. Returns the
+    /// session's cancel key.
     async fn relay_auth(
         &mut self,
         server: &mut ServerLeg,
+        token: Option<&Token>,
+        user: &str,
     ) -> Result<Option<CancelKey>, SessionError> {
         let timeout = self.frontend.startup_timeout;
         let mut to_client = BytesMut::with_capacity(1024);
@@ -222,6 +243,19 @@ impl Session<'_> {
                             "authentication request without a code".into(),
                         )
                     })?;
+                    if let Some(token) = token {
+                        if code == auth::CLEARTEXT_PASSWORD {
+                            let mut out = BytesMut::with_capacity(6 + token.expose().len());
+                            pg::encode_password_message(&mut out, token.expose());
+                            server.send(&out).await?;
+                            metrics::global().token_injected();
+                            continue;
+                        }
+                        if pg::auth_expects_reply(code) {
+                            let asked = pg::auth_name(code).to_owned();
+                            return Err(self.frontend.login.token_not_asked(asked, user));
+                        }
+                    }
                     let msg = if code == auth::SASL {
                         pg::strip_channel_binding(&msg)
                             .map_err(SessionError::ChannelBinding)?

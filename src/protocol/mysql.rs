@@ -62,6 +62,10 @@ pub mod code {
     pub const SERVER_LOST: u16 = 1158;
     /// ER_SECURE_TRANSPORT_REQUIRED: no going on without verified TLS.
     pub const TLS_ERROR: u16 = 3159;
+    /// ER_ACCESS_DENIED_ERROR: the login cannot succeed as configured.
+    pub const ACCESS_DENIED: u16 = 1045;
+    /// ER_HOST_NOT_PRIVILEGED: this client address may not connect.
+    pub const HOST_NOT_ALLOWED: u16 = 1130;
 
     /// Codes client libraries keep for themselves.
     pub const CLIENT_RANGES: [std::ops::RangeInclusive<u16>; 2] = [2000..=2999, 5000..=5999];
@@ -301,6 +305,49 @@ pub fn parse_client_hello(payload: &[u8]) -> Result<ClientHello, ResponseError> 
     }))
 }
 
+/// A copy of a HandshakeResponse41 payload for another user: the 32-byte
+/// header (capabilities, charset, MariaDB's extended capabilities) and
+/// everything after the user name unchanged.
+pub fn with_user(payload: &[u8], user: &str) -> Result<Bytes, ResponseError> {
+    let header = payload
+        .get(..SSL_REQUEST_LEN)
+        .ok_or(ResponseError::Malformed("shorter than 32 bytes"))?;
+    let mut rest = &payload[SSL_REQUEST_LEN..];
+    take_cstr(&mut rest).ok_or(ResponseError::Malformed("user name"))?;
+    let mut out = BytesMut::with_capacity(payload.len() + user.len());
+    out.put_slice(header);
+    out.put_slice(user.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+    Ok(out.freeze())
+}
+
+/// The authentication method a server switches to, from an
+/// AuthSwitchRequest payload (`0xFE plugin-name NUL plugin-data`). Aurora
+/// sends `mysql_clear_password` with no plugin data, and the terminating NUL
+/// may then be missing too. `None`: not a switch, or the pre-4.1 form (a
+/// bare `0xFE`) that names no method.
+pub fn auth_switch_plugin(payload: &[u8]) -> Option<&[u8]> {
+    let rest = payload.strip_prefix(&[reply::AUTH_SWITCH])?;
+    let name = match rest.iter().position(|&b| b == 0) {
+        Some(end) => &rest[..end],
+        None => rest,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+/// The plugin whose answer is the password in clear (over TLS): how RDS
+/// and Cloud SQL take IAM tokens.
+pub const CLEAR_PASSWORD_PLUGIN: &[u8] = b"mysql_clear_password";
+
+/// The reply to a switch to `mysql_clear_password`: the password, NUL-terminated.
+pub fn clear_password_reply(password: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(password.len() + 1);
+    out.extend_from_slice(password.as_bytes());
+    out.push(0);
+    out
+}
+
 /// A copy of a client packet payload with `extra` capability bits set.
 pub fn with_client_capabilities(payload: &[u8], extra: u32) -> Bytes {
     let mut out = BytesMut::from(payload);
@@ -351,6 +398,76 @@ fn take_lenenc(rest: &mut &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_rewritten_for_another_user_keeps_every_other_byte() {
+        let mut p = BytesMut::new();
+        let capabilities =
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH | caps::CONNECT_WITH_DB;
+        p.put_u32_le(capabilities);
+        p.put_u32_le(1 << 24);
+        p.put_u8(45);
+        p.put_slice(&[0; 19]);
+        p.put_u32_le(0x0000_000d); // MariaDB extended capabilities
+        p.put_slice(b"app\0");
+        p.put_u8(3);
+        p.put_slice(b"\x01\x02\x03");
+        p.put_slice(b"shop\0mysql_native_password\0");
+        let rewritten = with_user(&p, "iam_reader").expect("rewrites");
+        let mut expected = BytesMut::from(&p[..32]);
+        expected.put_slice(b"iam_reader\0");
+        expected.put_slice(&p[36..]);
+        assert_eq!(&rewritten[..], &expected[..]);
+        match parse_client_hello(&rewritten).expect("still parses") {
+            ClientHello::Response(r) => {
+                assert_eq!(
+                    (r.user.as_str(), r.database.as_deref()),
+                    ("iam_reader", Some("shop"))
+                );
+                assert_eq!(r.plugin.as_deref(), Some("mysql_native_password"));
+            }
+            other => panic!("not a response: {other:?}"),
+        }
+        assert_eq!(
+            with_user(&p[..20], "x"),
+            Err(ResponseError::Malformed("shorter than 32 bytes"))
+        );
+        assert_eq!(
+            with_user(&p[..34], "x"),
+            Err(ResponseError::Malformed("user name"))
+        );
+    }
+
+    #[test]
+    fn auth_switch_requests_name_their_plugin_with_or_without_data() {
+        assert_eq!(
+            auth_switch_plugin(b"\xfemysql_clear_password\0abcdefghij\0"),
+            Some(CLEAR_PASSWORD_PLUGIN)
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\xfemysql_clear_password\0"),
+            Some(CLEAR_PASSWORD_PLUGIN)
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\xfemysql_clear_password"),
+            Some(CLEAR_PASSWORD_PLUGIN)
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\xfeclient_ed25519\0xyz"),
+            Some(&b"client_ed25519"[..])
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\xfe"),
+            None,
+            "pre-4.1 switch names no method"
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\x00\x00\x00"),
+            None,
+            "OK is not a switch"
+        );
+        assert_eq!(clear_password_reply("tok"), b"tok\0");
+    }
 
     /// A MariaDB-style greeting: LONG_PASSWORD cleared, extended caps in the
     /// last reserved bytes.

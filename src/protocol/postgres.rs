@@ -195,6 +195,63 @@ fn decode_startup_message(
     })))
 }
 
+impl StartupMessage {
+    /// The same StartupMessage for another database user: every other
+    /// parameter, and their order, unchanged.
+    pub fn with_user(&self, user: &str) -> StartupMessage {
+        let mut body = BytesMut::with_capacity(self.raw.len() + user.len());
+        body.put_u32(0); // length, patched below
+        body.put_u32(self.version.0);
+        let mut rest = &self.raw[8..];
+        // The packet was validated on decode: pairs of C strings, then NUL.
+        while let Some(name) = take_cstr(&mut rest).filter(|n| !n.is_empty()) {
+            let value = take_cstr(&mut rest).unwrap_or_default();
+            body.put_slice(name);
+            body.put_u8(0);
+            body.put_slice(if name == b"user" {
+                user.as_bytes()
+            } else {
+                value
+            });
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let len = body.len() as u32;
+        body[..4].copy_from_slice(&len.to_be_bytes());
+        StartupMessage {
+            version: self.version,
+            user: user.to_owned(),
+            database: self.database.clone(),
+            application_name: self.application_name.clone(),
+            raw: body.freeze(),
+        }
+    }
+}
+
+/// A PasswordMessage carrying `password` (the answer to
+/// AuthenticationCleartextPassword).
+pub fn encode_password_message(out: &mut BytesMut, password: &str) {
+    out.reserve(6 + password.len());
+    out.put_u8(tag::PASSWORD_MESSAGE);
+    out.put_u32(4 + password.len() as u32 + 1);
+    out.put_slice(password.as_bytes());
+    out.put_u8(0);
+}
+
+/// A name for an authentication request, for messages.
+pub fn auth_name(code: u32) -> &'static str {
+    match code {
+        auth::OK => "no authentication",
+        auth::KERBEROS_V5 => "Kerberos V5",
+        auth::CLEARTEXT_PASSWORD => "a cleartext password",
+        auth::MD5_PASSWORD => "MD5 password authentication",
+        auth::GSS | auth::GSS_CONTINUE => "GSSAPI",
+        auth::SSPI => "SSPI",
+        auth::SASL | auth::SASL_CONTINUE | auth::SASL_FINAL => "SASL (SCRAM) authentication",
+        _ => "an unknown authentication method",
+    }
+}
+
 fn take_cstr<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     let end = rest.iter().position(|&b| b == 0)?;
     let s = &rest[..end];
@@ -427,6 +484,46 @@ mod tests {
         out.put_u32(4 + body.len() as u32);
         out.put_slice(&body);
         out
+    }
+
+    #[test]
+    fn a_startup_rewritten_for_another_user_keeps_every_other_parameter_in_order() {
+        let original = startup(
+            3 << 16,
+            &[
+                ("database", "shop"),
+                ("user", "app"),
+                ("application_name", "psql"),
+            ],
+        );
+        let Ok(Some(StartupPacket::Startup(msg))) = decode_startup(&mut original.clone()) else {
+            panic!("decodes")
+        };
+        let rewritten = msg.with_user("iam_reader");
+        let expected = startup(
+            3 << 16,
+            &[
+                ("database", "shop"),
+                ("user", "iam_reader"),
+                ("application_name", "psql"),
+            ],
+        );
+        assert_eq!(&rewritten.raw[..], &expected[..]);
+        assert_eq!(rewritten.user, "iam_reader");
+        assert_eq!(rewritten.database.as_deref(), Some("shop"));
+        let Ok(Some(StartupPacket::Startup(again))) =
+            decode_startup(&mut BytesMut::from(&rewritten.raw[..]))
+        else {
+            panic!("the rewrite decodes")
+        };
+        assert_eq!(again, rewritten);
+    }
+
+    #[test]
+    fn a_password_message_is_nul_terminated_and_counted() {
+        let mut out = BytesMut::new();
+        encode_password_message(&mut out, "tok");
+        assert_eq!(&out[..], b"p\0\0\0\x08tok\0");
     }
 
     #[test]

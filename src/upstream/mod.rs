@@ -14,6 +14,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::backend::Backend;
 use crate::config::{host_port, TargetConfig};
 use crate::tls::{self, TlsSetupError};
 
@@ -28,6 +29,8 @@ pub struct Upstream {
     server_name_text: String,
     tls: TlsConnector,
     connect_timeout: Duration,
+    /// The network policy every resolved address must pass.
+    backend: Arc<dyn Backend>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum UpstreamError {
     Resolve { host: String, source: io::Error },
     #[error("{host} resolved to no address")]
     NoAddress { host: String },
+    #[error("keyhole will not connect to {host}: {reason}")]
+    Policy { host: String, reason: String },
     #[error("connection to {addr} refused (is the database running and reachable?)")]
     Refused { addr: SocketAddr },
     #[error("connection to {addr} failed: {source}")]
@@ -80,6 +85,7 @@ impl UpstreamError {
     pub fn label(&self) -> &'static str {
         match self {
             UpstreamError::Resolve { .. } | UpstreamError::NoAddress { .. } => "upstream_resolve",
+            UpstreamError::Policy { .. } => "policy_refused",
             UpstreamError::Refused { .. } | UpstreamError::Connect { .. } => "upstream_connect",
             UpstreamError::ConnectTimeout { .. }
             | UpstreamError::GreetingTimeout { .. }
@@ -109,6 +115,7 @@ impl Upstream {
         target: &TargetConfig,
         connect_timeout: Duration,
         alpn: Option<&[u8]>,
+        backend: Arc<dyn Backend>,
     ) -> Result<Upstream, TlsSetupError> {
         let config = tls::client_config(&target.tls, alpn)?;
         Ok(Upstream {
@@ -118,6 +125,7 @@ impl Upstream {
             server_name_text: target.tls.server_name.clone(),
             tls: TlsConnector::from(config),
             connect_timeout,
+            backend,
         })
     }
 
@@ -131,16 +139,38 @@ impl Upstream {
         host_port(&self.host, self.port)
     }
 
-    /// Resolves the host afresh (a failover moves the name) and connects to
-    /// the first address that answers.
+    /// Resolves the host afresh (a failover moves the name; nothing is
+    /// cached here, so no answer outlives its DNS TTL) and connects to the
+    /// first address that the backend permits and that answers. An address
+    /// the backend refuses is never dialled.
     pub async fn dial(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|source| UpstreamError::Resolve {
                 host: self.host.clone(),
                 source,
             })?
             .collect();
+        let mut addrs = Vec::with_capacity(resolved.len());
+        let mut refused = None;
+        for addr in resolved {
+            match self.backend.check_destination(addr.ip()) {
+                Ok(()) => addrs.push(addr),
+                Err(reason) => {
+                    tracing::warn!(host = %self.host, address = %addr.ip(), backend = self.backend.name(), %reason, "address refused by the backend's policy");
+                    refused.get_or_insert(reason);
+                }
+            }
+        }
+        if addrs.is_empty() {
+            if let Some(reason) = refused {
+                crate::metrics::global().refused(crate::metrics::RefusedReason::Policy);
+                return Err(UpstreamError::Policy {
+                    host: self.address(),
+                    reason,
+                });
+            }
+        }
         let mut last = None;
         for addr in addrs {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
