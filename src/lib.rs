@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod cancel;
 pub mod cidr;
+pub mod commands;
 pub mod config;
 pub mod credentials;
 pub mod frontend;

@@ -10,6 +10,10 @@ use keyhole::proxy::Proxy;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = keyhole::commands::dispatch(&args) {
+        return code;
+    }
     let config = match Config::from_process() {
         Ok(config) => config,
         // --help and --version: clap prints them and exits 0.

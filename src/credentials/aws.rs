@@ -25,7 +25,8 @@ use aws_sigv4::sign::v4;
 use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::identity::Identity;
 
-use super::{CredentialsError, Token, TokenFuture, TokenRequest, TokenSource};
+use super::{CredentialsError, SourceContext, Token, TokenFuture, TokenRequest, TokenSource};
+use crate::config::Iam;
 
 const PROVIDER: &str = "aws";
 /// How long RDS accepts a token (the longest it allows).
@@ -57,6 +58,31 @@ pub fn region_from_host(host: &str) -> Option<&str> {
         .and_then(|i| labels.get(i))
         .copied()
         .filter(|r| r.contains('-'))
+}
+
+/// The token source for an `iam=aws` target: the loaded chain, and the
+/// region from `region=`, else the RDS host name, else the environment.
+pub fn source_for(iam: &Iam, context: &SourceContext) -> Result<AwsTokenSource, String> {
+    let sdk = context
+        .aws
+        .as_ref()
+        .ok_or("the AWS configuration was not loaded (this is a bug in keyhole)")?;
+    let region = iam
+        .region
+        .clone()
+        .or_else(|| region_from_host(&iam.endpoint_host).map(str::to_owned))
+        .or_else(|| sdk.region().map(|r| r.to_string()))
+        .ok_or_else(|| {
+            format!(
+                "iam=aws needs a region: {} is not an RDS host name to read one from; \
+                 set region= (or --region), or AWS_REGION",
+                iam.endpoint_host
+            )
+        })?;
+    let credentials = sdk
+        .credentials_provider()
+        .ok_or("the AWS configuration has no credential chain (this is a bug in keyhole)")?;
+    Ok(AwsTokenSource::new(credentials, region))
 }
 
 /// Mints RDS IAM tokens for one region.

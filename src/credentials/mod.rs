@@ -167,7 +167,8 @@ pub struct SourceContext {
     pub env: std::collections::HashMap<String, String>,
     /// Bound on one token fetch.
     pub timeout: Duration,
-    aws: Option<aws_config::SdkConfig>,
+    /// The AWS chain and region, loaded once when a target needs them.
+    pub aws: Option<aws_config::SdkConfig>,
 }
 
 impl SourceContext {
@@ -192,26 +193,7 @@ pub async fn build(
             if context.aws.is_none() {
                 context.aws = Some(aws::load_config().await);
             }
-            let sdk = context
-                .aws
-                .as_ref()
-                .ok_or("AWS configuration did not load")?;
-            let region = iam
-                .region
-                .clone()
-                .or_else(|| aws::region_from_host(&iam.endpoint_host).map(str::to_owned))
-                .or_else(|| sdk.region().map(|r| r.to_string()))
-                .ok_or_else(|| {
-                    format!(
-                        "iam=aws needs a region: {} is not an RDS host name to read one from; \
-                         set region= (or --region), or AWS_REGION",
-                        iam.endpoint_host
-                    )
-                })?;
-            let credentials = sdk.credentials_provider().ok_or(
-                "the AWS SDK configuration has no credential chain (this is a bug in keyhole)",
-            )?;
-            Ok(Arc::new(aws::AwsTokenSource::new(credentials, region)))
+            Ok(Arc::new(aws::source_for(iam, context)?))
         }
         IamProvider::Gcp => {
             let source = gcp::GcpTokenSource::discover(&context.env, context.timeout)
