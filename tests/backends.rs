@@ -91,7 +91,10 @@ fn private_ip_dials_extra_destinations_it_is_given() {
     ]);
     let err = psql_refused(kh.port());
     assert!(!err.contains("is not a private address"), "{err}");
-    assert!(err.contains(&format!("{PUBLIC_ADDR}:5432")), "the dial was tried: {err}");
+    assert!(
+        err.contains(&format!("{PUBLIC_ADDR}:5432")),
+        "the dial was tried: {err}"
+    );
     assert!(!err.contains("keyhole will not connect"), "{err}");
 }
 

@@ -101,10 +101,13 @@
 
 pub mod certs;
 pub mod clients;
+pub mod cloud;
+pub mod fake_rds;
 pub mod keyhole;
 pub mod mariadb;
 pub mod postgres;
 pub mod process;
+pub mod sigv4;
 pub mod wire;
 
 use std::collections::HashSet;

@@ -1,0 +1,623 @@
+//! Token login (`iam=aws`, `iam=gcp`) through the real `keyhole` binary, the
+//! whole path: real clients with no password → keyhole → a fake RDS / Cloud
+//! SQL front end that checks the token the way the service does (the SigV4
+//! signature recomputed from the token's own parameters with the test
+//! secret, expiry, host and port, user) → the real PostgreSQL and MariaDB.
+//! Credentials come from fake endpoints written from their documented
+//! contracts (ECS container endpoint, IMDSv2, STS, the GCP metadata server,
+//! the OAuth2 token endpoint), started here.
+//!
+//! No log line may carry a secret: keyhole runs with `RUST_LOG=trace` in
+//! these tests and its whole log is searched for every secret in play.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use support::clients;
+use support::cloud::{FakeEcs, FakeGcpMetadata, FakeImds, FakeOAuth, FakeSts, Mode};
+use support::fake_rds::{self, FakeRds, PgAsk, SwitchData, TokenCheck, IAM_USER};
+use support::keyhole::{Keyhole, Ready};
+use support::mariadb::{self, MariaDb, ED25519_USER};
+use support::postgres::{PgCluster, SCRAM_USER, TRUST_USER};
+use support::sigv4::{verify_rds_token, RdsExpectation};
+
+const REGION: &str = "us-east-1";
+
+/// keyhole with exactly `args` after `--port`, the environment a clean
+/// container would have (HOME without ~/.aws, no instance metadata unless
+/// the test provides one) plus `env`, logging everything it logs.
+fn keyhole(args: &[&str], home: &Path, env: &[(&str, &str)]) -> Keyhole {
+    let port = support::free_port();
+    let port_text = port.to_string();
+    let mut all = vec!["--port", port_text.as_str()];
+    all.extend_from_slice(args);
+    let home = home.to_str().expect("UTF-8 path");
+    let mut full: Vec<(&str, &str)> = vec![
+        ("HOME", home),
+        ("RUST_LOG", "trace"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    full.extend_from_slice(env);
+    Keyhole::spawn(&all, &full, Ready::Tcp(port))
+}
+
+/// `keyhole token ...` with only `env` (and PATH, HOME) set.
+fn token_command(args: &[&str], home: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhole"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied())
+        .arg("token")
+        .args(args);
+    support::process::output_with_timeout(&mut cmd, Duration::from_secs(60))
+}
+
+/// Panics if any of `secrets` (or any signature) appears in `log`; the
+/// message never repeats the secret.
+fn assert_no_secret(log: &str, secrets: &[&str]) {
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(!secret.is_empty());
+        assert!(!log.contains(secret), "secret #{i} reached keyhole's log");
+    }
+    assert!(
+        !log.contains("X-Amz-Signature"),
+        "a token reached keyhole's log"
+    );
+}
+
+fn psql_ok(port: u16, user: &str, sql: &str) -> String {
+    let out = clients::psql(port, user, None, sql);
+    clients::expect_success(&out, "psql with no password through keyhole")
+}
+
+fn psql_err(port: u16, user: &str) -> String {
+    let out = clients::psql(port, user, None, "select 1");
+    assert!(
+        !out.status.success(),
+        "psql should fail: {}",
+        clients::stdout(&out)
+    );
+    clients::stderr(&out)
+}
+
+#[test]
+fn psql_logs_in_with_an_rds_token_signed_with_ecs_task_credentials() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    // Fargate's full-URI form, with the authorization token in a file that
+    // is read on every fetch.
+    let auth = "Bearer task-auth-7f3a";
+    let ecs = FakeEcs::start("/v2/credentials/task", Some(auth));
+    let auth_file = home.path().join("ecs-auth-token");
+    std::fs::write(&auth_file, auth).expect("write auth token file");
+    let creds = ecs.credentials();
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres(
+        pg,
+        TokenCheck::aws_for(&creds, fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        PgAsk::Cleartext,
+    );
+    let target = format!("{}&iam=aws", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri()),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                auth_file.to_str().expect("UTF-8"),
+            ),
+        ],
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            psql_ok(kh.port(), TRUST_USER, "select current_user"),
+            TRUST_USER
+        );
+    }
+    let outcomes = rds.wait_for_outcomes(3, Duration::from_secs(10));
+    assert!(
+        outcomes.iter().all(|o| o.is_ok() && o.user == TRUST_USER),
+        "{outcomes:?}"
+    );
+    // One token for the three sessions, so one credential fetch.
+    assert_eq!(ecs.requests().len(), 1, "{:?}", ecs.requests());
+    // The region came from the endpoint name; the host signed is the RDS name,
+    // not the 127.0.0.1 keyhole dialled (the fake checks both).
+    let log = kh.logs();
+    assert!(
+        log.contains("token login: keyhole answers the server's password request"),
+        "{log}"
+    );
+    assert_no_secret(
+        &log,
+        &[&creds.secret_access_key, &creds.session_token, auth],
+    );
+}
+
+#[test]
+fn user_fixes_the_database_user_whatever_the_client_sends() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let ecs = FakeEcs::start("/creds", None);
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres(
+        pg,
+        TokenCheck::aws_for(&ecs.credentials(), fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        PgAsk::Cleartext,
+    );
+    let target = format!("{}&iam=aws&user={TRUST_USER}", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri())],
+    );
+    assert_eq!(
+        psql_ok(kh.port(), "whoever", "select current_user"),
+        TRUST_USER
+    );
+    let outcomes = rds.wait_for_outcomes(1, Duration::from_secs(10));
+    assert_eq!(
+        outcomes[0].user, TRUST_USER,
+        "the token was signed for the fixed user"
+    );
+}
+
+#[test]
+fn mariadb_logs_in_with_an_rds_token_from_imdsv2_credentials_rds_and_aurora_style() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let my = MariaDb::shared();
+    fake_rds::ensure_mysql_iam_user(my);
+    let imds = FakeImds::start();
+    let creds = imds.credentials();
+    for switch in [SwitchData::WithScramble, SwitchData::None] {
+        let rds = FakeRds::mysql(
+            my,
+            TokenCheck::aws_for(&creds, fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+            switch,
+        );
+        let target = format!("{}&iam=aws", rds.keyhole_target());
+        let kh = keyhole(
+            &[&target],
+            home.path(),
+            &[
+                ("AWS_EC2_METADATA_DISABLED", "false"),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.url()),
+            ],
+        );
+        let out = mariadb::mariadb(kh.port(), IAM_USER, None, "select current_user()");
+        assert_eq!(
+            clients::expect_success(&out, &format!("mariadb, {switch:?}")),
+            "iam_user@%"
+        );
+        let outcomes = rds.wait_for_outcomes(1, Duration::from_secs(10));
+        assert!(outcomes[0].is_ok(), "{outcomes:?}");
+        assert_no_secret(
+            &kh.logs(),
+            &[&creds.secret_access_key, &creds.session_token],
+        );
+    }
+    // IMDSv2: a session token first, then the role, then its credentials.
+    let requests = imds.requests();
+    assert_eq!(
+        requests.first().map(|r| r.method.as_str()),
+        Some("PUT"),
+        "{requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.method == "GET")
+            .all(|r| r.header("x-aws-ec2-metadata-token").is_some()),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn the_aws_chain_finds_environment_profile_assume_role_and_web_identity_credentials() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let endpoint = "orders.abc123.eu-west-1.rds.amazonaws.com";
+    let args = ["aws", &format!("{endpoint}:5432") as &str, "--user", "app"];
+    let verify = |out: &Output, key: &str, secret: &str, session: Option<&str>, what: &str| {
+        let token = clients::expect_success(out, what);
+        let expectation = RdsExpectation {
+            access_key_id: key,
+            secret,
+            host: endpoint,
+            port: 5432,
+            region: "eu-west-1",
+            session_token: session,
+            user: "app",
+        };
+        verify_rds_token(&token, &expectation, SystemTime::now())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    };
+
+    // Environment.
+    let out = token_command(
+        &args,
+        home.path(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDENV"),
+            ("AWS_SECRET_ACCESS_KEY", "env/secret+1"),
+        ],
+    );
+    verify(&out, "AKIDENV", "env/secret+1", None, "environment");
+
+    // A named profile in the shared credentials file.
+    let creds_file = home.path().join("credentials");
+    std::fs::write(
+        &creds_file,
+        "[dev]\naws_access_key_id = AKIDPROFILE\naws_secret_access_key = profile-secret\n",
+    )
+    .expect("write");
+    let config_file = home.path().join("config");
+    let sts = FakeSts::start();
+    std::fs::write(
+        &config_file,
+        format!(
+            "[profile deploy]\nrole_arn = {}\nsource_profile = dev\nrole_session_name = keyhole\n",
+            sts.role_arn()
+        ),
+    )
+    .expect("write");
+    let files = [
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            creds_file.to_str().expect("UTF-8"),
+        ),
+        ("AWS_CONFIG_FILE", config_file.to_str().expect("UTF-8")),
+    ];
+    let mut env = files.to_vec();
+    env.push(("AWS_PROFILE", "dev"));
+    let out = token_command(&args, home.path(), &env);
+    verify(&out, "AKIDPROFILE", "profile-secret", None, "profile");
+
+    // Assume-role through STS, from that profile.
+    let sts_url = sts.url();
+    let mut env = files.to_vec();
+    env.extend([
+        ("AWS_PROFILE", "deploy"),
+        ("AWS_ENDPOINT_URL_STS", sts_url.as_str()),
+        ("AWS_REGION", "eu-west-1"),
+    ]);
+    let out = token_command(&args, home.path(), &env);
+    let assumed = sts.credentials();
+    verify(
+        &out,
+        &assumed.access_key_id,
+        &assumed.secret_access_key,
+        Some(&assumed.session_token),
+        "assume-role",
+    );
+    assert!(
+        sts.requests()
+            .iter()
+            .any(|r| r.form_param("Action").as_deref() == Some("AssumeRole")),
+        "{:?}",
+        sts.requests()
+    );
+
+    // EKS web identity.
+    let token_file = sts.write_web_identity_token_file(home.path());
+    let role = sts.role_arn();
+    let out = token_command(
+        &args,
+        home.path(),
+        &[
+            (
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                token_file.to_str().expect("UTF-8"),
+            ),
+            ("AWS_ROLE_ARN", &role),
+            ("AWS_ROLE_SESSION_NAME", "keyhole-test"),
+            ("AWS_ENDPOINT_URL_STS", &sts_url),
+            ("AWS_REGION", "eu-west-1"),
+        ],
+    );
+    let web = sts.credentials();
+    verify(
+        &out,
+        &web.access_key_id,
+        &web.secret_access_key,
+        Some(&web.session_token),
+        "web identity",
+    );
+    assert!(
+        sts.requests()
+            .iter()
+            .any(|r| r.form_param("Action").as_deref() == Some("AssumeRoleWithWebIdentity")),
+        "{:?}",
+        sts.requests()
+    );
+}
+
+#[test]
+fn keyhole_token_aws_is_reproducible_with_a_fixed_time() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let out = token_command(
+        &[
+            "aws",
+            "prod-instance.us-east-1.rds.amazonaws.com:3306",
+            "--user",
+            "peccy",
+            "--at",
+            "2024-08-26T22:00:00Z",
+        ],
+        home.path(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "akid"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ],
+    );
+    // REFERENCE.md vector A, through the binary.
+    assert_eq!(
+        clients::expect_success(&out, "keyhole token aws"),
+        "prod-instance.us-east-1.rds.amazonaws.com:3306/?Action=connect&DBUser=peccy&X-Amz-Algorithm=AWS4-HMAC-SHA256\
+         &X-Amz-Credential=akid%2F20240826%2Fus-east-1%2Frds-db%2Faws4_request&X-Amz-Date=20240826T220000Z\
+         &X-Amz-Expires=900&X-Amz-SignedHeaders=host\
+         &X-Amz-Signature=dd0cba843009474347af724090233265628ace491ea17ce3eb3da098b983ad89"
+    );
+    let out = token_command(
+        &["aws", "db.internal:5432", "--user", "app"],
+        home.path(),
+        &[("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "s")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        clients::stderr(&out).contains("iam=aws needs a region"),
+        "{}",
+        clients::stderr(&out)
+    );
+}
+
+#[test]
+fn a_credentials_endpoint_that_is_down_slow_or_garbage_fails_the_connection_clearly_and_keyhole_stays_up(
+) {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let ecs = FakeEcs::start("/creds", None);
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres(
+        pg,
+        TokenCheck::aws_for(&ecs.credentials(), fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        PgAsk::Cleartext,
+    );
+    let target = format!("{}&iam=aws", rds.keyhole_target());
+    let kh = keyhole(
+        &["--connect-timeout", "2s", &target],
+        home.path(),
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri())],
+    );
+    let prefix = format!("keyhole could not get an IAM token for user \"{TRUST_USER}\"");
+
+    ecs.set_mode(Mode::Down);
+    let err = psql_err(kh.port(), TRUST_USER);
+    assert!(err.contains(&prefix), "{err}");
+    assert!(
+        err.contains("aws credentials from the AWS credential chain"),
+        "{err}"
+    );
+
+    ecs.set_mode(Mode::Garbage);
+    let err = psql_err(kh.port(), TRUST_USER);
+    assert!(err.contains(&prefix), "{err}");
+
+    ecs.set_mode(Mode::Slow(Duration::from_secs(20)));
+    let err = psql_err(kh.port(), TRUST_USER);
+    assert!(err.contains(&prefix), "{err}");
+    assert!(
+        err.contains("no answer within 2s") || err.contains("timed out"),
+        "{err}"
+    );
+
+    // Nothing reached the database without a token.
+    assert!(rds.outcomes().is_empty(), "{:?}", rds.outcomes());
+    let log = kh.logs();
+    assert_eq!(log.matches("outcome=\"credentials\"").count(), 3, "{log}");
+
+    // The same process serves as soon as the endpoint recovers.
+    ecs.set_mode(Mode::Normal);
+    assert_eq!(
+        psql_ok(kh.port(), TRUST_USER, "select 'recovered'"),
+        "recovered"
+    );
+}
+
+#[test]
+fn a_server_that_asks_for_something_else_gets_a_message_that_says_what_to_check() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+    ];
+
+    // The real PostgreSQL asks scram_user for SCRAM, as RDS asks a user without rds_iam.
+    let pg = PgCluster::shared();
+    let target = format!(
+        "{}&ca-file={}&iam=aws&region={REGION}",
+        pg.keyhole_target(),
+        pg.pki.ca.display()
+    );
+    let kh = keyhole(&[&target], home.path(), &env);
+    let err = psql_err(kh.port(), SCRAM_USER);
+    assert!(
+        err.contains("the server asked for SASL (SCRAM) authentication for user \"scram_user\", not for the password an IAM token answers: on RDS, the user needs GRANT rds_iam"),
+        "{err}"
+    );
+    kh.wait_for_log("outcome=\"token_not_asked\"", 1);
+
+    // A token the server rejects: its own words reach the client.
+    let rds = FakeRds::postgres(
+        pg,
+        TokenCheck::aws_for(
+            &support::cloud::AwsCredentials::generate(),
+            fake_rds::DEFAULT_ENDPOINT,
+            0,
+            REGION,
+        ),
+        PgAsk::Cleartext,
+    );
+    let kh = keyhole(
+        &[&format!("{}&iam=aws", rds.keyhole_target())],
+        home.path(),
+        &env,
+    );
+    let err = psql_err(kh.port(), TRUST_USER);
+    assert!(
+        err.contains("PAM authentication failed for user \"trust_user\""),
+        "{err}"
+    );
+
+    // The real MariaDB switches ed25519_user to its own plugin.
+    let my = MariaDb::shared();
+    let target = format!(
+        "{}&ca-file={}&iam=aws&region={REGION}",
+        my.keyhole_target(),
+        my.pki().ca.display()
+    );
+    let kh = keyhole(&[&target], home.path(), &env);
+    let out = mariadb::mariadb(kh.port(), ED25519_USER, None, "select 1");
+    let err = clients::stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("1045"), "{err}");
+    assert!(err.contains("the server asked for the client_ed25519 authentication method for user \"ed25519_user\""), "{err}");
+    assert!(
+        err.contains("IDENTIFIED WITH AWSAuthenticationPlugin"),
+        "{err}"
+    );
+}
+
+#[test]
+fn psql_logs_in_with_a_cloud_sql_token_from_the_metadata_server() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let metadata = FakeGcpMetadata::start();
+    let token = metadata.access_token();
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres_at(
+        "inst-abc.us-central1.sql.goog",
+        pg,
+        TokenCheck::Gcp {
+            accepted: vec![token.clone()],
+        },
+        PgAsk::Cleartext,
+    );
+    let target = format!("{}&iam=gcp", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[("GCE_METADATA_HOST", &metadata.host())],
+    );
+    assert_eq!(
+        psql_ok(kh.port(), TRUST_USER, "select current_user"),
+        TRUST_USER
+    );
+    assert!(rds.wait_for_outcomes(1, Duration::from_secs(10))[0].is_ok());
+    let scopes = metadata.scopes_requested();
+    assert!(
+        scopes
+            .iter()
+            .flatten()
+            .any(|s| s.contains("https://www.googleapis.com/auth/sqlservice.login")),
+        "{scopes:?}"
+    );
+    assert!(metadata
+        .requests()
+        .iter()
+        .all(|r| r.header("metadata-flavor") == Some("Google")));
+    assert_no_secret(&kh.logs(), &[&token]);
+}
+
+#[test]
+fn mariadb_logs_in_with_a_service_account_key_and_the_email_mapped_as_cloud_sql_expects() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let oauth = FakeOAuth::start();
+    let key_file = oauth.write_service_account_json(home.path());
+    let my = MariaDb::shared();
+    fake_rds::ensure_mysql_iam_user(my);
+    let rds = FakeRds::mysql(
+        my,
+        TokenCheck::Gcp {
+            accepted: vec![oauth.access_token()],
+        },
+        SwitchData::None,
+    );
+    let target = format!("{}&iam=gcp", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            key_file.to_str().expect("UTF-8"),
+        )],
+    );
+    // Cloud SQL for MySQL names a service account by the part before '@'.
+    let out = mariadb::mariadb(
+        kh.port(),
+        "iam_user@proj.iam.gserviceaccount.com",
+        None,
+        "select current_user()",
+    );
+    assert_eq!(
+        clients::expect_success(&out, "mariadb as a service account"),
+        "iam_user@%"
+    );
+    let outcomes = rds.wait_for_outcomes(1, Duration::from_secs(10));
+    assert_eq!(
+        (outcomes[0].user.as_str(), outcomes[0].is_ok()),
+        (IAM_USER, true),
+        "{outcomes:?}"
+    );
+    assert_no_secret(
+        &kh.logs(),
+        &[&oauth.access_token(), &oauth.key().private_key_pem],
+    );
+}
+
+#[test]
+fn keyhole_token_gcp_prints_the_token_of_gcloud_application_default_credentials() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let oauth = FakeOAuth::start();
+    let gcloud = home.path().join(".config/gcloud");
+    std::fs::create_dir_all(&gcloud).expect("mkdir");
+    let adc = oauth.write_authorized_user_json(&gcloud);
+    std::fs::rename(&adc, gcloud.join("application_default_credentials.json")).expect("rename");
+    let out = token_command(
+        &["gcp", "--user", "sa@proj.iam.gserviceaccount.com"],
+        home.path(),
+        &[],
+    );
+    assert_eq!(
+        clients::expect_success(&out, "keyhole token gcp"),
+        oauth.access_token()
+    );
+    assert!(
+        clients::stderr(&out).contains("database user: sa@proj.iam (Postgres), sa (MySQL)"),
+        "{}",
+        clients::stderr(&out)
+    );
+    let grants: Vec<_> = oauth
+        .requests()
+        .iter()
+        .filter_map(|r| r.form_param("grant_type"))
+        .collect();
+    assert_eq!(grants, ["refresh_token"]);
+
+    // The metadata server answering garbage: a clear error, exit 1.
+    let metadata = FakeGcpMetadata::start();
+    metadata.set_mode(Mode::Garbage);
+    let empty_home = support::scratch_dir("keyhole-iam-home");
+    let out = token_command(
+        &["gcp"],
+        empty_home.path(),
+        &[("GCE_METADATA_HOST", &metadata.host())],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        clients::stderr(&out).contains("gcp credentials from"),
+        "{}",
+        clients::stderr(&out)
+    );
+}
