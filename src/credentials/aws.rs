@@ -162,7 +162,7 @@ pub fn sign_token(
     let host = crate::config::host_port(&request.host, request.port);
     let url = format!(
         "https://{host}/?Action=connect&DBUser={}",
-        percent_encode(&request.user)
+        super::http::percent_encode(&request.user)
     );
     let signable = SignableRequest::new(
         "GET",
@@ -183,19 +183,6 @@ pub fn sign_token(
     uri.strip_prefix("https://")
         .map(str::to_owned)
         .ok_or_else(|| "the signed URL lost its scheme".to_owned())
-}
-
-/// RFC 3986 unreserved characters stay; everything else is %XX.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The chain's own words (it lists what it tried), with causes, mapped to

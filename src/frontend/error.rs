@@ -20,6 +20,18 @@ pub enum Admission {
     NotAllowed,
 }
 
+impl Admission {
+    /// The refusal a client gets in place of a session, if any; `limit` is
+    /// the configured `--max-connections`, for the message.
+    pub fn check(self, limit: Option<usize>) -> Result<(), SessionError> {
+        match self {
+            Admission::Admitted => Ok(()),
+            Admission::OverLimit => Err(SessionError::TooManyConnections(limit.unwrap_or(0))),
+            Admission::NotAllowed => Err(SessionError::NotAllowed),
+        }
+    }
+}
+
 /// How a session went, for its log line.
 #[derive(Debug, Default)]
 pub struct SessionReport {

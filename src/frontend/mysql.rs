@@ -90,15 +90,7 @@ impl Session<'_> {
         let frontend = self.frontend;
         // A server over its limit, or refusing a host, says so instead of
         // greeting; so do we.
-        match admission {
-            Admission::Admitted => {}
-            Admission::OverLimit => {
-                return Err(SessionError::TooManyConnections(
-                    frontend.max_connections.unwrap_or(0),
-                ))
-            }
-            Admission::NotAllowed => return Err(SessionError::NotAllowed),
-        }
+        admission.check(frontend.max_connections)?;
         let greeted = frontend.upstream.greet_mysql().await?;
         let greeting = greeted.greeting.clone();
 

@@ -104,15 +104,7 @@ impl Session<'_> {
         };
         report.user = Some(startup.user.clone());
         report.database = startup.database.clone();
-        match admission {
-            Admission::Admitted => {}
-            Admission::OverLimit => {
-                return Err(SessionError::TooManyConnections(
-                    frontend.max_connections.unwrap_or(0),
-                ))
-            }
-            Admission::NotAllowed => return Err(SessionError::NotAllowed),
-        }
+        admission.check(frontend.max_connections)?;
         let user = frontend.login.database_user(&startup.user);
         let startup = if user == startup.user {
             startup
