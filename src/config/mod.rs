@@ -749,6 +749,63 @@ mod tests {
         Config::load(std::iter::once("keyhole").chain(args.iter().copied()), &env)
     }
 
+    #[test]
+    fn token_login_signs_for_the_server_name_and_takes_flags_env_and_params() {
+        let c = load(
+            &["postgres://127.0.0.1:15432?server-name=mydb.abc.eu-west-1.rds.amazonaws.com&iam=aws&iam-port=5432&user=app"],
+            &[],
+        )
+        .expect("valid");
+        let t = &c.targets[0];
+        assert_eq!(
+            t.iam,
+            Some(Iam {
+                provider: IamProvider::Aws,
+                region: None,
+                endpoint_host: "mydb.abc.eu-west-1.rds.amazonaws.com".into(),
+                endpoint_port: 5432,
+            })
+        );
+        assert_eq!(t.user.as_deref(), Some("app"));
+        // Environment for every target, a parameter for one.
+        let c = load(
+            &[
+                "postgres://a",
+                "mysql://b?iam=none",
+                "postgres://c?region=eu-central-1",
+            ],
+            &[("KEYHOLE_IAM", "aws"), ("KEYHOLE_REGION", "us-east-2")],
+        )
+        .expect("valid");
+        let regions: Vec<_> = c
+            .targets
+            .iter()
+            .map(|t| {
+                t.iam
+                    .as_ref()
+                    .map(|i| (i.provider, i.region.clone(), i.endpoint_port))
+            })
+            .collect();
+        assert_eq!(
+            regions,
+            [
+                Some((IamProvider::Aws, Some("us-east-2".into()), 5432)),
+                None,
+                Some((IamProvider::Aws, Some("eu-central-1".into()), 5432)),
+            ]
+        );
+        assert!(message(load(&["postgres://a?iam=azure"], &[]))
+            .contains("'azure' is not a token provider"));
+        assert!(message(load(&["postgres://a?region=eu-west-1"], &[]))
+            .contains("apply only with iam=aws or iam=gcp"));
+        assert!(message(load(&["--region", "EU West", "postgres://a"], &[]))
+            .contains("--region: 'EU West' is not an AWS region"));
+        assert!(message(load(&["postgres://a?allow=10.0.0.1/8"], &[]))
+            .contains("did you mean 10.0.0.0/8"));
+        assert!(message(load(&["--backend", "vpn", "postgres://a"], &[]))
+            .contains("--backend: unknown backend 'vpn'"));
+    }
+
     fn message(r: Result<Config, ConfigError>) -> String {
         match r {
             Err(ConfigError::Invalid(m)) => m,
