@@ -135,6 +135,7 @@ impl Proxy {
                     tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), "token login: keyhole answers the server's password request");
                     let cache = TokenCache::new(source, config.connect_timeout);
                     Some(Arc::new(TokenLogin::new(
+                        iam.provider,
                         cache,
                         iam.endpoint_host.clone(),
                         iam.endpoint_port,

@@ -160,13 +160,32 @@ impl TokenCache {
                     state.current = Some(Cached::new(token.clone()));
                     !std::mem::replace(&mut state.refresher_running, true)
                 }
-                Err(_) => false,
+                Err(_) => {
+                    if state.current.is_none() && !state.refresher_running {
+                        self.forget(&request);
+                    }
+                    false
+                }
             }
         };
         if start_refresher {
             tokio::spawn(self.clone().refresh_loop(slot, request));
         }
         let _ = done.send(Some(result));
+    }
+
+    /// Drops a slot nobody needs any more, so that the map holds only
+    /// (endpoint, user) pairs in use: a client trying many user names costs
+    /// nothing that lasts. A connection still holding the slot finishes with
+    /// it; the next one starts afresh.
+    fn forget(&self, request: &TokenRequest) {
+        lock(&self.slots).remove(request);
+    }
+
+    /// Number of (endpoint, user) pairs with a slot, for tests.
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        lock(&self.slots).len()
     }
 
     /// Keeps the slot's token fresh until it goes unused or cannot be renewed.
@@ -184,6 +203,8 @@ impl TokenCache {
                     .is_none_or(|used| used.elapsed() >= IDLE_STOP);
                 if idle {
                     state.refresher_running = false;
+                    drop(state);
+                    self.forget(&request);
                     return;
                 }
             }
@@ -210,6 +231,8 @@ impl TokenCache {
                                 let mut state = lock(&slot.state);
                                 state.current = None;
                                 state.refresher_running = false;
+                                drop(state);
+                                self.forget(&request);
                                 return;
                             }
                         }
@@ -394,6 +417,11 @@ mod tests {
             "test credentials from the script: no role attached"
         );
         assert_eq!(
+            cache.slots(),
+            0,
+            "a failed first fetch leaves nothing behind"
+        );
+        assert_eq!(
             cache.get(&request()).await.expect("second").expose(),
             "token-2"
         );
@@ -424,5 +452,24 @@ mod tests {
             cache.get(&request()).await.expect("app again").expose(),
             "token-1"
         );
+        assert_eq!(cache.slots(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_nobody_uses_stops_refreshing_and_is_forgotten() {
+        let source = Scripted::new(&[(0, Ok(900)); 7]);
+        let cache = TokenCache::new(source.clone(), Duration::from_secs(10));
+        cache.get(&request()).await.expect("first");
+        // Refreshed every 10 minutes while the last use is under an hour old.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            settle().await;
+        }
+        assert_eq!(
+            source.calls(),
+            6,
+            "refreshed at 10, 20, ... 50 minutes, not at 60"
+        );
+        assert_eq!(cache.slots(), 0);
     }
 }

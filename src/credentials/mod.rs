@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 pub use cache::TokenCache;
 
-use crate::config::Protocol;
+use crate::config::{IamProvider, Protocol};
 use crate::upstream::humanize;
 
 /// A short-lived database password.
@@ -127,22 +127,29 @@ pub trait TokenSource: Send + Sync + 'static {
 /// What the session drivers use on a target with `iam=`: the token cache,
 /// and the endpoint tokens are for.
 pub struct TokenLogin {
+    provider: IamProvider,
     cache: Arc<TokenCache>,
     endpoint_host: String,
     endpoint_port: u16,
 }
 
 impl TokenLogin {
-    pub fn new(cache: Arc<TokenCache>, endpoint_host: String, endpoint_port: u16) -> TokenLogin {
+    pub fn new(
+        provider: IamProvider,
+        cache: Arc<TokenCache>,
+        endpoint_host: String,
+        endpoint_port: u16,
+    ) -> TokenLogin {
         TokenLogin {
+            provider,
             cache,
             endpoint_host,
             endpoint_port,
         }
     }
 
-    pub fn provider(&self) -> &'static str {
-        self.cache.source().provider()
+    pub fn provider(&self) -> IamProvider {
+        self.provider
     }
 
     /// The database user for a client's user name.
@@ -187,7 +194,6 @@ pub async fn build(
     iam: &crate::config::Iam,
     context: &mut SourceContext,
 ) -> Result<Arc<dyn TokenSource>, String> {
-    use crate::config::IamProvider;
     match iam.provider {
         IamProvider::Aws => {
             if context.aws.is_none() {

@@ -62,10 +62,10 @@ impl LoginPolicy {
     /// answers: say what to check on the database's side.
     pub fn token_not_asked(&self, asked: String, user: &str) -> SessionError {
         metrics::global().token_failed();
-        let provider = match self.tokens.as_ref().map(|t| t.provider()) {
-            Some("gcp") => IamProvider::Gcp,
-            _ => IamProvider::Aws,
-        };
+        let provider = self
+            .tokens
+            .as_ref()
+            .map_or(IamProvider::Aws, |t| t.provider());
         let hint = match (provider, self.protocol) {
             (IamProvider::Aws, Protocol::Postgres) => {
                 "on RDS, the user needs GRANT rds_iam, and the instance IAM database authentication"
