@@ -132,7 +132,7 @@ impl Proxy {
                 None => None,
                 Some(iam) => {
                     let source = credentials::build(iam, &mut sources).await.map_err(fail)?;
-                    tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), "token login: keyhole answers the server's password request");
+                    tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), credentials = %source.describe(), "token login: keyhole answers the server's password request");
                     let cache = TokenCache::new(source, config.connect_timeout);
                     Some(Arc::new(TokenLogin::new(
                         iam.provider,

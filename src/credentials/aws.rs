@@ -137,6 +137,10 @@ impl TokenSource for AwsTokenSource {
     fn fetch<'a>(&'a self, request: &'a TokenRequest) -> TokenFuture<'a> {
         Box::pin(self.token_at(request, SystemTime::now()))
     }
+
+    fn describe(&self) -> String {
+        format!("the AWS credential chain, region {}", self.region)
+    }
 }
 
 /// The RDS IAM token for `request`, signed at `time` with `credentials`.

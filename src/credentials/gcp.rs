@@ -270,6 +270,10 @@ impl TokenSource for GcpTokenSource {
         PROVIDER
     }
 
+    fn describe(&self) -> String {
+        GcpTokenSource::describe(self)
+    }
+
     /// One identity serves every endpoint and user: the request is not needed.
     fn fetch<'a>(&'a self, _request: &'a TokenRequest) -> TokenFuture<'a> {
         Box::pin(async move {

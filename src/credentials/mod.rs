@@ -118,6 +118,11 @@ pub trait TokenSource: Send + Sync + 'static {
     /// Mints a fresh token (no caching here; see [`TokenCache`]).
     fn fetch<'a>(&'a self, request: &'a TokenRequest) -> TokenFuture<'a>;
 
+    /// Where the credentials come from, for the startup log (no secret).
+    fn describe(&self) -> String {
+        self.provider().to_owned()
+    }
+
     /// The database user for the user name a client sent (or `user=` fixed).
     fn database_user(&self, user: &str, _protocol: Protocol) -> String {
         user.to_owned()
