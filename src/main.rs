@@ -1,6 +1,5 @@
 //! The `keyhole` binary: configuration, logging, runtime, exit code.
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 
 use keyhole::config::{Config, ConfigError};
@@ -46,9 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let env: HashMap<String, String> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    let env = keyhole::config::process_env();
     runtime.block_on(async {
         let proxy = match Proxy::prepare(&config, env).await {
             Ok(proxy) => proxy,

@@ -2,7 +2,6 @@
 //! a person to use by hand (`PGPASSWORD=$(keyhole token aws ...) psql ...`).
 //! The token goes to stdout and nothing else does.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -82,10 +81,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
 async fn run(provider: Provider) -> Result<String, (u8, String)> {
     let usage = |m: String| (EXIT_USAGE, m);
     let failed = |m: String| (EXIT_FAILED, m);
-    let env: HashMap<String, String> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
-    let mut context = SourceContext::new(env, Duration::from_secs(30));
+    let mut context = SourceContext::new(crate::config::process_env(), Duration::from_secs(30));
     match provider {
         Provider::Aws {
             endpoint,

@@ -315,6 +315,14 @@ impl Layers {
     }
 }
 
+/// The process environment as text (variables that are not UTF-8 are
+/// skipped): what configuration and credential sources read.
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
 /// `max-connections` → `KEYHOLE_MAX_CONNECTIONS`.
 pub fn env_name(key: &str) -> String {
     format!("KEYHOLE_{}", key.to_ascii_uppercase().replace('-', "_"))
@@ -323,8 +331,8 @@ pub fn env_name(key: &str) -> String {
 impl Config {
     /// Reads the process's own arguments and environment.
     pub fn from_process() -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        let env: HashMap<String, String> = process_env()
+            .into_iter()
             .filter(|(k, _)| k.starts_with("KEYHOLE_"))
             .collect();
         Config::load(std::env::args_os(), &env)

@@ -200,12 +200,16 @@ impl Session<'_> {
             };
             if from_server {
                 if let Some(token) = token {
-                    if let Some(asked) = self.token_answer(server, &packet, token).await? {
-                        return Err(self.frontend.login.token_not_asked(asked, user));
-                    }
-                    if packet.payload.first() == Some(&reply::AUTH_SWITCH) {
-                        delta = delta.wrapping_add(2);
-                        continue;
+                    match self.token_answer(server, &packet, token).await? {
+                        TokenStep::Answered => {
+                            // The switch and keyhole's answer never reach the client.
+                            delta = delta.wrapping_add(2);
+                            continue;
+                        }
+                        TokenStep::NotAsked(asked) => {
+                            return Err(self.frontend.login.token_not_asked(asked, user))
+                        }
+                        TokenStep::PassOn => {}
                     }
                 }
                 self.send_packet(packet.seq.wrapping_sub(delta), &packet.payload)
@@ -226,32 +230,35 @@ impl Session<'_> {
     }
 
     /// With a token: answers a switch to `mysql_clear_password` on the
-    /// server leg. Returns what the server asked for instead, if it asked
-    /// for anything a token cannot answer.
+    /// server leg, and says what else the server asked for if it asked for
+    /// anything a token cannot answer.
     async fn token_answer(
         &self,
         server: &mut ServerLeg,
         packet: &Packet,
         token: &Token,
-    ) -> Result<Option<String>, SessionError> {
+    ) -> Result<TokenStep, SessionError> {
         match packet.payload.first() {
             Some(&reply::AUTH_SWITCH) => match mysql::auth_switch_plugin(&packet.payload) {
                 Some(mysql::CLEAR_PASSWORD_PLUGIN) => {
                     let answer = mysql::clear_password_reply(token.expose());
                     send_server_packet(server, packet.seq.wrapping_add(1), &answer).await?;
                     metrics::global().token_injected();
-                    Ok(None)
+                    Ok(TokenStep::Answered)
                 }
-                Some(plugin) => Ok(Some(format!(
+                Some(plugin) => Ok(TokenStep::NotAsked(format!(
                     "the {} authentication method",
                     String::from_utf8_lossy(plugin)
                 ))),
-                None => Ok(Some("the pre-4.1 authentication method".into())),
+                None => Ok(TokenStep::NotAsked(
+                    "the pre-4.1 authentication method".into(),
+                )),
             },
-            Some(&reply::AUTH_MORE_DATA) => {
-                Ok(Some("more data for its own authentication method".into()))
-            }
-            _ => Ok(None),
+            Some(&reply::AUTH_MORE_DATA) => Ok(TokenStep::NotAsked(
+                "more data for its own authentication method".into(),
+            )),
+            // OK and ERR: the outcome, for the client.
+            _ => Ok(TokenStep::PassOn),
         }
     }
 
@@ -305,6 +312,16 @@ impl Session<'_> {
             self.client.read_more().await?;
         }
     }
+}
+
+/// What keyhole did with a server packet on a token login.
+enum TokenStep {
+    /// It answered a switch to `mysql_clear_password` with the token.
+    Answered,
+    /// The server asked for something else (named here).
+    NotAsked(String),
+    /// Not an authentication request: the client gets it.
+    PassOn,
 }
 
 async fn send_server_packet(
