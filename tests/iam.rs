@@ -415,7 +415,9 @@ fn a_credentials_endpoint_that_is_down_slow_or_garbage_fails_the_connection_clea
 
     // Nothing reached the database without a token.
     assert!(rds.outcomes().is_empty(), "{:?}", rds.outcomes());
-    let log = kh.logs();
+    // The closed line follows the client's error; wait for all three, then
+    // check there were no more.
+    let log = kh.wait_for_log("outcome=\"credentials\"", 3);
     assert_eq!(log.matches("outcome=\"credentials\"").count(), 3, "{log}");
 
     // The same process serves as soon as the endpoint recovers.
