@@ -54,7 +54,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        match proxy.run().await {
+        let lifecycle = std::sync::Arc::new(keyhole::lifecycle::Lifecycle::default());
+        match proxy.run(lifecycle).await {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 tracing::error!("{e}");

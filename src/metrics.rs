@@ -42,6 +42,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Placeholder until the Prometheus registry lands.
+    pub fn render(&self) -> String {
+        String::new()
+    }
+
     pub fn refused(&self, reason: RefusedReason) {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
     }

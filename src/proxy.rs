@@ -1,16 +1,22 @@
 //! The running proxy: targets prepared from the configuration, listeners
 //! bound, one task per connection, and the shutdown sequence.
 //!
-//! Shutdown: the first SIGTERM/SIGINT stops every accept loop; open
-//! connections may go on for `--max-sigterm-delay` (a second signal ends
-//! the wait); whatever is still open then is cut. The exit code says which:
-//! 0 when every connection ended by itself, 128 + the signal otherwise.
+//! Start: the HTTP endpoints bind first (so `/startup` can say "starting"),
+//! then the optional connection test runs, then every listener binds, and
+//! only then is keyhole started and ready.
+//!
+//! Shutdown: the first stop request (SIGTERM, SIGINT, `/quitquitquit`)
+//! makes `/readiness` fail; new connections are still accepted for
+//! `--min-sigterm-delay`; then the listeners close and open connections may
+//! go on for `--max-sigterm-delay`; whatever is still open then is cut. A
+//! second request ends any wait. The exit code: 0 when every connection
+//! ended by itself, after `/quitquitquit`, or with `--exit-zero-on-sigterm`;
+//! 128 + the signal otherwise.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -23,9 +29,11 @@ use crate::cancel::CancelRegistry;
 use crate::cidr;
 use crate::config::{self, Config, Protocol, TargetConfig};
 use crate::credentials::{self, SourceContext, TokenCache, TokenLogin};
+use crate::endpoints::{self, Health};
 use crate::frontend::mysql::MysqlFrontend;
 use crate::frontend::postgres::PostgresFrontend;
 use crate::frontend::{Admission, LoginPolicy, SessionError, SessionReport};
+use crate::lifecycle::{Lifecycle, Phase};
 use crate::listener::{self, Listener, Peer};
 use crate::metrics::{self, RefusedReason};
 use crate::net;
@@ -64,34 +72,36 @@ impl Frontend {
 pub struct Proxy {
     targets: Vec<Arc<Target>>,
     limit: Option<Arc<Semaphore>>,
-    max_sigterm_delay: Duration,
+    config: Config,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("target {target}: {reason}")]
 pub struct PrepareError {
-    target: String,
-    reason: String,
+    pub target: String,
+    pub reason: String,
 }
 
-/// Why the process is stopping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopSignal {
-    Terminate,
-    Interrupt,
+/// Why the proxy could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+    #[error("connection test failed for {failed} of {total} target(s): {first}")]
+    ConnectionTest {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+    #[error("no target left to serve: every listener failed to bind")]
+    NothingBound,
 }
 
-impl StopSignal {
-    fn exit_code(self) -> u8 {
-        match self {
-            StopSignal::Terminate => 128 + libc::SIGTERM as u8,
-            StopSignal::Interrupt => 128 + libc::SIGINT as u8,
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            StopSignal::Terminate => "SIGTERM",
-            StopSignal::Interrupt => "SIGINT",
+impl Target {
+    fn upstream(&self) -> &Arc<Upstream> {
+        match &self.frontend {
+            Frontend::Postgres(f) => &f.upstream,
+            Frontend::Mysql(f) => &f.upstream,
         }
     }
 }
@@ -99,76 +109,34 @@ impl StopSignal {
 impl Proxy {
     /// Loads every certificate and key the configuration names, builds each
     /// target's backend and, for `iam=` targets, finds its credential
-    /// source; any problem is a configuration error. `env` is the process
-    /// environment, where credential sources are found.
+    /// source; any problem is a configuration error, unless
+    /// `--skip-failed-targets` says to log the target and go on without it.
+    /// `env` is the process environment, where credential sources are found.
     pub async fn prepare(
         config: &Config,
         env: HashMap<String, String>,
     ) -> Result<Proxy, PrepareError> {
+        for skipped in &config.skipped {
+            tracing::error!(target = %skipped.target, error = %skipped.reason, "target skipped: its configuration failed");
+        }
         let cancels = Arc::new(CancelRegistry::default());
         let mut sources = SourceContext::new(env, config.connect_timeout);
         let mut targets = Vec::with_capacity(config.targets.len());
+        let mut first_error = None;
         for target in &config.targets {
-            let fail = |reason: String| PrepareError {
-                target: target.name.clone(),
-                reason,
-            };
-            let tls_fail = |e: TlsSetupError| fail(e.to_string());
-            let alpn = match target.protocol {
-                Protocol::Postgres => Some(pg::ALPN),
-                Protocol::Mysql => None,
-            };
-            let backend = backend::build(target).map_err(fail)?;
-            let upstream = Arc::new(
-                Upstream::new(target, config.connect_timeout, alpn, backend).map_err(tls_fail)?,
-            );
-            let local_tls = config
-                .listen_tls
-                .as_ref()
-                .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
-                .transpose()
-                .map_err(tls_fail)?;
-            let tokens = match &target.iam {
-                None => None,
-                Some(iam) => {
-                    let source = credentials::build(iam, &mut sources).await.map_err(fail)?;
-                    tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), credentials = %source.describe(), "token login: keyhole answers the server's password request");
-                    let cache = TokenCache::new(source, config.connect_timeout);
-                    Some(Arc::new(TokenLogin::new(
-                        iam.provider,
-                        cache,
-                        iam.endpoint_host.clone(),
-                        iam.endpoint_port,
-                    )))
+            match prepare_target(config, target, &cancels, &mut sources).await {
+                Ok(ready) => targets.push(Arc::new(ready)),
+                Err(e) if config.skip_failed_targets => {
+                    tracing::error!(target = %e.target, error = %e.reason, "target skipped: its configuration failed");
+                    first_error.get_or_insert(e);
                 }
-            };
-            let login = Arc::new(LoginPolicy {
-                fixed_user: target.user.clone(),
-                tokens,
-                protocol: target.protocol,
-            });
-            let startup_timeout = config.startup_timeout;
-            let max_connections = config.max_connections.map(|n| n.get());
-            let frontend = match target.protocol {
-                Protocol::Postgres => Frontend::Postgres(PostgresFrontend {
-                    upstream,
-                    local_tls,
-                    startup_timeout,
-                    cancels: cancels.clone(),
-                    max_connections,
-                    login,
-                }),
-                Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
-                    upstream,
-                    local_tls,
-                    startup_timeout,
-                    max_connections,
-                    login,
-                }),
-            };
-            targets.push(Arc::new(Target {
-                config: target.clone(),
-                frontend,
+                Err(e) => return Err(e),
+            }
+        }
+        if targets.is_empty() {
+            return Err(first_error.unwrap_or_else(|| PrepareError {
+                target: "-".into(),
+                reason: "no target to serve".into(),
             }));
         }
         Ok(Proxy {
@@ -176,23 +144,64 @@ impl Proxy {
             limit: config
                 .max_connections
                 .map(|n| Arc::new(Semaphore::new(n.get()))),
-            max_sigterm_delay: config.max_sigterm_delay,
+            config: config.clone(),
         })
     }
 
-    /// Binds every listener, serves until a stop signal, drains, and returns
-    /// the process exit code.
-    pub async fn run(self) -> Result<u8, listener::BindError> {
-        // Handlers first: a supervisor may signal as soon as a port opens.
-        let stop_signal = StopSignals::install().map_err(listener::BindError::signals)?;
+    /// Starts the endpoints, runs the connection test if asked, binds every
+    /// listener, serves until a stop request, drains, and returns the
+    /// process exit code.
+    pub async fn run(self, lifecycle: Arc<Lifecycle>) -> Result<u8, RunError> {
+        let config = &self.config;
+        lifecycle
+            .forward_signals()
+            .map_err(listener::BindError::signals)?;
+        let endpoints_stop = CancellationToken::new();
+        let _stop_endpoints = endpoints_stop.clone().drop_guard();
+        let mut health = Health::new(
+            lifecycle.clone(),
+            self.limit
+                .as_ref()
+                .zip(config.max_connections)
+                .map(|(s, n)| (s.clone(), n.get())),
+        );
+        if config.http.readiness_checks_upstream {
+            health = health.check_upstreams(self.probe_list());
+        }
+        endpoints::start(config, health, &lifecycle, &endpoints_stop).await?;
+
+        if config.run_connection_test {
+            tokio::select! {
+                tested = self.connection_test() => tested?,
+                request = lifecycle.next_stop() => {
+                    tracing::info!(signal = request.name(), "stopped during the connection test");
+                    return Ok(request.exit_code_when_cut());
+                }
+            }
+        }
+
         let mut bound = Vec::new();
         for target in &self.targets {
+            let mut bind = |result: Result<Listener, listener::BindError>| match result {
+                Ok(l) => {
+                    bound.push((target.clone(), l));
+                    Ok(())
+                }
+                Err(e) if config.skip_failed_targets => {
+                    tracing::error!(target = %target.config.name, error = %e, "target skipped: its listener failed to bind");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
             if let Some(addr) = target.config.listen {
-                bound.push((target.clone(), Listener::bind_tcp(addr)?));
+                bind(Listener::bind_tcp(addr))?;
             }
             if let Some(path) = &target.config.unix_socket {
-                bound.push((target.clone(), Listener::bind_unix(path)?));
+                bind(Listener::bind_unix(path))?;
             }
+        }
+        if bound.is_empty() {
+            return Err(RunError::NothingBound);
         }
 
         let stop_accepting = CancellationToken::new();
@@ -213,27 +222,49 @@ impl Proxy {
             ));
         }
         accept_loops.close();
-        let mut stop_signal = stop_signal;
-        let received = stop_signal.recv().await;
+        lifecycle.advance(Phase::Serving);
+        tracing::info!(targets = self.targets.len(), "keyhole is ready");
+
+        let received = lifecycle.next_stop().await;
+        lifecycle.advance(Phase::Draining);
+        let mut cut_short = false;
+        if !config.min_sigterm_delay.is_zero() {
+            tracing::info!(
+                signal = received.name(),
+                accept_for_secs = config.min_sigterm_delay.as_secs_f64(),
+                "stop requested: not ready any more, still accepting new connections for a while"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(config.min_sigterm_delay) => {}
+                again = lifecycle.next_stop() => {
+                    tracing::info!(signal = again.name(), "second stop request: not waiting any longer");
+                    cut_short = true;
+                }
+            }
+        }
 
         stop_accepting.cancel();
         accept_loops.wait().await;
         connections.close();
         let open = connections.len();
-        if open > 0 {
+        let drained = if open == 0 {
+            true
+        } else if cut_short {
+            false
+        } else {
             tracing::info!(
                 signal = received.name(),
                 open_connections = open,
-                max_wait_secs = self.max_sigterm_delay.as_secs_f64(),
+                max_wait_secs = config.max_sigterm_delay.as_secs_f64(),
                 "stopped accepting; waiting for open connections to finish"
             );
-        }
-        let drained = tokio::select! {
-            _ = connections.wait() => true,
-            _ = tokio::time::sleep(self.max_sigterm_delay) => false,
-            again = stop_signal.recv() => {
-                tracing::info!(signal = again.name(), "second signal: not waiting any longer");
-                false
+            tokio::select! {
+                _ = connections.wait() => true,
+                _ = tokio::time::sleep(config.max_sigterm_delay) => false,
+                again = lifecycle.next_stop() => {
+                    tracing::info!(signal = again.name(), "second stop request: not waiting any longer");
+                    false
+                }
             }
         };
         if drained {
@@ -246,33 +277,150 @@ impl Proxy {
         );
         cut.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
-        Ok(received.exit_code())
+        Ok(if config.exit_zero_on_sigterm {
+            0
+        } else {
+            received.exit_code_when_cut()
+        })
     }
+
+    /// What the connection test and `/readiness` dial.
+    fn probe_list(&self) -> Vec<(String, Protocol, Arc<Upstream>)> {
+        self.targets
+            .iter()
+            .map(|t| {
+                (
+                    t.config.name.clone(),
+                    t.config.protocol,
+                    t.upstream().clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// `--run-connection-test`: every target once, all at once.
+    async fn connection_test(&self) -> Result<(), RunError> {
+        let mut probes = tokio::task::JoinSet::new();
+        for (name, protocol, upstream) in self.probe_list() {
+            probes.spawn(async move {
+                let started = Instant::now();
+                let result = upstream.probe(protocol).await;
+                (name, result, started.elapsed())
+            });
+        }
+        let total = probes.len();
+        let mut failed = Vec::new();
+        while let Some(done) = probes.join_next().await {
+            match done {
+                Ok((name, Ok(()), took)) => {
+                    tracing::info!(target = %name, took_ms = took.as_millis() as u64, "connection test passed")
+                }
+                Ok((name, Err(e), _)) => {
+                    tracing::error!(target = %name, error = %e, "connection test failed");
+                    failed.push(format!("target {name}: {e}"));
+                }
+                Err(e) => failed.push(format!("a connection test did not finish: {e}")),
+            }
+        }
+        failed.sort();
+        match failed.first() {
+            None => Ok(()),
+            Some(first) => Err(RunError::ConnectionTest {
+                failed: failed.len(),
+                total,
+                first: first.clone(),
+            }),
+        }
+    }
+}
+
+/// A target's upstream connector (its backend, CA, client certificate) and
+/// the client-leg TLS acceptor: everything that needs files but no network.
+/// `keyhole check-config` runs this too.
+pub fn connectors(
+    config: &Config,
+    target: &TargetConfig,
+) -> Result<(Arc<Upstream>, Option<TlsAcceptor>), PrepareError> {
+    let fail = |reason: String| PrepareError {
+        target: target.name.clone(),
+        reason,
+    };
+    let tls_fail = |e: TlsSetupError| fail(e.to_string());
+    let alpn = match target.protocol {
+        Protocol::Postgres => Some(pg::ALPN),
+        Protocol::Mysql => None,
+    };
+    let backend = backend::build(target).map_err(fail)?;
+    let upstream =
+        Arc::new(Upstream::new(target, config.connect_timeout, alpn, backend).map_err(tls_fail)?);
+    let local_tls = config
+        .listen_tls
+        .as_ref()
+        .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
+        .transpose()
+        .map_err(tls_fail)?;
+    Ok((upstream, local_tls))
+}
+
+/// One target, ready to serve; see [`Proxy::prepare`].
+async fn prepare_target(
+    config: &Config,
+    target: &TargetConfig,
+    cancels: &Arc<CancelRegistry>,
+    sources: &mut SourceContext,
+) -> Result<Target, PrepareError> {
+    let fail = |reason: String| PrepareError {
+        target: target.name.clone(),
+        reason,
+    };
+    let (upstream, local_tls) = connectors(config, target)?;
+    let tokens = match &target.iam {
+        None => None,
+        Some(iam) => {
+            let source = credentials::build(iam, sources).await.map_err(fail)?;
+            tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), credentials = %source.describe(), "token login: keyhole answers the server's password request");
+            let cache = TokenCache::new(source, config.connect_timeout);
+            Some(Arc::new(TokenLogin::new(
+                iam.provider,
+                cache,
+                iam.endpoint_host.clone(),
+                iam.endpoint_port,
+            )))
+        }
+    };
+    let login = Arc::new(LoginPolicy {
+        fixed_user: target.user.clone(),
+        tokens,
+        protocol: target.protocol,
+    });
+    let startup_timeout = config.startup_timeout;
+    let max_connections = config.max_connections.map(|n| n.get());
+    let frontend = match target.protocol {
+        Protocol::Postgres => Frontend::Postgres(PostgresFrontend {
+            upstream,
+            local_tls,
+            startup_timeout,
+            cancels: cancels.clone(),
+            max_connections,
+            login,
+        }),
+        Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
+            upstream,
+            local_tls,
+            startup_timeout,
+            max_connections,
+            login,
+        }),
+    };
+    Ok(Target {
+        config: target.clone(),
+        frontend,
+    })
 }
 
 impl listener::BindError {
     fn signals(source: std::io::Error) -> Self {
         listener::BindError::new("signal handlers".into(), source)
-    }
-}
-
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn install() -> std::io::Result<StopSignals> {
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-    async fn recv(&mut self) -> StopSignal {
-        tokio::select! {
-            _ = self.term.recv() => StopSignal::Terminate,
-            _ = self.int.recv() => StopSignal::Interrupt,
-        }
     }
 }
 

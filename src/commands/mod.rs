@@ -1,16 +1,67 @@
 //! `keyhole COMMAND ...`: tools beside the proxy itself, dispatched on the
 //! first argument (a target is a URL, so no target is ever taken for one).
+//!
+//! - `token`: print an IAM database token.
+//! - `wait`: wait for a running keyhole's `/startup` (container health checks,
+//!   postStart hooks).
+//! - `shutdown`: ask a running keyhole to stop (preStop hooks, jobs).
+//! - `check-config`: validate a configuration and print it, without binding
+//!   or dialling anything.
 
+pub mod check_config;
+pub mod shutdown;
 pub mod token;
+pub mod wait;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for a command that ran and failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit code for a command line or configuration that cannot work.
+const EXIT_USAGE: u8 = 2;
 
 /// Runs the command the arguments name, or `None` if they name none (then
 /// they are the proxy's own).
 pub fn dispatch(args: &[OsString]) -> Option<ExitCode> {
     match args.get(1).and_then(|a| a.to_str()) {
         Some("token") => Some(token::main(&args[1..])),
+        Some("wait") => Some(wait::main(&args[1..])),
+        Some("shutdown") => Some(shutdown::main(&args[1..])),
+        Some("check-config") => Some(check_config::main(&args[1..])),
         _ => None,
     }
+}
+
+/// Parses a command's arguments; `--help` exits 0, a bad command line
+/// prints clap's message and gives the usage exit code.
+fn parse<C: Parser>(args: &[OsString]) -> Result<C, ExitCode> {
+    match C::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+/// A runtime for a command's few requests.
+fn runtime(command: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("keyhole {command}: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// An option of a command that a running keyhole also reads (`--http-port`
+/// and friends): the flag, else its `KEYHOLE_*` variable, so a health check
+/// run inside keyhole's container finds the port keyhole was given.
+fn flag_or_env(flag: Option<String>, key: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(crate::config::env_name(key)).ok())
 }

@@ -7,7 +7,7 @@
 //! every flag gets its environment variable and file key for free, and a
 //! test can feed the environment from a map instead of the process.
 
-mod duration;
+pub mod duration;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
@@ -105,7 +105,7 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<String>,
 
-    /// On SIGTERM/SIGINT, how long open connections may go on before they are cut. [default: 0s]
+    /// After SIGTERM/SIGINT (and --min-sigterm-delay), how long open connections may go on before they are cut. [default: 0s]
     #[arg(long, value_name = "DURATION")]
     pub max_sigterm_delay: Option<String>,
 
@@ -144,20 +144,111 @@ pub struct Cli {
     /// Database user for every client, whatever user it sends (target parameter user=).
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+
+    /// Address of the HTTP server for --health-check and --prometheus. [default: 127.0.0.1]
+    #[arg(long, value_name = "ADDR")]
+    pub http_address: Option<String>,
+
+    /// Port of the HTTP server for --health-check and --prometheus. [default: 9090]
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<String>,
+
+    /// Serve /startup, /liveness and /readiness on the HTTP server.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub health_check: Option<String>,
+
+    /// Serve Prometheus metrics on the HTTP server's /metrics.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub prometheus: Option<String>,
+
+    /// /readiness also opens a TLS connection to every target (no login) and fails if one does not answer.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub readiness_checks_upstream: Option<String>,
+
+    /// Serve POST /quitquitquit (graceful shutdown, exit 0) on 127.0.0.1:--admin-port.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub quitquitquit: Option<String>,
+
+    /// Port of the admin server, always on 127.0.0.1. [default: 9091]
+    #[arg(long, value_name = "PORT")]
+    pub admin_port: Option<String>,
+
+    /// On SIGTERM/SIGINT, keep accepting new connections this long before draining. [default: 0s]
+    #[arg(long, value_name = "DURATION")]
+    pub min_sigterm_delay: Option<String>,
+
+    /// Exit 0 after SIGTERM/SIGINT even when open connections had to be cut.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub exit_zero_on_sigterm: Option<String>,
+
+    /// At start, open a TLS connection to every target once; exit 1 if one fails.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub run_connection_test: Option<String>,
+
+    /// Log and skip a target whose configuration fails, instead of not starting.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub skip_failed_targets: Option<String>,
 }
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub targets: Vec<TargetConfig>,
+    /// Targets left out by `--skip-failed-targets`, with why.
+    pub skipped: Vec<SkippedTarget>,
     /// `None`: no limit.
     pub max_connections: Option<NonZeroUsize>,
+    /// After a stop signal, keep accepting this long.
+    pub min_sigterm_delay: Duration,
+    /// Then wait this long for open connections.
     pub max_sigterm_delay: Duration,
+    pub exit_zero_on_sigterm: bool,
+    pub run_connection_test: bool,
+    pub skip_failed_targets: bool,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
     pub log_format: LogFormat,
     /// Certificate for TLS on the client leg.
     pub listen_tls: Option<CertKey>,
+    pub http: HttpConfig,
+    /// `--quitquitquit`: the admin server's port (on 127.0.0.1).
+    pub admin_port: Option<u16>,
+    /// `--config`, if a file was read.
+    pub config_file: Option<PathBuf>,
+    /// Where each option that was set came from (`--flag`, `KEYHOLE_*`, the
+    /// file), by its long name: for `keyhole check-config`.
+    pub origins: BTreeMap<String, String>,
+}
+
+pub const DEFAULT_HTTP_PORT: u16 = 9090;
+pub const DEFAULT_ADMIN_PORT: u16 = 9091;
+
+/// The HTTP server for health checks and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    /// `/startup`, `/liveness`, `/readiness`.
+    pub health_check: bool,
+    /// `/metrics`.
+    pub prometheus: bool,
+    /// `/readiness` dials every target.
+    pub readiness_checks_upstream: bool,
+}
+
+impl HttpConfig {
+    /// Whether the server runs at all.
+    pub fn enabled(&self) -> bool {
+        self.health_check || self.prometheus
+    }
+}
+
+/// A target `--skip-failed-targets` left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedTarget {
+    /// As given.
+    pub target: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +391,22 @@ impl Layers {
         }
     }
 
+    /// Where every option that was set came from.
+    fn origins(&self) -> BTreeMap<String, String> {
+        let keys = self.flags.keys().chain(self.file.keys()).cloned().chain(
+            self.env
+                .keys()
+                .filter_map(|k| k.strip_prefix("KEYHOLE_"))
+                .map(|k| k.to_ascii_lowercase().replace('_', "-")),
+        );
+        keys.filter_map(|key| {
+            let (_, origin) = self.get(&key)?;
+            let shown = self.describe(&key, origin);
+            Some((key, shown))
+        })
+        .collect()
+    }
+
     /// Looks `key` up and parses it, naming the source in any error.
     fn parse<T>(
         &self,
@@ -431,6 +538,14 @@ fn parse_file(
     Ok((values, targets))
 }
 
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("'{text}' is not true or false")),
+    }
+}
+
 fn parse_path(text: &str) -> Result<PathBuf, String> {
     if text.is_empty() {
         Err("empty path".into())
@@ -560,178 +675,280 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     let iam = layers.parse("iam", parse_iam)?.flatten();
     let region = layers.parse("region", parse_region)?;
     let user = layers.parse("user", parse_user)?;
+    let min_sigterm_delay = layers
+        .parse("min-sigterm-delay", duration::parse)?
+        .unwrap_or(Duration::ZERO);
+    let flag = |key: &str| -> Result<bool, ConfigError> {
+        Ok(layers.parse(key, parse_bool)?.unwrap_or(false))
+    };
+    let port_of = |key: &str, default: u16| -> Result<u16, ConfigError> {
+        Ok(layers
+            .parse(key, |t| {
+                t.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("'{t}' is not a port number"))
+            })?
+            .unwrap_or(default))
+    };
+    let http = HttpConfig {
+        address: layers
+            .parse("http-address", |t| {
+                t.parse::<IpAddr>()
+                    .map_err(|_| format!("'{t}' is not an IP address"))
+            })?
+            .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        port: port_of("http-port", DEFAULT_HTTP_PORT)?,
+        health_check: flag("health-check")?,
+        prometheus: flag("prometheus")?,
+        readiness_checks_upstream: flag("readiness-checks-upstream")?,
+    };
+    let admin_port = port_of("admin-port", DEFAULT_ADMIN_PORT)?;
+    let admin_port = flag("quitquitquit")?.then_some(admin_port);
+    let skip_failed_targets = flag("skip-failed-targets")?;
     if startup_timeout.is_zero() || connect_timeout.is_zero() {
         return Err(invalid(
             "startup-timeout and connect-timeout must be more than zero",
         ));
     }
 
-    let mut built = Vec::with_capacity(targets.len());
+    let defaults = TargetDefaults {
+        address,
+        unix_socket,
+        ca_file,
+        client_cert,
+        backend,
+        destinations,
+        allow,
+        iam,
+        region,
+        user,
+    };
+    let mut built: Vec<TargetConfig> = Vec::with_capacity(targets.len());
+    let mut skipped = Vec::new();
     // Without --port each protocol counts from its own default port
     // (5432, 5433, ... and 3306, 3307, ...); with it, all count from there.
+    // A skipped target keeps its place: the others' ports do not move.
     let mut per_protocol: Vec<(Protocol, u32)> = Vec::new();
     for (index, text) in targets.iter().enumerate() {
-        let url = target::parse(text).map_err(invalid)?;
-        let name = format!(
-            "{}://{}",
-            url.protocol.scheme(),
-            host_port(&url.host, url.port)
-        );
-        let param = |key: &str| {
-            url.params
-                .iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
-        let in_target = |key: &str, e: String| invalid(format!("target {name}: {key}: {e}"));
-
-        let port = match base_port {
-            Some(base) => u32::from(base) + index as u32,
-            None => {
-                let seen = per_protocol.iter_mut().find(|(p, _)| *p == url.protocol);
-                let nth = match seen {
-                    Some((_, n)) => {
-                        *n += 1;
-                        *n
-                    }
-                    None => {
-                        per_protocol.push((url.protocol, 0));
-                        0
-                    }
-                };
-                u32::from(url.protocol.default_port()) + nth
-            }
-        };
-        let port = u16::try_from(port)
-            .map_err(|_| invalid(format!("target {name}: listen port {port} is out of range")))?;
-        let explicit_listen = param("listen")
-            .map(|t| target::parse_listen(t).map_err(|e| in_target("listen", e)))
-            .transpose()?;
-        let socket_dir = match param("unix-socket") {
-            Some(dir) => Some(parse_path(dir).map_err(|e| in_target("unix-socket", e))?),
-            None => unix_socket.clone(),
-        };
-        let listen_port = explicit_listen.map_or(port, |a| a.port());
-        let unix_path = socket_dir.map(|dir| dir.join(url.protocol.socket_file(listen_port)));
-        let listen = match (explicit_listen, &unix_path) {
-            (Some(addr), _) => Some(addr),
-            (None, Some(_)) => None,
-            (None, None) => Some(SocketAddr::new(address, port)),
-        };
-        let tls = UpstreamTls {
-            ca_file: match param("ca-file") {
-                Some(p) => Some(parse_path(p).map_err(|e| in_target("ca-file", e))?),
-                None => ca_file.clone(),
-            },
-            server_name: param("server-name").unwrap_or(&url.host).to_owned(),
-            mode: param("tls-mode")
-                .map(|m| parse_tls_mode(m).map_err(|e| in_target("tls-mode", e)))
-                .transpose()?
-                .unwrap_or(TlsMode::VerifyFull),
-            client_cert: match cert_key(
-                param("client-cert").map(PathBuf::from),
-                param("client-key").map(PathBuf::from),
-                "client",
-            )? {
-                Some(ck) => Some(ck),
-                None => client_cert.clone(),
-            },
-        };
-        let backend = match param("backend") {
-            Some(b) => parse_backend(b).map_err(|e| in_target("backend", e))?,
-            None => backend
-                .clone()
-                .unwrap_or_else(|| crate::backend::default_name().to_owned()),
-        };
-        let ranges = |key: &str, default: &Option<Vec<Cidr>>| match param(key) {
-            Some(list) => Cidr::parse_list(list).map_err(|e| in_target(key, e)),
-            None => Ok(default.clone().unwrap_or_default()),
-        };
-        let destinations = ranges("destinations", &destinations)?;
-        let allow = ranges("allow", &allow)?;
-        let user = match param("user") {
-            Some(u) => Some(parse_user(u).map_err(|e| in_target("user", e))?),
-            None => user.clone(),
-        };
-        let provider = match param("iam") {
-            Some(p) => parse_iam(p).map_err(|e| in_target("iam", e))?,
-            None => iam,
-        };
-        let region = match param("region") {
-            Some(r) => Some(parse_region(r).map_err(|e| in_target("region", e))?),
-            None => region.clone(),
-        };
-        let iam_port = param("iam-port")
-            .map(|p| {
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|&p| p != 0)
-                    .ok_or_else(|| in_target("iam-port", format!("'{p}' is not a port number")))
-            })
-            .transpose()?;
-        let iam = match provider {
-            None if param("region").is_some() || param("iam-port").is_some() => {
-                return Err(invalid(format!(
-                    "target {name}: region= and iam-port= apply only with iam=aws or iam=gcp"
-                )))
-            }
-            None => None,
-            Some(provider) => Some(Iam {
-                provider,
-                region: if provider == IamProvider::Aws {
-                    region
-                } else {
-                    None
-                },
-                endpoint_host: tls.server_name.clone(),
-                endpoint_port: iam_port.unwrap_or(url.port),
-            }),
-        };
-        built.push(TargetConfig {
-            name,
-            protocol: url.protocol,
-            host: url.host,
-            port: url.port,
-            listen,
-            unix_socket: unix_path,
-            tls,
-            backend,
-            destinations,
-            allow,
-            iam,
-            user,
+        let result = target::parse(text).map_err(invalid).and_then(|url| {
+            let port = match base_port {
+                Some(base) => u32::from(base) + index as u32,
+                None => {
+                    let seen = per_protocol.iter_mut().find(|(p, _)| *p == url.protocol);
+                    let nth = match seen {
+                        Some((_, n)) => {
+                            *n += 1;
+                            *n
+                        }
+                        None => {
+                            per_protocol.push((url.protocol, 0));
+                            0
+                        }
+                    };
+                    u32::from(url.protocol.default_port()) + nth
+                }
+            };
+            let target = target_config(url, port, &defaults)?;
+            check_distinct_listener(&target, &built)?;
+            Ok(target)
         });
+        match result {
+            Ok(target) => built.push(target),
+            Err(e) if skip_failed_targets => skipped.push(SkippedTarget {
+                target: text.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) => return Err(e),
+        }
     }
-    check_distinct_listeners(&built)?;
+    if built.is_empty() {
+        return Err(invalid(format!(
+            "no target left to serve: {}",
+            skipped
+                .iter()
+                .map(|s| s.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
     Ok(Config {
         targets: built,
+        skipped,
         max_connections,
+        min_sigterm_delay,
         max_sigterm_delay,
+        exit_zero_on_sigterm: flag("exit-zero-on-sigterm")?,
+        run_connection_test: flag("run-connection-test")?,
+        skip_failed_targets,
         startup_timeout,
         connect_timeout,
         log_format,
         listen_tls,
+        http,
+        admin_port,
+        origins: layers.origins(),
+        config_file: layers.file_path.clone(),
     })
 }
 
-fn check_distinct_listeners(targets: &[TargetConfig]) -> Result<(), ConfigError> {
-    for (i, a) in targets.iter().enumerate() {
-        for b in &targets[..i] {
-            if a.listen.is_some() && a.listen == b.listen {
-                return Err(invalid(format!(
-                    "targets {} and {} both listen on {}",
-                    b.name,
-                    a.name,
-                    a.listen.map(|l| l.to_string()).unwrap_or_default()
-                )));
-            }
-            if a.unix_socket.is_some() && a.unix_socket == b.unix_socket {
-                return Err(invalid(format!(
-                    "targets {} and {} share a Unix socket",
-                    b.name, a.name
-                )));
-            }
+/// Settings every target takes unless its own parameters say otherwise.
+struct TargetDefaults {
+    address: IpAddr,
+    unix_socket: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<CertKey>,
+    backend: Option<String>,
+    destinations: Option<Vec<Cidr>>,
+    allow: Option<Vec<Cidr>>,
+    iam: Option<IamProvider>,
+    region: Option<String>,
+    user: Option<String>,
+}
+
+/// One target from its URL, the port it takes by default, and the options
+/// its parameters do not override.
+fn target_config(
+    url: target::TargetUrl,
+    port: u32,
+    d: &TargetDefaults,
+) -> Result<TargetConfig, ConfigError> {
+    let name = format!(
+        "{}://{}",
+        url.protocol.scheme(),
+        host_port(&url.host, url.port)
+    );
+    let param = |key: &str| {
+        url.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let in_target = |key: &str, e: String| invalid(format!("target {name}: {key}: {e}"));
+
+    let port = u16::try_from(port)
+        .map_err(|_| invalid(format!("target {name}: listen port {port} is out of range")))?;
+    let explicit_listen = param("listen")
+        .map(|t| target::parse_listen(t).map_err(|e| in_target("listen", e)))
+        .transpose()?;
+    let socket_dir = match param("unix-socket") {
+        Some(dir) => Some(parse_path(dir).map_err(|e| in_target("unix-socket", e))?),
+        None => d.unix_socket.clone(),
+    };
+    let listen_port = explicit_listen.map_or(port, |a| a.port());
+    let unix_path = socket_dir.map(|dir| dir.join(url.protocol.socket_file(listen_port)));
+    let listen = match (explicit_listen, &unix_path) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(_)) => None,
+        (None, None) => Some(SocketAddr::new(d.address, port)),
+    };
+    let tls = UpstreamTls {
+        ca_file: match param("ca-file") {
+            Some(p) => Some(parse_path(p).map_err(|e| in_target("ca-file", e))?),
+            None => d.ca_file.clone(),
+        },
+        server_name: param("server-name").unwrap_or(&url.host).to_owned(),
+        mode: param("tls-mode")
+            .map(|m| parse_tls_mode(m).map_err(|e| in_target("tls-mode", e)))
+            .transpose()?
+            .unwrap_or(TlsMode::VerifyFull),
+        client_cert: match cert_key(
+            param("client-cert").map(PathBuf::from),
+            param("client-key").map(PathBuf::from),
+            "client",
+        )? {
+            Some(ck) => Some(ck),
+            None => d.client_cert.clone(),
+        },
+    };
+    let backend = match param("backend") {
+        Some(b) => parse_backend(b).map_err(|e| in_target("backend", e))?,
+        None => d
+            .backend
+            .clone()
+            .unwrap_or_else(|| crate::backend::default_name().to_owned()),
+    };
+    let ranges = |key: &str, default: &Option<Vec<Cidr>>| match param(key) {
+        Some(list) => Cidr::parse_list(list).map_err(|e| in_target(key, e)),
+        None => Ok(default.clone().unwrap_or_default()),
+    };
+    let destinations = ranges("destinations", &d.destinations)?;
+    let allow = ranges("allow", &d.allow)?;
+    let user = match param("user") {
+        Some(u) => Some(parse_user(u).map_err(|e| in_target("user", e))?),
+        None => d.user.clone(),
+    };
+    let provider = match param("iam") {
+        Some(p) => parse_iam(p).map_err(|e| in_target("iam", e))?,
+        None => d.iam,
+    };
+    let region = match param("region") {
+        Some(r) => Some(parse_region(r).map_err(|e| in_target("region", e))?),
+        None => d.region.clone(),
+    };
+    let iam_port = param("iam-port")
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| in_target("iam-port", format!("'{p}' is not a port number")))
+        })
+        .transpose()?;
+    let iam = match provider {
+        None if param("region").is_some() || param("iam-port").is_some() => {
+            return Err(invalid(format!(
+                "target {name}: region= and iam-port= apply only with iam=aws or iam=gcp"
+            )))
+        }
+        None => None,
+        Some(provider) => Some(Iam {
+            provider,
+            region: if provider == IamProvider::Aws {
+                region
+            } else {
+                None
+            },
+            endpoint_host: tls.server_name.clone(),
+            endpoint_port: iam_port.unwrap_or(url.port),
+        }),
+    };
+    Ok(TargetConfig {
+        name,
+        protocol: url.protocol,
+        host: url.host,
+        port: url.port,
+        listen,
+        unix_socket: unix_path,
+        tls,
+        backend,
+        destinations,
+        allow,
+        iam,
+        user,
+    })
+}
+
+/// A second target on a listener another already has is a configuration
+/// error (of the second one, so `--skip-failed-targets` keeps the first).
+fn check_distinct_listener(
+    target: &TargetConfig,
+    before: &[TargetConfig],
+) -> Result<(), ConfigError> {
+    for b in before {
+        if target.listen.is_some() && target.listen == b.listen {
+            return Err(invalid(format!(
+                "targets {} and {} both listen on {}",
+                b.name,
+                target.name,
+                target.listen.map(|l| l.to_string()).unwrap_or_default()
+            )));
+        }
+        if target.unix_socket.is_some() && target.unix_socket == b.unix_socket {
+            return Err(invalid(format!(
+                "targets {} and {} share a Unix socket",
+                b.name, target.name
+            )));
         }
     }
     Ok(())

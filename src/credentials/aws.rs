@@ -166,7 +166,7 @@ pub fn sign_token(
     let host = crate::config::host_port(&request.host, request.port);
     let url = format!(
         "https://{host}/?Action=connect&DBUser={}",
-        super::http::percent_encode(&request.user)
+        crate::http::client::percent_encode(&request.user)
     );
     let signable = SignableRequest::new(
         "GET",

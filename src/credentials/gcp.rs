@@ -33,9 +33,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use serde_json::{json, Map, Value};
 
-use super::http::{self, HttpError, HttpErrorKind, Request, Response, Url};
 use super::{CredentialsError, Token, TokenFuture, TokenRequest, TokenSource};
 use crate::config::Protocol;
+use crate::http::client::{self as http, HttpError, HttpErrorKind, Request, Response, Url};
 
 const PROVIDER: &str = "gcp";
 
@@ -557,7 +557,7 @@ mod tests {
     use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 
     use super::*;
-    use crate::credentials::http::testing::{closed_port, reply, serve, After};
+    use crate::http::client::testing::{closed_port, reply, serve, After};
 
     const REFRESH_TOKEN: &str = "1//0refresh-SECRET-token";
     const CLIENT_SECRET: &str = "d-FL95Q19q7MQmFpd7hHD0Ty";

@@ -12,7 +12,6 @@
 pub mod aws;
 mod cache;
 pub mod gcp;
-pub(crate) mod http;
 
 use std::fmt;
 use std::future::Future;

@@ -233,6 +233,19 @@ pub fn ssl_request(response: &[u8]) -> [u8; SSL_REQUEST_LEN] {
     out
 }
 
+/// The first 32 bytes of a HandshakeResponse41 for keyhole's own
+/// connection test, which upgrades to TLS and logs in as nobody: protocol
+/// 4.1 capabilities the server offers, a 16 MiB packet limit and the
+/// server's own character set.
+pub fn probe_response(greeting: &Greeting) -> [u8; SSL_REQUEST_LEN] {
+    let wanted = caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::TRANSACTIONS;
+    let mut out = [0u8; SSL_REQUEST_LEN];
+    out[..4].copy_from_slice(&(greeting.capabilities & wanted).to_le_bytes());
+    out[4..8].copy_from_slice(&(16u32 << 20).to_le_bytes());
+    out[8] = greeting.charset;
+    out
+}
+
 /// What keyhole reads out of the client's HandshakeResponse41 (or SSLRequest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeResponse {

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::backend::Backend;
-use crate::config::{host_port, TargetConfig};
+use crate::config::{host_port, Protocol, TargetConfig};
 use crate::tls::{self, TlsSetupError};
 
 /// The TLS stream to a database.
@@ -203,6 +204,25 @@ impl Upstream {
             .map_err(|e| UpstreamError::Tls {
                 message: tls::describe_handshake_error(&e, &self.server_name_text),
             })
+    }
+
+    /// The connection test (`--run-connection-test`, and `/readiness` with
+    /// `--readiness-checks-upstream`): reach the server and complete
+    /// verified TLS exactly as a session would, then close without logging
+    /// in. (The server logs an incomplete startup; for MySQL it also counts
+    /// one aborted connect toward `max_connect_errors` for this host, which
+    /// the next successful login resets.)
+    pub async fn probe(&self, protocol: Protocol) -> Result<(), UpstreamError> {
+        let mut stream = match protocol {
+            Protocol::Postgres => self.connect_postgres().await?,
+            Protocol::Mysql => {
+                let greeted = self.greet_mysql().await?;
+                let response = crate::protocol::mysql::probe_response(&greeted.greeting);
+                self.upgrade_mysql(greeted, &response).await?
+            }
+        };
+        let _ = tokio::time::timeout(self.connect_timeout, stream.shutdown()).await;
+        Ok(())
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {

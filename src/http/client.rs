@@ -1,5 +1,5 @@
-//! A small HTTP/1.1 client for credential endpoints: the metadata server and
-//! OAuth2 token endpoints.
+//! A small HTTP/1.1 client: credential endpoints (the metadata server and
+//! OAuth2 token endpoints) and keyhole's own health and admin endpoints.
 //!
 //! One request per connection (`Connection: close`), http:// or https://
 //! (verified against the system trust store with the ring provider), and a

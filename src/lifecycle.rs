@@ -1,0 +1,153 @@
+//! Where the process is in its life (starting, serving, draining) and what
+//! asked it to stop: the state the health endpoints read and the shutdown
+//! sequence in [`crate::proxy`] drives.
+//!
+//! Stop requests come from signals (SIGTERM, SIGINT) and from the admin
+//! port's `/quitquitquit`; all of them arrive on one channel, so the
+//! shutdown sequence treats them alike: the first starts the drain, any
+//! later one ends the waiting.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, Mutex};
+
+/// The process's phase, as `/startup` and `/readiness` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Listeners not yet bound (or the connection test not yet passed).
+    Starting = 0,
+    Serving = 1,
+    /// A stop was requested: no longer ready, finishing what is open.
+    Draining = 2,
+}
+
+/// What asked the process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    Terminate,
+    Interrupt,
+    /// `POST /quitquitquit` on the admin port.
+    Quit,
+}
+
+impl StopRequest {
+    /// The exit code when open connections had to be cut: 128 + the signal,
+    /// as a shell reports a process killed by it; 0 for a requested quit.
+    pub fn exit_code_when_cut(self) -> u8 {
+        match self {
+            StopRequest::Terminate => 128 + libc::SIGTERM as u8,
+            StopRequest::Interrupt => 128 + libc::SIGINT as u8,
+            StopRequest::Quit => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StopRequest::Terminate => "SIGTERM",
+            StopRequest::Interrupt => "SIGINT",
+            StopRequest::Quit => "quitquitquit",
+        }
+    }
+}
+
+/// Shared by the proxy, the health endpoints and the admin endpoint.
+pub struct Lifecycle {
+    phase: AtomicU8,
+    requests: mpsc::UnboundedSender<StopRequest>,
+    received: Mutex<mpsc::UnboundedReceiver<StopRequest>>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        let (requests, received) = mpsc::unbounded_channel();
+        Lifecycle {
+            phase: AtomicU8::new(Phase::Starting as u8),
+            requests,
+            received: Mutex::new(received),
+        }
+    }
+}
+
+impl Lifecycle {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            _ => Phase::Draining,
+        }
+    }
+
+    /// Moves forward only: a draining process never reports serving again.
+    pub fn advance(&self, to: Phase) {
+        self.phase.fetch_max(to as u8, Ordering::AcqRel);
+    }
+
+    pub fn request_stop(&self, request: StopRequest) {
+        // The receiver lives as long as `self`: this cannot fail.
+        let _ = self.requests.send(request);
+    }
+
+    /// The next stop request (the first starts the shutdown; later ones cut
+    /// its waits short).
+    pub async fn next_stop(&self) -> StopRequest {
+        let mut received = self.received.lock().await;
+        match received.recv().await {
+            Some(request) => request,
+            // Unreachable while `self.requests` exists; wait forever then.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Turns SIGTERM and SIGINT into stop requests, for the life of the
+    /// runtime. Installed before any port opens: a supervisor may signal as
+    /// soon as one does.
+    pub fn forward_signals(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    Some(()) = term.recv() => StopRequest::Terminate,
+                    Some(()) = int.recv() => StopRequest::Interrupt,
+                    else => return,
+                };
+                me.request_stop(request);
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_only_moves_forward() {
+        let life = Lifecycle::default();
+        assert_eq!(life.phase(), Phase::Starting);
+        life.advance(Phase::Serving);
+        life.advance(Phase::Draining);
+        life.advance(Phase::Serving);
+        assert_eq!(life.phase(), Phase::Draining);
+    }
+
+    #[tokio::test]
+    async fn stop_requests_arrive_in_order() {
+        let life = Lifecycle::default();
+        life.request_stop(StopRequest::Quit);
+        life.request_stop(StopRequest::Terminate);
+        assert_eq!(life.next_stop().await, StopRequest::Quit);
+        assert_eq!(life.next_stop().await, StopRequest::Terminate);
+    }
+
+    #[test]
+    fn a_quit_exits_zero_and_a_signal_as_a_shell_would_report_it() {
+        assert_eq!(StopRequest::Quit.exit_code_when_cut(), 0);
+        assert_eq!(StopRequest::Terminate.exit_code_when_cut(), 143);
+        assert_eq!(StopRequest::Interrupt.exit_code_when_cut(), 130);
+    }
+}
