@@ -55,7 +55,11 @@ Examples:
   keyhole --ca-file ca.pem postgres://10.0.0.5 mysql://10.0.0.6   (listens on 5432 and 3306)
   keyhole --ca-file global-bundle.pem 'postgres://mydb.abc123.eu-west-1.rds.amazonaws.com?iam=aws'
 
-Tokens by hand: keyhole token aws|gcp --help";
+Commands (each with --help):
+  keyhole check-config ARGS...   validate ARGS, the environment and the file; print the result
+  keyhole wait [--max 30s]       exit 0 once a running keyhole's /startup answers 200
+  keyhole shutdown               ask a running keyhole (--quitquitquit) to stop gracefully
+  keyhole token aws|gcp ...      print an IAM database token";
 
 /// keyhole: plain Postgres on localhost, verified TLS to the database.
 #[derive(Parser, Debug)]
