@@ -33,6 +33,24 @@ pub struct Transferred {
     pub server_to_client: u64,
 }
 
+impl std::ops::Sub for Transferred {
+    type Output = Transferred;
+    fn sub(self, other: Transferred) -> Transferred {
+        Transferred {
+            client_to_server: self.client_to_server.saturating_sub(other.client_to_server),
+            server_to_client: self.server_to_client.saturating_sub(other.server_to_client),
+        }
+    }
+}
+
+/// Where a splice reports its bytes while it runs (a per-target counter),
+/// so a session that lasts hours shows up in the metrics before it ends.
+/// The splice reports once each time it has nothing more to do for now,
+/// not once per read: a burst of records costs one report.
+pub trait Meter: Send + Sync {
+    fn add(&self, delta: Transferred);
+}
+
 /// Which side's failure ended the splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -63,6 +81,9 @@ pub struct Splice<'a, C: ?Sized, S: ?Sized> {
     server: &'a mut S,
     upstream: Half,
     downstream: Half,
+    meter: Option<&'a dyn Meter>,
+    /// What the meter has been told so far.
+    metered: Transferred,
 }
 
 impl<'a, C, S> Splice<'a, C, S>
@@ -76,6 +97,31 @@ where
             server,
             upstream: Half::new(),
             downstream: Half::new(),
+            meter: None,
+            metered: Transferred::default(),
+        }
+    }
+
+    /// Reports bytes to `meter` as they go.
+    pub fn metered(mut self, meter: &'a dyn Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// What has been reported to the meter (the rest of
+    /// [`Splice::transferred`] is still to be counted).
+    pub fn metered_so_far(&self) -> Transferred {
+        self.metered
+    }
+
+    fn report(&mut self) {
+        if let Some(meter) = self.meter {
+            let now = self.transferred();
+            let delta = now - self.metered;
+            if delta != Transferred::default() {
+                meter.add(delta);
+                self.metered = now;
+            }
         }
     }
 
@@ -97,6 +143,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let polled = this.poll_both(cx);
+        this.report();
+        polled
+    }
+}
+
+impl<C, S> Splice<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
+        let this = self;
         let up = this
             .upstream
             .poll_copy(cx, &mut *this.client, &mut *this.server);
@@ -277,7 +336,62 @@ impl Half {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    /// Sums what a splice reports, and counts the reports.
+    #[derive(Default)]
+    struct Tally(std::sync::Mutex<(Transferred, usize)>);
+
+    impl Meter for Tally {
+        fn add(&self, delta: Transferred) {
+            let mut t = self.0.lock().unwrap();
+            t.0.client_to_server += delta.client_to_server;
+            t.0.server_to_client += delta.server_to_client;
+            t.1 += 1;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_metered_splice_reports_bytes_while_it_runs_and_all_of_them_by_the_end() {
+        let (mut client_app, mut client_leg) = duplex(64 * 1024);
+        let (mut server_leg, mut server_app) = duplex(64 * 1024);
+        let tally = std::sync::Arc::new(Tally::default());
+        let meter = tally.clone();
+        let task = tokio::spawn(async move {
+            let mut s = Splice::new(&mut client_leg, &mut server_leg).metered(&*meter);
+            let r = (&mut s).await;
+            (r.is_ok(), s.transferred(), s.metered_so_far())
+        });
+        client_app.write_all(&[7u8; 5000]).await.unwrap();
+        let mut got = vec![0u8; 5000];
+        server_app.read_exact(&mut got).await.unwrap();
+        // The splice has gone idle after delivering: the bytes are counted
+        // although the session goes on.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tally.0.lock().unwrap().0.client_to_server < 5000 {
+            assert!(tokio::time::Instant::now() < deadline, "never reported");
+            tokio::task::yield_now().await;
+        }
+        server_app.write_all(b"pong").await.unwrap();
+        client_app.shutdown().await.unwrap();
+        server_app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client_app.read_to_end(&mut rest).await.unwrap();
+        let (ok, transferred, metered) = task.await.unwrap();
+        assert!(ok);
+        let (total, reports) = *tally.0.lock().unwrap();
+        assert_eq!(total, transferred);
+        assert_eq!(metered, transferred);
+        assert_eq!(
+            transferred,
+            Transferred {
+                client_to_server: 5000,
+                server_to_client: 4
+            }
+        );
+        assert!(reports >= 2, "{reports} report(s)");
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_counts() {
