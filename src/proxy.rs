@@ -35,7 +35,7 @@ use crate::frontend::postgres::PostgresFrontend;
 use crate::frontend::{Admission, LoginPolicy, SessionError, SessionReport};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::listener::{self, Listener, Peer};
-use crate::metrics::{self, RefusedReason};
+use crate::metrics::{self, RefusedReason, TargetMetrics};
 use crate::net;
 use crate::protocol::postgres as pg;
 use crate::tls::{self, TlsSetupError};
@@ -45,6 +45,8 @@ use crate::upstream::Upstream;
 pub struct Target {
     pub config: TargetConfig,
     pub frontend: Frontend,
+    /// Its counters in the process's metrics registry.
+    pub metrics: Arc<TargetMetrics>,
 }
 
 /// The session driver of a target's protocol.
@@ -340,6 +342,7 @@ impl Proxy {
 pub fn connectors(
     config: &Config,
     target: &TargetConfig,
+    metrics: Arc<TargetMetrics>,
 ) -> Result<(Arc<Upstream>, Option<TlsAcceptor>), PrepareError> {
     let fail = |reason: String| PrepareError {
         target: target.name.clone(),
@@ -351,8 +354,9 @@ pub fn connectors(
         Protocol::Mysql => None,
     };
     let backend = backend::build(target).map_err(fail)?;
-    let upstream =
-        Arc::new(Upstream::new(target, config.connect_timeout, alpn, backend).map_err(tls_fail)?);
+    let upstream = Arc::new(
+        Upstream::new(target, config.connect_timeout, alpn, backend, metrics).map_err(tls_fail)?,
+    );
     let local_tls = config
         .listen_tls
         .as_ref()
@@ -373,13 +377,14 @@ async fn prepare_target(
         target: target.name.clone(),
         reason,
     };
-    let (upstream, local_tls) = connectors(config, target)?;
+    let metrics = metrics::global().target(&target.name);
+    let (upstream, local_tls) = connectors(config, target, metrics.clone())?;
     let tokens = match &target.iam {
         None => None,
         Some(iam) => {
             let source = credentials::build(iam, sources).await.map_err(fail)?;
             tracing::info!(target = %target.name, iam = iam.provider.name(), endpoint = %config::host_port(&iam.endpoint_host, iam.endpoint_port), credentials = %source.describe(), "token login: keyhole answers the server's password request");
-            let cache = TokenCache::new(source, config.connect_timeout);
+            let cache = TokenCache::counted(source, config.connect_timeout, metrics.clone());
             Some(Arc::new(TokenLogin::new(
                 iam.provider,
                 cache,
@@ -392,6 +397,7 @@ async fn prepare_target(
         fixed_user: target.user.clone(),
         tokens,
         protocol: target.protocol,
+        metrics: metrics.clone(),
     });
     let startup_timeout = config.startup_timeout;
     let max_connections = config.max_connections.map(|n| n.get());
@@ -415,6 +421,7 @@ async fn prepare_target(
     Ok(Target {
         config: target.clone(),
         frontend,
+        metrics,
     })
 }
 
@@ -465,10 +472,10 @@ async fn accept_loop(
         };
         let admission = if !allowed {
             tracing::warn!(client = %peer, target = %target.config.name, allow = %cidr::join(&target.config.allow), "client refused: its address is not in the target's allow list");
-            metrics::global().refused(RefusedReason::Allowlist);
+            target.metrics.refused(RefusedReason::Allowlist);
             Admission::NotAllowed
         } else if limit.is_some() && permit.is_none() {
-            metrics::global().refused(RefusedReason::Limit);
+            target.metrics.refused(RefusedReason::Limit);
             Admission::OverLimit
         } else {
             Admission::Admitted
@@ -476,8 +483,10 @@ async fn accept_loop(
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let target = target.clone();
         let cut = cut.clone();
+        let open = target.metrics.opened();
         connections.spawn(async move {
             let _permit = permit;
+            let _open = open;
             serve_connection(id, peer, socket, admission, &target, &cut).await;
         });
     }
@@ -504,6 +513,11 @@ async fn serve_connection(
         Ok(()) => ("ok", None),
         Err(e) => (e.label(), Some(e.to_string())),
     };
+    let unmetered = report.transferred - report.metered;
+    target
+        .metrics
+        .add_transferred(unmetered.client_to_server, unmetered.server_to_client);
+    target.metrics.closed(outcome);
     let fields = (
         report.user.as_deref().unwrap_or("-"),
         report.database.as_deref().unwrap_or("-"),

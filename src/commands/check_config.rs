@@ -91,7 +91,8 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
         .collect();
     let mut served = 0;
     for target in &config.targets {
-        let checked = proxy::connectors(config, target)
+        let metrics = crate::metrics::global().target(&target.name);
+        let checked = proxy::connectors(config, target, metrics)
             .map_err(|e| e.reason)
             .and_then(|_| token_login(target, env));
         match checked {

@@ -18,12 +18,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{CredentialsError, Token, TokenRequest, TokenSource};
+use crate::metrics::TargetMetrics;
 
 /// A token is handed out only while at least this much validity is left:
 /// the server checks it a moment later, after connect and TLS.
@@ -42,6 +43,8 @@ pub struct TokenCache {
     /// Bound on one fetch.
     timeout: Duration,
     slots: Mutex<HashMap<TokenRequest, Arc<Slot>>>,
+    /// The target's counters: each fetch's result.
+    metrics: Option<Arc<TargetMetrics>>,
 }
 
 #[derive(Default)]
@@ -87,11 +90,48 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl TokenCache {
     pub fn new(source: Arc<dyn TokenSource>, timeout: Duration) -> Arc<TokenCache> {
+        Self::build(source, timeout, None)
+    }
+
+    /// A cache that counts its fetches in `metrics` and reports when its
+    /// soonest token expires there.
+    pub fn counted(
+        source: Arc<dyn TokenSource>,
+        timeout: Duration,
+        metrics: Arc<TargetMetrics>,
+    ) -> Arc<TokenCache> {
+        let cache = Self::build(source, timeout, Some(metrics.clone()));
+        let weak = Arc::downgrade(&cache);
+        metrics.watch_token_expiry(Arc::new(move || weak.upgrade()?.soonest_expiry()));
+        cache
+    }
+
+    fn build(
+        source: Arc<dyn TokenSource>,
+        timeout: Duration,
+        metrics: Option<Arc<TargetMetrics>>,
+    ) -> Arc<TokenCache> {
         Arc::new(TokenCache {
             source,
             timeout,
             slots: Mutex::new(HashMap::new()),
+            metrics,
         })
+    }
+
+    /// When the soonest of the cached tokens expires (`None`: no token).
+    /// Takes each lock briefly; never waits on a fetch.
+    pub fn soonest_expiry(&self) -> Option<SystemTime> {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|slot| {
+                lock(&slot.state)
+                    .current
+                    .as_ref()
+                    .map(|c| c.token.expires_at())
+            })
+            .min()
     }
 
     pub fn source(&self) -> &dyn TokenSource {
@@ -136,13 +176,17 @@ impl TokenCache {
     }
 
     async fn fetch(&self, request: &TokenRequest) -> Result<Token, CredentialsError> {
-        match tokio::time::timeout(self.timeout, self.source.fetch(request)).await {
+        let result = match tokio::time::timeout(self.timeout, self.source.fetch(request)).await {
             Ok(result) => result,
             Err(_) => Err(CredentialsError::Timeout {
                 provider: self.source.provider(),
                 after: self.timeout,
             }),
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.token_refreshed(result.is_ok());
         }
+        result
     }
 
     async fn first_fetch(

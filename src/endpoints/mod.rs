@@ -45,11 +45,20 @@ impl Routes for OperatorRoutes {
                 ("/startup", Some(h)) => h.startup(),
                 ("/liveness", Some(h)) => h.liveness(),
                 ("/readiness", Some(h)) => h.readiness().await,
-                _ => Reply {
-                    status: StatusCode::OK,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: crate::metrics::global().render(),
-                },
+                // Rendering reads /proc: off the async workers.
+                _ => {
+                    match tokio::task::spawn_blocking(|| crate::metrics::global().render()).await {
+                        Ok(body) => Reply {
+                            status: StatusCode::OK,
+                            content_type: crate::metrics::CONTENT_TYPE,
+                            body,
+                        },
+                        Err(e) => Reply::text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("metrics could not be rendered: {e}"),
+                        ),
+                    }
+                }
             }
         })
     }

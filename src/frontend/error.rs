@@ -38,6 +38,9 @@ pub struct SessionReport {
     pub user: Option<String>,
     pub database: Option<String>,
     pub transferred: Transferred,
+    /// The part of `transferred` already counted in the target's metrics
+    /// while the session ran.
+    pub metered: Transferred,
     /// Set when the session ended with a cancel request forwarded.
     pub cancel_forwarded: bool,
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::config::{IamProvider, Protocol};
 use crate::credentials::{Token, TokenLogin};
-use crate::metrics;
+use crate::metrics::TargetMetrics;
 use crate::net::{Rewind, Socket};
 
 /// How a target's clients log in to the database: as the user they send
@@ -29,6 +29,8 @@ pub struct LoginPolicy {
     pub fixed_user: Option<String>,
     pub tokens: Option<Arc<TokenLogin>>,
     pub protocol: Protocol,
+    /// The target's counters (token injections and failures).
+    pub metrics: Arc<TargetMetrics>,
 }
 
 impl LoginPolicy {
@@ -49,7 +51,7 @@ impl LoginPolicy {
         match tokens.token(user).await {
             Ok(token) => Ok(Some(token)),
             Err(source) => {
-                metrics::global().token_failed();
+                self.metrics.token_failed();
                 Err(SessionError::Credentials {
                     user: user.to_owned(),
                     source,
@@ -58,10 +60,15 @@ impl LoginPolicy {
         }
     }
 
+    /// A token answered the server's password request.
+    pub fn token_injected(&self) {
+        self.metrics.token_injected();
+    }
+
     /// The server asked for something other than the password a token
     /// answers: say what to check on the database's side.
     pub fn token_not_asked(&self, asked: String, user: &str) -> SessionError {
-        metrics::global().token_failed();
+        self.metrics.token_failed();
         let provider = self
             .tokens
             .as_ref()

@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use super::legs::{ClientLeg, ServerLeg};
 use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
 use crate::credentials::Token;
-use crate::metrics;
 use crate::net::{Rewind, Socket};
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
 use crate::splice::Splice;
@@ -153,12 +152,14 @@ impl Session<'_> {
 
         server.exchange_leftovers(&mut self.client).await?;
         let mut server_leg = NoHalfClose(&mut server.stream);
-        let mut splice = Splice::new(&mut self.client.stream, &mut server_leg);
+        let mut splice =
+            Splice::new(&mut self.client.stream, &mut server_leg).metered(&*frontend.login.metrics);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
         };
         report.transferred = splice.transferred();
+        report.metered = splice.metered_so_far();
         result
     }
 
@@ -243,7 +244,7 @@ impl Session<'_> {
                 Some(mysql::CLEAR_PASSWORD_PLUGIN) => {
                     let answer = mysql::clear_password_reply(token.expose());
                     send_server_packet(server, packet.seq.wrapping_add(1), &answer).await?;
-                    metrics::global().token_injected();
+                    self.frontend.login.token_injected();
                     Ok(TokenStep::Answered)
                 }
                 Some(plugin) => Ok(TokenStep::NotAsked(format!(

@@ -17,7 +17,6 @@ use super::legs::{ClientLeg, ServerLeg};
 use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
 use crate::cancel::CancelRegistry;
 use crate::credentials::Token;
-use crate::metrics;
 use crate::net::{Rewind, Socket};
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
@@ -125,12 +124,14 @@ impl Session<'_> {
         let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
         server.exchange_leftovers(&mut self.client).await?;
-        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream);
+        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
+            .metered(&*frontend.login.metrics);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
         };
         report.transferred = splice.transferred();
+        report.metered = splice.metered_so_far();
         result
     }
 
@@ -240,7 +241,7 @@ impl Session<'_> {
                             let mut out = BytesMut::with_capacity(6 + token.expose().len());
                             pg::encode_password_message(&mut out, token.expose());
                             server.send(&out).await?;
-                            metrics::global().token_injected();
+                            self.frontend.login.token_injected();
                             continue;
                         }
                         if pg::auth_expects_reply(code) {

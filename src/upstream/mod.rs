@@ -8,7 +8,7 @@ pub mod postgres;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -17,6 +17,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::backend::Backend;
 use crate::config::{host_port, Protocol, TargetConfig};
+use crate::metrics::{RefusedReason, TargetMetrics};
 use crate::tls::{self, TlsSetupError};
 
 /// The TLS stream to a database.
@@ -32,6 +33,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// The network policy every resolved address must pass.
     backend: Arc<dyn Backend>,
+    /// The target's counters: connect and handshake times, policy refusals.
+    metrics: Arc<TargetMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +120,7 @@ impl Upstream {
         connect_timeout: Duration,
         alpn: Option<&[u8]>,
         backend: Arc<dyn Backend>,
+        metrics: Arc<TargetMetrics>,
     ) -> Result<Upstream, TlsSetupError> {
         let config = tls::client_config(&target.tls, alpn)?;
         Ok(Upstream {
@@ -127,6 +131,7 @@ impl Upstream {
             tls: TlsConnector::from(config),
             connect_timeout,
             backend,
+            metrics,
         })
     }
 
@@ -165,7 +170,7 @@ impl Upstream {
         }
         if addrs.is_empty() {
             if let Some(reason) = refused {
-                crate::metrics::global().refused(crate::metrics::RefusedReason::Policy);
+                self.metrics.refused(RefusedReason::Policy);
                 return Err(UpstreamError::Policy {
                     host: self.address(),
                     reason,
@@ -174,8 +179,10 @@ impl Upstream {
         }
         let mut last = None;
         for addr in addrs {
+            let started = Instant::now();
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
+                    self.metrics.upstream_connected(started.elapsed());
                     crate::net::tune_upstream(&tcp);
                     return Ok((tcp, addr));
                 }
@@ -198,12 +205,16 @@ impl Upstream {
 
     /// The TLS handshake over an established, already-upgraded-for-TLS stream.
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
-        self.tls
+        let started = Instant::now();
+        let stream = self
+            .tls
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
                 message: tls::describe_handshake_error(&e, &self.server_name_text),
-            })
+            })?;
+        self.metrics.tls_handshake(started.elapsed());
+        Ok(stream)
     }
 
     /// The connection test (`--run-connection-test`, and `/readiness` with

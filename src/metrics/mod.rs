@@ -1,0 +1,269 @@
+//! keyhole's Prometheus registry: what operators read to see how each
+//! target is doing (connections, refusals, bytes, upstream latency, tokens)
+//! and how the process is doing. Counting is plain atomics, one relaxed add
+//! per event; [`Registry::render`] writes the text exposition format for
+//! `/metrics`. Labels carry target names and fixed words only: never user
+//! names, secrets or client addresses.
+//!
+//! A family without any sample is left out of the scrape entirely (no
+//! `# HELP`/`# TYPE` lines either): `keyhole_connections_closed_total`
+//! before any connection has closed, `keyhole_token_expiry_seconds` when no
+//! target knows a token, a process metric `/proc` did not give.
+
+mod histogram;
+mod process;
+mod target;
+mod text;
+
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+pub use histogram::Histogram;
+pub use process::{parse_btime, parse_stat, Snapshot as ProcessSnapshot, Stat};
+pub use target::{ExpiryProbe, OpenConnection, TargetMetrics};
+pub use text::CONTENT_TYPE;
+
+use text::{with, Exposition, Float, Kind};
+
+/// Why a client connection was refused before reaching a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedReason {
+    /// Over `--max-connections`.
+    Limit,
+    /// The client's address is outside the target's `allow=` list.
+    Allowlist,
+    /// The database resolved only to addresses the backend may not dial.
+    Policy,
+}
+
+impl RefusedReason {
+    pub const ALL: [RefusedReason; 3] = [
+        RefusedReason::Limit,
+        RefusedReason::Allowlist,
+        RefusedReason::Policy,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusedReason::Limit => "limit",
+            RefusedReason::Allowlist => "allowlist",
+            RefusedReason::Policy => "policy",
+        }
+    }
+}
+
+/// Every target's metrics, in registration order.
+#[derive(Debug)]
+pub struct Registry {
+    targets: Mutex<Vec<Arc<TargetMetrics>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry (the process uses [`global`]; tests make their own).
+    pub fn new() -> Registry {
+        Registry {
+            targets: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The metrics of target `name`, created on first use. Look it up once
+    /// per target and keep the handle: this takes a lock.
+    pub fn target(&self, name: &str) -> Arc<TargetMetrics> {
+        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = targets.iter().find(|t| t.name() == name) {
+            return Arc::clone(existing);
+        }
+        let created = Arc::new(TargetMetrics::new(name));
+        targets.push(Arc::clone(&created));
+        created
+    }
+
+    /// The whole scrape in the Prometheus text format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut exp = Exposition::default();
+        self.render_keyhole(&mut exp);
+        ProcessSnapshot::read().render(&mut exp);
+        exp.finish()
+    }
+
+    /// The `keyhole_` families.
+    fn render_keyhole(&self, exp: &mut Exposition) {
+        // A snapshot of the list, so no lock is held while rendering (an
+        // expiry probe runs foreign code).
+        let targets: Vec<Arc<TargetMetrics>> = self
+            .targets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let targets: Vec<&TargetMetrics> = targets.iter().map(Arc::as_ref).collect();
+
+        exp.family(
+            "keyhole_build_info",
+            "keyhole's version; the value is always 1.",
+            Kind::Gauge,
+            |s| {
+                s.push(
+                    "keyhole_build_info",
+                    &[("version", env!("CARGO_PKG_VERSION"))],
+                    1,
+                )
+            },
+        );
+        exp.family(
+            "keyhole_connections_open",
+            "Client connections open now.",
+            Kind::Gauge,
+            |s| {
+                for t in &targets {
+                    s.push("keyhole_connections_open", &t.labels(), t.open());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_connections_total",
+            "Client connections accepted.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    s.push("keyhole_connections_total", &t.labels(), t.total());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_connections_closed_total",
+            "Client connections closed, by the outcome their log line names.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    for (outcome, count) in t.closed_counts() {
+                        let labels = with(&t.labels(), "outcome", outcome);
+                        s.push("keyhole_connections_closed_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_connections_refused_total",
+            "Client connections refused before reaching a database, by reason.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    for reason in RefusedReason::ALL {
+                        let labels = with(&t.labels(), "reason", reason.label());
+                        let count = t.refused_total(reason);
+                        s.push("keyhole_connections_refused_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_bytes_total",
+            "Bytes carried between clients and databases, by direction.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    let (up, down) = t.transferred();
+                    for (direction, bytes) in [("client_to_server", up), ("server_to_client", down)]
+                    {
+                        let labels = with(&t.labels(), "direction", direction);
+                        s.push("keyhole_bytes_total", &labels, bytes);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_upstream_connect_seconds",
+            "Time to open the TCP connection to the database.",
+            Kind::Histogram,
+            |s| {
+                for t in &targets {
+                    t.connect
+                        .render(s, "keyhole_upstream_connect_seconds", &t.labels());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_upstream_tls_handshake_seconds",
+            "Time of the TLS handshake with the database.",
+            Kind::Histogram,
+            |s| {
+                for t in &targets {
+                    t.tls_handshake.render(
+                        s,
+                        "keyhole_upstream_tls_handshake_seconds",
+                        &t.labels(),
+                    );
+                }
+            },
+        );
+        exp.family(
+            "keyhole_token_injections_total",
+            "Tokens that answered a database's password request.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    s.push(
+                        "keyhole_token_injections_total",
+                        &t.labels(),
+                        t.token_injections(),
+                    );
+                }
+            },
+        );
+        exp.family(
+            "keyhole_token_failures_total",
+            "Sessions that needed a token and could not use one.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    s.push(
+                        "keyhole_token_failures_total",
+                        &t.labels(),
+                        t.token_failures(),
+                    );
+                }
+            },
+        );
+        exp.family(
+            "keyhole_token_refreshes_total",
+            "Token fetches from the cloud provider, by result.",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    let (ok, error) = t.token_refreshes();
+                    for (result, count) in [("ok", ok), ("error", error)] {
+                        let labels = with(&t.labels(), "result", result);
+                        s.push("keyhole_token_refreshes_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_token_expiry_seconds",
+            "Seconds until the soonest cached token expires (0 once it has).",
+            Kind::Gauge,
+            |s| {
+                for t in &targets {
+                    if let Some(left) = t.token_expiry_seconds() {
+                        s.push("keyhole_token_expiry_seconds", &t.labels(), Float(left));
+                    }
+                }
+            },
+        );
+    }
+}
+
+/// The process's registry.
+pub fn global() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::new)
+}
+
+#[cfg(test)]
+mod tests;
