@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 tracing::error!("{e}");
-                ExitCode::FAILURE
+                ExitCode::from(e.exit_code())
             }
         }
     })

@@ -78,10 +78,12 @@ pub struct Proxy {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("target {target}: {reason}")]
-pub struct PrepareError {
-    pub target: String,
-    pub reason: String,
+pub enum PrepareError {
+    #[error("target {target}: {reason}")]
+    Target { target: String, reason: String },
+    /// `--skip-failed-targets` skipped every target.
+    #[error("no target left to serve: {0}")]
+    NothingLeft(String),
 }
 
 /// Why the proxy could not start serving.
@@ -97,6 +99,17 @@ pub enum RunError {
     },
     #[error("no target left to serve: every listener failed to bind")]
     NothingBound,
+}
+
+impl RunError {
+    /// The process exit code: 2 when nothing is left to serve (as for any
+    /// configuration that cannot work), 1 for a failure at start.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::NothingBound => 2,
+            RunError::Bind(_) | RunError::ConnectionTest { .. } => 1,
+        }
+    }
 }
 
 impl Target {
@@ -124,22 +137,19 @@ impl Proxy {
         let cancels = Arc::new(CancelRegistry::default());
         let mut sources = SourceContext::new(env, config.connect_timeout);
         let mut targets = Vec::with_capacity(config.targets.len());
-        let mut first_error = None;
+        let mut failures = Vec::new();
         for target in &config.targets {
             match prepare_target(config, target, &cancels, &mut sources).await {
                 Ok(ready) => targets.push(Arc::new(ready)),
                 Err(e) if config.skip_failed_targets => {
-                    tracing::error!(target = %e.target, error = %e.reason, "target skipped: its configuration failed");
-                    first_error.get_or_insert(e);
+                    tracing::error!(error = %e, "target skipped: its configuration failed");
+                    failures.push(e.to_string());
                 }
                 Err(e) => return Err(e),
             }
         }
         if targets.is_empty() {
-            return Err(first_error.unwrap_or_else(|| PrepareError {
-                target: "-".into(),
-                reason: "no target to serve".into(),
-            }));
+            return Err(PrepareError::NothingLeft(failures.join("; ")));
         }
         Ok(Proxy {
             targets,
@@ -344,7 +354,7 @@ pub fn connectors(
     target: &TargetConfig,
     metrics: Arc<TargetMetrics>,
 ) -> Result<(Arc<Upstream>, Option<TlsAcceptor>), PrepareError> {
-    let fail = |reason: String| PrepareError {
+    let fail = |reason: String| PrepareError::Target {
         target: target.name.clone(),
         reason,
     };
@@ -373,7 +383,7 @@ async fn prepare_target(
     cancels: &Arc<CancelRegistry>,
     sources: &mut SourceContext,
 ) -> Result<Target, PrepareError> {
-    let fail = |reason: String| PrepareError {
+    let fail = |reason: String| PrepareError::Target {
         target: target.name.clone(),
         reason,
     };

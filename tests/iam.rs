@@ -70,6 +70,21 @@ fn assert_no_secret(log: &str, secrets: &[&str]) {
     );
 }
 
+/// The value of the one sample of `/metrics` on `port` whose line starts
+/// with `name{` and carries `label` (e.g. `result="ok"`).
+fn metric(port: u16, name: &str, label: &str) -> f64 {
+    let (status, body) = support::http::get(port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .unwrap_or_else(|| panic!("no {name} with {label} in:\n{body}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable sample {line}"))
+}
+
 fn psql_ok(port: u16, user: &str, sql: &str) -> String {
     let out = clients::psql(port, user, None, sql);
     clients::expect_success(&out, "psql with no password through keyhole")
@@ -102,8 +117,9 @@ fn psql_logs_in_with_an_rds_token_signed_with_ecs_task_credentials() {
         PgAsk::Cleartext,
     );
     let target = format!("{}&iam=aws", rds.keyhole_target());
+    let http_port = support::free_port().to_string();
     let kh = keyhole(
-        &[&target],
+        &["--prometheus", "--http-port", &http_port, &target],
         home.path(),
         &[
             ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri()),
@@ -126,6 +142,26 @@ fn psql_logs_in_with_an_rds_token_signed_with_ecs_task_credentials() {
     );
     // One token for the three sessions, so one credential fetch.
     assert_eq!(ecs.requests().len(), 1, "{:?}", ecs.requests());
+    // The metrics say the same, and how long the token has left (RDS
+    // tokens live 15 minutes).
+    let http_port: u16 = http_port.parse().expect("port");
+    let all = "target=";
+    assert_eq!(
+        metric(http_port, "keyhole_token_injections_total", all),
+        3.0
+    );
+    assert_eq!(metric(http_port, "keyhole_token_failures_total", all), 0.0);
+    assert_eq!(
+        metric(http_port, "keyhole_token_refreshes_total", "result=\"ok\""),
+        1.0
+    );
+    let left = metric(http_port, "keyhole_token_expiry_seconds", all);
+    assert!(left > 600.0 && left <= 900.0, "{left}");
+    let (_, scrape) = support::http::get(http_port, "/metrics").expect("GET /metrics");
+    assert_no_secret(
+        &scrape,
+        &[&creds.secret_access_key, &creds.session_token, auth],
+    );
     // The region came from the endpoint name; the host signed is the RDS name,
     // not the 127.0.0.1 keyhole dialled (the fake checks both).
     let log = kh.logs();
@@ -386,13 +422,25 @@ fn a_credentials_endpoint_that_is_down_slow_or_garbage_fails_the_connection_clea
         PgAsk::Cleartext,
     );
     let target = format!("{}&iam=aws", rds.keyhole_target());
+    let http_port = support::free_port();
+    let http_port_text = http_port.to_string();
     let kh = keyhole(
-        &["--connect-timeout", "2s", &target],
+        &[
+            "--connect-timeout",
+            "5s",
+            "--prometheus",
+            "--http-port",
+            &http_port_text,
+            &target,
+        ],
         home.path(),
         &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri())],
     );
     let prefix = format!("keyhole could not get an IAM token for user \"{TRUST_USER}\"");
 
+    // The chain retries a refused endpoint with backoff (about 1.6 s in
+    // all): the timeout leaves room for that, so "down" is told apart from
+    // "slow" even on a loaded machine.
     ecs.set_mode(Mode::Down);
     let err = psql_err(kh.port(), TRUST_USER);
     assert!(err.contains(&prefix), "{err}");
@@ -409,7 +457,7 @@ fn a_credentials_endpoint_that_is_down_slow_or_garbage_fails_the_connection_clea
     let err = psql_err(kh.port(), TRUST_USER);
     assert!(err.contains(&prefix), "{err}");
     assert!(
-        err.contains("aws credentials: no answer within 2s"),
+        err.contains("aws credentials: no answer within 5s"),
         "{err}"
     );
 
@@ -419,6 +467,26 @@ fn a_credentials_endpoint_that_is_down_slow_or_garbage_fails_the_connection_clea
     // check there were no more.
     let log = kh.wait_for_log("outcome=\"credentials\"", 3);
     assert_eq!(log.matches("outcome=\"credentials\"").count(), 3, "{log}");
+    assert_eq!(
+        metric(http_port, "keyhole_token_failures_total", "target="),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            http_port,
+            "keyhole_token_refreshes_total",
+            "result=\"error\""
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            http_port,
+            "keyhole_connections_closed_total",
+            "outcome=\"credentials\""
+        ),
+        3.0
+    );
 
     // The same process serves as soon as the endpoint recovers.
     ecs.set_mode(Mode::Normal);

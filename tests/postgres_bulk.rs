@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use support::clients;
 use support::keyhole::Keyhole;
+use support::logs::closed_lines;
 use support::postgres::{PgCluster, SCRAM_PASS, SCRAM_USER};
 use support::process::KillAfter;
 
@@ -88,20 +89,6 @@ fn reap(mut child: Child, timer: KillAfter, stderr: JoinHandle<String>) -> (Exit
         "psql took longer than {COPY_LIMIT:?} and was killed:\n{stderr}"
     );
     (status, stderr)
-}
-
-/// The fields of keyhole's "connection closed" lines (text format).
-fn closed_lines(logs: &str) -> Vec<HashMap<String, String>> {
-    logs.lines()
-        .filter(|l| l.contains(" connection closed "))
-        .map(|line| {
-            // Values without spaces are all this file reads: the byte counts.
-            line.split(' ')
-                .filter_map(|word| word.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-                .collect()
-        })
-        .collect()
 }
 
 /// The closed line of keyhole's only session, waited for (it is written just

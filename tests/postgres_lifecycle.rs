@@ -9,17 +9,17 @@ mod support;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitStatus, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use support::clients;
 use support::keyhole::{listens_tcp, Keyhole, Ready};
+use support::logs::{closed_lines, field};
 use support::postgres::{PgCluster, PgOptions, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER};
-use support::process::{signal_pid, KillAfter};
-use tokio::runtime::Runtime;
+use support::process::signal_pid;
+use support::session::{connect, exit_code, simple_query, wait_until};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::NoTls;
 
 /// Generous limit for anything the tests wait for (a log line, a backend to go
 /// away, keyhole to exit): long enough for a loaded CI machine, short enough
@@ -41,58 +41,6 @@ fn ca_arg(pg: &PgCluster) -> String {
         .to_str()
         .expect("the CA path is UTF-8")
         .to_string()
-}
-
-/// Calls `done` until it returns true; panics with `what` and `context()` after
-/// `limit`.
-fn wait_until(
-    what: &str,
-    limit: Duration,
-    mut done: impl FnMut() -> bool,
-    context: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() >= deadline {
-            panic!("{what}: still not the case after {limit:?}\n{}", context());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A tokio-postgres session through keyhole as scram_user, tagged with
-/// `application_name = app` so the server's pg_stat_activity can find it.
-fn connect(rt: &Runtime, port: u16, app: &str) -> (Client, tokio::task::JoinHandle<()>) {
-    let conninfo = format!(
-        "host=127.0.0.1 port={port} user={SCRAM_USER} password={SCRAM_PASS} dbname=postgres \
-         application_name={app} connect_timeout=20"
-    );
-    let (client, connection) = rt
-        .block_on(tokio_postgres::connect(&conninfo, NoTls))
-        .unwrap_or_else(|e| panic!("connecting through keyhole on port {port} failed: {e}"));
-    let task = rt.spawn(async move {
-        // Errors show up on the client's next request.
-        let _ = connection.await;
-    });
-    (client, task)
-}
-
-/// Runs `sql` and returns the first column of every row.
-fn simple_query(
-    rt: &Runtime,
-    client: &Client,
-    sql: &str,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let answer = rt
-        .block_on(async { tokio::time::timeout(PATIENCE, client.simple_query(sql)).await })
-        .unwrap_or_else(|_| panic!("`{sql}` got no answer within {PATIENCE:?}"))?;
-    Ok(answer
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect())
 }
 
 /// How many server backends carry `application_name = app` (and, if given,
@@ -118,83 +66,6 @@ fn wait_sleeping(pg: &PgCluster, app: &str, keyhole: &Keyhole) {
         || backends(pg, app, true) == 1,
         || format!("keyhole log:\n{}", keyhole.logs()),
     );
-}
-
-/// Collects a spawned child's output (stdout and stderr piped), killing it if
-/// it runs longer than `limit`.
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let timer = KillAfter::arm(child.id(), limit);
-    let mut err_pipe = child.stderr.take().expect("stderr is piped");
-    let err_reader = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = err_pipe.read_to_end(&mut bytes);
-        bytes
-    });
-    let mut stdout = Vec::new();
-    if let Some(mut pipe) = child.stdout.take() {
-        let _ = pipe.read_to_end(&mut stdout);
-    }
-    let stderr = err_reader.join().expect("the stderr reader thread");
-    let killed = timer.disarm();
-    let status = child.wait().expect("wait for the child");
-    let output = Output {
-        status,
-        stdout,
-        stderr,
-    };
-    assert!(
-        !killed,
-        "the child ran longer than {limit:?} and was killed:\n{}",
-        clients::stderr(&output)
-    );
-    output
-}
-
-/// The `key=value` fields of one text log line; quoted values are unquoted.
-fn text_fields(line: &str) -> HashMap<String, String> {
-    let mut fields = HashMap::new();
-    let mut rest = line;
-    while let Some(eq) = rest.find('=') {
-        let key = &rest[rest[..eq].rfind(' ').map_or(0, |i| i + 1)..eq];
-        let after = &rest[eq + 1..];
-        let (value, remaining) = match after.strip_prefix('"') {
-            Some(quoted) => {
-                let mut value = String::new();
-                let mut end = quoted.len();
-                let mut chars = quoted.char_indices();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        c => value.push(c),
-                    }
-                }
-                (value, &quoted[end..])
-            }
-            None => {
-                let end = after.find(' ').unwrap_or(after.len());
-                (after[..end].to_string(), &after[end..])
-            }
-        };
-        fields.insert(key.to_string(), value);
-        rest = remaining;
-    }
-    fields
-}
-
-/// The fields of every "connection closed" line of a text log.
-fn closed_lines(logs: &str) -> Vec<HashMap<String, String>> {
-    logs.lines()
-        .filter(|l| l.contains(" connection closed "))
-        .map(text_fields)
-        .collect()
-}
-
-fn field<'a>(fields: &'a HashMap<String, String>, key: &str) -> &'a str {
-    fields.get(key).map_or("", String::as_str)
 }
 
 /// Waits for a "connection closed" line that `pick` accepts and returns it.
@@ -262,15 +133,6 @@ fn raw_cancel(port: u16, ssl_first: bool, pid: u32, secret: u32) -> Vec<u8> {
     reply
 }
 
-fn exit_code(status: ExitStatus) -> Option<i32> {
-    assert!(
-        status.signal().is_none(),
-        "keyhole was killed by signal {:?} instead of exiting",
-        status.signal()
-    );
-    status.code()
-}
-
 // ---------------------------------------------------------------------------
 // Cancel
 // ---------------------------------------------------------------------------
@@ -300,7 +162,7 @@ fn psql_ctrl_c_cancels_the_running_query() {
     // What Ctrl-C in a terminal does: psql sends a CancelRequest to the
     // address it is connected to, keyhole.
     signal_pid(psql.id(), libc::SIGINT);
-    let out = finish(psql, PATIENCE);
+    let out = support::process::finish_with_timeout(psql, "psql", PATIENCE);
 
     let stderr = clients::stderr(&out);
     assert!(

@@ -93,7 +93,10 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
     for target in &config.targets {
         let metrics = crate::metrics::global().target(&target.name);
         let checked = proxy::connectors(config, target, metrics)
-            .map_err(|e| e.reason)
+            .map_err(|e| match e {
+                proxy::PrepareError::Target { reason, .. } => reason,
+                other => other.to_string(),
+            })
             .and_then(|_| token_login(target, env));
         match checked {
             Ok(login) => {

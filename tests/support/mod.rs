@@ -76,7 +76,21 @@
 //!   Clients run with libpq defaults (no sslmode): every `PG*` variable is
 //!   removed and `PGPASSWORD` is set only when a password is given. psql gets
 //!   `-X -A -t -q -w -v ON_ERROR_STOP=1`. Every command has a time limit.
-//! - [`process`]: `output_with_timeout`, `Watchdog`, `server_user`, `clean_env`.
+//! - [`process`]: `output_with_timeout`, `finish_with_timeout(child, what,
+//!   limit)`, `Watchdog`, `server_user`, `clean_env`.
+//! - [`logs`]: `text_fields(line)`, `closed_lines(log)` (the fields of each
+//!   "connection closed" line), `field(fields, key)`.
+//! - [`session`]: a tokio-postgres session through keyhole as scram_user:
+//!   `connect(rt, port, app)`, `simple_query(rt, client, sql)`; and
+//!   `wait_until(what, limit, done, context)`, `exit_code(status)`.
+//! - [`http`]: a blocking HTTP/1.1 client for keyhole's endpoints (one
+//!   request per connection, `Connection: close`): `get(port, path)` and
+//!   `post(port, path)` on 127.0.0.1 return `Result<(status, body), String>`,
+//!   `request(addr, method, path) -> Result<Reply, String>` adds any address
+//!   and the headers (`Reply { status, headers, body }`, `reply.header(name)`);
+//!   `Err` says clearly that nothing listens (or what was malformed), so a test
+//!   can poll a port that is not bound yet. `accepts(addr)`: does anything
+//!   accept TCP connections there?
 //!
 //! # Cleanup
 //!
@@ -103,10 +117,13 @@ pub mod certs;
 pub mod clients;
 pub mod cloud;
 pub mod fake_rds;
+pub mod http;
 pub mod keyhole;
+pub mod logs;
 pub mod mariadb;
 pub mod postgres;
 pub mod process;
+pub mod session;
 pub mod sigv4;
 pub mod wire;
 

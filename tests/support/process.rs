@@ -38,6 +38,12 @@ pub fn output_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+    finish_with_timeout(child, &format!("{cmd:?}"), limit)
+}
+
+/// Collects the output of a child spawned with stdout and stderr piped, as
+/// [`output_with_timeout`] does; `what` names it in panics.
+pub fn finish_with_timeout(child: Child, what: &str, limit: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -52,10 +58,10 @@ pub fn output_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
             signal_pid(pid, libc::SIGKILL);
             let late = rx.recv().expect("waiter thread reports the killed child");
             let out = late.as_ref().map(describe_output).unwrap_or_default();
-            panic!("{cmd:?} did not finish within {limit:?} and was killed\n{out}");
+            panic!("{what} did not finish within {limit:?} and was killed\n{out}");
         }
     };
-    result.unwrap_or_else(|e| panic!("waiting for {cmd:?} failed: {e}"))
+    result.unwrap_or_else(|e| panic!("waiting for {what} failed: {e}"))
 }
 
 /// Human-readable exit status, stdout and stderr of a finished command, for panics.
