@@ -19,17 +19,8 @@ fn main() -> ExitCode {
         Err(ConfigError::Cli(e)) if !e.use_stderr() => e.exit(),
         // A malformed command line is bad configuration like any other:
         // one line, exit 2.
-        Err(ConfigError::Cli(e)) => {
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid command line");
-            eprintln!(
-                "keyhole: {} (see keyhole --help)",
-                first.trim_start_matches("error: ")
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
         Err(e) => {
-            eprintln!("keyhole: {e}");
+            eprintln!("keyhole: {}", e.one_line());
             return ExitCode::from(EXIT_CONFIG);
         }
     };

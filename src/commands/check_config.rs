@@ -36,17 +36,8 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let config = match Config::load(argv, &keyhole_env) {
         Ok(config) => config,
         Err(ConfigError::Cli(e)) if !e.use_stderr() => e.exit(),
-        Err(ConfigError::Cli(e)) => {
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid command line");
-            eprintln!(
-                "keyhole check-config: {} (see keyhole --help)",
-                first.trim_start_matches("error: ")
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
         Err(e) => {
-            eprintln!("keyhole check-config: {e}");
+            eprintln!("keyhole check-config: {}", e.one_line());
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::{flag_or_env, EXIT_FAILED, EXIT_USAGE};
 use crate::config::{duration, DEFAULT_HTTP_PORT};
 use crate::http::client::{send, Request, Url};
+use crate::upstream::humanize;
 
 /// Wait until a running keyhole has started (its /startup answers 200; needs --health-check).
 #[derive(Parser, Debug)]
@@ -110,8 +111,4 @@ async fn poll(url: Url, max: Duration) -> Result<(), String> {
         }
         tokio::time::sleep(POLL_EVERY).await;
     }
-}
-
-fn humanize(d: Duration) -> String {
-    crate::upstream::humanize(d)
 }

@@ -350,6 +350,24 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// The error as one line for stderr: clap's message without its
+    /// "error: " prefix and usage block, pointing at `--help`.
+    pub fn one_line(&self) -> String {
+        match self {
+            ConfigError::Cli(e) => {
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or("invalid command line");
+                format!(
+                    "{} (see keyhole --help)",
+                    first.trim_start_matches("error: ")
+                )
+            }
+            ConfigError::Invalid(message) => message.clone(),
+        }
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
 }
