@@ -88,7 +88,7 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
                 proxy::PrepareError::Target { reason, .. } => reason,
                 other => other.to_string(),
             })
-            .and_then(|_| token_login(target, env));
+            .and_then(|_| token_login(target, env, config.connect_timeout));
         match checked {
             Ok(login) => {
                 served += 1;
@@ -115,6 +115,22 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
     }
     Ok(out)
 }
+
+/// Options whose effect is shown in each target's section, not as a line of
+/// their own.
+const PER_TARGET_OPTIONS: &[&str] = &[
+    "address",
+    "port",
+    "unix-socket",
+    "ca-file",
+    "client-cert",
+    "client-key",
+    "destinations",
+    "allow",
+    "iam",
+    "region",
+    "user",
+];
 
 fn render_options(out: &mut String, config: &Config) {
     let duration = |d: std::time::Duration| crate::upstream::humanize(d);
@@ -193,20 +209,7 @@ fn render_options(out: &mut String, config: &Config) {
     }
     // Options that only feed the targets are shown per target; list where
     // they were set, so a value that came from a stray variable is visible.
-    let per_target = [
-        "address",
-        "port",
-        "unix-socket",
-        "ca-file",
-        "client-cert",
-        "client-key",
-        "destinations",
-        "allow",
-        "iam",
-        "region",
-        "user",
-    ];
-    for key in per_target {
+    for &key in PER_TARGET_OPTIONS {
         if let Some(origin) = config.origins.get(key) {
             let _ = writeln!(out, "# {key}: set by {origin} (see the targets below)");
         }
@@ -276,7 +279,11 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
 }
 
 /// How the target's token login would work, found without the network.
-fn token_login(t: &TargetConfig, env: &HashMap<String, String>) -> Result<Option<String>, String> {
+fn token_login(
+    t: &TargetConfig,
+    env: &HashMap<String, String>,
+    timeout: std::time::Duration,
+) -> Result<Option<String>, String> {
     let Some(iam) = &t.iam else {
         return Ok(None);
     };
@@ -300,8 +307,7 @@ fn token_login(t: &TargetConfig, env: &HashMap<String, String>) -> Result<Option
             )))
         }
         IamProvider::Gcp => {
-            let source = GcpTokenSource::discover(env, std::time::Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
+            let source = GcpTokenSource::discover(env, timeout).map_err(|e| e.to_string())?;
             Ok(Some(format!(
                 "Cloud SQL IAM login token, credentials from {}",
                 source.describe()
@@ -519,6 +525,26 @@ mod tests {
             report.contains("# skipped (--skip-failed-targets): postgres://10.0.0.5:5432"),
             "{report}"
         );
+    }
+
+    /// A flag added to keyhole without a line here would leave check-config
+    /// silent about it: every option is either a line of its own or shown
+    /// per target.
+    #[test]
+    fn every_option_is_shown() {
+        let (config, env) = load(&["postgres://10.0.0.5"], &[]);
+        let report = check(&config, &env).unwrap();
+        for arg in Cli::command().get_arguments() {
+            let Some(key) = arg.get_long() else { continue };
+            if key == "help" || key == "version" {
+                continue;
+            }
+            let own_line = report.lines().any(|l| l.starts_with(&format!("{key} ")));
+            assert!(
+                own_line || PER_TARGET_OPTIONS.contains(&key),
+                "--{key} is not in check-config's report:\n{report}"
+            );
+        }
     }
 
     #[test]
