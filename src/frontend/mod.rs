@@ -100,6 +100,8 @@ pub enum ClientStream {
     Gone,
 }
 
+crate::plain_leg!(ClientStream);
+
 fn gone() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,

@@ -14,14 +14,10 @@
 //! Every failure before the splice that the client can still read reaches it
 //! as an ERR packet with the sequence id it expects next.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +27,7 @@ use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
 use crate::splice::Splice;
-use crate::upstream::{SharedUpstream, UpstreamStream};
+use crate::upstream::SharedUpstream;
 
 /// What one MySQL target needs to serve a client.
 pub struct MysqlFrontend {
@@ -151,9 +147,15 @@ impl Session<'_> {
             .await?;
 
         server.exchange_leftovers(&mut self.client).await?;
-        let mut server_leg = NoHalfClose(&mut server.stream);
-        let mut splice =
-            Splice::new(&mut self.client.stream, &mut server_leg).metered(&*frontend.login.metrics);
+        // A MySQL client has no half-close: its EOF means it is gone. Passed
+        // on as a TLS close_notify, that EOF would sit unread in the server's
+        // socket, and MariaDB's check for a vanished client (every few
+        // seconds in SLEEP(), GET_LOCK() and the like) counts unread bytes as
+        // a live client, so an abandoned statement would run to its end. A
+        // bare FIN is what the server would have seen from the client itself.
+        server.stream.without_close_notify();
+        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
+            .metered(&*frontend.login.metrics);
         let result = tokio::select! {
             r = &mut splice => r.map_err(SessionError::from),
             _ = cut.cancelled() => Err(SessionError::Cut),
@@ -344,44 +346,5 @@ async fn read_server_packet(server: &mut ServerLeg) -> Result<Packet, SessionErr
             return Ok(packet);
         }
         server.read_more().await?;
-    }
-}
-
-/// The server leg as the splice sees it. A MySQL client has no half-close:
-/// its EOF means it is gone. Passed on as a TLS close_notify, that EOF would
-/// sit unread in the server's socket, and MariaDB's check for a vanished
-/// client (every few seconds in SLEEP(), GET_LOCK() and the like) counts
-/// unread bytes as a live client, so an abandoned statement would run to its
-/// end. A bare FIN is what the server would have seen from the client itself.
-struct NoHalfClose<'a>(&'a mut UpstreamStream);
-
-impl AsyncRead for NoHalfClose<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for NoHalfClose<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(Pin::new(&mut *this.0).poll_flush(cx))?;
-        let (tcp, _) = this.0.get_mut();
-        Pin::new(tcp).poll_shutdown(cx)
     }
 }

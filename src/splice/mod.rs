@@ -2,10 +2,18 @@
 //! untouched until either side ends.
 //!
 //! [`Splice`] is a small hand-written future with one half-state per
-//! direction. Each half owns one buffer for the life of the connection (no
-//! allocation per read) and counts what it delivered; the counts stay
-//! readable after an error or after the future is abandoned (for example on
-//! a forced shutdown), so the connection's log line is always complete.
+//! direction. A half borrows a buffer from the pool ([`buffer`]) only when
+//! its source has bytes, and gives it back once they are written: an idle
+//! connection holds none. Each half counts what it delivered; the counts
+//! stay readable after an error or after the future is abandoned (for
+//! example on a forced shutdown), so the connection's log line is always
+//! complete.
+//!
+//! The legs are [`Leg`]s: a plain socket reads into the pooled buffer and
+//! writes with one vectored write; keyhole's upstream TLS stream
+//! (`crate::tls::TlsStream`) opens records in the buffer they were read
+//! into and seals the client's bytes where they lie, so a byte is copied
+//! only by the kernel on its way in and out.
 //!
 //! Half-close: when one side ends its stream (EOF), the other side's write
 //! half is flushed and shut down (for TLS: close_notify, then FIN) and the
@@ -13,16 +21,145 @@
 //! with Terminate and close; the server then closes its side, so both halves
 //! finish on their own. An I/O error on either side ends both.
 
+pub mod buffer;
+
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes per direction moved per read. One TLS record carries at most 16 KiB
-/// of plaintext, so a read never has to stop halfway through a record.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+use buffer::{Chunk, Room, MAX_SEGMENTS};
+
+/// One side of a splice, as the copy loop sees it.
+pub trait Leg {
+    /// Room to leave around bytes that will be written to this leg (a TLS
+    /// leg frames them in place).
+    fn room(&self) -> Room {
+        Room::NONE
+    }
+
+    /// Makes bytes ready to pass on, in `slot` (a buffer taken from the
+    /// pool, read into at `room`) or in a buffer the leg keeps itself.
+    /// Ok(false) at the end of the stream. When Pending, no buffer is held
+    /// that holds no bytes.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        slot: &mut Option<Chunk>,
+        room: Room,
+    ) -> Poll<io::Result<bool>>;
+
+    /// The chunk the last `poll_fill` made ready.
+    fn filled<'s>(&'s mut self, slot: &'s mut Option<Chunk>) -> Option<&'s mut Chunk> {
+        slot.as_mut()
+    }
+
+    /// Gives buffers that hold nothing more back to the pool.
+    fn release(&mut self, slot: &mut Option<Chunk>) {
+        if slot.as_ref().is_some_and(Chunk::is_empty) {
+            *slot = None;
+        }
+    }
+
+    /// Writes all of `chunk`, framing it first if the leg needs to.
+    fn poll_send(&mut self, cx: &mut Context<'_>, chunk: &mut Chunk) -> Poll<io::Result<()>>;
+
+    fn poll_flush_leg(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    fn poll_shutdown_leg(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// [`Leg::poll_fill`] for a plain stream: one read into a pooled buffer.
+pub fn poll_fill_plain<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    slot: &mut Option<Chunk>,
+    room: Room,
+) -> Poll<io::Result<bool>> {
+    let chunk = slot.get_or_insert_with(Chunk::take);
+    chunk.clear();
+    let area = room.read_area();
+    let mut read_buf = ReadBuf::new(&mut chunk.bytes_mut()[area.clone()]);
+    let polled = Pin::new(io).poll_read(cx, &mut read_buf);
+    let n = read_buf.filled().len();
+    match polled {
+        Poll::Ready(Ok(())) if n > 0 => {
+            chunk.push(area.start..area.start + n);
+            Poll::Ready(Ok(true))
+        }
+        other => {
+            *slot = None;
+            other.map_ok(|()| false)
+        }
+    }
+}
+
+/// [`Leg::poll_send`] for a plain stream: one vectored write per attempt.
+pub fn poll_send_plain<W: AsyncWrite + Unpin + ?Sized>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    chunk: &mut Chunk,
+) -> Poll<io::Result<()>> {
+    while !chunk.is_empty() {
+        let n = if chunk.single().is_some() {
+            ready!(Pin::new(&mut *io).poll_write(cx, chunk.front()))?
+        } else {
+            let mut slices = [IoSlice::new(&[]); MAX_SEGMENTS];
+            let k = chunk.io_slices(&mut slices);
+            ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?
+        };
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        chunk.advance(n);
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// Implements [`Leg`] for plain `AsyncRead + AsyncWrite` types.
+#[macro_export]
+macro_rules! plain_leg {
+    ($($t:ty),* $(,)?) => {$(
+        impl $crate::splice::Leg for $t {
+            fn poll_fill(
+                &mut self,
+                cx: &mut ::std::task::Context<'_>,
+                slot: &mut Option<$crate::splice::buffer::Chunk>,
+                room: $crate::splice::buffer::Room,
+            ) -> ::std::task::Poll<::std::io::Result<bool>> {
+                $crate::splice::poll_fill_plain(self, cx, slot, room)
+            }
+            fn poll_send(
+                &mut self,
+                cx: &mut ::std::task::Context<'_>,
+                chunk: &mut $crate::splice::buffer::Chunk,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                $crate::splice::poll_send_plain(self, cx, chunk)
+            }
+            fn poll_flush_leg(
+                &mut self,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::poll_flush(::std::pin::Pin::new(self), cx)
+            }
+            fn poll_shutdown_leg(
+                &mut self,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::poll_shutdown(::std::pin::Pin::new(self), cx)
+            }
+        }
+    )*};
+}
+
+plain_leg!(
+    tokio::net::TcpStream,
+    tokio::net::UnixStream,
+    tokio::io::DuplexStream,
+    crate::net::Socket,
+);
 
 /// Bytes delivered so far, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +225,8 @@ pub struct Splice<'a, C: ?Sized, S: ?Sized> {
 
 impl<'a, C, S> Splice<'a, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Leg + ?Sized,
+    S: Leg + ?Sized,
 {
     pub fn new(client: &'a mut C, server: &'a mut S) -> Self {
         Splice {
@@ -136,8 +273,8 @@ where
 
 impl<C, S> Future for Splice<'_, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Leg + ?Sized,
+    S: Leg + ?Sized,
 {
     type Output = Result<(), SpliceError>;
 
@@ -151,8 +288,8 @@ where
 
 impl<C, S> Splice<'_, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Leg + ?Sized,
+    S: Leg + ?Sized,
 {
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
         let this = self;
@@ -237,12 +374,15 @@ enum HalfState {
     Done,
 }
 
-/// One direction: read into the buffer, write it all out, repeat.
+/// One direction: wait for bytes, borrow a buffer, write them all out,
+/// give the buffer back, repeat.
 struct Half {
-    buf: Box<[u8]>,
-    /// Bytes `buf[pos..filled]` are read but not yet written.
-    pos: usize,
-    filled: usize,
+    /// The pooled buffer, while this half holds bytes (some legs keep
+    /// their own instead).
+    slot: Option<Chunk>,
+    /// Bytes of the chunk being written (delivered once it is all out).
+    in_flight: usize,
+    sending: bool,
     /// Written since the last flush.
     needs_flush: bool,
     state: HalfState,
@@ -252,9 +392,9 @@ struct Half {
 impl Half {
     fn new() -> Half {
         Half {
-            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
-            pos: 0,
-            filled: 0,
+            slot: None,
+            in_flight: 0,
+            sending: false,
             needs_flush: false,
             state: HalfState::Copying,
             delivered: 0,
@@ -268,60 +408,49 @@ impl Half {
         writer: &mut W,
     ) -> Poll<Result<(), HalfError>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Leg + ?Sized,
+        W: Leg + ?Sized,
     {
         loop {
             match self.state {
                 HalfState::Done => return Poll::Ready(Ok(())),
                 HalfState::ShuttingDown => {
-                    match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                    match ready!(writer.poll_shutdown_leg(cx)) {
                         // The other side closed first; nothing is lost.
                         Err(e) if !is_closed(&e) => return Poll::Ready(Err(HalfError::Write(e))),
                         _ => self.state = HalfState::Done,
                     }
                 }
                 HalfState::Copying => {
-                    // Drain what is buffered before reading more.
-                    while self.pos < self.filled {
-                        let chunk = &self.buf[self.pos..self.filled];
-                        let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
-                            .map_err(HalfError::Write)?;
-                        if n == 0 {
-                            return Poll::Ready(Err(HalfError::Write(
-                                io::ErrorKind::WriteZero.into(),
-                            )));
+                    if self.sending {
+                        if let Some(chunk) = reader.filled(&mut self.slot) {
+                            ready!(writer.poll_send(cx, chunk)).map_err(HalfError::Write)?;
                         }
-                        self.pos += n;
-                        self.delivered += n as u64;
+                        self.sending = false;
+                        self.delivered += self.in_flight as u64;
                         self.needs_flush = true;
+                        reader.release(&mut self.slot);
                     }
-                    let mut read_buf = ReadBuf::new(&mut self.buf);
-                    match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
-                        Poll::Ready(Ok(())) => {
-                            let n = read_buf.filled().len();
-                            self.pos = 0;
-                            self.filled = n;
-                            if n == 0 {
-                                // EOF: flush what we wrote, then half-close.
-                                self.state = HalfState::ShuttingDown;
-                            }
+                    match reader.poll_fill(cx, &mut self.slot, writer.room()) {
+                        Poll::Ready(Ok(true)) => {
+                            self.in_flight = reader.filled(&mut self.slot).map_or(0, |c| c.len());
+                            self.sending = true;
                         }
+                        // EOF: flush what we wrote, then half-close.
+                        Poll::Ready(Ok(false)) => self.state = HalfState::ShuttingDown,
                         // A TLS peer that closes without close_notify has
                         // still closed: MySQL servers do after COM_QUIT, and
                         // both protocols frame their own messages, so no
                         // truncation can pass for a whole message.
                         Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            self.pos = 0;
-                            self.filled = 0;
-                            self.state = HalfState::ShuttingDown;
+                            self.state = HalfState::ShuttingDown
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
                         Poll::Pending => {
+                            reader.release(&mut self.slot);
                             // Nothing more to read for now: push out what we wrote.
                             if self.needs_flush {
-                                ready!(Pin::new(&mut *writer).poll_flush(cx))
-                                    .map_err(HalfError::Write)?;
+                                ready!(writer.poll_flush_leg(cx)).map_err(HalfError::Write)?;
                                 self.needs_flush = false;
                             }
                             return Poll::Pending;
@@ -476,6 +605,8 @@ mod tests {
             Poll::Ready(Ok(()))
         }
     }
+
+    crate::plain_leg!(AbruptPeer);
 
     impl AsyncWrite for AbruptPeer {
         fn poll_write(

@@ -19,6 +19,12 @@ use rustls::{
 
 use crate::config::{CertKey, TlsMode, UpstreamTls};
 
+pub mod handshake;
+pub mod record;
+mod stream;
+
+pub use stream::TlsStream;
+
 /// The one crypto provider keyhole uses, built once.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -159,6 +165,9 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+    // After the handshake, keyhole's record layer (or the kernel's) takes
+    // over with the traffic keys rustls hands out (see `stream`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

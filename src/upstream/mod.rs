@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use crate::backend::Backend;
 use crate::config::{host_port, Protocol, TargetConfig};
@@ -21,7 +20,7 @@ use crate::metrics::{RefusedReason, TargetMetrics};
 use crate::tls::{self, TlsSetupError};
 
 /// The TLS stream to a database.
-pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type UpstreamStream = crate::tls::TlsStream;
 
 /// Where one target's database is and how to verify it.
 pub struct Upstream {
@@ -29,7 +28,7 @@ pub struct Upstream {
     port: u16,
     server_name: ServerName<'static>,
     server_name_text: String,
-    tls: TlsConnector,
+    tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     /// The network policy every resolved address must pass.
     backend: Arc<dyn Backend>,
@@ -128,7 +127,7 @@ impl Upstream {
             port: target.port,
             server_name: tls::server_name(&target.tls.server_name)?,
             server_name_text: target.tls.server_name.clone(),
-            tls: TlsConnector::from(config),
+            tls: config,
             connect_timeout,
             backend,
             metrics,
@@ -206,9 +205,7 @@ impl Upstream {
     /// The TLS handshake over an established, already-upgraded-for-TLS stream.
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
         let started = Instant::now();
-        let stream = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
+        let stream = tls::handshake::connect(self.tls.clone(), self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
                 message: tls::describe_handshake_error(&e, &self.server_name_text),
