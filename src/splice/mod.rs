@@ -262,6 +262,12 @@ where
         }
     }
 
+    /// Pooled buffers the two halves hold right now: none while the
+    /// connection is idle. (A TLS leg reports its own.)
+    pub fn buffers_held(&self) -> usize {
+        usize::from(self.upstream.slot.is_some()) + usize::from(self.downstream.slot.is_some())
+    }
+
     /// What has been delivered so far; valid at any time.
     pub fn transferred(&self) -> Transferred {
         Transferred {
@@ -520,6 +526,32 @@ mod tests {
             }
         );
         assert!(reports >= 2, "{reports} report(s)");
+    }
+
+    #[tokio::test]
+    async fn an_idle_splice_holds_no_buffer() {
+        let (mut client_app, mut client_leg) = duplex(64 * 1024);
+        let (mut server_leg, mut server_app) = duplex(64 * 1024);
+        let mut s = Splice::new(&mut client_leg, &mut server_leg);
+        for round in 0..3u8 {
+            let query = vec![round; 3000];
+            client_app.write_all(&query).await.expect("write");
+            let mut got = vec![0u8; 3000];
+            tokio::select! {
+                _ = &mut s => panic!("splice ended early"),
+                r = server_app.read_exact(&mut got) => { r.expect("read"); }
+            }
+            assert_eq!(got, query);
+            server_app.write_all(b"answer").await.expect("write");
+            let mut answer = [0u8; 6];
+            tokio::select! {
+                _ = &mut s => panic!("splice ended early"),
+                r = client_app.read_exact(&mut answer) => { r.expect("read"); }
+            }
+            // Both directions have delivered everything and are waiting.
+            assert_eq!(s.buffers_held(), 0, "round {round}");
+        }
+        assert_eq!(s.transferred().client_to_server, 9000);
     }
 
     #[tokio::test]
