@@ -241,6 +241,7 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
     let mode = match t.tls.mode {
         TlsMode::VerifyFull => "verify-full",
         TlsMode::VerifyCa => "verify-ca",
+        TlsMode::Disable => "disable (plain, to a relay on this host)",
     };
     let ca = t
         .tls

@@ -36,7 +36,9 @@ Target parameters (postgres://HOST[:PORT]?name=value&..., mysql://HOST[:PORT]?..
                        (MySQL); no TCP unless listen= is given
   ca-file=PATH         CA bundle that signs this server's certificate
   server-name=NAME     name to verify in the server certificate (default: HOST)
-  tls-mode=MODE        verify-full (default) or verify-ca
+  tls-mode=MODE        verify-full (default) or verify-ca; disable only for a Postgres
+                       relay on this host (a loopback address), which keyhole splices to
+                       with splice(2)
   client-cert=PATH, client-key=PATH   client certificate for this server
   backend=NAME         private-ip (default): dial only private addresses;
                        public: dial only public addresses, verify-full, allow= off loopback
@@ -333,6 +335,10 @@ pub enum TlsMode {
     VerifyFull,
     /// Chain to a trusted CA; any name.
     VerifyCa,
+    /// No TLS: only to a relay on this host (a loopback address) that
+    /// speaks Postgres and does its own TLS onward. Both legs are then
+    /// plain and bytes move with splice(2).
+    Disable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -580,9 +586,32 @@ fn parse_tls_mode(text: &str) -> Result<TlsMode, String> {
     match text {
         "verify-full" => Ok(TlsMode::VerifyFull),
         "verify-ca" => Ok(TlsMode::VerifyCa),
+        "disable" => Ok(TlsMode::Disable),
         other => Err(format!(
-            "'{other}' is not a TLS mode (verify-full or verify-ca; keyhole never connects without TLS)"
+            "'{other}' is not a TLS mode (verify-full, verify-ca, or disable for a relay on this host)"
         )),
+    }
+}
+
+/// `tls-mode=disable` sends everything, passwords and tokens included, in
+/// the clear: only to a relay on this host, and only for Postgres (a MySQL
+/// login without TLS would change the capabilities keyhole negotiates).
+fn check_plain_relay(host: &str, protocol: Protocol) -> Result<(), String> {
+    if protocol != Protocol::Postgres {
+        return Err("disable is for Postgres relays only; MySQL targets always use TLS".into());
+    }
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "disable sends passwords in the clear, so keyhole allows it only to a relay on this host              (localhost, 127.0.0.0/8, ::1), not to {host}"
+        ))
     }
 }
 
@@ -884,6 +913,9 @@ fn target_config(
             None => d.client_cert.clone(),
         },
     };
+    if tls.mode == TlsMode::Disable {
+        check_plain_relay(&url.host, url.protocol).map_err(|e| in_target("tls-mode", e))?;
+    }
     let backend = match param("backend") {
         Some(b) => parse_backend(b).map_err(|e| in_target("backend", e))?,
         None => d
@@ -1059,6 +1091,30 @@ mod tests {
             Err(ConfigError::Cli(e)) => e.to_string(),
             Ok(c) => panic!("expected an error, got {c:?}"),
         }
+    }
+
+    #[test]
+    fn tls_mode_disable_is_only_for_a_postgres_relay_on_this_host() {
+        for host in ["127.0.0.1:6432", "localhost", "[::1]:6432", "127.0.0.9"] {
+            let c = load(&[&format!("postgres://{host}?tls-mode=disable")], &[])
+                .unwrap_or_else(|e| panic!("{host}: {e}"));
+            assert_eq!(c.targets[0].tls.mode, TlsMode::Disable);
+        }
+        let err = load(&["postgres://10.0.0.5?tls-mode=disable"], &[])
+            .expect_err("a remote host")
+            .to_string();
+        assert!(
+            err.contains("only to a relay on this host") && err.contains("not to 10.0.0.5"),
+            "{err}"
+        );
+        let err = load(&["mysql://127.0.0.1?tls-mode=disable"], &[])
+            .expect_err("mysql")
+            .to_string();
+        assert!(err.contains("MySQL targets always use TLS"), "{err}");
+        let err = load(&["postgres://127.0.0.1?tls-mode=off"], &[])
+            .expect_err("unknown mode")
+            .to_string();
+        assert!(err.contains("'off' is not a TLS mode"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! The upstream connector: reach the database over TCP and upgrade to
-//! verified TLS the way its protocol prescribes. Fail closed: no path here
-//! ever returns a plaintext stream.
+//! verified TLS the way its protocol prescribes. Fail closed: the only
+//! plaintext stream is to a relay on this host that the target names with
+//! `tls-mode=disable` (loopback only, checked at startup and at every dial).
 
 pub mod mysql;
 pub mod postgres;
+mod stream;
+
+pub use stream::UpstreamStream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,16 +23,14 @@ use crate::config::{host_port, Protocol, TargetConfig};
 use crate::metrics::{RefusedReason, TargetMetrics};
 use crate::tls::{self, TlsSetupError};
 
-/// The TLS stream to a database.
-pub type UpstreamStream = crate::tls::TlsStream;
-
 /// Where one target's database is and how to verify it.
 pub struct Upstream {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
     server_name_text: String,
-    tls: Arc<rustls::ClientConfig>,
+    /// `None`: `tls-mode=disable`, a plain relay on this host.
+    tls: Option<Arc<rustls::ClientConfig>>,
     connect_timeout: Duration,
     /// The network policy every resolved address must pass.
     backend: Arc<dyn Backend>,
@@ -121,7 +123,10 @@ impl Upstream {
         backend: Arc<dyn Backend>,
         metrics: Arc<TargetMetrics>,
     ) -> Result<Upstream, TlsSetupError> {
-        let config = tls::client_config(&target.tls, alpn)?;
+        let config = match target.tls.mode {
+            crate::config::TlsMode::Disable => None,
+            _ => Some(tls::client_config(&target.tls, alpn)?),
+        };
         Ok(Upstream {
             host: target.host.clone(),
             port: target.port,
@@ -132,6 +137,11 @@ impl Upstream {
             backend,
             metrics,
         })
+    }
+
+    /// Whether this target is a plain relay on this host (`tls-mode=disable`).
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none()
     }
 
     /// The name the server certificate is verified against.
@@ -159,7 +169,15 @@ impl Upstream {
         let mut addrs = Vec::with_capacity(resolved.len());
         let mut refused = None;
         for addr in resolved {
-            match self.backend.check_destination(addr.ip()) {
+            let checked = if self.tls.is_none() && !addr.ip().is_loopback() {
+                Err(format!(
+                    "{} is not a loopback address, and tls-mode=disable reaches only a relay on this host",
+                    addr.ip()
+                ))
+            } else {
+                self.backend.check_destination(addr.ip())
+            };
+            match checked {
                 Ok(()) => addrs.push(addr),
                 Err(reason) => {
                     tracing::warn!(host = %self.host, address = %addr.ip(), backend = self.backend.name(), %reason, "address refused by the backend's policy");
@@ -204,14 +222,17 @@ impl Upstream {
 
     /// The TLS handshake over an established, already-upgraded-for-TLS stream.
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
+        let Some(config) = self.tls.clone() else {
+            return Ok(UpstreamStream::Plain(tcp));
+        };
         let started = Instant::now();
-        let stream = tls::handshake::connect(self.tls.clone(), self.server_name.clone(), tcp)
+        let stream = tls::handshake::connect(config, self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
                 message: tls::describe_handshake_error(&e, &self.server_name_text),
             })?;
         self.metrics.tls_handshake(started.elapsed());
-        Ok(stream)
+        Ok(UpstreamStream::Tls(Box::new(stream)))
     }
 
     /// The connection test (`--run-connection-test`, and `/readiness` with

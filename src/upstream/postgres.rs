@@ -12,6 +12,9 @@ impl Upstream {
     /// Connects and upgrades to verified TLS, or fails closed.
     pub async fn connect_postgres(&self) -> Result<UpstreamStream, UpstreamError> {
         let (tcp, addr) = self.dial().await?;
+        if self.is_plain() {
+            return Ok(UpstreamStream::Plain(tcp));
+        }
         let after = self.connect_timeout();
         match tokio::time::timeout(after, self.start_tls(tcp, addr)).await {
             Ok(result) => result,
