@@ -156,6 +156,12 @@ fn render_options(out: &mut String, config: &Config) {
         ("startup-timeout", duration(config.startup_timeout)),
         ("connect-timeout", duration(config.connect_timeout)),
         (
+            "pipe-size",
+            config
+                .pipe_size
+                .map_or("kernel default".into(), |n| format!("{n} bytes")),
+        ),
+        (
             "log-format",
             format!("{:?}", config.log_format).to_ascii_lowercase(),
         ),

@@ -123,6 +123,10 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
 
+    /// Pipe size for splice(2) between plain legs (a Postgres relay with tls-mode=disable), in bytes, KiB or MiB (e.g. 1MiB); the kernel default (64 KiB) when unset. A size the kernel refuses (over /proc/sys/fs/pipe-max-size, or past the user's pipe pages) keeps the default, with one warning.
+    #[arg(long, value_name = "BYTES")]
+    pub pipe_size: Option<String>,
+
     /// Log lines as text or json. Levels from RUST_LOG (default: info).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -213,6 +217,8 @@ pub struct Config {
     pub skip_failed_targets: bool,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
+    /// `--pipe-size`: `None` is the kernel's default.
+    pub pipe_size: Option<usize>,
     pub log_format: LogFormat,
     /// Certificate for TLS on the client leg.
     pub listen_tls: Option<CertKey>,
@@ -574,6 +580,29 @@ fn parse_bool(text: &str) -> Result<bool, String> {
     }
 }
 
+/// `65536`, `64KiB`, `1MiB` (also `K`/`M`, `KB`/`MB` as binary units).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a size (bytes, or with KiB or MiB)"
+            ))
+        }
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{text}' is not a size (bytes, or with KiB or MiB)"))
+}
+
 fn parse_path(text: &str) -> Result<PathBuf, String> {
     if text.is_empty() {
         Err("empty path".into())
@@ -713,6 +742,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     let connect_timeout = layers
         .parse("connect-timeout", duration::parse)?
         .unwrap_or(Duration::from_secs(10));
+    let pipe_size = layers.parse("pipe-size", parse_size)?;
     let log_format = layers
         .parse("log-format", |t| match t {
             "text" => Ok(LogFormat::Text),
@@ -833,6 +863,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         run_connection_test: flag("run-connection-test")?,
         skip_failed_targets,
         startup_timeout,
+        pipe_size,
         connect_timeout,
         log_format,
         listen_tls,
@@ -1094,6 +1125,30 @@ mod tests {
     }
 
     #[test]
+    fn pipe_size_takes_bytes_and_binary_units() {
+        assert_eq!(
+            load(&["postgres://db"], &[]).expect("valid").pipe_size,
+            None
+        );
+        for (text, bytes) in [
+            ("65536", 65536),
+            ("64KiB", 65536),
+            ("1MiB", 1 << 20),
+            ("2M", 2 << 20),
+        ] {
+            let c = load(&["--pipe-size", text, "postgres://db"], &[]).expect(text);
+            assert_eq!(c.pipe_size, Some(bytes), "{text}");
+        }
+        let err = load(&["postgres://db"], &[("KEYHOLE_PIPE_SIZE", "lots")])
+            .expect_err("not a size")
+            .to_string();
+        assert!(
+            err.contains("KEYHOLE_PIPE_SIZE: 'lots' is not a size"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn tls_mode_disable_is_only_for_a_postgres_relay_on_this_host() {
         for host in ["127.0.0.1:6432", "localhost", "[::1]:6432", "127.0.0.9"] {
             let c = load(&[&format!("postgres://{host}?tls-mode=disable")], &[])
@@ -1296,7 +1351,7 @@ mod tests {
             message(load(&["--listen-cert", "c.pem", "postgres://a"], &[])).contains("go together")
         );
         assert!(message(load(&["postgres://a?tls-mode=disable"], &[]))
-            .contains("never connects without TLS"));
+            .contains("only to a relay on this host"));
         assert!(message(load(
             &[
                 "postgres://a?listen=127.0.0.1:9",
