@@ -494,7 +494,8 @@ fn configuration_errors_exit_2_with_one_line_before_binding() {
     let scratch = support::scratch_dir("keyhole-missing-ca-");
     let missing_ca = scratch.path().join("missing-ca.pem");
     let missing_ca = missing_ca.to_str().expect("UTF-8 path");
-    let tls_disable = format!("{target}&tls-mode=disable");
+    // Plaintext is for a relay on this host only.
+    let tls_disable = "postgres://10.1.2.3:5432?tls-mode=disable".to_owned();
 
     // keyhole's port is held open by the test throughout: had keyhole tried
     // to bind it before validating, it would fail on the bind instead.
