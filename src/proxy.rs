@@ -419,6 +419,9 @@ async fn prepare_target(
             cancels: cancels.clone(),
             max_connections,
             login,
+            pipe: crate::splice::pipe::PipeConfig {
+                size: config.pipe_size,
+            },
         }),
         Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
             upstream,

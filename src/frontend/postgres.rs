@@ -21,8 +21,9 @@ use crate::net::{Rewind, Socket};
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
 };
+use crate::splice::pipe::{self, PipeConfig, PipeSplice};
 use crate::splice::Splice;
-use crate::upstream::{SharedUpstream, UpstreamError};
+use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
 
 /// What one Postgres target needs to serve a client.
 pub struct PostgresFrontend {
@@ -35,6 +36,8 @@ pub struct PostgresFrontend {
     pub max_connections: Option<usize>,
     /// Which user logs in, and with what.
     pub login: Arc<LoginPolicy>,
+    /// splice(2) pipes, for plain legs both ways (a relay on this host).
+    pub pipe: PipeConfig,
 }
 
 /// What the client asked for once negotiation is over.
@@ -124,6 +127,24 @@ impl Session<'_> {
         let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
         server.exchange_leftovers(&mut self.client).await?;
+        // Plain on both sides (a relay on this host): the kernel moves the
+        // bytes, socket to pipe to socket, and they never enter keyhole.
+        if let (ClientStream::Plain(client), UpstreamStream::Plain(relay)) =
+            (&mut self.client.stream, &mut server.stream)
+        {
+            if pipe::supported() {
+                tracing::debug!(data_path = "splice(2)", "both legs plain");
+                let mut splice = PipeSplice::new(client, relay, &frontend.pipe)
+                    .metered(&*frontend.login.metrics);
+                let result = tokio::select! {
+                    r = &mut splice => r.map_err(SessionError::from),
+                    _ = cut.cancelled() => Err(SessionError::Cut),
+                };
+                report.transferred = splice.transferred();
+                report.metered = splice.metered_so_far();
+                return result;
+            }
+        }
         let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
         let result = tokio::select! {

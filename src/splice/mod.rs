@@ -22,6 +22,7 @@
 //! finish on their own. An I/O error on either side ends both.
 
 pub mod buffer;
+pub mod pipe;
 
 use std::future::Future;
 use std::io::{self, IoSlice};
