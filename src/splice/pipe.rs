@@ -73,7 +73,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{Meter, Side, SpliceError, Transferred};
+use super::{is_closed, HalfError, Meter, Side, SpliceError, Transferred};
 use crate::net::Socket;
 
 /// Idle pipes the process-wide pool keeps; pipes given back beyond this are
@@ -601,44 +601,6 @@ where
     }
 }
 
-/// Which end of a direction failed: the one it reads or the one it writes.
-enum FlowError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-impl FlowError {
-    fn is_closed(&self) -> bool {
-        match self {
-            FlowError::Read(e) | FlowError::Write(e) => is_closed(e),
-        }
-    }
-
-    fn attribute(self, reader: Side, writer: Side) -> SpliceError {
-        match self {
-            FlowError::Read(source) => SpliceError {
-                side: reader,
-                source,
-            },
-            FlowError::Write(source) => SpliceError {
-                side: writer,
-                source,
-            },
-        }
-    }
-}
-
-/// Errors that only say the peer has gone.
-fn is_closed(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::NotConnected
-            | io::ErrorKind::UnexpectedEof
-    )
-}
-
 /// What splice(2) answers for descriptors it cannot move bytes between.
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -741,7 +703,7 @@ impl Flow {
         cx: &mut Context<'_>,
         reader: &R,
         writer: &W,
-    ) -> Poll<Result<(), FlowError>>
+    ) -> Poll<Result<(), HalfError>>
     where
         R: SpliceSocket + ?Sized,
         W: SpliceSocket + ?Sized,
@@ -753,7 +715,7 @@ impl Flow {
                     self.release();
                     match writer.shutdown_write() {
                         // The other side closed first; nothing is lost.
-                        Err(e) if !is_closed(&e) => return Poll::Ready(Err(FlowError::Write(e))),
+                        Err(e) if !is_closed(&e) => return Poll::Ready(Err(HalfError::Write(e))),
                         _ => self.state = FlowState::Done,
                     }
                 }
@@ -772,7 +734,7 @@ impl Flow {
         cx: &mut Context<'_>,
         reader: &R,
         writer: &W,
-    ) -> Poll<Result<(), FlowError>>
+    ) -> Poll<Result<(), HalfError>>
     where
         R: SpliceSocket + ?Sized,
         W: SpliceSocket + ?Sized,
@@ -786,7 +748,7 @@ impl Flow {
                     break;
                 };
                 let from = pipe.read.as_raw_fd();
-                ready!(writer.poll_write_ready(cx)).map_err(FlowError::Write)?;
+                ready!(writer.poll_write_ready(cx)).map_err(HalfError::Write)?;
                 let to = writer.fd().as_raw_fd();
                 let len = self.in_pipe;
                 let moved = match self.injected(Inject::SpliceOutUnsupported) {
@@ -795,7 +757,7 @@ impl Flow {
                 };
                 match moved {
                     Ok(0) => {
-                        return Poll::Ready(Err(FlowError::Write(io::ErrorKind::WriteZero.into())))
+                        return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())))
                     }
                     Ok(n) => {
                         self.in_pipe -= n.min(self.in_pipe);
@@ -806,7 +768,7 @@ impl Flow {
                     Err(e) if !self.spliced_out && is_unsupported(&e) => {
                         return Poll::Ready(self.rescue(e));
                     }
-                    Err(e) => return Poll::Ready(Err(FlowError::Write(e))),
+                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
                 }
             }
             // The pipe is empty: while the source has nothing, hold none.
@@ -817,7 +779,7 @@ impl Flow {
                 }
                 Poll::Ready(Err(e)) => {
                     self.release();
-                    return Poll::Ready(Err(FlowError::Read(e)));
+                    return Poll::Ready(Err(HalfError::Read(e)));
                 }
                 Poll::Ready(Ok(())) => {}
             }
@@ -863,7 +825,7 @@ impl Flow {
                 }
                 Err(e) => {
                     self.pool.give_back(pipe);
-                    return Poll::Ready(Err(FlowError::Read(e)));
+                    return Poll::Ready(Err(HalfError::Read(e)));
                 }
             }
         }
@@ -872,7 +834,7 @@ impl Flow {
     /// The destination cannot take a splice: read the pipe's bytes back
     /// into userspace, where the copy delivers them. If that fails, the
     /// bytes are lost and the splice's error says so.
-    fn rescue(&mut self, cause: io::Error) -> Result<(), FlowError> {
+    fn rescue(&mut self, cause: io::Error) -> Result<(), HalfError> {
         let Some(pipe) = self.pipe.take() else {
             self.fall_back(format!("splice(2) into the socket: {cause}"));
             return Ok(());
@@ -888,7 +850,7 @@ impl Flow {
         if got < bytes.len() {
             self.pool.discard(pipe);
             self.in_pipe = 0;
-            return Err(FlowError::Write(cause));
+            return Err(HalfError::Write(cause));
         }
         self.in_pipe = 0;
         self.pool.give_back(pipe);
@@ -905,7 +867,7 @@ impl Flow {
         cx: &mut Context<'_>,
         reader: &R,
         writer: &W,
-    ) -> Poll<Result<(), FlowError>>
+    ) -> Poll<Result<(), HalfError>>
     where
         R: SpliceSocket + ?Sized,
         W: SpliceSocket + ?Sized,
@@ -914,25 +876,25 @@ impl Flow {
         let from = reader.fd().as_raw_fd();
         loop {
             while self.pos < self.pending.len() {
-                ready!(writer.poll_write_ready(cx)).map_err(FlowError::Write)?;
+                ready!(writer.poll_write_ready(cx)).map_err(HalfError::Write)?;
                 let chunk = &self.pending[self.pos..];
                 match writer.try_io(Interest::WRITABLE, &mut || sys::send(to, chunk)) {
                     Ok(0) => {
-                        return Poll::Ready(Err(FlowError::Write(io::ErrorKind::WriteZero.into())))
+                        return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())))
                     }
                     Ok(n) => {
                         self.pos += n;
                         self.delivered += n as u64;
                     }
                     Err(e) if would_block(&e) => {}
-                    Err(e) => return Poll::Ready(Err(FlowError::Write(e))),
+                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
                 }
             }
             if self.pending.capacity() > 0 {
                 self.pending = Vec::new();
                 self.pos = 0;
             }
-            ready!(reader.poll_read_ready(cx)).map_err(FlowError::Read)?;
+            ready!(reader.poll_read_ready(cx)).map_err(HalfError::Read)?;
             let mut buf = [0u8; FALLBACK_BUFFER];
             let n = match reader.try_io(Interest::READABLE, &mut || sys::recv(from, &mut buf)) {
                 Ok(0) => {
@@ -941,21 +903,21 @@ impl Flow {
                 }
                 Ok(n) => n,
                 Err(e) if would_block(&e) => continue,
-                Err(e) => return Poll::Ready(Err(FlowError::Read(e))),
+                Err(e) => return Poll::Ready(Err(HalfError::Read(e))),
             };
             let mut sent = 0;
             while sent < n {
                 let chunk = &buf[sent..n];
                 match writer.try_io(Interest::WRITABLE, &mut || sys::send(to, chunk)) {
                     Ok(0) => {
-                        return Poll::Ready(Err(FlowError::Write(io::ErrorKind::WriteZero.into())))
+                        return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())))
                     }
                     Ok(k) => {
                         sent += k;
                         self.delivered += k as u64;
                     }
                     Err(e) if would_block(&e) => break,
-                    Err(e) => return Poll::Ready(Err(FlowError::Write(e))),
+                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
                 }
             }
             if sent < n {
