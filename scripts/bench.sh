@@ -2,53 +2,93 @@
 #
 # scripts/bench.sh: keyhole's end-to-end benchmark, next to the same workloads going
 # straight to the server and through the proxies a user would pick instead. Run it by
-# hand on a quiet machine; CI does not run it. One run, one table, ratios to direct.
+# hand on a quiet machine; CI does not run it. One command sets everything up on
+# loopback, runs every workload on every path in one run, and reports medians and
+# ratios to the direct path, with keyhole's targets next to them.
 #
-#   scripts/bench.sh                  run everything, print the table
-#   scripts/bench.sh --out FILE       also write the table (and the raw samples) to
-#                                     FILE as markdown
+#   scripts/bench.sh                  run everything, print the markdown report
+#   scripts/bench.sh --out DIR        also write DIR/bench.md (the report), DIR/bench.json
+#                                     (machine, settings, every sample and median) and
+#                                     DIR/bench.png (a chart of the ratios, the proxies'
+#                                     CPU per GB and RSS per idle connection)
+#   scripts/bench.sh --quick          the whole harness end to end in a few minutes
+#                                     (short runs, small volumes, 1 round; BENCH_QUICK=1)
+#
+# Servers (each TLS only, certificates from certs/generate.sh, on 127.0.0.1):
+#   PostgreSQL  a throwaway cluster: pg_hba hostssl only, role bench with md5
+#   synthetic   target/release/examples/synthetic (benches/synthetic.rs): speaks just
+#               enough PostgreSQL to log anyone in and stream COPY data as fast as it
+#               can, so a proxy's own ceiling shows without a database in the way; it
+#               also holds the large idle-connection count
+#   MariaDB     a throwaway server: require_secure_transport=ON, user bench
 #
 # Paths (each on its own local port, each verifying the server's certificate):
-#   direct     pgbench/psql straight to the server, sslmode=verify-full
+#   direct     the client straight to the server over TLS (libpq sslmode=verify-full;
+#              the synthetic client with its CA; mariadb --ssl-verify-server-cert;
+#              sysbench asks for TLS but its client library does not verify)
 #   keyhole    target/release/keyhole --ca-file CA 'postgres://...?server-name=localhost'
+#              (mysql://... in front of MariaDB)
 #   pgbouncer  session pool mode, server_tls_sslmode = verify-full
 #   stunnel    client = yes, protocol = pgsql, verifyChain, checkHost
 #   goproxy    the Go TLS proxy from the peers folder, built at run time
-# Proxies are reached over plain TCP on 127.0.0.1 (sslmode=disable).
+# Proxies are reached over plain TCP on 127.0.0.1. Each proxy runs once per server it
+# fronts (PostgreSQL and synthetic; only keyhole fronts MariaDB).
 #
 # Workloads, the same for every path, interleaved (every round runs each workload on
-# every path, in an order that rotates each round) and the median over the rounds kept:
-#   TPS -S       pgbench -S -c 8 -j 2 -T DURATION      (select-only, kept connections)
-#   TPS -C       pgbench -S -C -c 8 -j 2 -T DURATION   (a new connection per transaction)
-#   COPY out     psql: COPY (select repeat('x', 1000) from generate_series(1, 1000000))
-#                TO STDOUT > /dev/null: wall seconds, and the proxy's CPU seconds
-#                (utime + stime from /proc) per GiB moved
-#   RSS/idle     BENCH_IDLE_CONNS connections opened through a freshly started proxy,
-#                each logged in and one query run (so pgbouncer holds a server
-#                connection for each), then left idle: the proxy's VmRSS growth / N
-# For the pgbench runs, the proxy's CPU time per transaction is shown as well and kept
-# with the samples in the markdown file.
-# The server is a throwaway TLS-only PostgreSQL (pg_hba: hostssl only; role bench, md5)
-# whose certificates come from certs/generate.sh. Everything the run starts or writes
-# is removed on exit, also on Ctrl-C or failure.
+# every path, in an order that rotates each round) and the median over rounds kept:
+#   pgbench -S    pgbench -S -c C -T DURATION for C in 1, 8, 64: TPS and latency, and
+#                 the proxy's CPU time per transaction (in the samples)
+#   pgbench -C    pgbench -S -C -c 8: new connections per second; the latency a proxy
+#                 adds to each new connection (its latency minus direct's)
+#   COPY out      psql: COPY (select repeat('x', 1000) ...) TO STDOUT > /dev/null,
+#                 about BENCH_COPY_MB MB: MB/s, and the proxy's CPU seconds per GB
+#                 (utime + stime from /proc/PID/stat)
+#   COPY in       the same rows from a generator into COPY ... FROM STDIN, into an
+#                 UNLOGGED table truncated before each run: MB/s, proxy CPU s/GB
+#   synthetic     `synthetic stream`: BENCH_STREAM_MB MB of COPY data from the
+#                 synthetic upstream: MB/s, proxy CPU s/GB
+#   idle          BENCH_IDLE_CONNS connections to PostgreSQL and BENCH_IDLE_LARGE to the
+#                 synthetic upstream through a freshly started proxy, each logged in
+#                 and one query run (so pgbouncer holds a server connection for each),
+#                 then left idle: the proxy's VmRSS growth per connection
+#   MySQL         sysbench oltp_point_select, 8 threads: TPS and latency; a bulk read
+#                 (mariadb --quick, select repeat('x', 1000) from a sequence, about
+#                 BENCH_COPY_MB MB, to /dev/null): MB/s, proxy CPU s/GB. Direct and
+#                 keyhole only (the other proxies speak PostgreSQL only).
+# Targets for keyhole (shown with the results, and whether they are met): pgbench -S
+# -c 8 >= 0.95x direct; pgbench -C >= 1.2x direct; COPY out <= 0.6 proxy CPU s/GB;
+# <= 16 KiB RSS per idle connection at 1,000; 10,000 idle connections held without an
+# error; MySQL point selects >= 0.95x direct. MB and GB are 10^6 and 10^9 bytes.
 #
 # Steps: system packages (as root, missing ones are installed: the test packages plus
-# pgbouncer, stunnel4, golang-go, python3; a peer that cannot be installed is skipped),
-# cargo build --release, go build of goproxy into the temporary directory, the server,
-# pgbench -i -s 10, the proxies, the rounds, the table.
+# pgbouncer, stunnel4, golang-go, python3, sysbench, gnuplot-nox; a peer that cannot be
+# installed is skipped), cargo build --release of keyhole and the synthetic example, go
+# build of goproxy into the temporary directory, the servers, pgbench -i -s 10,
+# sysbench prepare, the proxies, the rounds, the report. Everything the run starts or
+# writes is removed on exit, also on Ctrl-C or failure.
 #
 # Environment:
-#   BENCH_DURATION=SECONDS    length of each pgbench run (default 15; DURATION works too)
+#   BENCH_QUICK=1             quick mode (as --quick): BENCH_DURATION=3, BENCH_ROUNDS=1,
+#                             BENCH_COPY_MB=64, BENCH_STREAM_MB=256, 200 idle connections
+#                             (each setting below still wins when given)
+#   BENCH_DURATION=SECONDS    length of each pgbench and sysbench run (default 10)
 #   BENCH_ROUNDS=N            runs of each workload per path; the median is kept (default 2)
-#   BENCH_IDLE_CONNS=N        idle connections for the RSS measurement (default 1000)
+#   BENCH_COPY_MB=N           size of COPY out, COPY in and the MySQL bulk read (default 1000)
+#   BENCH_STREAM_MB=N         size of the synthetic stream (default 2000)
+#   BENCH_IDLE_CONNS=N        idle connections to PostgreSQL (default 1000)
+#   BENCH_IDLE_LARGE=N        idle connections to the synthetic upstream (default 10000;
+#                             lowered, with a note, when the open-files hard limit cannot
+#                             be raised to 2 N + 256, e.g. without CAP_SYS_RESOURCE)
 #   BENCH_PATHS="..."         the paths to run (default: direct keyhole pgbouncer stunnel
 #                             goproxy); direct is always included, for the ratios
-#   BENCH_LOG_DIR=DIR         copy the server's, the proxies' and the tools' logs here
+#   BENCH_MYSQL=0             leave out MariaDB and the MySQL workloads
+#   BENCH_LOG_DIR=DIR         copy the servers', the proxies' and the tools' logs here
 #   KEYHOLE_BIN=PATH          use this keyhole binary instead of building one
+#   BENCH_SYNTHETIC_BIN=PATH  use this synthetic binary instead of building one
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
-# With the defaults a run takes about 10 minutes on 2 cores.
+# With the defaults a run takes about 25 minutes on 2 cores; --quick about 5.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME, awk and printf, whatever the caller's locale.
 export LC_ALL=C
@@ -60,21 +100,28 @@ cd "$repo_root"
 source "$repo_root/scripts/lib/packages.sh"
 # shellcheck source=scripts/lib/pg.sh
 source "$repo_root/scripts/lib/pg.sh"
+# shellcheck source=scripts/lib/bench_report.sh
+source "$repo_root/scripts/lib/bench_report.sh"
 
 usage() {
   sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
-out_file=""
+out_dir=""
+quick=${BENCH_QUICK:-0}
 while (($# > 0)); do
   case $1 in
   --out)
-    (($# >= 2)) || keyhole_die "--out needs a file name"
-    out_file=$2
+    (($# >= 2)) || keyhole_die "--out needs a directory"
+    out_dir=$2
     shift 2
     ;;
   --out=*)
-    out_file=${1#--out=}
+    out_dir=${1#--out=}
+    shift
+    ;;
+  --quick)
+    quick=1
     shift
     ;;
   -h | --help)
@@ -88,22 +135,43 @@ while (($# > 0)); do
     ;;
   esac
 done
-if [[ -n $out_file ]]; then
-  [[ $out_file == /* ]] || out_file=$caller_dir/$out_file
-  [[ -d $(dirname "$out_file") && -w $(dirname "$out_file") ]] ||
-    keyhole_die "--out: cannot write into $(dirname "$out_file")"
+if [[ -n $out_dir ]]; then
+  [[ $out_dir == /* ]] || out_dir=$caller_dir/$out_dir
+  if ! mkdir -p "$out_dir" 2>/dev/null || [[ ! -w $out_dir ]]; then
+    keyhole_die "--out: cannot write into $out_dir"
+  fi
 fi
 
 # --- settings --------------------------------------------------------------------
-duration=${BENCH_DURATION:-${DURATION:-15}}
+[[ $quick == 0 || $quick == 1 ]] || keyhole_die "BENCH_QUICK: '$quick' is neither 0 nor 1"
+if ((quick)); then
+  d_duration=3 d_rounds=1 d_copy_mb=64 d_stream_mb=256 d_idle=200 d_idle_large=200
+else
+  d_duration=10 d_rounds=2 d_copy_mb=1000 d_stream_mb=2000 d_idle=1000 d_idle_large=10000
+fi
+duration=${BENCH_DURATION:-${DURATION:-$d_duration}}
 duration=${duration%s}
-rounds=${BENCH_ROUNDS:-2}
-idle_conns=${BENCH_IDLE_CONNS:-1000}
-[[ $duration =~ ^[1-9][0-9]*$ ]] || keyhole_die "BENCH_DURATION: '$duration' is not a whole number of seconds"
-[[ $rounds =~ ^[1-9][0-9]*$ ]] || keyhole_die "BENCH_ROUNDS: '$rounds' is not a positive number"
-[[ $idle_conns =~ ^[1-9][0-9]*$ ]] || keyhole_die "BENCH_IDLE_CONNS: '$idle_conns' is not a positive number"
-readonly clients=8 threads=2 scale=10 copy_rows=1000000
+rounds=${BENCH_ROUNDS:-$d_rounds}
+copy_mb=${BENCH_COPY_MB:-$d_copy_mb}
+stream_mb=${BENCH_STREAM_MB:-$d_stream_mb}
+idle_conns=${BENCH_IDLE_CONNS:-$d_idle}
+idle_large=${BENCH_IDLE_LARGE:-$d_idle_large}
+with_mysql=${BENCH_MYSQL:-1}
+for setting in duration:BENCH_DURATION rounds:BENCH_ROUNDS copy_mb:BENCH_COPY_MB \
+  stream_mb:BENCH_STREAM_MB idle_conns:BENCH_IDLE_CONNS idle_large:BENCH_IDLE_LARGE; do
+  var=${setting%%:*}
+  [[ ${!var} =~ ^[1-9][0-9]*$ ]] ||
+    keyhole_die "${setting#*:}: '${!var}' is not a positive whole number"
+done
+[[ $with_mysql == 0 || $with_mysql == 1 ]] || keyhole_die "BENCH_MYSQL: '$with_mysql' is neither 0 nor 1"
+readonly pgbench_clients=(1 8 64) conn_clients=8 scale=10 mysql_threads=8
+# Rows of 1000 bytes (1001 with the newline): BENCH_COPY_MB MB.
+readonly copy_rows=$((copy_mb * 1000))
 readonly copy_sql="COPY (select repeat('x', 1000) from generate_series(1, $copy_rows)) TO STDOUT"
+readonly mysql_bulk_sql="select repeat('x', 1000) from seq_1_to_$copy_rows"
+readonly stream_bytes=$((stream_mb * 1000000))
+if ((quick)); then mysql_table_size=10000; else mysql_table_size=100000; fi
+readonly mysql_table_size
 readonly all_paths=(direct keyhole pgbouncer stunnel goproxy)
 paths=(direct)
 for p in ${BENCH_PATHS:-${all_paths[*]}}; do
@@ -118,12 +186,13 @@ if [[ -n $log_dir ]]; then
   [[ $log_dir == /* ]] || log_dir=$caller_dir/$log_dir
 fi
 
-# Whatever libpq settings the caller has (PGSSLMODE, PGHOST, a service file...) must
+# Whatever libpq or MySQL client settings the caller has (PGSSLMODE, MYSQL_PWD...) must
 # not change what is measured: every tool gets exactly the settings given below.
 keyhole_unset_env '^PG'
+keyhole_unset_env '^(MYSQL_|MARIADB_|LIBMYSQL_)'
 
-# The peers' packages, checked and installed with the same mechanism as the test
-# packages (scripts/lib/packages.sh). They are added to the list in this process only.
+# The peers' and tools' packages, checked and installed with the same mechanism as the
+# test packages (scripts/lib/packages.sh). They are added to the list in this process only.
 KEYHOLE_BENCH_APT_PACKAGES=(
   # the usual C Postgres proxy
   "pgbouncer   /usr/sbin/pgbouncer"
@@ -131,8 +200,12 @@ KEYHOLE_BENCH_APT_PACKAGES=(
   "stunnel4    /usr/bin/stunnel4"
   # builds the Go TLS proxy from the peers folder
   "golang-go   go"
-  # the idle-connection helper
+  # the idle-connection helper for PostgreSQL (md5 login)
   "python3     python3"
+  # the MySQL point-select workload
+  "sysbench    sysbench"
+  # the chart (bench.png)
+  "gnuplot-nox gnuplot"
 )
 KEYHOLE_APT_PACKAGES+=("${KEYHOLE_BENCH_APT_PACKAGES[@]}")
 
@@ -143,23 +216,28 @@ step() {
 }
 
 # --- state the cleanup needs -----------------------------------------------------
-# (and the server's, in scripts/lib/pg.sh)
+# (and the PostgreSQL server's, in scripts/lib/pg.sh)
 tmp=""
 helper_pid=""
-declare -A proxy_pid=() proxy_port=() skip_note=() late_note=()
+syn_pid=""
+my_pid=""
+hold_fd=""
+# Proxies are instances NAME@SERVER, SERVER one of pg (PostgreSQL), syn (synthetic),
+# my (MariaDB): keyhole@pg, pgbouncer@syn...
+declare -A proxy_pid=() proxy_port=() skip_note=() late_note=() upstream_port=()
 
 # A summary of what the proxies' logs say went wrong: the interesting part of a run
 # that is about to be deleted.
 log_summary() {
   local name file count
-  for name in keyhole pgbouncer stunnel goproxy; do
+  for name in keyhole pgbouncer stunnel goproxy synthetic; do
     for file in "$tmp/$name".*.log; do
       [[ -s $file ]] || continue
       case $name in
       keyhole) count=$(grep -cE ' (WARN|ERROR) ' "$file" || true) ;;
       pgbouncer) count=$(grep -cE ' (WARNING|ERROR|FATAL) ' "$file" || true) ;;
       stunnel) count=$(grep -cE 'LOG[0-4]\[' "$file" || true) ;;
-      goproxy) count=$(grep -cv '^$' "$file" || true) ;;
+      goproxy | synthetic) count=$(grep -cvE '^$|^listening ' "$file" || true) ;;
       esac
       ((count > 0)) || continue
       keyhole_log "$(basename "$file"): $count warning/error lines; the first ones:"
@@ -167,20 +245,23 @@ log_summary() {
       keyhole) grep -E ' (WARN|ERROR) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       pgbouncer) grep -E ' (WARNING|ERROR|FATAL) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       stunnel) grep -E 'LOG[0-4]\[' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
-      goproxy) head -n 5 "$file" | cut -c1-400 | sed 's/^/  /' ;;
+      goproxy | synthetic) grep -vE '^$|^listening ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       esac
     done
   done
 }
 
 cleanup() {
-  local rc=$? name
+  local rc=$? inst
   trap - EXIT INT TERM
   set +e
   keyhole_stop_pid "$helper_pid"
-  for name in "${!proxy_pid[@]}"; do
-    keyhole_stop_pid "${proxy_pid[$name]}"
+  for inst in "${!proxy_pid[@]}"; do
+    keyhole_stop_pid "${proxy_pid[$inst]}"
   done
+  keyhole_stop_pid "$syn_pid"
+  keyhole_stop_pid "$my_pid"
+  [[ -z $hold_fd ]] || exec {hold_fd}>&-
   keyhole_pg_stop immediate
   if [[ -n $tmp ]]; then
     keyhole_heading "proxy logs: warnings and errors"
@@ -196,7 +277,7 @@ cleanup() {
     rm -rf "$tmp"
   fi
   keyhole_exit_report "$rc" \
-    "done in $(keyhole_duration "$SECONDS"): the server, the proxies and the temporary directory are gone" \
+    "done in $(keyhole_duration "$SECONDS"): the servers, the proxies and the temporary directory are gone" \
     "interrupted; everything the benchmark started is stopped and removed" \
     "benchmark failed (exit %d); everything it started is stopped and removed"
   exit "$rc"
@@ -207,10 +288,15 @@ trap 'exit 143' TERM
 
 # --- ports -----------------------------------------------------------------------
 # open_sockets PORT: TCP sockets on local port PORT that are neither listening nor
-# finished (TIME_WAIT, CLOSE): the connections a proxy still holds on its client side.
+# finished (TIME_WAIT, CLOSE): the connections a proxy or server still holds there.
 open_sockets() {
   awk -v p=":$(printf '%04X' "$1")" '$2 ~ (p "$") && $4 != "0A" && $4 != "06" && $4 != "07" { n++ }
     END { print n + 0 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# new_port: a free port that none of this run's servers and proxies has.
+new_port() {
+  keyhole_free_port "${upstream_port[@]}" "${proxy_port[@]}"
 }
 
 # --- measuring -------------------------------------------------------------------
@@ -242,34 +328,64 @@ calc() {
   awk "BEGIN { printf \"%.6f\", $* }"
 }
 
-# median FILE: the median of the numbers in FILE, one a line; fails when there are none.
-median() {
-  [[ -s $1 ]] || return 1
-  sort -g "$1" | awk '{ v[NR] = $1 } END {
-    if (NR % 2) printf "%.6f", v[(NR + 1) / 2]; else printf "%.6f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 # record PATH METRIC VALUE | record_fail PATH METRIC WHY
 record() { printf '%s\n' "$3" >>"$tmp/results/$1.$2"; }
 record_fail() {
-  printf '%s\n' "$3" >>"$tmp/results/$1.$2.fail"
+  printf '%s\n' "${3//$'\n'/ }" >>"$tmp/results/$1.$2.fail"
   keyhole_warn "$1 $2: $3"
 }
 
-# path_env PATH: the libpq environment for a path (in the array conn_env).
+# cpu_start PATH SERVER / cpu_seconds: the CPU seconds the path's proxy process spent
+# in between (empty for direct).
+cpu_pid="" cpu_c0=0
+cpu_start() {
+  cpu_pid=""
+  cpu_c0=0
+  [[ $1 == direct ]] && return 0
+  cpu_pid=${proxy_pid[$1@$2]:-}
+  [[ -z $cpu_pid ]] || cpu_c0=$(cpu_ticks "$cpu_pid")
+}
+cpu_seconds() {
+  local c1
+  [[ -n $cpu_pid ]] || return 0
+  c1=$(cpu_ticks "$cpu_pid") || return 0
+  calc "($c1 - $cpu_c0) / $clk_tck"
+}
+
+# path_env PATH: the libpq environment for a path to PostgreSQL (in the array conn_env).
 path_env() {
   conn_env=(PGUSER=bench PGPASSWORD=bench PGDATABASE=bench PGAPPNAME=bench PGCONNECT_TIMEOUT=30)
   if [[ $1 == direct ]]; then
     conn_env+=(PGHOST=localhost PGHOSTADDR=127.0.0.1 "PGPORT=$pg_port" PGSSLMODE=verify-full
       "PGSSLROOTCERT=$tmp/certs/ca.crt")
   else
-    conn_env+=(PGHOST=127.0.0.1 "PGPORT=${proxy_port[$1]}" PGSSLMODE=disable)
+    conn_env+=(PGHOST=127.0.0.1 "PGPORT=${proxy_port[$1@pg]}" PGSSLMODE=disable)
+  fi
+}
+
+# syn_args PATH: the synthetic client's connection arguments (in the array syn_conn).
+syn_args() {
+  if [[ $1 == direct ]]; then
+    syn_conn=(--connect "127.0.0.1:$syn_port" --tls --ca "$tmp/certs/ca.crt" --server-name localhost)
+  else
+    syn_conn=(--connect "127.0.0.1:${proxy_port[$1@syn]}")
+  fi
+}
+
+# my_args PATH: the mariadb client's connection arguments (in the array my_conn; the
+# password goes in MYSQL_PWD).
+my_args() {
+  my_conn=(--no-defaults -h 127.0.0.1 -u bench -D bench)
+  if [[ $1 == direct ]]; then
+    my_conn+=(-P "$my_port" --ssl "--ssl-ca=$tmp/certs/ca.crt" --ssl-verify-server-cert)
+  else
+    my_conn+=(-P "${proxy_port[$1@my]}" --skip-ssl)
   fi
 }
 
 # A superuser query over the server's Unix socket (setup and checks, never measured).
 admin_sql() {
-  "$keyhole_psql" -X -q -At -v ON_ERROR_STOP=1 -h "$tmp/run" -p "$pg_port" -U postgres -d postgres "$@"
+  "$keyhole_psql" -X -q -At -v ON_ERROR_STOP=1 -h "$tmp/run" -p "$pg_port" -U postgres -d "${admin_db:-postgres}" "$@"
 }
 
 # The number of server connections of role bench (-1 when the query fails).
@@ -278,35 +394,46 @@ bench_backends() {
     echo -1
 }
 
+# The MariaDB administrator over its Unix socket (unix_socket authentication).
+my_admin() {
+  mariadb --no-defaults --batch --skip-column-names --socket="$tmp/mariadb/mysqld.sock" \
+    -u "$(id -un)" "$@"
+}
+
 # --- the proxies -----------------------------------------------------------------
-# proxy_command NAME: the command line of a proxy (in the array cmd).
+# proxy_command INSTANCE: the command line of a proxy (in the array cmd).
 proxy_command() {
-  local port=${proxy_port[$1]} var
-  case $1 in
+  local name=${1%@*} server=${1#*@} port=${proxy_port[$1]} up var scheme=postgres
+  up=${upstream_port[$server]}
+  case $name in
   keyhole)
     cmd=(env)
     # Only the flags configure it: no KEYHOLE_* variable from the caller's shell.
     while IFS= read -r var; do cmd+=(-u "$var"); done < <(keyhole_env_names '^KEYHOLE_')
-    cmd+=("$tmp/bin/keyhole" --port "$port" --ca-file "$tmp/certs/ca.crt"
-      "postgres://127.0.0.1:$pg_port?server-name=localhost")
+    [[ $server == my ]] && scheme=mysql
+    cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
+      "$scheme://127.0.0.1:$up?server-name=localhost")
     ;;
-  pgbouncer) cmd=("$pgbouncer_bin" "$tmp/pgbouncer.conf") ;;
-  stunnel) cmd=("$stunnel_bin" "$tmp/stunnel.conf") ;;
+  pgbouncer) cmd=("$pgbouncer_bin" "$tmp/pgbouncer.$server.conf") ;;
+  stunnel) cmd=("$stunnel_bin" "$tmp/stunnel.$server.conf") ;;
   goproxy)
-    cmd=("$tmp/bin/goproxy" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$pg_port"
+    cmd=("$tmp/bin/goproxy" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$up"
       -ca "$tmp/certs/ca.crt" -sni localhost)
     ;;
   esac
 }
 
 write_proxy_config() {
-  local port=${proxy_port[$1]}
-  case $1 in
+  local name=${1%@*} server=${1#*@} port=${proxy_port[$1]} up conns
+  up=${upstream_port[$server]}
+  conns=$idle_conns
+  [[ $server == syn ]] && conns=$idle_large
+  case $name in
   pgbouncer)
     printf '"bench" "bench"\n' >"$tmp/pgbouncer.users"
-    cat >"$tmp/pgbouncer.conf" <<EOF
+    cat >"$tmp/pgbouncer.$server.conf" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$pg_port dbname=bench
+bench = host=127.0.0.1 port=$up dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $port
@@ -314,21 +441,21 @@ unix_socket_dir =
 auth_type = trust
 auth_file = $tmp/pgbouncer.users
 pool_mode = session
-max_client_conn = $((idle_conns + 100))
-default_pool_size = $((idle_conns + 20))
+max_client_conn = $((conns + 100))
+default_pool_size = $((conns + 100))
 server_tls_sslmode = verify-full
 server_tls_ca_file = $tmp/certs/ca.crt
 EOF
     ;;
   stunnel)
-    cat >"$tmp/stunnel.conf" <<EOF
+    cat >"$tmp/stunnel.$server.conf" <<EOF
 foreground = yes
 syslog = no
 pid =
 [pg]
 client = yes
 accept = 127.0.0.1:$port
-connect = 127.0.0.1:$pg_port
+connect = 127.0.0.1:$up
 protocol = pgsql
 CAfile = $tmp/certs/ca.crt
 verifyChain = yes
@@ -338,23 +465,24 @@ EOF
   esac
 }
 
-# start_proxy NAME: start it (logging to $tmp/NAME.<start>.log) and wait until it listens.
+# start_proxy INSTANCE: start it (logging to $tmp/NAME.SERVER.<start>.log) and wait
+# until it listens.
 declare -A proxy_starts=()
 start_proxy() {
-  local name=$1 port=${proxy_port[$1]} pid log why
-  proxy_command "$name"
-  proxy_starts[$name]=$((${proxy_starts[$name]:-0} + 1))
-  log=$tmp/$name.${proxy_starts[$name]}.log
+  local inst=$1 port=${proxy_port[$1]} pid log why
+  proxy_command "$inst"
+  proxy_starts[$inst]=$((${proxy_starts[$inst]:-0} + 1))
+  log=$tmp/${inst%@*}.${inst#*@}.${proxy_starts[$inst]}.log
   # A session of its own, so a Ctrl-C reaches only this script, whose trap then stops
   # everything in order.
   keyhole_pg_exec setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
   pid=$!
-  proxy_pid[$name]=$pid
-  if why=$(keyhole_wait_listening "$port" "$pid" "$name"); then
+  proxy_pid[$inst]=$pid
+  if why=$(keyhole_wait_listening "$port" "$pid" "$inst"); then
     # setsid forks only when it leads a process group already; find the program.
     if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */setsid ]]; then
       pid=$(pgrep -P "$pid" | head -n 1)
-      proxy_pid[$name]=$pid
+      proxy_pid[$inst]=$pid
     fi
     return 0
   fi
@@ -362,7 +490,7 @@ start_proxy() {
     keyhole_warn "$why"
   else
     wait "$pid" 2>/dev/null || true
-    proxy_pid[$name]=""
+    proxy_pid[$inst]=""
     keyhole_warn "$why; its log:"
     sed 's/^/  /' "$log" | tail -n 20 >&2
   fi
@@ -374,46 +502,89 @@ stop_proxy() {
   proxy_pid[$1]=""
 }
 
-# check_path PATH: one connection, which must reach the server over TLS.
+# check_path PATH SERVER: one connection, which must reach the server over TLS.
 check_path() {
   local out
-  path_env "$1"
-  if ! out=$(env "${conn_env[@]}" "$keyhole_psql" -X -At -v ON_ERROR_STOP=1 \
-    -c "select ssl from pg_stat_ssl where pid = pg_backend_pid()" 2>&1); then
-    printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
-    return 1
-  fi
-  if [[ $out != t ]]; then
-    printf 'the server did not see TLS (pg_stat_ssl.ssl = %s)' "$out"
-    return 1
-  fi
+  case $2 in
+  pg)
+    path_env "$1"
+    if ! out=$(env "${conn_env[@]}" "$keyhole_psql" -X -At -v ON_ERROR_STOP=1 \
+      -c "select ssl from pg_stat_ssl where pid = pg_backend_pid()" 2>&1); then
+      printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
+      return 1
+    fi
+    if [[ $out != t ]]; then
+      printf 'the server did not see TLS (pg_stat_ssl.ssl = %s)' "$out"
+      return 1
+    fi
+    ;;
+  syn)
+    # The synthetic upstream speaks TLS only: a stream that arrives went through TLS.
+    syn_args "$1"
+    if ! out=$("$tmp/bin/synthetic" stream "${syn_conn[@]}" --bytes 100000 2>&1); then
+      printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
+      return 1
+    fi
+    ;;
+  my)
+    my_args "$1"
+    if ! out=$(MYSQL_PWD=bench mariadb "${my_conn[@]}" --batch --skip-column-names \
+      -e "select variable_value from information_schema.session_status where variable_name = 'Ssl_cipher'" 2>&1); then
+      printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
+      return 1
+    fi
+    if [[ -z $out ]]; then
+      printf 'the server did not see TLS (no Ssl_cipher)'
+      return 1
+    fi
+    ;;
+  esac
+}
+
+# usable PATH SERVER: the path can run against that server now.
+usable() {
+  case $2 in
+  syn) [[ -n $syn_pid ]] || return 1 ;;
+  my) [[ -n $my_pid ]] || return 1 ;;
+  esac
+  [[ $1 == direct ]] || [[ -z ${skip_note[$1]:-} && -n ${proxy_pid[$1@$2]:-} ]]
+}
+
+# servers_of PATH: the servers a path is measured against.
+servers_of() {
+  case $1 in
+  direct | keyhole) printf 'pg syn my' ;;
+  *) printf 'pg syn' ;;
+  esac
 }
 
 # --- workloads -------------------------------------------------------------------
-# run_pgbench PATH METRIC [PGBENCH ARGS...]: TPS; for a proxy, also its CPU time per
-# transaction (shown and kept with the samples, not in the table).
+# run_pgbench PATH CLIENTS METRIC [PGBENCH ARGS...]: TPS (METRIC), latency in ms
+# (lat_ of it) and, for a proxy, its CPU microseconds per transaction (cpu_ of it).
 run_pgbench() {
-  local path=$1 metric=$2 log tps txs pid="" c0=0 c1 us
-  shift 2
+  local path=$1 clients=$2 metric=$3 threads=2 log tps lat txs cpu us
+  shift 3
+  ((clients >= threads)) || threads=$clients
   path_env "$path"
   log=$tmp/pgbench.log
-  printf '\n### %s %s: pgbench %s\n' "$path" "$metric" "$*" >>"$log"
-  [[ $path == direct ]] || pid=${proxy_pid[$path]}
-  [[ -z $pid ]] || c0=$(cpu_ticks "$pid")
+  printf '\n### %s %s: pgbench -c %s %s\n' "$path" "$metric" "$clients" "$*" >>"$log"
+  cpu_start "$path" pg
   if env "${conn_env[@]}" pgbench -n -S -c "$clients" -j "$threads" -T "$duration" "$@" \
     >"$tmp/pgbench.out" 2>&1; then
     cat "$tmp/pgbench.out" >>"$log"
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$tmp/pgbench.out" | head -n 1)
+    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$tmp/pgbench.out" | head -n 1)
     txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$tmp/pgbench.out")
     if [[ -n $tps ]]; then
+      cpu=$(cpu_seconds)
       record "$path" "$metric" "$tps"
-      if [[ -n $pid && ${txs:-0} -gt 0 ]]; then
-        c1=$(cpu_ticks "$pid")
-        us=$(calc "($c1 - $c0) * 1000000 / $clk_tck / $txs")
+      [[ -z $lat ]] || record "$path" "lat_$metric" "$lat"
+      if [[ -n $cpu && ${txs:-0} -gt 0 ]]; then
+        us=$(calc "$cpu * 1000000 / $txs")
         record "$path" "cpu_$metric" "$us"
-        printf '  %-10s %10.0f tps   proxy CPU %.0f us/transaction\n' "$path" "$tps" "$us"
+        printf '  %-10s %10.0f tps  %8.3f ms   proxy CPU %.0f us/transaction\n' "$path" "$tps" "${lat:-0}" "$us"
       else
-        printf '  %-10s %10.0f tps\n' "$path" "$tps"
+        printf '  %-10s %10.0f tps  %8.3f ms\n' "$path" "$tps" "${lat:-0}"
       fi
       return 0
     fi
@@ -422,97 +593,208 @@ run_pgbench() {
   record_fail "$path" "$metric" "pgbench failed: $(grep -m1 -iE 'error|fatal' "$tmp/pgbench.out" | cut -c1-200)"
 }
 
-run_copy() {
-  local path=$1 pid="" t0 t1 c0=0 c1 secs cpu
-  path_env "$path"
-  [[ $path == direct ]] || pid=${proxy_pid[$path]}
-  [[ -z $pid ]] || c0=$(cpu_ticks "$pid")
-  t0=$EPOCHREALTIME
-  if ! env "${conn_env[@]}" "$keyhole_psql" -X -q -v ON_ERROR_STOP=1 -c "$copy_sql" \
-    >/dev/null 2>"$tmp/copy.err"; then
-    record_fail "$path" copy "psql COPY failed: $(head -n 1 "$tmp/copy.err" | cut -c1-200)"
-    return 0
-  fi
-  t1=$EPOCHREALTIME
-  secs=$(calc "$t1 - $t0")
-  record "$path" copy "$secs"
-  if [[ -n $pid ]]; then
-    c1=$(cpu_ticks "$pid")
-    cpu=$(calc "($c1 - $c0) / $clk_tck / ($copy_bytes / 1073741824)")
-    record "$path" cpu "$cpu"
-    printf '  %-10s %7.2f s   proxy CPU %.2f s/GiB\n' "$path" "$secs" "$cpu"
+# finish_bulk PATH SERVER METRIC BYTES T0 T1: MB/s (METRIC_mbs) and, for a proxy, its
+# CPU seconds per GB (METRIC_cpu).
+finish_bulk() {
+  local path=$1 metric=$3 bytes=$4 secs mbs cpu per
+  secs=$(calc "$6 - $5")
+  mbs=$(calc "$bytes / 1000000 / $secs")
+  record "$path" "${metric}_mbs" "$mbs"
+  cpu=$(cpu_seconds)
+  if [[ -n $cpu ]]; then
+    per=$(calc "$cpu / ($bytes / 1000000000)")
+    record "$path" "${metric}_cpu" "$per"
+    printf '  %-10s %7.2f s %8.0f MB/s   proxy CPU %.2f s/GB\n' "$path" "$secs" "$mbs" "$per"
   else
-    printf '  %-10s %7.2f s\n' "$path" "$secs"
+    printf '  %-10s %7.2f s %8.0f MB/s\n' "$path" "$secs" "$mbs"
   fi
 }
 
-# run_idle PATH: the RSS a proxy gains per idle, logged-in connection.
-run_idle() {
-  local path=$1 pid rss0 rss1 i backends0 backends limit per
-  if ! command -v python3 >/dev/null 2>&1; then
-    record_fail "$path" rss "python3 not found"
+run_copy_out() {
+  local path=$1 t0 t1
+  path_env "$path"
+  cpu_start "$path" pg
+  t0=$EPOCHREALTIME
+  if ! env "${conn_env[@]}" "$keyhole_psql" -X -q -v ON_ERROR_STOP=1 -c "$copy_sql" \
+    >/dev/null 2>"$tmp/copy.err"; then
+    record_fail "$path" copy_out_mbs "psql COPY out failed: $(head -n 1 "$tmp/copy.err" | cut -c1-200)"
     return 0
   fi
+  t1=$EPOCHREALTIME
+  finish_bulk "$path" pg copy_out "$copy_bytes" "$t0" "$t1"
+}
+
+# The rows COPY in loads: the same as COPY out sends.
+copy_in_rows() {
+  local row
+  row=$(printf '%1000s' '' | tr ' ' 'x')
+  # yes ends on SIGPIPE when head has enough: not a failure.
+  { yes "$row" || true; } | head -n "$copy_rows"
+}
+
+run_copy_in() {
+  local path=$1 t0 t1
+  admin_db=bench admin_sql -c "truncate copy_in" -c "checkpoint" >/dev/null
+  path_env "$path"
+  cpu_start "$path" pg
+  t0=$EPOCHREALTIME
+  if ! copy_in_rows | env "${conn_env[@]}" "$keyhole_psql" -X -q -v ON_ERROR_STOP=1 \
+    -c "COPY copy_in FROM STDIN" >/dev/null 2>"$tmp/copy.err"; then
+    record_fail "$path" copy_in_mbs "psql COPY in failed: $(head -n 1 "$tmp/copy.err" | cut -c1-200)"
+    return 0
+  fi
+  t1=$EPOCHREALTIME
+  finish_bulk "$path" pg copy_in "$copy_bytes" "$t0" "$t1"
+}
+
+run_stream() {
+  local path=$1 out bytes secs
+  syn_args "$path"
+  cpu_start "$path" syn
+  if ! out=$("$tmp/bin/synthetic" stream "${syn_conn[@]}" --bytes "$stream_bytes" 2>"$tmp/stream.err"); then
+    record_fail "$path" syn_mbs "synthetic stream failed: $(tail -n 1 "$tmp/stream.err" | cut -c1-200)"
+    return 0
+  fi
+  read -r _ bytes _ secs <<<"$out"
+  finish_bulk "$path" syn syn "$bytes" 0 "$secs"
+}
+
+run_mysql_select() {
+  local path=$1 tps lat ssl=off
+  [[ $path == direct ]] && ssl=on
+  cpu_start "$path" my
+  printf '\n### %s: sysbench oltp_point_select run\n' "$path" >>"$tmp/sysbench.log"
+  if sysbench_cmd "$path" --mysql-ssl="$ssl" --threads="$mysql_threads" --time="$duration" \
+    --report-interval=0 run >"$tmp/sysbench.out" 2>&1; then
+    cat "$tmp/sysbench.out" >>"$tmp/sysbench.log"
+    tps=$(sed -n 's/^ *transactions: *[0-9]* *(\([0-9.]*\) per sec.*/\1/p' "$tmp/sysbench.out" | head -n 1)
+    lat=$(sed -n 's/^ *avg: *\([0-9.]*\).*/\1/p' "$tmp/sysbench.out" | head -n 1)
+    if [[ -n $tps ]]; then
+      record "$path" my_tps "$tps"
+      [[ -z $lat ]] || record "$path" my_lat "$lat"
+      printf '  %-10s %10.0f tps  %8.3f ms\n' "$path" "$tps" "${lat:-0}"
+      return 0
+    fi
+  fi
+  cat "$tmp/sysbench.out" >>"$tmp/sysbench.log"
+  record_fail "$path" my_tps "sysbench failed: $(grep -m1 -iE 'error|fatal' "$tmp/sysbench.out" | cut -c1-200)"
+}
+
+run_mysql_bulk() {
+  local path=$1 t0 t1
+  my_args "$path"
+  cpu_start "$path" my
+  t0=$EPOCHREALTIME
+  if ! MYSQL_PWD=bench mariadb "${my_conn[@]}" --quick --batch --raw --skip-column-names \
+    -e "$mysql_bulk_sql" >/dev/null 2>"$tmp/mysql.err"; then
+    record_fail "$path" my_bulk_mbs "mariadb bulk read failed: $(head -n 1 "$tmp/mysql.err" | cut -c1-200)"
+    return 0
+  fi
+  t1=$EPOCHREALTIME
+  finish_bulk "$path" my my_bulk "$my_bytes" "$t0" "$t1"
+}
+
+# sysbench_cmd PATH ARGS...: sysbench oltp_point_select against the path. sysbench
+# 1.0 takes its TLS files from fixed names in its working directory (cacert.pem,
+# client-cert.pem, client-key.pem), so it runs in $tmp/sysbench.
+sysbench_cmd() {
+  local path=$1 port
+  shift
+  if [[ $path == direct ]]; then port=$my_port; else port=${proxy_port[$path@my]}; fi
+  (cd "$tmp/sysbench" && sysbench oltp_point_select --db-driver=mysql --mysql-host=127.0.0.1 \
+    --mysql-port="$port" --mysql-user=bench --mysql-password=bench --mysql-db=bench \
+    --tables=1 --table-size="$mysql_table_size" "$@")
+}
+
+# run_idle PATH SERVER COUNT METRIC: the RSS a proxy gains per idle, logged-in
+# connection; COUNT connections through it to SERVER (pg: the Python helper, which
+# logs in with md5; syn: `synthetic idle`).
+run_idle() {
+  local path=$1 server=$2 count=$3 metric=$4 inst=$1@$2 pid rss0 rss1 i before after limit per t0 t1 t2 phases
   # A fresh process, so that what earlier workloads left in its allocator does not
   # hide or inflate the growth; one connection first, for one-time setup costs.
-  stop_proxy "$path"
-  start_proxy "$path" || {
-    record_fail "$path" rss "could not restart $path"
+  stop_proxy "$inst"
+  start_proxy "$inst" || {
+    record_fail "$path" "$metric" "could not restart $inst"
     return 0
   }
-  check_path "$path" >/dev/null || true
+  check_path "$path" "$server" >/dev/null || true
   sleep 0.5
-  pid=${proxy_pid[$path]}
+  pid=${proxy_pid[$inst]}
   rss0=$(rss_kib "$pid")
-  # Other proxies' pools (pgbouncer's) hold server connections too: count the growth.
-  backends0=$(bench_backends)
+  # pgbouncer's pool holds server connections too: count the growth.
+  before=$(server_conns "$server")
   : >"$tmp/idle.out"
-  python3 "$tmp/idle_conns.py" 127.0.0.1 "${proxy_port[$path]}" bench bench bench "$idle_conns" \
-    >"$tmp/idle.out" 2>"$tmp/idle.err" &
+  if [[ $server == pg ]]; then
+    python3 "$tmp/idle_conns.py" 127.0.0.1 "${proxy_port[$inst]}" bench bench bench "$count" \
+      >"$tmp/idle.out" 2>"$tmp/idle.err" &
+  else
+    "$tmp/bin/synthetic" idle --connect "127.0.0.1:${proxy_port[$inst]}" --count "$count" \
+      >"$tmp/idle.out" 2>"$tmp/idle.err" <&"$hold_fd" &
+  fi
   helper_pid=$!
-  limit=$((600 + idle_conns / 2))
+  t0=$EPOCHREALTIME
+  limit=$((600 + count / 2))
   for ((i = 0; i < limit; i++)); do
     grep -q '^ready' "$tmp/idle.out" && break
     kill -0 "$helper_pid" 2>/dev/null || break
     sleep 0.2
   done
+  t1=$EPOCHREALTIME
   if grep -q '^ready' "$tmp/idle.out"; then
+    record "$path" "open_$server" "$(calc "$t1 - $t0")"
     sleep 1
-    rss1=$(rss_kib "$pid")
-    backends=$(($(bench_backends) - backends0))
-    per=$(calc "($rss1 - $rss0) / $idle_conns")
-    record "$path" rss "$per"
-    printf '  %-10s %8.1f KiB per connection (VmRSS %d -> %d KiB; %d new server connections)\n' \
-      "$path" "$per" "$rss0" "$rss1" "$backends"
-    # (pgbouncer hands the warm-up connection's server connection to one of them)
-    ((backends >= idle_conns - 1)) ||
-      keyhole_warn "$path: only $backends new server connections for $idle_conns clients"
+    if ! kill -0 "$pid" 2>/dev/null; then
+      record_fail "$path" "$metric" "$inst exited while holding $count connections"
+    else
+      rss1=$(rss_kib "$pid")
+      after=$(($(server_conns "$server") - before))
+      per=$(calc "($rss1 - $rss0) / $count")
+      record "$path" "$metric" "$per"
+      printf '  %-10s %8.1f KiB per connection (VmRSS %d -> %d KiB; %d new server connections; opened in %.1f s)\n' \
+        "$path" "$per" "$rss0" "$rss1" "$after" "$(calc "$t1 - $t0")"
+      # (pgbouncer hands the warm-up connection's server connection to one of them)
+      ((after >= count - 1)) ||
+        keyhole_warn "$path: only $after new server connections for $count clients"
+    fi
   else
-    record_fail "$path" rss "idle connections failed: $(tail -n 1 "$tmp/idle.err" | cut -c1-200)"
+    record_fail "$path" "$metric" "$count idle connections failed: $(tail -n 1 "$tmp/idle.err" | cut -c1-200)"
   fi
+  t2=$EPOCHREALTIME
   keyhole_stop_pid "$helper_pid"
   helper_pid=""
   cat "$tmp/idle.err" >>"$tmp/idle_conns.log"
+  phases="client gone $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
   # Let the proxy finish closing those connections: stopping it now would cut them.
-  for ((i = 0; i < 200; i++)); do
-    (($(open_sockets "${proxy_port[$path]}") == 0)) && break
-    sleep 0.1
-  done
-  # And a fresh one again: pgbouncer keeps its server connections pooled otherwise.
-  stop_proxy "$path"
-  start_proxy "$path" || {
-    keyhole_warn "could not restart $path; it is left out from here on"
-    late_note[$path]="could not be restarted in round $round; later rounds lack it"
-  }
   for ((i = 0; i < 300; i++)); do
-    backends=$(bench_backends)
-    ((backends <= backends0)) && break
+    (($(open_sockets "${proxy_port[$inst]}") == 0)) && break
     sleep 0.1
   done
+  phases+=", proxy drained $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
+  # And a fresh one again: pgbouncer keeps its server connections pooled otherwise.
+  stop_proxy "$inst"
+  start_proxy "$inst" || {
+    keyhole_warn "could not restart $inst; it is left out from here on"
+    late_note[$path]="$inst could not be restarted in round $round; later rounds lack it"
+  }
+  phases+=", restarted $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
+  for ((i = 0; i < 300; i++)); do
+    (($(server_conns "$server") <= before)) && break
+    sleep 0.1
+  done
+  printf '  %-10s (released: %s, server drained %.1f s)\n' "" "$phases" "$(calc "$EPOCHREALTIME - $t2")"
 }
 
-# The idle-connection helper: opens N connections, logs each in (trust, password or
-# md5), runs one query on each, prints "ready N", and holds them until SIGTERM.
+# server_conns SERVER: the connections the server holds (PostgreSQL: role bench).
+server_conns() {
+  case $1 in
+  pg) bench_backends ;;
+  syn) open_sockets "$syn_port" ;;
+  esac
+}
+
+# The idle-connection helper for PostgreSQL: opens N connections, logs each in (trust,
+# password or md5), runs one query on each, prints "ready N", and holds them until SIGTERM.
 write_idle_helper() {
   cat >"$1" <<'PY'
 import hashlib
@@ -615,14 +897,16 @@ PY
 
 # =================================================================================
 step "system packages"
-keyhole_ensure_packages postgresql postgresql-client openssl procps ca-certificates ||
+base_pkgs=(postgresql postgresql-client openssl procps ca-certificates)
+((with_mysql)) && base_pkgs+=(mariadb-server mariadb-client)
+keyhole_ensure_packages "${base_pkgs[@]}" ||
   keyhole_die "install the missing packages and run again"
 bench_pkgs=()
 for entry in "${KEYHOLE_BENCH_APT_PACKAGES[@]}"; do
   read -r pkg _ <<<"$entry"
   bench_pkgs+=("$pkg")
 done
-keyhole_log "for the benchmark peers and helper (${bench_pkgs[*]}):"
+keyhole_log "for the benchmark peers, helpers and chart (${bench_pkgs[*]}):"
 if ! keyhole_ensure_packages "${bench_pkgs[@]}"; then
   # One package that cannot be had must not keep the others out.
   if ((EUID == 0)) && [[ ${KEYHOLE_SKIP_PACKAGES:-} != 1 ]]; then
@@ -641,6 +925,8 @@ pgbouncer_bin=$(command -v pgbouncer 2>/dev/null || true)
 stunnel_bin=$(command -v stunnel4 2>/dev/null || command -v stunnel 2>/dev/null || true)
 go_bin=$(command -v go 2>/dev/null || true)
 [[ -n $go_bin || ! -x /usr/lib/go/bin/go ]] || go_bin=/usr/lib/go/bin/go
+mariadbd_bin=$(command -v mariadbd 2>/dev/null || true)
+[[ -n $mariadbd_bin || ! -x /usr/sbin/mariadbd ]] || mariadbd_bin=/usr/sbin/mariadbd
 for p in "${paths[@]}"; do
   case $p in
   pgbouncer) [[ -n $pgbouncer_bin ]] || skip_note[$p]="skipped: pgbouncer is not installed (Debian package pgbouncer)" ;;
@@ -654,29 +940,72 @@ for p in "${paths[@]}"; do
     ;;
   esac
 done
+mysql_note=""
+if ((!with_mysql)); then
+  mysql_note="MySQL workloads left out (BENCH_MYSQL=0)"
+elif [[ -z $mariadbd_bin ]] || ! command -v mariadb-install-db >/dev/null 2>&1 ||
+  ! command -v mariadb >/dev/null 2>&1; then
+  mysql_note="MySQL workloads skipped: MariaDB is not installed (mariadb-server, mariadb-client)"
+fi
 command -v python3 >/dev/null 2>&1 ||
-  keyhole_warn "python3 not found: no RSS per idle connection this run"
+  keyhole_warn "python3 not found: no RSS per idle connection to PostgreSQL this run"
+command -v gnuplot >/dev/null 2>&1 ||
+  keyhole_warn "gnuplot not found: no chart this run (Debian package gnuplot-nox)"
 
-# ulimit: a proxy holds two descriptors per connection, the helper one.
-need_fds=$((2 * idle_conns + 512))
-if (($(ulimit -n) < need_fds)); then
-  if (($(ulimit -Hn) < need_fds)) && ! ulimit -Hn "$need_fds" 2>/dev/null; then
-    keyhole_die "open files: need $need_fds for BENCH_IDLE_CONNS=$idle_conns, the hard limit is $(ulimit -Hn)"
+# ulimit: a proxy holds two descriptors per connection (client and server side), the
+# synthetic upstream and the idle client one each, and every process a few more.
+# Without CAP_SYS_RESOURCE the hard limit cannot be raised: then the large idle count
+# is lowered to what fits, and the report says so.
+fd_note=""
+need_fds=$((2 * idle_large + 256))
+hard_fds=$(ulimit -Hn)
+if [[ $hard_fds != unlimited ]] && ((hard_fds < need_fds)); then
+  if ulimit -Hn "$need_fds" 2>/dev/null; then
+    hard_fds=$need_fds
+  else
+    fit=$(((hard_fds - 256) / 2 / 100 * 100))
+    ((fit >= 100)) || keyhole_die "open files: the hard limit is $hard_fds, too low for the idle-connection workloads"
+    fd_note="open files: the hard limit is $hard_fds and cannot be raised here (that needs CAP_SYS_RESOURCE); $idle_large idle connections need $need_fds descriptors in a proxy, so $fit were opened instead"
+    keyhole_warn "$fd_note"
+    idle_large=$fit
+    need_fds=$((2 * idle_large + 256))
   fi
+fi
+((idle_conns <= idle_large)) || idle_conns=$idle_large
+if (($(ulimit -n) < need_fds)); then
   ulimit -n "$need_fds"
 fi
 keyhole_log "open files limit: $(ulimit -n)"
 
 # =================================================================================
 keyhole_release_binary step
+if [[ -n ${BENCH_SYNTHETIC_BIN:-} ]]; then
+  synthetic_bin=$BENCH_SYNTHETIC_BIN
+else
+  step "build the synthetic upstream: cargo build --release --example synthetic"
+  keyhole_cargo_on_path
+  locked=()
+  [[ -f Cargo.lock ]] && locked=(--locked)
+  cargo build --release "${locked[@]}" --example synthetic ||
+    keyhole_die "cargo build --release --example synthetic failed"
+  target_dir=${CARGO_TARGET_DIR:-target}
+  [[ $target_dir == /* ]] || target_dir=$repo_root/$target_dir
+  synthetic_bin=$target_dir/release/examples/synthetic
+fi
+[[ -x $synthetic_bin ]] || keyhole_die "no synthetic binary at $synthetic_bin"
 
 # =================================================================================
 step "temporary directory, CA and certificates"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keyhole-bench.XXXXXX")
-mkdir "$tmp/bin" "$tmp/results"
-keyhole_pg_prepare "$tmp" "PostgreSQL and the proxies (they refuse root)"
+mkdir "$tmp/bin" "$tmp/results" "$tmp/sysbench"
+keyhole_pg_prepare "$tmp" "the servers and the proxies (they refuse root)"
 install -m 0755 "$keyhole_bin" "$tmp/bin/keyhole"
+install -m 0755 "$synthetic_bin" "$tmp/bin/synthetic"
 write_idle_helper "$tmp/idle_conns.py"
+# The idle client holds its connections until its standard input ends: a FIFO this
+# script keeps open (and closes when it exits).
+mkfifo "$tmp/hold"
+exec {hold_fd}<>"$tmp/hold"
 
 if [[ " ${paths[*]} " == *" goproxy "* && -z ${skip_note[goproxy]:-} ]]; then
   step "build goproxy (go build, standard library only)"
@@ -693,43 +1022,120 @@ if [[ " ${paths[*]} " == *" goproxy "* && -z ${skip_note[goproxy]:-} ]]; then
 fi
 
 # =================================================================================
-pg_port=$(keyhole_free_port) || keyhole_die "no free port found"
+pg_port=$(new_port) || keyhole_die "no free port found"
+upstream_port[pg]=$pg_port
 step "TLS-only PostgreSQL on 127.0.0.1:$pg_port (running as $keyhole_pg_user)"
-keyhole_pg_start "$pg_port" bench md5 "max_connections = $((idle_conns + 50))" \
+keyhole_pg_start "$pg_port" bench md5 "max_connections = $((idle_conns + 150))" \
   "shared_buffers = 256MB" "synchronous_commit = off" "full_page_writes = off" \
-  "log_connections = off"
+  "log_connections = off" "max_wal_size = 4GB"
 admin_sql -c "create role bench login password 'bench'" -c "create database bench owner bench"
-why=$(check_path direct) || keyhole_die "direct connection (sslmode=verify-full) failed: $why"
+why=$(check_path direct pg) || keyhole_die "direct connection (sslmode=verify-full) failed: $why"
 keyhole_log "server up: TLS only (hostssl + md5 for role bench), verify-full from libpq works"
 
-step "pgbench -i -s $scale (directly)"
+step "pgbench -i -s $scale (directly); the COPY in table"
 path_env direct
 env "${conn_env[@]}" pgbench -i -q -s "$scale" >"$tmp/pgbench-init.log" 2>&1 || {
   cat "$tmp/pgbench-init.log" >&2
   keyhole_die "pgbench -i failed"
 }
+env "${conn_env[@]}" "$keyhole_psql" -X -q -v ON_ERROR_STOP=1 \
+  -c "create unlogged table copy_in (t text)" || keyhole_die "could not create table copy_in"
 admin_sql -c "checkpoint"
 copy_bytes=$(env "${conn_env[@]}" "$keyhole_psql" -X -q -c "$copy_sql" | wc -c)
 ((copy_bytes > 0)) || keyhole_die "COPY out returned nothing"
-keyhole_log "pgbench tables at scale $scale; COPY out is $copy_bytes bytes ($(calc "$copy_bytes / 1073741824") GiB)"
+keyhole_log "pgbench tables at scale $scale; COPY out and in are $copy_bytes bytes each"
+
+# =================================================================================
+syn_port=$(new_port) || keyhole_die "no free port found"
+upstream_port[syn]=$syn_port
+step "synthetic TLS upstream on 127.0.0.1:$syn_port"
+setsid "$tmp/bin/synthetic" upstream --listen "127.0.0.1:$syn_port" \
+  --cert "$tmp/certs/server.crt" --key "$tmp/certs/server.key" \
+  >"$tmp/synthetic.upstream.log" 2>&1 </dev/null &
+syn_pid=$!
+if ! why=$(keyhole_wait_listening "$syn_port" "$syn_pid" "synthetic upstream"); then
+  cat "$tmp/synthetic.upstream.log" >&2
+  keyhole_die "$why"
+fi
+why=$(check_path direct syn) || keyhole_die "the synthetic upstream does not stream: $why"
+keyhole_log "synthetic upstream up (pid $syn_pid); a TLS stream from it works"
+
+# =================================================================================
+my_port=""
+my_bytes=0
+if [[ -z $mysql_note ]]; then
+  my_port=$(new_port) || keyhole_die "no free port found"
+  upstream_port[my]=$my_port
+  step "TLS-only MariaDB on 127.0.0.1:$my_port (require_secure_transport=ON)"
+  mkdir -p "$tmp/mariadb/data" "$tmp/mariadb/tmp"
+  ((EUID != 0)) || chown -R "$keyhole_pg_user:" "$tmp/mariadb"
+  # --auth-root-socket-user: the caller administers it over the Unix socket.
+  if ! keyhole_as_pg mariadb-install-db --no-defaults --datadir="$tmp/mariadb/data" \
+    --tmpdir="$tmp/mariadb/tmp" --auth-root-socket-user="$(id -un)" --skip-test-db \
+    --skip-name-resolve >"$tmp/mariadb-install.log" 2>&1; then
+    tail -n 20 "$tmp/mariadb-install.log" >&2
+    keyhole_die "mariadb-install-db failed"
+  fi
+  keyhole_pg_exec setsid "$mariadbd_bin" --no-defaults --datadir="$tmp/mariadb/data" \
+    --port="$my_port" --bind-address=127.0.0.1 --socket="$tmp/mariadb/mysqld.sock" \
+    --pid-file="$tmp/mariadb/mariadbd.pid" --log-error="$tmp/mariadb.log" \
+    --tmpdir="$tmp/mariadb/tmp" --skip-name-resolve --max-connections=300 \
+    --skip-log-bin --innodb-flush-log-at-trx-commit=0 --innodb-buffer-pool-size=256M \
+    --character-set-server=utf8mb4 --ssl-ca="$tmp/certs/ca.crt" \
+    --ssl-cert="$tmp/certs/server.crt" --ssl-key="$tmp/certs/server.key" \
+    --require-secure-transport=ON >"$tmp/mariadbd.out.log" 2>&1 </dev/null &
+  my_pid=$!
+  if ! why=$(keyhole_wait_listening "$my_port" "$my_pid" "mariadbd"); then
+    tail -n 20 "$tmp/mariadb.log" >&2
+    keyhole_die "$why"
+  fi
+  for ((i = 0; i < 100; i++)); do
+    my_admin -e "select 1" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  my_admin -e "create database bench; create user bench@'%' identified by 'bench';
+    grant all on bench.* to bench@'%'" || keyhole_die "MariaDB setup failed"
+  why=$(check_path direct my) || keyhole_die "direct MariaDB connection (verified TLS) failed: $why"
+  # sysbench's fixed TLS file names (see sysbench_cmd).
+  cp "$tmp/certs/ca.crt" "$tmp/sysbench/cacert.pem"
+  cp "$tmp/certs/client.crt" "$tmp/sysbench/client-cert.pem"
+  cp "$tmp/certs/client.key" "$tmp/sysbench/client-key.pem"
+  if command -v sysbench >/dev/null 2>&1; then
+    if ! sysbench_cmd direct --mysql-ssl=on prepare >"$tmp/sysbench.log" 2>&1; then
+      tail -n 20 "$tmp/sysbench.log" >&2
+      keyhole_die "sysbench prepare failed"
+    fi
+  else
+    mysql_note="MySQL point selects skipped: sysbench is not installed (Debian package sysbench)"
+  fi
+  my_args direct
+  my_bytes=$(MYSQL_PWD=bench mariadb "${my_conn[@]}" --quick --batch --raw --skip-column-names \
+    -e "$mysql_bulk_sql" | wc -c)
+  ((my_bytes > 0)) || keyhole_die "the MariaDB bulk read returned nothing"
+  keyhole_log "MariaDB up: TLS only; sysbench table of $mysql_table_size rows; bulk read is $my_bytes bytes"
+fi
 
 # =================================================================================
 step "proxies"
 for p in "${paths[@]}"; do
   [[ $p == direct || -n ${skip_note[$p]:-} ]] && continue
-  proxy_port[$p]=$(keyhole_free_port "$pg_port" "${proxy_port[@]}") || keyhole_die "no free port found"
-  write_proxy_config "$p"
-  if ! start_proxy "$p"; then
-    skip_note[$p]="skipped: did not start (see the warning above)"
-    continue
-  fi
-  if ! why=$(check_path "$p"); then
-    keyhole_warn "$p: a connection through it failed: $why"
-    skip_note[$p]="skipped: connection failed: $why"
-    stop_proxy "$p"
-    continue
-  fi
-  keyhole_log "$p on 127.0.0.1:${proxy_port[$p]} (pid ${proxy_pid[$p]}): the server sees TLS"
+  for server in $(servers_of "$p"); do
+    [[ $server == my && -z $my_pid ]] && continue
+    inst=$p@$server
+    proxy_port[$inst]=$(new_port) || keyhole_die "no free port found"
+    write_proxy_config "$inst"
+    if ! start_proxy "$inst"; then
+      late_note[$p]="${late_note[$p]:+${late_note[$p]}; }$inst did not start"
+      continue
+    fi
+    if ! why=$(check_path "$p" "$server"); then
+      keyhole_warn "$inst: a connection through it failed: $why"
+      late_note[$p]="${late_note[$p]:+${late_note[$p]}; }$inst: connection failed: $why"
+      stop_proxy "$inst"
+      continue
+    fi
+    keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}): the server sees TLS"
+  done
 done
 for p in "${paths[@]}"; do
   [[ -n ${skip_note[$p]:-} ]] && keyhole_log "$p: ${skip_note[$p]}"
@@ -746,171 +1152,61 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 if awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 4) }'; then
   keyhole_warn "load average is $load_start before the rounds: other work on this machine will add noise"
 fi
-# usable PATH: not skipped, and (for a proxy) running.
-usable() {
-  [[ $1 == direct ]] || [[ -z ${skip_note[$1]:-} && -n ${proxy_pid[$1]:-} ]]
-}
+rounds_started=$SECONDS
 for ((round = 1; round <= rounds; round++)); do
   # The order rotates each round, so that no path always comes first or last.
   order=()
   for ((i = 0; i < n_paths; i++)); do
     order+=("${run_paths[$(((i + round - 1) % n_paths))]}")
   done
-  step "round $round/$rounds: select-only, pgbench -S -c $clients -j $threads -T $duration"
-  for p in "${order[@]}"; do
-    if usable "$p"; then run_pgbench "$p" tps_s; fi
+  for c in "${pgbench_clients[@]}"; do
+    step "round $round/$rounds: select-only, pgbench -S -c $c -T $duration"
+    for p in "${order[@]}"; do
+      if usable "$p" pg; then run_pgbench "$p" "$c" "tps_s$c"; fi
+    done
   done
-  step "round $round/$rounds: connection per transaction, pgbench -S -C -c $clients -j $threads -T $duration"
+  step "round $round/$rounds: connection per transaction, pgbench -S -C -c $conn_clients -T $duration"
   for p in "${order[@]}"; do
-    if usable "$p"; then run_pgbench "$p" tps_c -C; fi
+    if usable "$p" pg; then run_pgbench "$p" "$conn_clients" tps_c -C; fi
   done
-  step "round $round/$rounds: COPY out of $copy_rows rows of 1000 bytes"
+  step "round $round/$rounds: COPY out, $copy_bytes bytes"
   for p in "${order[@]}"; do
-    if usable "$p"; then run_copy "$p"; fi
+    if usable "$p" pg; then run_copy_out "$p"; fi
   done
-  step "round $round/$rounds: $idle_conns idle connections"
+  step "round $round/$rounds: COPY in, $copy_bytes bytes into an unlogged table"
   for p in "${order[@]}"; do
-    if [[ $p != direct ]] && usable "$p"; then run_idle "$p"; fi
+    if usable "$p" pg; then run_copy_in "$p"; fi
+  done
+  step "round $round/$rounds: synthetic upstream, a stream of $stream_bytes bytes"
+  for p in "${order[@]}"; do
+    if usable "$p" syn; then run_stream "$p"; fi
+  done
+  if [[ -n $my_pid ]]; then
+    if command -v sysbench >/dev/null 2>&1; then
+      step "round $round/$rounds: MySQL point selects, sysbench oltp_point_select --threads=$mysql_threads"
+      for p in "${order[@]}"; do
+        if usable "$p" my; then run_mysql_select "$p"; fi
+      done
+    fi
+    step "round $round/$rounds: MySQL bulk read, $my_bytes bytes"
+    for p in "${order[@]}"; do
+      if usable "$p" my; then run_mysql_bulk "$p"; fi
+    done
+  fi
+  if command -v python3 >/dev/null 2>&1; then
+    step "round $round/$rounds: $idle_conns idle connections to PostgreSQL"
+    for p in "${order[@]}"; do
+      if [[ $p != direct ]] && usable "$p" pg; then run_idle "$p" pg "$idle_conns" rss_pg; fi
+    done
+  fi
+  step "round $round/$rounds: $idle_large idle connections to the synthetic upstream"
+  for p in "${order[@]}"; do
+    if [[ $p != direct ]] && usable "$p" syn; then run_idle "$p" syn "$idle_large" rss_syn; fi
   done
 done
+rounds_took=$((SECONDS - rounds_started))
 
 # =================================================================================
 step "results"
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
-# cell PATH METRIC FORMAT: the median, or "fail"/"-".
-cell() {
-  local m
-  if m=$(median "$tmp/results/$1.$2"); then
-    # shellcheck disable=SC2059 # the format is the caller's
-    printf "$3" "$m"
-  elif [[ -s $tmp/results/$1.$2.fail ]]; then
-    printf 'fail'
-  else
-    printf -- '-'
-  fi
-}
-
-ratio() {
-  local a b
-  if a=$(median "$tmp/results/$1.$2") && b=$(median "$tmp/results/direct.$2"); then
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
-  else
-    printf -- '-'
-  fi
-}
-
-header=(path "TPS -S" "vs direct" "TPS -C" "vs direct" "COPY out s" "proxy CPU s/GiB"
-  "RSS KiB/idle conn" note)
-rows=()
-for p in "${paths[@]}"; do
-  note=${skip_note[$p]:-${late_note[$p]:-}}
-  fails=""
-  for m in tps_s tps_c copy rss; do
-    [[ -s $tmp/results/$p.$m.fail ]] && fails+=" $m: $(wc -l <"$tmp/results/$p.$m.fail")/$rounds failed"
-  done
-  [[ -z $fails ]] || note="${note:+$note; }${fails# }"
-  if [[ $p == direct ]]; then
-    rows+=("$p|$(cell "$p" tps_s '%.0f')|1.00|$(cell "$p" tps_c '%.0f')|1.00|$(cell "$p" copy '%.2f')|-|-|${note:--}")
-  elif [[ -n ${skip_note[$p]:-} ]]; then
-    rows+=("$p|-|-|-|-|-|-|-|$note")
-  else
-    rows+=("$p|$(cell "$p" tps_s '%.0f')|$(ratio "$p" tps_s)|$(cell "$p" tps_c '%.0f')|$(ratio "$p" tps_c)|$(cell "$p" copy '%.2f')|$(cell "$p" cpu '%.2f')|$(cell "$p" rss '%.1f')|${note:--}")
-  fi
-done
-
-# The plain-text table on stdout.
-print_text_table() {
-  local -a widths=() cells
-  local row i line
-  for ((i = 0; i < ${#header[@]}; i++)); do widths[i]=${#header[i]}; done
-  for row in "${rows[@]}"; do
-    IFS='|' read -r -a cells <<<"$row"
-    for ((i = 0; i < ${#cells[@]}; i++)); do
-      ((${#cells[i]} > widths[i])) && widths[i]=${#cells[i]}
-    done
-  done
-  line=""
-  for ((i = 0; i < ${#header[@]}; i++)); do
-    line+=$(printf '%-*s  ' "${widths[i]}" "${header[i]}")
-  done
-  printf '%s\n' "${line%"${line##*[! ]}"}"
-  for row in "${rows[@]}"; do
-    IFS='|' read -r -a cells <<<"$row"
-    line=""
-    for ((i = 0; i < ${#cells[@]}; i++)); do
-      if ((i == 0 || i == ${#cells[@]} - 1)); then
-        line+=$(printf '%-*s  ' "${widths[i]}" "${cells[i]}")
-      else
-        line+=$(printf '%*s  ' "${widths[i]}" "${cells[i]}")
-      fi
-    done
-    printf '%s\n' "${line%"${line##*[! ]}"}"
-  done
-}
-
-version_of() {
-  case $1 in
-  postgres) "$keyhole_pgbin/postgres" --version | head -n 1 ;;
-  pgbouncer) "$pgbouncer_bin" --version 2>&1 | head -n 1 ;;
-  stunnel) "$stunnel_bin" -version 2>&1 | grep -m1 -E '^stunnel' ;;
-  goproxy) "$go_bin" version ;;
-  keyhole)
-    printf '%s' "$("$tmp/bin/keyhole" --version 2>/dev/null | head -n 1)"
-    if [[ -n ${KEYHOLE_BIN:-} ]]; then
-      printf ' (KEYHOLE_BIN)'
-    else
-      printf ' (built from %s)' "$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo '?')"
-    fi
-    ;;
-  esac
-}
-
-print_markdown() {
-  local row p m
-  printf '# keyhole benchmark\n\n'
-  printf -- '- date: %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
-  printf -- '- machine: %s cores (%s), %s GiB memory, Linux %s\n' "$(nproc)" \
-    "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" \
-    "$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" "$(uname -r)"
-  printf -- '- settings: pgbench -S [-C] -c %d -j %d -T %d (scale %d); %d round(s), median kept; COPY out %d bytes; %d idle connections\n' \
-    "$clients" "$threads" "$duration" "$scale" "$rounds" "$copy_bytes" "$idle_conns"
-  printf -- '- load average (1, 5, 15 min): %s before the rounds, %s after\n' "$load_start" "$load_end"
-  printf -- '- server: %s, TLS only (hostssl, md5), on the same machine\n' "$(version_of postgres)"
-  for p in "${paths[@]}"; do
-    [[ $p == direct || -n ${skip_note[$p]:-} ]] && continue
-    printf -- '- %s: %s\n' "$p" "$(version_of "$p")"
-  done
-  printf '\n| %s |\n|' "$(IFS='|'; printf '%s' "${header[*]}" | sed 's/|/ | /g')"
-  for ((i = 0; i < ${#header[@]}; i++)); do
-    if ((i == 0 || i == ${#header[@]} - 1)); then printf -- '---|'; else printf -- '---:|'; fi
-  done
-  printf '\n'
-  for row in "${rows[@]}"; do
-    printf '| %s |\n' "${row//|/ | }"
-  done
-  cat <<'EOF'
-
-TPS: pgbench transactions per second, `-S` select-only on kept connections, `-C` a new
-connection per transaction; "vs direct" is the ratio to the direct path. COPY out: wall
-seconds for psql to read the COPY to /dev/null. proxy CPU: user + system seconds of the
-proxy process per GiB of COPY output. RSS: growth of the proxy's VmRSS per idle
-connection (each logged in, one query run), measured on a freshly started proxy.
-Samples: one value per round; cpu_tps_s and cpu_tps_c are the proxy's CPU microseconds
-per pgbench transaction, cpu its CPU seconds per GiB of COPY output.
-EOF
-  printf '\n## Samples\n\n| path | metric | values |\n|---|---|---|\n'
-  for p in "${paths[@]}"; do
-    for m in tps_s cpu_tps_s tps_c cpu_tps_c copy cpu rss; do
-      [[ -s $tmp/results/$p.$m ]] || continue
-      printf '| %s | %s | %s |\n' "$p" "$m" "$(awk '{ printf "%s%.2f", (NR > 1 ? ", " : ""), $1 }' "$tmp/results/$p.$m")"
-    done
-  done
-}
-
-keyhole_log ""
-print_text_table
-if [[ -n $out_file ]]; then
-  print_markdown >"$out_file"
-  keyhole_log ""
-  keyhole_log "markdown written to $out_file"
-fi
+report_write
