@@ -134,6 +134,17 @@ impl Proxy {
         for skipped in &config.skipped {
             tracing::error!(target = %skipped.target, error = %skipped.reason, "target skipped: its configuration failed");
         }
+        if config.kernel_tls == crate::tls::KernelTls::Auto {
+            // Probed once, here, rather than on the first session.
+            match crate::tls::ktls::availability() {
+                crate::tls::ktls::Availability::Available { suites } => {
+                    tracing::info!(suites = suites.len(), "kernel TLS: the kernel carries upstream TLS records where the negotiated suite allows")
+                }
+                crate::tls::ktls::Availability::Unavailable { reason } => {
+                    tracing::warn!(reason = %reason, "kernel TLS unavailable: keyhole's own record layer carries upstream TLS")
+                }
+            }
+        }
         let cancels = Arc::new(CancelRegistry::default());
         let mut sources = SourceContext::new(env, config.connect_timeout);
         let mut targets = Vec::with_capacity(config.targets.len());
@@ -365,7 +376,15 @@ pub fn connectors(
     };
     let backend = backend::build(target).map_err(fail)?;
     let upstream = Arc::new(
-        Upstream::new(target, config.connect_timeout, alpn, backend, metrics).map_err(tls_fail)?,
+        Upstream::new(
+            target,
+            config.kernel_tls,
+            config.connect_timeout,
+            alpn,
+            backend,
+            metrics,
+        )
+        .map_err(tls_fail)?,
     );
     let local_tls = config
         .listen_tls

@@ -26,7 +26,8 @@ use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_rustls::TlsAcceptor;
 
 use keyhole::splice::Splice;
-use keyhole::tls::{handshake, TlsStream};
+use keyhole::tls::ktls::{self, Availability};
+use keyhole::tls::{handshake, KernelTls, TlsStream};
 use support::certs::TestPki;
 
 /// A guard against hangs, not a timing assertion.
@@ -81,6 +82,10 @@ fn setup(version: &'static SupportedProtocolVersion, cipher: &str) -> Setup {
 }
 
 async fn connect(setup: &Setup) -> (TlsStream, ServerTls<TcpStream>) {
+    connect_with(setup, KernelTls::Off).await
+}
+
+async fn connect_with(setup: &Setup, kernel_tls: KernelTls) -> (TlsStream, ServerTls<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let acceptor = setup.acceptor.clone();
@@ -90,7 +95,7 @@ async fn connect(setup: &Setup) -> (TlsStream, ServerTls<TcpStream>) {
     });
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
-    let client = handshake::connect(setup.client.clone(), name, tcp)
+    let client = handshake::connect(setup.client.clone(), name, tcp, kernel_tls)
         .await
         .expect("keyhole's handshake");
     (client, server.await.expect("join"))
@@ -122,90 +127,147 @@ fn version(name: &str) -> &'static SupportedProtocolVersion {
 async fn every_suite_carries_data_both_ways_and_closes_cleanly() {
     for (v, cipher) in SUITES {
         let setup = setup(version(v), cipher);
-        let (mut client, mut server) = connect(&setup).await;
-        // Sizes around the record boundaries, and one of several records.
-        for len in [1, 100, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 200_000] {
-            let sent = pattern(len, len as u8);
-            client.write_all(&sent).await.expect("client write");
-            client.flush().await.expect("flush");
-            let mut got = vec![0u8; len];
-            server.read_exact(&mut got).await.expect("server read");
-            assert!(got == sent, "TLS {v} {cipher}: {len} bytes to the server");
-            server.write_all(&got).await.expect("server write");
-            server.flush().await.expect("flush");
-            let mut back = vec![0u8; len];
-            tokio::time::timeout(LIMIT, client.read_exact(&mut back))
-                .await
-                .expect("hang")
-                .expect("client read");
-            assert!(back == sent, "TLS {v} {cipher}: {len} bytes back");
-        }
-        assert_eq!(
-            client.buffers_held(),
-            0,
-            "TLS {v} {cipher}: an idle stream holds no buffer"
+        let (client, server) = connect(&setup).await;
+        assert!(
+            !client.is_kernel(),
+            "--kernel-tls=off keeps keyhole's records"
         );
-        // close_notify from keyhole: the server sees a clean end.
-        client.shutdown().await.expect("shutdown");
-        let mut rest = Vec::new();
-        server
-            .read_to_end(&mut rest)
-            .await
-            .unwrap_or_else(|e| panic!("TLS {v} {cipher}: not a clean close: {e}"));
-        assert!(rest.is_empty());
-        // close_notify from the server: keyhole reads the end of the stream.
-        server.shutdown().await.expect("server shutdown");
-        let mut tail = Vec::new();
-        client
-            .read_to_end(&mut tail)
-            .await
-            .unwrap_or_else(|e| panic!("TLS {v} {cipher}: server's close: {e}"));
-        assert!(tail.is_empty());
+        exchange_and_close(v, cipher, client, server).await;
     }
+}
+
+/// With `--kernel-tls=auto` the kernel takes the records of each suite it
+/// carries, and keyhole's record layer the rest; either way the bytes,
+/// key updates and closes are the same. Where this kernel has no TLS ULP
+/// only the fallback runs, and the test says so.
+#[tokio::test]
+async fn kernel_tls_auto_takes_the_suites_the_kernel_offers_and_falls_back_for_the_rest() {
+    let available = ktls::availability();
+    if let Availability::Unavailable { reason } = available {
+        println!("skipped: kernel TLS unavailable here: {reason}; only the fallback to keyhole's record layer is checked");
+    }
+    for (v, cipher) in SUITES {
+        let kernel_version = if v == "1.3" {
+            ktls::TlsVersion::Tls13
+        } else {
+            ktls::TlsVersion::Tls12
+        };
+        let kernel_cipher = match cipher {
+            "AES_128_GCM" => ktls::Cipher::Aes128Gcm,
+            "AES_256_GCM" => ktls::Cipher::Aes256Gcm,
+            _ => ktls::Cipher::Chacha20Poly1305,
+        };
+        let setup = setup(version(v), cipher);
+        let (client, server) = connect_with(&setup, KernelTls::Auto).await;
+        assert_eq!(
+            client.is_kernel(),
+            available.supports(kernel_version, kernel_cipher),
+            "TLS {v} {cipher}: the kernel carries exactly the suites it offers"
+        );
+        exchange_and_close(v, cipher, client, server).await;
+    }
+    for (v, cipher) in [("1.3", "AES_256_GCM"), ("1.2", "AES_128_GCM")] {
+        splice_both_ways(v, cipher, KernelTls::Auto).await;
+    }
+    key_updates_both_ways(KernelTls::Auto).await;
+}
+
+async fn exchange_and_close(
+    v: &str,
+    cipher: &str,
+    mut client: TlsStream,
+    mut server: ServerTls<TcpStream>,
+) {
+    // Sizes around the record boundaries, and one of several records.
+    for len in [1, 100, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 200_000] {
+        let sent = pattern(len, len as u8);
+        client.write_all(&sent).await.expect("client write");
+        client.flush().await.expect("flush");
+        let mut got = vec![0u8; len];
+        server.read_exact(&mut got).await.expect("server read");
+        assert!(got == sent, "TLS {v} {cipher}: {len} bytes to the server");
+        server.write_all(&got).await.expect("server write");
+        server.flush().await.expect("flush");
+        let mut back = vec![0u8; len];
+        tokio::time::timeout(LIMIT, client.read_exact(&mut back))
+            .await
+            .expect("hang")
+            .expect("client read");
+        assert!(back == sent, "TLS {v} {cipher}: {len} bytes back");
+    }
+    assert_eq!(
+        client.buffers_held(),
+        0,
+        "TLS {v} {cipher}: an idle stream holds no buffer"
+    );
+    // close_notify from keyhole: the server sees a clean end.
+    client.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    server
+        .read_to_end(&mut rest)
+        .await
+        .unwrap_or_else(|e| panic!("TLS {v} {cipher}: not a clean close: {e}"));
+    assert!(rest.is_empty());
+    // close_notify from the server: keyhole reads the end of the stream.
+    server.shutdown().await.expect("server shutdown");
+    let mut tail = Vec::new();
+    client
+        .read_to_end(&mut tail)
+        .await
+        .unwrap_or_else(|e| panic!("TLS {v} {cipher}: server's close: {e}"));
+    assert!(tail.is_empty());
 }
 
 #[tokio::test]
 async fn the_splice_moves_records_in_place_both_ways() {
     for (v, cipher) in [("1.3", "AES_256_GCM"), ("1.2", "AES_128_GCM")] {
-        let setup = setup(version(v), cipher);
-        let (mut tls, mut server) = connect(&setup).await;
-        let (mut app, mut app_leg) = duplex(256 * 1024);
-        let splice = tokio::spawn(async move {
-            let mut s = Splice::new(&mut app_leg, &mut tls);
-            let r = (&mut s).await;
-            (r.map_err(|e| e.to_string()), s.transferred())
-        });
-        let up = pattern(3_000_000, 1);
-        let down = pattern(5_000_000, 2);
-        let up_sent = up.clone();
-        let writer = tokio::spawn(async move {
-            app.write_all(&up_sent).await.expect("app write");
-            app.shutdown().await.expect("app shutdown");
-            let mut got = Vec::new();
-            app.read_to_end(&mut got).await.expect("app read");
-            got
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("server read");
-        assert!(got == up, "TLS {v} {cipher}: client to server");
-        server.write_all(&down).await.expect("server write");
-        server.shutdown().await.expect("server shutdown");
-        let back = tokio::time::timeout(LIMIT, writer)
-            .await
-            .expect("hang")
-            .expect("join");
-        assert!(back == down, "TLS {v} {cipher}: server to client");
-        let (result, transferred) = splice.await.expect("join");
-        result.expect("a clean end");
-        assert_eq!(transferred.client_to_server, up.len() as u64);
-        assert_eq!(transferred.server_to_client, down.len() as u64);
+        splice_both_ways(v, cipher, KernelTls::Off).await;
     }
+}
+
+async fn splice_both_ways(v: &str, cipher: &str, kernel_tls: KernelTls) {
+    let setup = setup(version(v), cipher);
+    let (mut tls, mut server) = connect_with(&setup, kernel_tls).await;
+    let (mut app, mut app_leg) = duplex(256 * 1024);
+    let splice = tokio::spawn(async move {
+        let mut s = Splice::new(&mut app_leg, &mut tls);
+        let r = (&mut s).await;
+        (r.map_err(|e| e.to_string()), s.transferred())
+    });
+    let up = pattern(3_000_000, 1);
+    let down = pattern(5_000_000, 2);
+    let up_sent = up.clone();
+    let writer = tokio::spawn(async move {
+        app.write_all(&up_sent).await.expect("app write");
+        app.shutdown().await.expect("app shutdown");
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("app read");
+        got
+    });
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.expect("server read");
+    assert!(got == up, "TLS {v} {cipher}: client to server");
+    server.write_all(&down).await.expect("server write");
+    server.shutdown().await.expect("server shutdown");
+    let back = tokio::time::timeout(LIMIT, writer)
+        .await
+        .expect("hang")
+        .expect("join");
+    assert!(back == down, "TLS {v} {cipher}: server to client");
+    let (result, transferred) = splice.await.expect("join");
+    result.expect("a clean end");
+    assert_eq!(transferred.client_to_server, up.len() as u64);
+    assert_eq!(transferred.server_to_client, down.len() as u64);
 }
 
 #[tokio::test]
 async fn a_key_update_the_server_asks_for_is_followed_both_ways() {
+    key_updates_both_ways(KernelTls::Off).await;
+}
+
+async fn key_updates_both_ways(kernel_tls: KernelTls) {
     let setup = setup(&rustls::version::TLS13, "AES_256_GCM");
-    let (mut client, mut server) = connect(&setup).await;
+    let (mut client, mut server) = connect_with(&setup, kernel_tls).await;
     for round in 0..3u8 {
         // The server rekeys and asks keyhole to do the same.
         server

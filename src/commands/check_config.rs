@@ -161,6 +161,7 @@ fn render_options(out: &mut String, config: &Config) {
                 .pipe_size
                 .map_or("kernel default".into(), |n| format!("{n} bytes")),
         ),
+        ("kernel-tls", kernel_tls(config.kernel_tls)),
         (
             "log-format",
             format!("{:?}", config.log_format).to_ascii_lowercase(),
@@ -409,6 +410,25 @@ fn unknown_variables(env: &HashMap<String, String>) -> Vec<String> {
     let mut unknown: Vec<String> = env.keys().filter(|k| !known.contains(k)).cloned().collect();
     unknown.sort();
     unknown
+}
+
+/// `--kernel-tls`, and with `auto` whether this kernel would take the
+/// records (the probe makes a loopback TCP pair; nothing leaves the host).
+fn kernel_tls(mode: crate::tls::KernelTls) -> String {
+    use crate::tls::ktls::{availability, Availability};
+    match mode {
+        crate::tls::KernelTls::Off => "off".into(),
+        crate::tls::KernelTls::Auto => match availability() {
+            Availability::Available { suites } => {
+                let names: Vec<String> =
+                    suites.iter().map(|(v, c)| format!("{v:?} {c:?}")).collect();
+                format!("auto (this kernel takes {})", names.join(", "))
+            }
+            Availability::Unavailable { reason } => {
+                format!("auto (unavailable here, keyhole's record layer carries TLS: {reason})")
+            }
+        },
+    }
 }
 
 #[cfg(test)]

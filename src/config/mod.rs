@@ -127,6 +127,10 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES")]
     pub pipe_size: Option<String>,
 
+    /// Hand each upstream session's TLS records to the kernel (kTLS) after the handshake: auto (where the kernel offers the TLS ULP and the negotiated suite; keyhole's own record layer otherwise) or off. [default: off]
+    #[arg(long, value_name = "auto|off")]
+    pub kernel_tls: Option<String>,
+
     /// Log lines as text or json. Levels from RUST_LOG (default: info).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -219,6 +223,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `--pipe-size`: `None` is the kernel's default.
     pub pipe_size: Option<usize>,
+    /// `--kernel-tls`.
+    pub kernel_tls: crate::tls::KernelTls,
     pub log_format: LogFormat,
     /// Certificate for TLS on the client leg.
     pub listen_tls: Option<CertKey>,
@@ -743,6 +749,13 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         .parse("connect-timeout", duration::parse)?
         .unwrap_or(Duration::from_secs(10));
     let pipe_size = layers.parse("pipe-size", parse_size)?;
+    let kernel_tls = layers
+        .parse("kernel-tls", |t| match t {
+            "auto" => Ok(crate::tls::KernelTls::Auto),
+            "off" => Ok(crate::tls::KernelTls::Off),
+            other => Err(format!("'{other}' is not a kernel TLS mode (auto or off)")),
+        })?
+        .unwrap_or_default();
     let log_format = layers
         .parse("log-format", |t| match t {
             "text" => Ok(LogFormat::Text),
@@ -864,6 +877,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         skip_failed_targets,
         startup_timeout,
         pipe_size,
+        kernel_tls,
         connect_timeout,
         log_format,
         listen_tls,
@@ -1144,6 +1158,24 @@ mod tests {
             .to_string();
         assert!(
             err.contains("KEYHOLE_PIPE_SIZE: 'lots' is not a size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kernel_tls_is_off_unless_asked_for() {
+        use crate::tls::KernelTls;
+        let c = load(&["postgres://db"], &[]).expect("valid");
+        assert_eq!(c.kernel_tls, KernelTls::Off);
+        let c = load(&["--kernel-tls", "auto", "postgres://db"], &[]).expect("valid");
+        assert_eq!(c.kernel_tls, KernelTls::Auto);
+        let c = load(&["postgres://db"], &[("KEYHOLE_KERNEL_TLS", "off")]).expect("valid");
+        assert_eq!(c.kernel_tls, KernelTls::Off);
+        let err = load(&["--kernel-tls", "on", "postgres://db"], &[])
+            .expect_err("not a mode")
+            .to_string();
+        assert!(
+            err.contains("'on' is not a kernel TLS mode (auto or off)"),
             "{err}"
         );
     }

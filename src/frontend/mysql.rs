@@ -154,6 +154,7 @@ impl Session<'_> {
         // a live client, so an abandoned statement would run to its end. A
         // bare FIN is what the server would have seen from the client itself.
         server.stream.without_close_notify();
+        tracing::debug!(data_path = server.stream.data_path(), "relaying");
         let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
         let result = tokio::select! {

@@ -145,6 +145,7 @@ impl Session<'_> {
                 return result;
             }
         }
+        tracing::debug!(data_path = server.stream.data_path(), "relaying");
         let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
         let result = tokio::select! {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::TlsStream;
+use super::KernelTls;
 
 /// The largest handshake flight keyhole buffers (certificate chains are the
 /// big part; 64 KiB is rustls's own limit for one handshake message).
@@ -38,11 +39,13 @@ enum Next {
 
 /// Performs the client handshake on `tcp` (already upgraded for TLS by the
 /// protocol's own request) and returns the stream with keyhole's record
-/// layer in charge.
+/// layer in charge, or the kernel's where `kernel_tls` allows and the
+/// kernel carries the negotiated suite.
 pub async fn connect(
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
     mut tcp: TcpStream,
+    kernel_tls: KernelTls,
 ) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, server_name).map_err(tls_error)?;
     let mut incoming = vec![0u8; 16 * 1024];
@@ -116,7 +119,7 @@ pub async fn connect(
         }
     }
     let (secrets, session) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(tcp, secrets, session, &incoming[..received])
+    TlsStream::new(tcp, secrets, session, &incoming[..received], kernel_tls)
 }
 
 /// After a failed handshake, sends the alert rustls queued (the server then

@@ -20,10 +20,22 @@ use rustls::{
 use crate::config::{CertKey, TlsMode, UpstreamTls};
 
 pub mod handshake;
+pub mod ktls;
 pub mod record;
 mod stream;
 
 pub use stream::TlsStream;
+
+/// `--kernel-tls`: whether an upstream session's records may be handed to the
+/// kernel (kTLS) once rustls has finished the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelTls {
+    /// keyhole's own record layer always (the default; see the README).
+    #[default]
+    Off,
+    /// The kernel's where it offers the negotiated suite, keyhole's otherwise.
+    Auto,
+}
 
 /// The one crypto provider keyhole uses, built once.
 pub fn provider() -> Arc<CryptoProvider> {

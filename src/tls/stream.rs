@@ -13,6 +13,11 @@
 //! rustls (so the next connection can resume), a key update from the server
 //! rekeys the receiving side (and, when asked, ours), and keyhole rekeys its
 //! own side before its keys reach the suite's confidentiality limit.
+//!
+//! With `--kernel-tls=auto`, and where the kernel carries the negotiated
+//! suite, the records are the kernel's instead (kTLS, [`super::ktls`]): the
+//! socket then carries plaintext, and this stream reads each record with its
+//! content type so that the post-handshake messages are still handled here.
 
 use std::io;
 use std::ops::Range;
@@ -21,11 +26,13 @@ use std::task::{ready, Context, Poll};
 
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
-use rustls::{ExtractedSecrets, SupportedCipherSuite};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustls::{ContentType, ExtractedSecrets, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::ktls;
 use super::record::{content, DirectionKeys, RecordError, RecordLayer};
+use super::KernelTls;
 use crate::splice::buffer::{Chunk, Room};
 use crate::splice::Leg;
 
@@ -35,9 +42,48 @@ const HANDSHAKE_HELLO_REQUEST: u8 = 0;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 const ALERT_USER_CANCELED: u8 = 90;
 
+/// Who seals and opens the records.
+// The stream is boxed already, and one variant lives as long as the
+// connection: boxing the record layer too would add a pointer chase per record.
+#[allow(clippy::large_enum_variant)]
+enum Engine {
+    /// keyhole's record layer, in place in the pooled buffers.
+    User(RecordLayer),
+    /// The kernel's (kTLS): the socket carries plaintext.
+    Kernel {
+        tls13: bool,
+        /// Records the kernel has sealed under the current key (an upper
+        /// bound: each write ends a record, and a record holds at most 16 KiB).
+        sealed: u64,
+        /// The queued record is a KeyUpdate: the kernel takes the new key
+        /// once it is sent (it is sealed when sent, not when queued).
+        rekey_after_send: bool,
+    },
+}
+
+/// The most plaintext a TLS record carries.
+const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
+impl Engine {
+    fn is_tls13(&self) -> bool {
+        match self {
+            Engine::User(records) => records.is_tls13(),
+            Engine::Kernel { tls13, .. } => *tls13,
+        }
+    }
+
+    /// Records sealed under the current transmit key.
+    fn sealed(&self) -> u64 {
+        match self {
+            Engine::User(records) => records.tx.seq(),
+            Engine::Kernel { sealed, .. } => *sealed,
+        }
+    }
+}
+
 pub struct TlsStream {
     tcp: TcpStream,
-    records: RecordLayer,
+    records: Engine,
     session: KernelConnection<ClientConnectionData>,
     /// Records sealed with one key before keyhole rekeys (TLS 1.3) or stops.
     confidentiality_limit: u64,
@@ -48,6 +94,8 @@ pub struct TlsStream {
     /// Records of keyhole's own (writes through `AsyncWrite`, alerts, key
     /// updates) not yet written.
     tx: Option<Chunk>,
+    /// The content type of the record waiting in `tx` (kernel records only).
+    tx_type: u8,
     peer_closed: bool,
     key_update_due: bool,
     /// Whether shutting down sends close_notify before the FIN.
@@ -60,6 +108,7 @@ impl std::fmt::Debug for TlsStream {
         f.debug_struct("TlsStream")
             .field("tcp", &self.tcp)
             .field("tls13", &self.records.is_tls13())
+            .field("kernel", &self.is_kernel())
             .finish_non_exhaustive()
     }
 }
@@ -78,15 +127,48 @@ impl TlsStream {
         secrets: ExtractedSecrets,
         session: KernelConnection<ClientConnectionData>,
         leftover: &[u8],
+        kernel_tls: KernelTls,
     ) -> io::Result<TlsStream> {
-        let (rx_seq, rx) = secrets.rx;
-        let (tx_seq, tx) = secrets.tx;
-        let records = RecordLayer::new(
-            session.protocol_version(),
-            DirectionKeys::new(rx_seq, &rx).map_err(invalid)?,
-            DirectionKeys::new(tx_seq, &tx).map_err(invalid)?,
-        )
-        .map_err(invalid)?;
+        let records = match kernel_tls {
+            KernelTls::Auto if leftover.is_empty() => {
+                match ktls::install(&tcp, session.protocol_version(), &secrets) {
+                    Ok(()) => Some(Engine::Kernel {
+                        tls13: session.protocol_version() == rustls::ProtocolVersion::TLSv1_3,
+                        sealed: 0,
+                        rekey_after_send: false,
+                    }),
+                    Err(e) if e.connection_unusable() => return Err(io::Error::other(e)),
+                    Err(e) => {
+                        tracing::debug!(reason = %e, "TLS records stay in keyhole's record layer");
+                        None
+                    }
+                }
+            }
+            KernelTls::Auto => {
+                // The kernel reads records from the socket; these are already out of it.
+                tracing::debug!(
+                    "TLS records stay in keyhole's record layer: the server sent records \
+                     with its last handshake flight"
+                );
+                None
+            }
+            KernelTls::Off => None,
+        };
+        let records = match records {
+            Some(kernel) => kernel,
+            None => {
+                let (rx_seq, rx) = secrets.rx;
+                let (tx_seq, tx) = secrets.tx;
+                Engine::User(
+                    RecordLayer::new(
+                        session.protocol_version(),
+                        DirectionKeys::new(rx_seq, &rx).map_err(invalid)?,
+                        DirectionKeys::new(tx_seq, &tx).map_err(invalid)?,
+                    )
+                    .map_err(invalid)?,
+                )
+            }
+        };
         let confidentiality_limit = match session.negotiated_cipher_suite() {
             SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
             SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
@@ -99,6 +181,7 @@ impl TlsStream {
             rx: None,
             raw: 0..0,
             tx: None,
+            tx_type: content::APPLICATION_DATA,
             peer_closed: false,
             key_update_due: false,
             close_notify: true,
@@ -129,6 +212,11 @@ impl TlsStream {
         self.records.is_tls13()
     }
 
+    /// Whether the kernel seals and opens this stream's records (kTLS).
+    pub fn is_kernel(&self) -> bool {
+        matches!(self.records, Engine::Kernel { .. })
+    }
+
     /// Buffers this stream holds right now (0 when idle).
     pub fn buffers_held(&self) -> usize {
         usize::from(self.rx.is_some()) + usize::from(self.tx.is_some())
@@ -141,16 +229,28 @@ impl TlsStream {
         }
     }
 
+    /// Some(true) when plaintext waits in `rx`, Some(false) once the server
+    /// has sent close_notify and it is all read.
+    fn filled_or_closed(&mut self) -> Option<bool> {
+        if self.rx.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Some(true);
+        }
+        if self.peer_closed {
+            self.release_rx_if_empty();
+            return Some(false);
+        }
+        None
+    }
+
     /// Makes opened plaintext ready in `rx`: Ok(true) when there is some,
     /// Ok(false) once the server has sent close_notify.
     fn poll_fill_rx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.is_kernel() {
+            return self.poll_fill_rx_kernel(cx);
+        }
         loop {
-            if self.rx.as_ref().is_some_and(|c| !c.is_empty()) {
-                return Poll::Ready(Ok(true));
-            }
-            if self.peer_closed {
-                self.release_rx_if_empty();
-                return Poll::Ready(Ok(false));
+            if let Some(answer) = self.filled_or_closed() {
+                return Poll::Ready(Ok(answer));
             }
             if self.open_records()? {
                 continue;
@@ -181,10 +281,7 @@ impl TlsStream {
                                 "the server closed the connection in the middle of a TLS record",
                             )
                         } else {
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the server closed the connection without close_notify",
-                            )
+                            closed_without_notify()
                         }));
                     }
                     self.raw.end += n;
@@ -193,8 +290,77 @@ impl TlsStream {
         }
     }
 
+    /// [`Self::poll_fill_rx`] with the kernel's records: one read per
+    /// record type, plaintext straight into the pooled buffer.
+    fn poll_fill_rx_kernel(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            if let Some(answer) = self.filled_or_closed() {
+                return Poll::Ready(Ok(answer));
+            }
+            let tcp = &self.tcp;
+            let chunk = self.rx.get_or_insert_with(Chunk::take);
+            chunk.clear();
+            let read = loop {
+                match tcp.poll_read_ready(cx) {
+                    Poll::Pending => {
+                        // Empty: nothing is held while the server is quiet.
+                        self.rx = None;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                match tcp.try_io(Interest::READABLE, || {
+                    ktls::recv_record(tcp, chunk.bytes_mut())
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => break other,
+                }
+            };
+            let (content_type, n) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    self.rx = None;
+                    return Poll::Ready(Err(e));
+                }
+            };
+            if n == 0 {
+                self.rx = None;
+                return Poll::Ready(Err(closed_without_notify()));
+            }
+            match u8::from(content_type) {
+                content::APPLICATION_DATA => {
+                    // The first segment of an empty chunk: always taken.
+                    chunk.push(0..n);
+                }
+                content::ALERT => self.peer_closed = on_alert(&chunk.bytes()[..n])?,
+                content::HANDSHAKE => {
+                    let update = on_handshake(
+                        &mut self.session,
+                        self.records.is_tls13(),
+                        &chunk.bytes()[..n],
+                    )?;
+                    if let Some(requested) = update {
+                        let (_, secrets) = self.session.update_rx_secret().map_err(rustls_error)?;
+                        ktls::update_rx(&self.tcp, &secrets).map_err(io::Error::other)?;
+                        self.key_update_due |= requested;
+                    }
+                }
+                other => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the server sent a TLS record of unexpected type {other}"),
+                    )))
+                }
+            }
+        }
+    }
+
     /// Opens every whole record in `raw`. True if any was consumed.
     fn open_records(&mut self) -> io::Result<bool> {
+        let Engine::User(records) = &mut self.records else {
+            return Ok(false);
+        };
         let Some(chunk) = self.rx.as_mut() else {
             return Ok(false);
         };
@@ -208,8 +374,7 @@ impl TlsStream {
                 break;
             }
             let record = self.raw.start..self.raw.start + len;
-            let opened = self
-                .records
+            let opened = records
                 .open(&mut chunk.bytes_mut()[record.clone()])
                 .map_err(invalid)?;
             self.raw.start += len;
@@ -225,13 +390,13 @@ impl TlsStream {
                 content::HANDSHAKE => {
                     let update = on_handshake(
                         &mut self.session,
-                        self.records.is_tls13(),
+                        records.is_tls13(),
                         &chunk.bytes()[payload],
                     )?;
                     if let Some(requested) = update {
                         let (seq, secrets) =
                             self.session.update_rx_secret().map_err(rustls_error)?;
-                        self.records.rx = DirectionKeys::new(seq, &secrets).map_err(invalid)?;
+                        records.rx = DirectionKeys::new(seq, &secrets).map_err(invalid)?;
                         self.key_update_due |= requested;
                     }
                 }
@@ -251,16 +416,26 @@ impl TlsStream {
 
     /// Seals `payload` as one record of keyhole's own into `tx`, which
     /// must be empty.
+    /// With the kernel's records, the plaintext waits in `tx` and
+    /// `tx_type` says what it is; the kernel seals it when it is sent.
     fn queue(&mut self, content_type: u8, payload: &[u8]) -> io::Result<()> {
-        let room = self.records.room();
         let chunk = self.tx.get_or_insert_with(Chunk::take);
-        let plain = room.head..room.head + payload.len();
-        chunk.bytes_mut()[plain.clone()].copy_from_slice(payload);
-        let record = self
-            .records
-            .seal(content_type, chunk.bytes_mut(), plain)
-            .map_err(invalid)?;
-        chunk.set_single(record);
+        match &mut self.records {
+            Engine::User(records) => {
+                let room = records.room();
+                let plain = room.head..room.head + payload.len();
+                chunk.bytes_mut()[plain.clone()].copy_from_slice(payload);
+                let record = records
+                    .seal(content_type, chunk.bytes_mut(), plain)
+                    .map_err(invalid)?;
+                chunk.set_single(record);
+            }
+            Engine::Kernel { .. } => {
+                chunk.bytes_mut()[..payload.len()].copy_from_slice(payload);
+                chunk.set_single(0..payload.len());
+                self.tx_type = content_type;
+            }
+        }
         Ok(())
     }
 
@@ -271,6 +446,30 @@ impl TlsStream {
                 self.tx = None;
                 break;
             }
+            if let Engine::Kernel { sealed, .. } = &mut self.records {
+                // One control record, whole (it is a few bytes).
+                let record = chunk.front();
+                let tcp = &self.tcp;
+                let content_type = ContentType::from(self.tx_type);
+                let n = loop {
+                    ready!(tcp.poll_write_ready(cx))?;
+                    match tcp.try_io(Interest::WRITABLE, || {
+                        ktls::send_control(tcp, content_type, record)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        other => break other?,
+                    }
+                };
+                if n != record.len() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the kernel took part of a TLS control record",
+                    )));
+                }
+                *sealed += 1;
+                chunk.advance(n);
+                continue;
+            }
             let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, chunk.front()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -280,25 +479,55 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Application data to the kernel, which seals it.
+    fn poll_write_kernel(&mut self, cx: &mut Context<'_>, plain: &[u8]) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, plain))?;
+        if let Engine::Kernel { sealed, .. } = &mut self.records {
+            *sealed += n.div_ceil(MAX_RECORD_PLAINTEXT) as u64;
+        }
+        Poll::Ready(Ok(n))
+    }
+
     /// Everything that must go out before more application data: our own
     /// pending records, and a key update when one is due.
     fn poll_ready_to_seal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_write_tx(cx))?;
-        if self.records.tx.seq() >= self.confidentiality_limit {
-            if !self.records.is_tls13() {
-                return Poll::Ready(Err(invalid(RecordError::KeysExhausted)));
+        loop {
+            ready!(self.poll_write_tx(cx))?;
+            if let Engine::Kernel {
+                sealed,
+                rekey_after_send,
+                ..
+            } = &mut self.records
+            {
+                if *rekey_after_send {
+                    let (_, secrets) = self.session.update_tx_secret().map_err(rustls_error)?;
+                    ktls::update_tx(&self.tcp, &secrets).map_err(io::Error::other)?;
+                    *rekey_after_send = false;
+                    *sealed = 0;
+                }
             }
-            self.key_update_due = true;
-        }
-        if self.key_update_due {
+            if self.records.sealed() >= self.confidentiality_limit {
+                if !self.records.is_tls13() {
+                    return Poll::Ready(Err(invalid(RecordError::KeysExhausted)));
+                }
+                self.key_update_due = true;
+            }
+            if !self.key_update_due {
+                return Poll::Ready(Ok(()));
+            }
             // KeyUpdate(update_not_requested), under the old key; then the new one.
             self.queue(content::HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
-            let (seq, secrets) = self.session.update_tx_secret().map_err(rustls_error)?;
-            self.records.tx = DirectionKeys::new(seq, &secrets).map_err(invalid)?;
             self.key_update_due = false;
-            ready!(self.poll_write_tx(cx))?;
+            match &mut self.records {
+                Engine::User(records) => {
+                    let (seq, secrets) = self.session.update_tx_secret().map_err(rustls_error)?;
+                    records.tx = DirectionKeys::new(seq, &secrets).map_err(invalid)?;
+                }
+                Engine::Kernel {
+                    rekey_after_send, ..
+                } => *rekey_after_send = true,
+            }
         }
-        Poll::Ready(Ok(()))
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -386,6 +615,13 @@ fn on_handshake(
     Ok(update)
 }
 
+fn closed_without_notify() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the server closed the connection without close_notify",
+    )
+}
+
 fn fragmented() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -424,7 +660,11 @@ impl AsyncWrite for TlsStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_ready_to_seal(cx))?;
-        let n = buf.len().min(this.records.room().max);
+        let max = match &this.records {
+            Engine::User(records) => records.room().max,
+            Engine::Kernel { .. } => return this.poll_write_kernel(cx, buf),
+        };
+        let n = buf.len().min(max);
         this.queue(content::APPLICATION_DATA, &buf[..n])?;
         // Start writing; what does not fit now goes out on the next call or flush.
         if let Poll::Ready(Err(e)) = this.poll_write_tx(cx) {
@@ -446,7 +686,10 @@ impl AsyncWrite for TlsStream {
 
 impl Leg for TlsStream {
     fn room(&self) -> Room {
-        self.records.room()
+        match &self.records {
+            Engine::User(records) => records.room(),
+            Engine::Kernel { .. } => Room::NONE,
+        }
     }
 
     fn poll_fill(
@@ -471,9 +714,21 @@ impl Leg for TlsStream {
             if chunk.is_empty() {
                 return Poll::Ready(Ok(()));
             }
+            if self.is_kernel() {
+                ready!(self.poll_ready_to_seal(cx))?;
+                let n = ready!(self.poll_write_kernel(cx, chunk.front()))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                chunk.advance(n);
+                continue;
+            }
             if !chunk.framed {
                 ready!(self.poll_ready_to_seal(cx))?;
-                let room = self.records.room();
+                let Engine::User(records) = &mut self.records else {
+                    continue;
+                };
+                let room = records.room();
                 let capacity = chunk.bytes().len();
                 match chunk.single() {
                     // The usual case: read with room around it, sealed where it lies.
@@ -482,8 +737,7 @@ impl Leg for TlsStream {
                             && plain.end + room.tail <= capacity
                             && plain.len() <= room.max =>
                     {
-                        let record = self
-                            .records
+                        let record = records
                             .seal(content::APPLICATION_DATA, chunk.bytes_mut(), plain)
                             .map_err(invalid)?;
                         chunk.set_single(record);

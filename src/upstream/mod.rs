@@ -31,6 +31,8 @@ pub struct Upstream {
     server_name_text: String,
     /// `None`: `tls-mode=disable`, a plain relay on this host.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `--kernel-tls`: whether the kernel may carry the records after the handshake.
+    kernel_tls: tls::KernelTls,
     connect_timeout: Duration,
     /// The network policy every resolved address must pass.
     backend: Arc<dyn Backend>,
@@ -118,6 +120,7 @@ impl Upstream {
     /// `alpn`: the protocol name to offer, if the protocol has one.
     pub fn new(
         target: &TargetConfig,
+        kernel_tls: tls::KernelTls,
         connect_timeout: Duration,
         alpn: Option<&[u8]>,
         backend: Arc<dyn Backend>,
@@ -133,6 +136,7 @@ impl Upstream {
             server_name: tls::server_name(&target.tls.server_name)?,
             server_name_text: target.tls.server_name.clone(),
             tls: config,
+            kernel_tls,
             connect_timeout,
             backend,
             metrics,
@@ -226,11 +230,12 @@ impl Upstream {
             return Ok(UpstreamStream::Plain(tcp));
         };
         let started = Instant::now();
-        let stream = tls::handshake::connect(config, self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| UpstreamError::Tls {
-                message: tls::describe_handshake_error(&e, &self.server_name_text),
-            })?;
+        let stream =
+            tls::handshake::connect(config, self.server_name.clone(), tcp, self.kernel_tls)
+                .await
+                .map_err(|e| UpstreamError::Tls {
+                    message: tls::describe_handshake_error(&e, &self.server_name_text),
+                })?;
         self.metrics.tls_handshake(started.elapsed());
         Ok(UpstreamStream::Tls(Box::new(stream)))
     }

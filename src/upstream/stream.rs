@@ -20,6 +20,17 @@ pub enum UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// Who carries the bytes, for the session's debug log.
+    pub fn data_path(&self) -> &'static str {
+        match self {
+            UpstreamStream::Tls(tls) if tls.is_kernel() => "kernel TLS",
+            UpstreamStream::Tls(_) => "TLS in place",
+            UpstreamStream::Plain(_) => "plain",
+        }
+    }
+}
+
+impl UpstreamStream {
     /// Shut down with a bare FIN instead of TLS close_notify (see the MySQL
     /// session driver).
     pub fn without_close_notify(&mut self) {
