@@ -218,6 +218,26 @@ async fn exchange_and_close(
     assert!(tail.is_empty());
 }
 
+/// More small records in one read than a buffer has segments: every one is
+/// opened, none waits for more bytes from a server that has nothing more
+/// to say.
+#[tokio::test]
+async fn a_read_of_many_small_records_delivers_every_one() {
+    let setup = setup(&rustls::version::TLS13, "AES_128_GCM");
+    let (mut client, mut server) = connect(&setup).await;
+    let sent = pattern(100 * 10, 3);
+    for piece in sent.chunks(10) {
+        server.write_all(piece).await.expect("server write");
+        server.flush().await.expect("flush: one record per piece");
+    }
+    let mut got = vec![0u8; sent.len()];
+    tokio::time::timeout(LIMIT, client.read_exact(&mut got))
+        .await
+        .expect("keyhole waited for bytes it already had")
+        .expect("client read");
+    assert!(got == sent, "100 records of 10 bytes, in order");
+}
+
 #[tokio::test]
 async fn the_splice_moves_records_in_place_both_ways() {
     for (v, cipher) in [("1.3", "AES_256_GCM"), ("1.2", "AES_128_GCM")] {

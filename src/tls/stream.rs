@@ -256,11 +256,17 @@ impl TlsStream {
                 continue;
             }
             let chunk = self.rx.get_or_insert_with(Chunk::take);
+            // Every segment was taken: whole records may still wait in `raw`
+            // (a read of many small records), to be opened before reading more.
+            let spent = chunk.is_full();
             chunk.clear();
-            // Keep the partial record, at the front.
+            // Keep what is not opened yet, at the front.
             if self.raw.start > 0 {
                 chunk.bytes_mut().copy_within(self.raw.clone(), 0);
                 self.raw = 0..self.raw.len();
+            }
+            if spent {
+                continue;
             }
             let mut read_buf = ReadBuf::new(&mut chunk.bytes_mut()[self.raw.end..]);
             match Pin::new(&mut self.tcp).poll_read(cx, &mut read_buf) {
