@@ -83,6 +83,8 @@
 #                             goproxy); direct is always included, for the ratios
 #   BENCH_MYSQL=0             leave out MariaDB and the MySQL workloads
 #   BENCH_LOG_DIR=DIR         copy the servers', the proxies' and the tools' logs here
+#   BENCH_KEYHOLE_FLAGS="..."  extra flags for keyhole (split on spaces), e.g.
+#                             "--kernel-tls auto" on a kernel with the TLS ULP
 #   KEYHOLE_BIN=PATH          use this keyhole binary instead of building one
 #   BENCH_SYNTHETIC_BIN=PATH  use this synthetic binary instead of building one
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
@@ -157,6 +159,7 @@ stream_mb=${BENCH_STREAM_MB:-$d_stream_mb}
 idle_conns=${BENCH_IDLE_CONNS:-$d_idle}
 idle_large=${BENCH_IDLE_LARGE:-$d_idle_large}
 with_mysql=${BENCH_MYSQL:-1}
+read -r -a keyhole_flags <<<"${BENCH_KEYHOLE_FLAGS:-}"
 for setting in duration:BENCH_DURATION rounds:BENCH_ROUNDS copy_mb:BENCH_COPY_MB \
   stream_mb:BENCH_STREAM_MB idle_conns:BENCH_IDLE_CONNS idle_large:BENCH_IDLE_LARGE; do
   var=${setting%%:*}
@@ -412,7 +415,7 @@ proxy_command() {
     while IFS= read -r var; do cmd+=(-u "$var"); done < <(keyhole_env_names '^KEYHOLE_')
     [[ $server == my ]] && scheme=mysql
     cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
-      "$scheme://127.0.0.1:$up?server-name=localhost")
+      "${keyhole_flags[@]}" "$scheme://127.0.0.1:$up?server-name=localhost")
     ;;
   pgbouncer) cmd=("$pgbouncer_bin" "$tmp/pgbouncer.$server.conf") ;;
   stunnel) cmd=("$stunnel_bin" "$tmp/stunnel.$server.conf") ;;

@@ -148,6 +148,7 @@ version_of() {
     else
       printf ' (built from %s)' "$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo '?')"
     fi
+    ((${#keyhole_flags[@]} == 0)) || printf ', with %s' "${keyhole_flags[*]}"
     ;;
   esac
 }
