@@ -145,6 +145,15 @@ impl Proxy {
                 }
             }
         }
+        if config
+            .targets
+            .iter()
+            .any(|t| t.tls.mode == crate::config::TlsMode::Disable)
+        {
+            // The splice(2) probe is a few blocking system calls: here, not in
+            // the first relay session.
+            crate::splice::pipe::supported();
+        }
         let cancels = Arc::new(CancelRegistry::default());
         let mut sources = SourceContext::new(env, config.connect_timeout);
         let mut targets = Vec::with_capacity(config.targets.len());

@@ -687,9 +687,10 @@ impl CryptoInfo {
 ///   the kernel writes it in each record and adds 1 to it (big-endian) per
 ///   record; on receive it reads each record's own and ignores this one.
 ///   rustls has already sent records `0..seq` with explicit nonces
-///   `base XOR s` (base = the IV's last 8 bytes), each within `seq` of
-///   `base`. Starting the kernel at `base + seq` keeps it clear of all of
-///   them until its counter wraps 2^64, far past the cipher's limits.
+///   `base XOR s` (base = the IV's last 8 bytes). XOR never exceeds the
+///   sum, so each is at most `base + s`, below `base + seq`. Starting the
+///   kernel at `base + seq` keeps it clear of all of them until its counter
+///   wraps 2^64, far past the cipher's limits.
 ///   Starting at `base XOR seq` would not: for odd `base`, `base XOR 1` plus
 ///   one is `base` again, a repeated nonce.
 fn gcm_salt_and_iv(version: TlsVersion, seq: u64, iv: &[u8; 12]) -> ([u8; 4], [u8; 8]) {
@@ -779,9 +780,10 @@ mod sys {
                 "the kernel's control message for a TLS record did not fit",
             ));
         }
-        let mut record_type = 23; // application_data: the kernel sends no cmsg for it.
-                                  // SAFETY: `msg` is the header recvmsg just filled; CMSG_FIRSTHDR reads
-                                  // its control pointer and length only.
+        // application_data: the kernel sends no control message for it.
+        let mut record_type = 23;
+        // SAFETY: `msg` is the header recvmsg just filled; CMSG_FIRSTHDR reads
+        // its control pointer and length only.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
         while !cmsg.is_null() {
             // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return null or a pointer to a
