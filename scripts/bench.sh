@@ -907,6 +907,13 @@ keyhole_ensure_packages "${base_pkgs[@]}" ||
 bench_pkgs=()
 for entry in "${KEYHOLE_BENCH_APT_PACKAGES[@]}"; do
   read -r pkg _ <<<"$entry"
+  # Only what the chosen paths and workloads use.
+  case $pkg in
+  pgbouncer) [[ " ${paths[*]} " == *" pgbouncer "* ]] || continue ;;
+  stunnel4) [[ " ${paths[*]} " == *" stunnel "* ]] || continue ;;
+  golang-go) [[ " ${paths[*]} " == *" goproxy "* ]] || continue ;;
+  sysbench) ((with_mysql)) || continue ;;
+  esac
   bench_pkgs+=("$pkg")
 done
 keyhole_log "for the benchmark peers, helpers and chart (${bench_pkgs[*]}):"

@@ -14,12 +14,16 @@
 #   2. the rustfmt and clippy components
 #   3. cargo fmt --all -- --check
 #   4. cargo clippy --all-targets --locked -- -D warnings
-#   5. cargo test: doc tests first, then the library, binaries and integration tests,
+#   5. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
+#      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
+#      MariaDB; it fails if any workload failed or left a figure out. It checks that
+#      the harness works, not how fast anything is (no figure is compared).
+#   6. cargo test: doc tests first, then the library, binaries and integration tests,
 #      so the output closes on cargo test's own summary of the main suite.
-#      Benchmarks are not run here.
 #
 # Environment:
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
+#   KEYHOLE_SKIP_BENCH=1      leave out step 5
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
 set -euo pipefail
 
@@ -45,7 +49,7 @@ if [[ -t 1 ]]; then
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
 fi
 
-readonly total_steps=5
+readonly total_steps=6
 step_no=0
 step_started=$SECONDS
 step_times=()
@@ -133,6 +137,42 @@ cargo fmt --all -- --check || fail
 
 step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings"
 cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
+
+if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
+  step bench "benchmark harness, small: scripts/bench.sh --quick (direct and keyhole)"
+  bench_dir=$(mktemp -d)
+  if ! BENCH_PATHS=keyhole BENCH_DURATION=2 BENCH_COPY_MB=16 BENCH_STREAM_MB=64 \
+    BENCH_IDLE_CONNS=50 BENCH_IDLE_LARGE=50 scripts/bench.sh --quick --out "$bench_dir" \
+    >"$bench_dir/run.log" 2>&1; then
+    tail -n 40 "$bench_dir/run.log"
+    fail
+  fi
+  # Every workload ran on both paths and left its figure, and the report is whole.
+  if ! python3 - "$bench_dir" <<'PY'; then
+import json, os, sys
+out = sys.argv[1]
+report = json.load(open(os.path.join(out, "bench.json")))
+problems = [f"{p}: {v['note']}" for p, v in report["paths"].items() if not v["ran"]]
+for m in report["metrics"]:
+    for path, r in m["results"].items():
+        if r["failures"] or r["median"] is None:
+            problems.append(f"{m['label']} on {path}: {r['failures'] or 'no figure'}")
+    if "keyhole" not in m["results"]:
+        problems.append(f"{m['label']}: no keyhole figure")
+for name in ("bench.md", "bench.png"):
+    path = os.path.join(out, name)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        problems.append(f"{name} is missing or empty")
+print(f"benchmark harness: {len(report['metrics'])} workloads on direct and keyhole")
+for p in problems:
+    print(f"  problem: {p}")
+sys.exit(1 if problems else 0)
+PY
+    tail -n 40 "$bench_dir/run.log"
+    fail
+  fi
+  rm -rf "$bench_dir"
+fi
 
 if (($# > 0)); then
   step test "cargo test ${locked[*]} $*"
