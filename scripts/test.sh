@@ -145,6 +145,7 @@ if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
     BENCH_IDLE_CONNS=50 BENCH_IDLE_LARGE=50 scripts/bench.sh --quick --out "$bench_dir" \
     >"$bench_dir/run.log" 2>&1; then
     tail -n 40 "$bench_dir/run.log"
+    keyhole_warn "the benchmark harness failed (its log: $bench_dir/run.log); KEYHOLE_SKIP_BENCH=1 leaves this step out"
     fail
   fi
   # Every workload ran on both paths and left its figure, and the report is whole.
@@ -169,6 +170,7 @@ for p in problems:
 sys.exit(1 if problems else 0)
 PY
     tail -n 40 "$bench_dir/run.log"
+    keyhole_warn "the benchmark harness run failed (its log: $bench_dir/run.log); KEYHOLE_SKIP_BENCH=1 leaves this step out"
     fail
   fi
   rm -rf "$bench_dir"
