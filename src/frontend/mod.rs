@@ -150,3 +150,20 @@ impl AsyncWrite for ClientStream {
         }
     }
 }
+
+/// The session's last stage, the same for every protocol: the relay runs
+/// until either side ends it or the session is cut (shutdown, a limit), and
+/// its byte counts go into the report either way.
+async fn relay_until_cut(
+    mut relay: impl crate::splice::Relay,
+    cut: &tokio_util::sync::CancellationToken,
+    report: &mut SessionReport,
+) -> Result<(), SessionError> {
+    let result = tokio::select! {
+        r = &mut relay => r.map_err(SessionError::from),
+        _ = cut.cancelled() => Err(SessionError::Cut),
+    };
+    report.transferred = relay.delivered();
+    report.metered = relay.reported();
+    result
+}

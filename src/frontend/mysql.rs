@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
+use super::{relay_until_cut, Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
@@ -155,15 +155,9 @@ impl Session<'_> {
         // bare FIN is what the server would have seen from the client itself.
         server.stream.without_close_notify();
         tracing::debug!(data_path = server.stream.data_path(), "relaying");
-        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
+        let splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
-        let result = tokio::select! {
-            r = &mut splice => r.map_err(SessionError::from),
-            _ = cut.cancelled() => Err(SessionError::Cut),
-        };
-        report.transferred = splice.transferred();
-        report.metered = splice.metered_so_far();
-        result
+        relay_until_cut(splice, cut, report).await
     }
 
     /// Relays packets both ways, renumbered, until the server's OK or ERR.

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
+use super::{relay_until_cut, Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
 use crate::cancel::CancelRegistry;
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
@@ -134,27 +134,15 @@ impl Session<'_> {
         {
             if pipe::supported() {
                 tracing::debug!(data_path = "splice(2)", "both legs plain");
-                let mut splice = PipeSplice::new(client, relay, &frontend.pipe)
+                let splice = PipeSplice::new(client, relay, &frontend.pipe)
                     .metered(&*frontend.login.metrics);
-                let result = tokio::select! {
-                    r = &mut splice => r.map_err(SessionError::from),
-                    _ = cut.cancelled() => Err(SessionError::Cut),
-                };
-                report.transferred = splice.transferred();
-                report.metered = splice.metered_so_far();
-                return result;
+                return relay_until_cut(splice, cut, report).await;
             }
         }
         tracing::debug!(data_path = server.stream.data_path(), "relaying");
-        let mut splice = Splice::new(&mut self.client.stream, &mut server.stream)
+        let splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
-        let result = tokio::select! {
-            r = &mut splice => r.map_err(SessionError::from),
-            _ = cut.cancelled() => Err(SessionError::Cut),
-        };
-        report.transferred = splice.transferred();
-        report.metered = splice.metered_so_far();
-        result
+        relay_until_cut(splice, cut, report).await
     }
 
     /// Reads startup packets until the client asks for a session or a cancel,

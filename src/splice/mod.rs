@@ -219,9 +219,7 @@ pub struct Splice<'a, C: ?Sized, S: ?Sized> {
     server: &'a mut S,
     upstream: Half,
     downstream: Half,
-    meter: Option<&'a dyn Meter>,
-    /// What the meter has been told so far.
-    metered: Transferred,
+    metering: Metering<'a>,
 }
 
 impl<'a, C, S> Splice<'a, C, S>
@@ -235,32 +233,25 @@ where
             server,
             upstream: Half::new(),
             downstream: Half::new(),
-            meter: None,
-            metered: Transferred::default(),
+            metering: Metering::default(),
         }
     }
 
     /// Reports bytes to `meter` as they go.
     pub fn metered(mut self, meter: &'a dyn Meter) -> Self {
-        self.meter = Some(meter);
+        self.metering.meter = Some(meter);
         self
     }
 
     /// What has been reported to the meter (the rest of
     /// [`Splice::transferred`] is still to be counted).
     pub fn metered_so_far(&self) -> Transferred {
-        self.metered
+        self.metering.reported
     }
 
     fn report(&mut self) {
-        if let Some(meter) = self.meter {
-            let now = self.transferred();
-            let delta = now - self.metered;
-            if delta != Transferred::default() {
-                meter.add(delta);
-                self.metered = now;
-            }
-        }
+        let now = self.transferred();
+        self.metering.report(now);
     }
 
     /// Pooled buffers the two halves hold right now: none while the
@@ -303,34 +294,85 @@ where
         let up = this
             .upstream
             .poll_copy(cx, &mut *this.client, &mut *this.server);
-        let up = match up {
-            // Once the other direction has ended, a reset is how many peers
-            // close (the server after a client's quit, say): a clean end.
-            Poll::Ready(Err(e)) if this.downstream.state == HalfState::Done && e.is_closed() => {
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready(Err(e.attribute(Side::Client, Side::Server)))
-            }
-            other => other,
-        };
+        let up = settle(
+            up,
+            this.downstream.state == HalfState::Done,
+            Side::Client,
+            Side::Server,
+        )?;
         let down = this
             .downstream
             .poll_copy(cx, &mut *this.server, &mut *this.client);
-        let down = match down {
-            Poll::Ready(Err(e)) if this.upstream.state == HalfState::Done && e.is_closed() => {
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready(Err(e.attribute(Side::Server, Side::Client)))
-            }
-            other => other,
-        };
-        if up.is_ready() && down.is_ready() {
+        let down = settle(
+            down,
+            this.upstream.state == HalfState::Done,
+            Side::Server,
+            Side::Client,
+        )?;
+        if up && down {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// One direction's poll, as the splice sees it: Ok(true) once it has ended
+/// cleanly, Ok(false) while it runs, or the error that ends the splice,
+/// attributed to the side that failed. Once the other direction has ended,
+/// a reset is how many peers close (the server after a client's quit, say):
+/// a clean end. Both copy futures ([`Splice`], [`pipe::PipeSplice`]) join
+/// their directions with this rule.
+fn settle(
+    poll: Poll<Result<(), HalfError>>,
+    other_done: bool,
+    reader: Side,
+    writer: Side,
+) -> Result<bool, SpliceError> {
+    match poll {
+        Poll::Ready(Ok(())) => Ok(true),
+        Poll::Ready(Err(e)) if other_done && e.is_closed() => Ok(true),
+        Poll::Ready(Err(e)) => Err(e.attribute(reader, writer)),
+        Poll::Pending => Ok(false),
+    }
+}
+
+/// Telling a [`Meter`] about bytes as they go; what both copy futures share.
+#[derive(Default)]
+struct Metering<'a> {
+    meter: Option<&'a dyn Meter>,
+    /// What the meter has been told so far.
+    reported: Transferred,
+}
+
+impl Metering<'_> {
+    /// Tells the meter what `now` adds to what it heard before.
+    fn report(&mut self, now: Transferred) {
+        if let Some(meter) = self.meter {
+            let delta = now - self.reported;
+            if delta != Transferred::default() {
+                meter.add(delta);
+                self.reported = now;
+            }
+        }
+    }
+}
+
+/// A running copy of both directions ([`Splice`] or [`pipe::PipeSplice`]):
+/// what a session driver awaits, and its counts at any time.
+pub trait Relay: Future<Output = Result<(), SpliceError>> + Unpin {
+    /// What has been delivered so far.
+    fn delivered(&self) -> Transferred;
+    /// What has been reported to the meter so far.
+    fn reported(&self) -> Transferred;
+}
+
+impl<C: Leg + ?Sized, S: Leg + ?Sized> Relay for Splice<'_, C, S> {
+    fn delivered(&self) -> Transferred {
+        self.transferred()
+    }
+    fn reported(&self) -> Transferred {
+        self.metered_so_far()
     }
 }
 

@@ -73,7 +73,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{is_closed, HalfError, Meter, Side, SpliceError, Transferred};
+use super::{is_closed, settle, HalfError, Meter, Metering, Relay, Side, SpliceError, Transferred};
 use crate::net::Socket;
 
 /// Idle pipes the process-wide pool keeps; pipes given back beyond this are
@@ -460,9 +460,7 @@ pub struct PipeSplice<'a, C: ?Sized, S: ?Sized> {
     server: &'a mut S,
     upstream: Flow,
     downstream: Flow,
-    meter: Option<&'a dyn Meter>,
-    /// What the meter has been told so far.
-    metered: Transferred,
+    metering: Metering<'a>,
     /// A fallback has been logged for this connection.
     announced: bool,
 }
@@ -478,22 +476,21 @@ where
             server,
             upstream: Flow::new(*config, &POOL),
             downstream: Flow::new(*config, &POOL),
-            meter: None,
-            metered: Transferred::default(),
+            metering: Metering::default(),
             announced: false,
         }
     }
 
     /// Reports bytes to `meter` as they go.
     pub fn metered(mut self, meter: &'a dyn Meter) -> Self {
-        self.meter = Some(meter);
+        self.metering.meter = Some(meter);
         self
     }
 
     /// What has been reported to the meter (the rest of
     /// [`PipeSplice::transferred`] is still to be counted).
     pub fn metered_so_far(&self) -> Transferred {
-        self.metered
+        self.metering.reported
     }
 
     /// What has been delivered so far; valid at any time.
@@ -525,14 +522,8 @@ where
     }
 
     fn report(&mut self) {
-        if let Some(meter) = self.meter {
-            let now = self.transferred();
-            let delta = now - self.metered;
-            if delta != Transferred::default() {
-                meter.add(delta);
-                self.metered = now;
-            }
-        }
+        let now = self.transferred();
+        self.metering.report(now);
     }
 
     /// Logs the first fallback of the connection, with its reason.
@@ -556,32 +547,37 @@ where
 
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
         let up = self.upstream.poll_copy(cx, &*self.client, &*self.server);
-        let up = match up {
-            // Once the other direction has ended, a reset is how many peers
-            // close: a clean end.
-            Poll::Ready(Err(e)) if self.downstream.state == FlowState::Done && e.is_closed() => {
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready(Err(e.attribute(Side::Client, Side::Server)))
-            }
-            other => other,
-        };
+        let up = settle(
+            up,
+            self.downstream.state == FlowState::Done,
+            Side::Client,
+            Side::Server,
+        )?;
         let down = self.downstream.poll_copy(cx, &*self.server, &*self.client);
-        let down = match down {
-            Poll::Ready(Err(e)) if self.upstream.state == FlowState::Done && e.is_closed() => {
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready(Err(e.attribute(Side::Server, Side::Client)))
-            }
-            other => other,
-        };
-        if up.is_ready() && down.is_ready() {
+        let down = settle(
+            down,
+            self.upstream.state == FlowState::Done,
+            Side::Server,
+            Side::Client,
+        )?;
+        if up && down {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
+    }
+}
+
+impl<C, S> Relay for PipeSplice<'_, C, S>
+where
+    C: SpliceSocket + ?Sized,
+    S: SpliceSocket + ?Sized,
+{
+    fn delivered(&self) -> Transferred {
+        self.transferred()
+    }
+    fn reported(&self) -> Transferred {
+        self.metered_so_far()
     }
 }
 
