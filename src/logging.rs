@@ -29,7 +29,12 @@ const CAPPED: &[&str] = &[
 ];
 
 pub fn filter() -> EnvFilter {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    filter_from("info")
+}
+
+/// `RUST_LOG` if set, else `default`; the caps on top either way.
+fn filter_from(default: &str) -> EnvFilter {
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     for cap in CAPPED {
         if let Ok(directive) = cap.parse::<Directive>() {
             filter = filter.add_directive(directive);
@@ -38,9 +43,11 @@ pub fn filter() -> EnvFilter {
     filter
 }
 
-pub fn init(format: LogFormat) {
+/// `debug`: `--debug-logs` (cloud-sql-proxy's flag): debug level unless
+/// `RUST_LOG` says otherwise.
+pub fn init(format: LogFormat, debug: bool) {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter())
+        .with_env_filter(filter_from(if debug { "debug" } else { "info" }))
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));

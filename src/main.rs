@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         }
     };
     keyhole::tls::install_crypto_provider();
-    keyhole::logging::init(config.log_format);
+    keyhole::logging::init(config.log_format, config.debug_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,43 @@ pub enum Socket {
     Unix(UnixStream),
 }
 
+impl Socket {
+    /// Whether the peer sent something (or closed) within `limit`, without
+    /// reading it.
+    pub async fn spoke_within(&self, limit: std::time::Duration) -> bool {
+        // Readiness alone can be a false positive: peek for a byte (or EOF).
+        let peeked = async {
+            loop {
+                let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                let result = match self {
+                    Socket::Tcp(s) => {
+                        if s.readable().await.is_err() {
+                            return true;
+                        }
+                        s.try_io(tokio::io::Interest::READABLE, || {
+                            socket2::SockRef::from(s).peek(&mut byte)
+                        })
+                    }
+                    Socket::Unix(s) => {
+                        if s.readable().await.is_err() {
+                            return true;
+                        }
+                        s.try_io(tokio::io::Interest::READABLE, || {
+                            socket2::SockRef::from(s).peek(&mut byte)
+                        })
+                    }
+                };
+                match result {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    // A byte, the peer's EOF, or an error: it did not wait.
+                    _ => return true,
+                }
+            }
+        };
+        tokio::time::timeout(limit, peeked).await.unwrap_or(false)
+    }
+}
+
 /// Disables Nagle: the protocols keyhole carries are request/response, and
 /// a delayed small write is a delayed query. Warns instead of failing.
 pub fn tune_client(socket: &Socket) {

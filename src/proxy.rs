@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use crate::backend;
 use crate::cancel::CancelRegistry;
 use crate::cidr;
+use crate::cloudsql::{self as connector, Instance};
 use crate::config::{self, Config, Protocol, TargetConfig};
 use crate::credentials::{self, SourceContext, TokenCache, TokenLogin};
 use crate::endpoints::{self, Health};
@@ -53,6 +54,64 @@ pub struct Target {
 pub enum Frontend {
     Postgres(PostgresFrontend),
     Mysql(MysqlFrontend),
+    /// A Cloud SQL instance whose engine is learned when a client connects
+    /// (`--lazy-refresh` with a port given).
+    Deferred(Box<Deferred>),
+}
+
+/// A frontend that waits for its instance's engine.
+pub struct Deferred {
+    instance: Arc<Instance>,
+    parts: FrontendParts,
+    postgres: tokio::sync::OnceCell<Frontend>,
+    mysql: tokio::sync::OnceCell<Frontend>,
+}
+
+/// What a frontend is built from, whatever its protocol.
+struct FrontendParts {
+    upstream: Arc<Upstream>,
+    listen_tls: Option<config::CertKey>,
+    startup_timeout: Duration,
+    cancels: Arc<CancelRegistry>,
+    max_connections: Option<usize>,
+    fixed_user: Option<String>,
+    tokens: Option<Arc<TokenLogin>>,
+    metrics: Arc<TargetMetrics>,
+    pipe: crate::splice::pipe::PipeConfig,
+}
+
+impl FrontendParts {
+    fn build(&self, protocol: Protocol) -> Result<Frontend, TlsSetupError> {
+        let local_tls = self
+            .listen_tls
+            .as_ref()
+            .map(|ck| tls::server_config(ck, alpn(protocol)).map(TlsAcceptor::from))
+            .transpose()?;
+        let login = Arc::new(LoginPolicy {
+            fixed_user: self.fixed_user.clone(),
+            tokens: self.tokens.clone(),
+            protocol,
+            metrics: self.metrics.clone(),
+        });
+        Ok(match protocol {
+            Protocol::Postgres => Frontend::Postgres(PostgresFrontend {
+                upstream: self.upstream.clone(),
+                local_tls,
+                startup_timeout: self.startup_timeout,
+                cancels: self.cancels.clone(),
+                max_connections: self.max_connections,
+                login,
+                pipe: self.pipe,
+            }),
+            Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
+                upstream: self.upstream.clone(),
+                local_tls,
+                startup_timeout: self.startup_timeout,
+                max_connections: self.max_connections,
+                login,
+            }),
+        })
+    }
 }
 
 impl Frontend {
@@ -63,10 +122,52 @@ impl Frontend {
         cut: &CancellationToken,
         report: &mut SessionReport,
     ) -> Result<(), SessionError> {
-        match self {
+        let known = match self {
+            Frontend::Deferred(deferred) => deferred.resolve(&socket).await?,
+            known => known,
+        };
+        match known {
             Frontend::Postgres(f) => f.serve(socket, admission, cut, report).await,
             Frontend::Mysql(f) => f.serve(socket, admission, cut, report).await,
+            Frontend::Deferred(_) => Err(SessionError::Upstream(
+                crate::upstream::UpstreamError::Tls {
+                    message: "internal: a deferred frontend resolved to another".into(),
+                },
+            )),
         }
+    }
+}
+
+impl Deferred {
+    /// The frontend for the instance's engine, learned now (before keyhole
+    /// reads the client's first byte). If the engine cannot be learned, the
+    /// client's own behaviour says which protocol to refuse it in: a
+    /// Postgres client speaks first, a MySQL client waits for the server's
+    /// greeting. That frontend then meets the same connector error when it
+    /// dials, and renders it as its protocol's error message.
+    async fn resolve(&self, socket: &net::Socket) -> Result<&Frontend, SessionError> {
+        let protocol = match self.instance.protocol().await {
+            Ok(protocol) => protocol,
+            Err(e) => {
+                tracing::warn!(instance = %self.instance.name, error = %e, "the instance's engine is not known; answering in the protocol the client speaks");
+                if socket.spoke_within(Duration::from_millis(500)).await {
+                    Protocol::Postgres
+                } else {
+                    Protocol::Mysql
+                }
+            }
+        };
+        let cell = match protocol {
+            Protocol::Postgres => &self.postgres,
+            Protocol::Mysql => &self.mysql,
+        };
+        cell.get_or_try_init(|| async { self.parts.build(protocol) })
+            .await
+            .map_err(|e| {
+                SessionError::Upstream(crate::upstream::UpstreamError::Tls {
+                    message: e.to_string(),
+                })
+            })
     }
 }
 
@@ -75,6 +176,8 @@ pub struct Proxy {
     targets: Vec<Arc<Target>>,
     limit: Option<Arc<Semaphore>>,
     config: Config,
+    /// Ends the Cloud SQL instances' refresh tasks when the proxy goes.
+    _refreshers: tokio_util::sync::DropGuard,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +220,7 @@ impl Target {
         match &self.frontend {
             Frontend::Postgres(f) => &f.upstream,
             Frontend::Mysql(f) => &f.upstream,
+            Frontend::Deferred(d) => &d.parts.upstream,
         }
     }
 }
@@ -156,10 +260,14 @@ impl Proxy {
         }
         let cancels = Arc::new(CancelRegistry::default());
         let mut sources = SourceContext::new(env, config.connect_timeout);
-        let mut targets = Vec::with_capacity(config.targets.len());
+        let refreshers = CancellationToken::new();
+        let mut config = config.clone();
         let mut failures = Vec::new();
-        for target in &config.targets {
-            match prepare_target(config, target, &cancels, &mut sources).await {
+        let instances =
+            start_instances(&mut config, &mut sources, &refreshers, &mut failures).await?;
+        let mut targets = Vec::with_capacity(config.targets.len());
+        for (target, instance) in config.targets.iter().zip(instances) {
+            match prepare_target(&config, target, instance, &cancels, &mut sources).await {
                 Ok(ready) => targets.push(Arc::new(ready)),
                 Err(e) if config.skip_failed_targets => {
                     tracing::error!(error = %e, "target skipped: its configuration failed");
@@ -176,7 +284,8 @@ impl Proxy {
             limit: config
                 .max_connections
                 .map(|n| Arc::new(Semaphore::new(n.get()))),
-            config: config.clone(),
+            config,
+            _refreshers: refreshers.drop_guard(),
         })
     }
 
@@ -317,7 +426,7 @@ impl Proxy {
     }
 
     /// What the connection test and `/readiness` dial.
-    fn probe_list(&self) -> Vec<(String, Protocol, Arc<Upstream>)> {
+    fn probe_list(&self) -> Vec<(String, Option<Protocol>, Arc<Upstream>)> {
         self.targets
             .iter()
             .map(|t| {
@@ -379,10 +488,21 @@ pub fn connectors(
         reason,
     };
     let tls_fail = |e: TlsSetupError| fail(e.to_string());
-    let alpn = match target.protocol {
-        Protocol::Postgres => Some(pg::ALPN),
-        Protocol::Mysql => None,
-    };
+    // An instance whose engine is not known yet offers Postgres's ALPN on a
+    // local TLS leg until it is; its frontend builds its own acceptor then.
+    let alpn = alpn(target.protocol.unwrap_or(Protocol::Postgres));
+    let local_tls = config
+        .listen_tls
+        .as_ref()
+        .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
+        .transpose()
+        .map_err(tls_fail)?;
+    if target.cloudsql.is_some() {
+        // Its upstream comes from the connector (see `start_instances`).
+        return Err(fail(
+            "internal: a Cloud SQL instance has no fixed connector".into(),
+        ));
+    }
     let backend = backend::build(target).map_err(fail)?;
     let upstream = Arc::new(
         Upstream::new(
@@ -395,19 +515,102 @@ pub fn connectors(
         )
         .map_err(tls_fail)?,
     );
-    let local_tls = config
-        .listen_tls
-        .as_ref()
-        .map(|ck| tls::server_config(ck, alpn).map(TlsAcceptor::from))
-        .transpose()
-        .map_err(tls_fail)?;
     Ok((upstream, local_tls))
+}
+
+/// The ALPN protocol a local TLS leg offers.
+fn alpn(protocol: Protocol) -> Option<&'static [u8]> {
+    match protocol {
+        Protocol::Postgres => Some(pg::ALPN),
+        Protocol::Mysql => None,
+    }
+}
+
+/// Builds the Cloud SQL connector if any target names an instance, starts
+/// each instance (refresh ahead, unless lazy), and learns the engine of
+/// those whose listener waits for it. Returns, per target, its instance.
+/// A target that fails is removed from `config` (and named in `failures`)
+/// with `--skip-failed-targets`; otherwise its failure is returned.
+async fn start_instances(
+    config: &mut Config,
+    sources: &mut SourceContext,
+    stop: &CancellationToken,
+    failures: &mut Vec<String>,
+) -> Result<Vec<Option<Arc<Instance>>>, PrepareError> {
+    if config.targets.iter().all(|t| t.cloudsql.is_none()) {
+        return Ok(vec![None; config.targets.len()]);
+    }
+    let auto_iam = config
+        .targets
+        .iter()
+        .any(|t| t.cloudsql.as_ref().is_some_and(|c| c.auto_iam_authn));
+    let shared = connector::build(&config.cloudsql, sources, auto_iam)
+        .await
+        .map_err(|reason| PrepareError::Target {
+            target: "Cloud SQL connector".into(),
+            reason,
+        })?;
+    tracing::info!(credentials = %shared.api.principal(), lazy_refresh = config.cloudsql.lazy_refresh, "Cloud SQL connector: keyhole fetches instances' certificates from the SQL Admin API");
+    let mut instances = Vec::with_capacity(config.targets.len());
+    let mut index = 0;
+    while index < config.targets.len() {
+        let target = &config.targets[index];
+        let Some(cloudsql) = &target.cloudsql else {
+            instances.push(None);
+            index += 1;
+            continue;
+        };
+        let metrics = metrics::global().target(&target.name);
+        let instance = Instance::new(
+            cloudsql.instance.clone(),
+            cloudsql.ip,
+            cloudsql.auto_iam_authn,
+            config.cloudsql.lazy_refresh,
+            shared.clone(),
+            metrics,
+        );
+        instance.start(stop.clone());
+        let settled = if target.pending.is_some() {
+            // Where it listens depends on its engine: learn it now.
+            match instance.protocol().await {
+                Ok(protocol) => {
+                    crate::config::cloudsql::settle(&mut config.targets, index, protocol)
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!(
+                    "{e} (its engine decides where it listens: give it a port, with --port or ?port=, to start without the API)"
+                )),
+            }
+        } else {
+            Ok(())
+        };
+        match settled {
+            Ok(()) => {
+                instances.push(Some(instance));
+                index += 1;
+            }
+            Err(reason) => {
+                let e = PrepareError::Target {
+                    target: config.targets[index].name.clone(),
+                    reason,
+                };
+                if !config.skip_failed_targets {
+                    return Err(e);
+                }
+                tracing::error!(error = %e, "target skipped: its configuration failed");
+                failures.push(e.to_string());
+                config.targets.remove(index);
+            }
+        }
+    }
+    Ok(instances)
 }
 
 /// One target, ready to serve; see [`Proxy::prepare`].
 async fn prepare_target(
     config: &Config,
     target: &TargetConfig,
+    instance: Option<Arc<Instance>>,
     cancels: &Arc<CancelRegistry>,
     sources: &mut SourceContext,
 ) -> Result<Target, PrepareError> {
@@ -416,7 +619,15 @@ async fn prepare_target(
         reason,
     };
     let metrics = metrics::global().target(&target.name);
-    let (upstream, local_tls) = connectors(config, target, metrics.clone())?;
+    let upstream = match &instance {
+        Some(instance) => Arc::new(Upstream::cloudsql(
+            instance.clone(),
+            config.kernel_tls,
+            config.connect_timeout,
+            metrics.clone(),
+        )),
+        None => connectors(config, target, metrics.clone())?.0,
+    };
     let tokens = match &target.iam {
         None => None,
         Some(iam) => {
@@ -431,33 +642,28 @@ async fn prepare_target(
             )))
         }
     };
-    let login = Arc::new(LoginPolicy {
+    let parts = FrontendParts {
+        upstream,
+        listen_tls: config.listen_tls.clone(),
+        startup_timeout: config.startup_timeout,
+        cancels: cancels.clone(),
+        max_connections: config.max_connections.map(|n| n.get()),
         fixed_user: target.user.clone(),
         tokens,
-        protocol: target.protocol,
         metrics: metrics.clone(),
-    });
-    let startup_timeout = config.startup_timeout;
-    let max_connections = config.max_connections.map(|n| n.get());
-    let frontend = match target.protocol {
-        Protocol::Postgres => Frontend::Postgres(PostgresFrontend {
-            upstream,
-            local_tls,
-            startup_timeout,
-            cancels: cancels.clone(),
-            max_connections,
-            login,
-            pipe: crate::splice::pipe::PipeConfig {
-                size: config.pipe_size,
-            },
-        }),
-        Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
-            upstream,
-            local_tls,
-            startup_timeout,
-            max_connections,
-            login,
-        }),
+        pipe: crate::splice::pipe::PipeConfig {
+            size: config.pipe_size,
+        },
+    };
+    let frontend = match (target.protocol, instance) {
+        (Some(protocol), _) => parts.build(protocol).map_err(|e| fail(e.to_string()))?,
+        (None, Some(instance)) => Frontend::Deferred(Box::new(Deferred {
+            instance,
+            parts,
+            postgres: tokio::sync::OnceCell::new(),
+            mysql: tokio::sync::OnceCell::new(),
+        })),
+        (None, None) => return Err(fail("internal: a target without a protocol".into())),
     };
     Ok(Target {
         config: target.clone(),

@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use clap::CommandFactory;
 
 use super::EXIT_USAGE;
+use crate::config::cloudsql::{AdminCredentials, Pending};
 use crate::config::{self, Cli, Config, ConfigError, IamProvider, Protocol, TargetConfig, TlsMode};
 use crate::credentials::{aws, gcp::GcpTokenSource};
 use crate::proxy;
@@ -30,7 +31,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let env = config::process_env();
     let keyhole_env: HashMap<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("KEYHOLE_"))
+        .filter(|(k, _)| k.starts_with("KEYHOLE_") || k.starts_with("CSQL_PROXY_"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let config = match Config::load(argv, &keyhole_env) {
@@ -83,12 +84,18 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
     let mut served = 0;
     for target in &config.targets {
         let metrics = crate::metrics::global().target(&target.name);
-        let checked = proxy::connectors(config, target, metrics)
-            .map_err(|e| match e {
-                proxy::PrepareError::Target { reason, .. } => reason,
-                other => other.to_string(),
-            })
-            .and_then(|_| token_login(target, env, config.connect_timeout));
+        let checked = if target.cloudsql.is_some() {
+            // The connector's settings are checked below; the instance itself
+            // is not asked (no API call).
+            token_login(target, env, config.connect_timeout)
+        } else {
+            proxy::connectors(config, target, metrics)
+                .map_err(|e| match e {
+                    proxy::PrepareError::Target { reason, .. } => reason,
+                    other => other.to_string(),
+                })
+                .and_then(|_| token_login(target, env, config.connect_timeout))
+        };
         match checked {
             Ok(login) => {
                 served += 1;
@@ -130,6 +137,10 @@ const PER_TARGET_OPTIONS: &[&str] = &[
     "iam",
     "region",
     "user",
+    "private-ip",
+    "psc",
+    "auto-ip",
+    "auto-iam-authn",
 ];
 
 fn render_options(out: &mut String, config: &Config) {
@@ -208,6 +219,67 @@ fn render_options(out: &mut String, config: &Config) {
             config.skip_failed_targets.to_string(),
         ),
         ("backend", or_dash(first.map(|t| t.backend.clone()))),
+        (
+            "structured-logs",
+            (config.log_format == config::LogFormat::Json).to_string(),
+        ),
+        ("debug-logs", config.debug_logs.to_string()),
+        (
+            "skip-failed-instance-config",
+            config.skip_failed_targets.to_string(),
+        ),
+        ("lazy-refresh", config.cloudsql.lazy_refresh.to_string()),
+        (
+            "credentials-file",
+            match &config.cloudsql.credentials {
+                AdminCredentials::File(path) => path.display().to_string(),
+                _ => "-".into(),
+            },
+        ),
+        (
+            "json-credentials",
+            match &config.cloudsql.credentials {
+                AdminCredentials::Json(_) => "(set, not shown)".into(),
+                _ => "-".into(),
+            },
+        ),
+        (
+            "token",
+            match &config.cloudsql.credentials {
+                AdminCredentials::Token(_) => "(set, not shown)".into(),
+                _ => "-".into(),
+            },
+        ),
+        (
+            "login-token",
+            config
+                .cloudsql
+                .login_token
+                .as_ref()
+                .map_or("-".into(), |_| "(set, not shown)".into()),
+        ),
+        ("impersonate-service-account", "-".into()),
+        (
+            "quota-project",
+            or_dash(config.cloudsql.quota_project.clone()),
+        ),
+        (
+            "sqladmin-api-endpoint",
+            config.cloudsql.api_endpoint.clone(),
+        ),
+        (
+            "universe-domain",
+            config
+                .origins
+                .get("universe-domain")
+                .map_or("googleapis.com".into(), |_| {
+                    config
+                        .cloudsql
+                        .api_endpoint
+                        .trim_start_matches("https://sqladmin.")
+                        .to_owned()
+                }),
+        ),
     ];
     let width = options.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in options {
@@ -238,12 +310,71 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
                 .map(|p| format!("unix:{}", p.display())),
         )
         .collect();
-    line("listen", listeners.join(", "));
+    if !listeners.is_empty() || t.pending.is_none() {
+        line("listen", listeners.join(", "));
+    }
+    if let Some(pending) = &t.pending {
+        line(
+            "listen",
+            match pending {
+                Pending::DefaultPort(addr) => format!(
+                    "{addr}, the engine's next default port (5432 Postgres, 3306 MySQL), learned at start"
+                ),
+                Pending::SocketDir(dir) => format!(
+                    "unix:{}/{}[/.s.PGSQL.5432], by the engine learned at start",
+                    dir.display(),
+                    t.name
+                ),
+            },
+        );
+    }
     let protocol = match t.protocol {
-        Protocol::Postgres => "postgres",
-        Protocol::Mysql => "mysql",
+        Some(Protocol::Postgres) => "postgres",
+        Some(Protocol::Mysql) => "mysql",
+        None => "the instance's engine (from the SQL Admin API)",
     };
     line("protocol", protocol.into());
+    let auto_iam = match &t.cloudsql {
+        Some(instance) => {
+            line(
+                "dials",
+                format!(
+                    "Cloud SQL instance {}: its {} on port 3307, TLS 1.3 with an ephemeral client certificate, verified against the instance's server CA",
+                    instance.instance,
+                    instance.ip.describe()
+                ),
+            );
+            instance.auto_iam_authn
+        }
+        None => {
+            render_fixed_route(&mut line, t);
+            false
+        }
+    };
+    line(
+        "allow",
+        if t.allow.is_empty() {
+            "any client".into()
+        } else {
+            crate::cidr::join(&t.allow)
+        },
+    );
+    line(
+        "user",
+        t.user
+            .clone()
+            .unwrap_or_else(|| "the one each client sends".into()),
+    );
+    let login = if auto_iam {
+        "automatic IAM database login (the token goes into the certificate; clients send no password)"
+    } else {
+        login.unwrap_or("the client's own password")
+    };
+    line("login", login.into());
+}
+
+/// Where a target with its own host goes, and how TLS to it is checked.
+fn render_fixed_route(line: &mut impl FnMut(&str, String), t: &TargetConfig) {
     line("dials", config::host_port(&t.host, t.port));
     let mode = match t.tls.mode {
         TlsMode::VerifyFull => "verify-full",
@@ -269,21 +400,6 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
     if !t.destinations.is_empty() {
         line("destinations", crate::cidr::join(&t.destinations));
     }
-    line(
-        "allow",
-        if t.allow.is_empty() {
-            "any client".into()
-        } else {
-            crate::cidr::join(&t.allow)
-        },
-    );
-    line(
-        "user",
-        t.user
-            .clone()
-            .unwrap_or_else(|| "the one each client sends".into()),
-    );
-    line("login", login.unwrap_or("the client's own password").into());
 }
 
 /// How the target's token login would work, found without the network.

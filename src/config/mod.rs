@@ -7,6 +7,7 @@
 //! every flag gets its environment variable and file key for free, and a
 //! test can feed the environment from a map instead of the process.
 
+pub mod cloudsql;
 pub mod duration;
 pub mod target;
 
@@ -79,8 +80,8 @@ pub struct Cli {
     #[arg(short = 'p', long, value_name = "PORT")]
     pub port: Option<String>,
 
-    /// Listen on a Unix socket in DIR (.s.PGSQL.<port> or mysql-<port>.sock) instead of TCP.
-    #[arg(long, value_name = "DIR")]
+    /// Listen on a Unix socket in DIR (.s.PGSQL.<port> or mysql-<port>.sock; for a Cloud SQL instance DIR/PROJECT:REGION:INSTANCE[/.s.PGSQL.5432], as cloud-sql-proxy) instead of TCP.
+    #[arg(short = 'u', long, value_name = "DIR")]
     pub unix_socket: Option<String>,
 
     /// PEM bundle of CAs that sign the servers' certificates. [default: the system roots]
@@ -202,6 +203,87 @@ pub struct Cli {
     /// Log and skip a target whose configuration fails, instead of not starting.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub skip_failed_targets: Option<String>,
+
+    // Cloud SQL instances (targets named PROJECT:REGION:INSTANCE), with
+    // cloud-sql-proxy's own flag names.
+    /// Cloud SQL: dial instances' private IP addresses (instance parameter private-ip).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub private_ip: Option<String>,
+
+    /// Cloud SQL: dial instances' Private Service Connect DNS names (instance parameter psc).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub psc: Option<String>,
+
+    /// Cloud SQL: dial the public IP address if the instance has one, else the private one (instance parameter auto-ip).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub auto_ip: Option<String>,
+
+    /// Cloud SQL: automatic IAM database login; clients send their IAM user name and no password (instance parameter auto-iam-authn).
+    #[arg(short = 'i', long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub auto_iam_authn: Option<String>,
+
+    /// Cloud SQL: fetch certificates only when a connection needs one, nothing in the background (for CPU-throttled hosts such as Cloud Run).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub lazy_refresh: Option<String>,
+
+    /// Cloud SQL: a service account key or user credentials file, instead of Application Default Credentials.
+    #[arg(
+        short = 'c',
+        long,
+        value_name = "PATH",
+        help_heading = "Cloud SQL instances"
+    )]
+    pub credentials_file: Option<String>,
+
+    /// Cloud SQL: the same credentials as JSON text.
+    #[arg(
+        short = 'j',
+        long,
+        value_name = "JSON",
+        help_heading = "Cloud SQL instances"
+    )]
+    pub json_credentials: Option<String>,
+
+    /// Cloud SQL: an OAuth2 access token for the SQL Admin API, instead of credentials.
+    #[arg(
+        short = 't',
+        long,
+        value_name = "TOKEN",
+        help_heading = "Cloud SQL instances"
+    )]
+    pub token: Option<String>,
+
+    /// Cloud SQL: with --token and --auto-iam-authn, the OAuth2 token for IAM database login.
+    #[arg(long, value_name = "TOKEN", help_heading = "Cloud SQL instances")]
+    pub login_token: Option<String>,
+
+    /// Cloud SQL: act as this service account (a comma-separated delegation chain ending with it).
+    #[arg(long, value_name = "EMAIL", help_heading = "Cloud SQL instances")]
+    pub impersonate_service_account: Option<String>,
+
+    /// Cloud SQL: bill SQL Admin API calls to this project (X-Goog-User-Project).
+    #[arg(long, value_name = "PROJECT", help_heading = "Cloud SQL instances")]
+    pub quota_project: Option<String>,
+
+    /// Cloud SQL: the SQL Admin API's address. [default: https://sqladmin.googleapis.com, or sqladmin.UNIVERSE]
+    #[arg(long, value_name = "URL", help_heading = "Cloud SQL instances")]
+    pub sqladmin_api_endpoint: Option<String>,
+
+    /// Cloud SQL: the Google Cloud universe domain. [default: googleapis.com]
+    #[arg(long, value_name = "DOMAIN", help_heading = "Cloud SQL instances")]
+    pub universe_domain: Option<String>,
+
+    /// cloud-sql-proxy's name for --log-format json.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub structured_logs: Option<String>,
+
+    /// cloud-sql-proxy's name for RUST_LOG=debug.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub debug_logs: Option<String>,
+
+    /// cloud-sql-proxy's name for --skip-failed-targets.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
+    pub skip_failed_instance_config: Option<String>,
 }
 
 /// The whole configuration, validated.
@@ -236,6 +318,10 @@ pub struct Config {
     /// Where each option that was set came from (`--flag`, `KEYHOLE_*`, the
     /// file), by its long name: for `keyhole check-config`.
     pub origins: BTreeMap<String, String>,
+    /// The Cloud SQL connector's settings (used by instance targets).
+    pub cloudsql: cloudsql::CloudSqlSettings,
+    /// `--debug-logs`: debug level unless `RUST_LOG` says otherwise.
+    pub debug_logs: bool,
 }
 
 pub const DEFAULT_HTTP_PORT: u16 = 9090;
@@ -278,9 +364,10 @@ pub struct CertKey {
 /// One database keyhole proxies to, with where it listens for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetConfig {
-    /// `postgres://host:port`, for logs and messages.
+    /// `postgres://host:port` or `PROJECT:REGION:INSTANCE`, for logs and messages.
     pub name: String,
-    pub protocol: Protocol,
+    /// `None` only for a Cloud SQL instance whose engine is not known yet.
+    pub protocol: Option<Protocol>,
     pub host: String,
     pub port: u16,
     /// TCP listen address, if any.
@@ -299,6 +386,10 @@ pub struct TargetConfig {
     pub iam: Option<Iam>,
     /// `user=`: the database user for every client.
     pub user: Option<String>,
+    /// A Cloud SQL instance target: its name and connector settings.
+    pub cloudsql: Option<cloudsql::CloudSqlTarget>,
+    /// A listener that waits for the instance's engine ([`cloudsql::settle`]).
+    pub pending: Option<cloudsql::Pending>,
 }
 
 /// Token login for a target (`iam=`).
@@ -395,6 +486,8 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 enum Origin {
     Flag,
     Env,
+    /// cloud-sql-proxy's `CSQL_PROXY_*` variable.
+    CsqlEnv,
     File,
 }
 
@@ -414,6 +507,9 @@ impl Layers {
         if let Some(v) = self.env.get(&env_name(key)) {
             return Some((v.clone(), Origin::Env));
         }
+        if let Some(v) = self.env.get(&csql_env_name(key)) {
+            return Some((v.clone(), Origin::CsqlEnv));
+        }
         self.file.get(key).map(|v| (v.clone(), Origin::File))
     }
 
@@ -421,6 +517,7 @@ impl Layers {
         match origin {
             Origin::Flag => format!("--{key}"),
             Origin::Env => env_name(key),
+            Origin::CsqlEnv => csql_env_name(key),
             Origin::File => format!(
                 "'{key}' in {}",
                 self.file_path
@@ -436,7 +533,10 @@ impl Layers {
         let keys = self.flags.keys().chain(self.file.keys()).cloned().chain(
             self.env
                 .keys()
-                .filter_map(|k| k.strip_prefix("KEYHOLE_"))
+                .filter_map(|k| {
+                    k.strip_prefix("KEYHOLE_")
+                        .or_else(|| k.strip_prefix("CSQL_PROXY_"))
+                })
                 .map(|k| k.to_ascii_lowercase().replace('_', "-")),
         );
         keys.filter_map(|key| {
@@ -475,12 +575,18 @@ pub fn env_name(key: &str) -> String {
     format!("KEYHOLE_{}", key.to_ascii_uppercase().replace('-', "_"))
 }
 
+/// `private-ip` → `CSQL_PROXY_PRIVATE_IP`: cloud-sql-proxy's variables work
+/// too, below keyhole's own.
+pub fn csql_env_name(key: &str) -> String {
+    format!("CSQL_PROXY_{}", key.to_ascii_uppercase().replace('-', "_"))
+}
+
 impl Config {
     /// Reads the process's own arguments and environment.
     pub fn from_process() -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = process_env()
             .into_iter()
-            .filter(|(k, _)| k.starts_with("KEYHOLE_"))
+            .filter(|(k, _)| k.starts_with("KEYHOLE_") || k.starts_with("CSQL_PROXY_"))
             .collect();
         Config::load(std::env::args_os(), &env)
     }
@@ -530,11 +636,27 @@ impl Config {
             cli.targets
         } else if let Some(t) = env.get("KEYHOLE_TARGETS") {
             t.split_whitespace().map(str::to_owned).collect()
+        } else if let Some(t) = csql_instances(env) {
+            t
         } else {
             file_targets
         };
         build(&layers, &targets)
     }
+}
+
+/// cloud-sql-proxy's `CSQL_PROXY_INSTANCE_CONNECTION_NAME`, then
+/// `..._NAME_0`, `..._NAME_1`, ... while they go on.
+fn csql_instances(env: &HashMap<String, String>) -> Option<Vec<String>> {
+    const NAME: &str = "CSQL_PROXY_INSTANCE_CONNECTION_NAME";
+    let mut found: Vec<String> = env.get(NAME).into_iter().cloned().collect();
+    for i in 0.. {
+        match env.get(&format!("{NAME}_{i}")) {
+            Some(v) => found.push(v.clone()),
+            None => break,
+        }
+    }
+    (!found.is_empty()).then_some(found)
 }
 
 /// The TOML file: option keys as in the flags, plus `targets`.
@@ -756,13 +878,20 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
             other => Err(format!("'{other}' is not a kernel TLS mode (auto or off)")),
         })?
         .unwrap_or_default();
+    let structured_logs = layers
+        .parse("structured-logs", parse_bool)?
+        .unwrap_or(false);
     let log_format = layers
         .parse("log-format", |t| match t {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             other => Err(format!("'{other}' is not a log format (text or json)")),
         })?
-        .unwrap_or(LogFormat::Text);
+        .unwrap_or(if structured_logs {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        });
     let backend = layers.parse("backend", parse_backend)?;
     let destinations = layers.parse("destinations", Cidr::parse_list)?;
     let allow = layers.parse("allow", Cidr::parse_list)?;
@@ -799,7 +928,13 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     };
     let admin_port = port_of("admin-port", DEFAULT_ADMIN_PORT)?;
     let admin_port = flag("quitquitquit")?.then_some(admin_port);
-    let skip_failed_targets = flag("skip-failed-targets")?;
+    let skip_failed_targets = flag("skip-failed-targets")? || flag("skip-failed-instance-config")?;
+    let cloudsql_settings = cloudsql_settings(layers)?;
+    let instance_defaults = cloudsql::InstanceDefaults {
+        ip: cloudsql::parse_ip_flags(flag("private-ip")?, flag("psc")?, flag("auto-ip")?)
+            .map_err(invalid)?,
+        auto_iam_authn: flag("auto-iam-authn")?,
+    };
     if startup_timeout.is_zero() || connect_timeout.is_zero() {
         return Err(invalid(
             "startup-timeout and connect-timeout must be more than zero",
@@ -825,6 +960,29 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     // A skipped target keeps its place: the others' ports do not move.
     let mut per_protocol: Vec<(Protocol, u32)> = Vec::new();
     for (index, text) in targets.iter().enumerate() {
+        if crate::cloudsql::name::is_instance_target(text) {
+            let result = cloudsql::instance_target(
+                text,
+                base_port.map(|base| u32::from(base) + index as u32),
+                defaults.address,
+                defaults.unix_socket.clone(),
+                &defaults,
+                &instance_defaults,
+            )
+            .and_then(|target| {
+                check_distinct_listener(&target, &built)?;
+                Ok(target)
+            });
+            match result {
+                Ok(target) => built.push(target),
+                Err(e) if skip_failed_targets => skipped.push(SkippedTarget {
+                    target: text.clone(),
+                    reason: e.to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         let result = target::parse(text).map_err(invalid).and_then(|url| {
             let port = match base_port {
                 Some(base) => u32::from(base) + index as u32,
@@ -885,11 +1043,79 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         admin_port,
         origins: layers.origins(),
         config_file: layers.file_path.clone(),
+        cloudsql: cloudsql_settings,
+        debug_logs: flag("debug-logs")?,
+    })
+}
+
+/// The connector's process-wide settings.
+fn cloudsql_settings(layers: &Layers) -> Result<cloudsql::CloudSqlSettings, ConfigError> {
+    use cloudsql::{AdminCredentials, Secret};
+    let secret = |key: &str| -> Result<Option<Secret>, ConfigError> {
+        layers.parse(key, |t| {
+            if t.is_empty() {
+                Err("empty".to_owned())
+            } else {
+                Ok(Secret::new(t.to_owned()))
+            }
+        })
+    };
+    let file = layers.parse("credentials-file", parse_path)?;
+    let json = secret("json-credentials")?;
+    let token = secret("token")?;
+    let credentials =
+        match (file, json, token) {
+            (None, None, None) => AdminCredentials::Default,
+            (Some(path), None, None) => AdminCredentials::File(path),
+            (None, Some(json), None) => AdminCredentials::Json(json),
+            (None, None, Some(token)) => AdminCredentials::Token(token),
+            _ => return Err(invalid(
+                "--credentials-file, --json-credentials and --token exclude each other: give one",
+            )),
+        };
+    let login_token = secret("login-token")?;
+    if login_token.is_some() && !matches!(credentials, AdminCredentials::Token(_)) {
+        return Err(invalid(
+            "--login-token goes with --token (the Admin API token); with credentials keyhole mints login tokens itself",
+        ));
+    }
+    if let Some((_, origin)) = layers.get("impersonate-service-account") {
+        return Err(invalid(format!(
+            "{}: keyhole does not support service account impersonation yet; use --credentials-file with that service account's key, or --token",
+            layers.describe("impersonate-service-account", origin)
+        )));
+    }
+    let universe = layers
+        .parse("universe-domain", |t| {
+            let ok = !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+            ok.then(|| t.to_owned())
+                .ok_or_else(|| format!("'{t}' is not a domain"))
+        })?
+        .unwrap_or_else(|| "googleapis.com".to_owned());
+    let api_endpoint = layers
+        .parse("sqladmin-api-endpoint", |t| {
+            crate::http::client::check_url(t).map(|()| t.trim_end_matches('/').to_owned())
+        })?
+        .unwrap_or_else(|| format!("https://sqladmin.{universe}"));
+    Ok(cloudsql::CloudSqlSettings {
+        lazy_refresh: layers.parse("lazy-refresh", parse_bool)?.unwrap_or(false),
+        credentials,
+        login_token,
+        quota_project: layers.parse("quota-project", |t| {
+            if t.is_empty() {
+                Err("empty".to_owned())
+            } else {
+                Ok(t.to_owned())
+            }
+        })?,
+        api_endpoint,
     })
 }
 
 /// Settings every target takes unless its own parameters say otherwise.
-struct TargetDefaults {
+pub(super) struct TargetDefaults {
     address: IpAddr,
     unix_socket: Option<PathBuf>,
     ca_file: Option<PathBuf>,
@@ -914,6 +1140,7 @@ fn target_config(
         url.protocol.scheme(),
         host_port(&url.host, url.port)
     );
+    let protocol = url.protocol;
     let param = |key: &str| {
         url.params
             .iter()
@@ -1014,7 +1241,7 @@ fn target_config(
     };
     Ok(TargetConfig {
         name,
-        protocol: url.protocol,
+        protocol: Some(protocol),
         host: url.host,
         port: url.port,
         listen,
@@ -1025,6 +1252,8 @@ fn target_config(
         allow,
         iam,
         user,
+        cloudsql: None,
+        pending: None,
     })
 }
 
@@ -1281,7 +1510,7 @@ mod tests {
             c.targets[0].unix_socket,
             Some("/run/k/mysql-3306.sock".into())
         );
-        assert_eq!(c.targets[0].protocol, Protocol::Mysql);
+        assert_eq!(c.targets[0].protocol, Some(Protocol::Mysql));
     }
 
     #[test]

@@ -173,6 +173,11 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// Percent-decoding of target parameters (also for instance targets).
+pub(crate) fn percent_decode_text(text: &str) -> Result<String, String> {
+    percent_decode(text)
+}
+
 fn percent_decode(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -40,7 +40,10 @@ use crate::http::client::{self as http, HttpError, HttpErrorKind, Request, Respo
 const PROVIDER: &str = "gcp";
 
 /// The scope Cloud SQL IAM database login needs, and no more.
-const SCOPE: &str = "https://www.googleapis.com/auth/sqlservice.login";
+pub const LOGIN_SCOPE: &str = "https://www.googleapis.com/auth/sqlservice.login";
+
+/// The scope the SQL Admin API calls of the Cloud SQL connector need.
+pub const ADMIN_SCOPE: &str = "https://www.googleapis.com/auth/sqlservice.admin";
 
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
@@ -57,6 +60,8 @@ const ELSEWHERE: &str = "outside Google Cloud, set GOOGLE_APPLICATION_CREDENTIAL
 /// Mints Cloud SQL login tokens from Application Default Credentials.
 pub struct GcpTokenSource {
     credentials: Credentials,
+    /// The OAuth2 scope every token is asked for.
+    scope: &'static str,
     timeout: Duration,
 }
 
@@ -65,7 +70,8 @@ enum Credentials {
     Metadata {
         /// As configured (`GCE_METADATA_HOST` or the default), for messages.
         host: String,
-        token_url: Url,
+        /// Without the `scopes` query: [`GcpTokenSource::mint`] adds it.
+        token_url: String,
     },
     // Boxed: the key pair is large beside the other variants.
     ServiceAccount(Box<ServiceAccount>),
@@ -79,6 +85,10 @@ enum Found {
     Variable,
     /// gcloud's well-known location.
     Gcloud,
+    /// Named by keyhole's own option (`--credentials-file`).
+    Option,
+    /// Given inline (`--json-credentials`): there is no file.
+    Inline,
 }
 
 /// A service account key file: tokens for a signed JWT assertion.
@@ -111,6 +121,15 @@ impl GcpTokenSource {
         env: &HashMap<String, String>,
         timeout: Duration,
     ) -> Result<GcpTokenSource, CredentialsError> {
+        GcpTokenSource::discover_for(env, LOGIN_SCOPE, timeout)
+    }
+
+    /// [`GcpTokenSource::discover`], for tokens of another scope.
+    pub fn discover_for(
+        env: &HashMap<String, String>,
+        scope: &'static str,
+        timeout: Duration,
+    ) -> Result<GcpTokenSource, CredentialsError> {
         let credentials = if let Some(path) = non_empty(env, "GOOGLE_APPLICATION_CREDENTIALS") {
             load_file(Path::new(path), Found::Variable)?
         } else if let Some(path) = gcloud_file(env)? {
@@ -120,6 +139,38 @@ impl GcpTokenSource {
         };
         Ok(GcpTokenSource {
             credentials,
+            scope,
+            timeout,
+        })
+    }
+
+    /// A service account key or user credentials file named by an option
+    /// (`--credentials-file`), instead of the ADC search.
+    pub fn from_file(
+        path: &Path,
+        scope: &'static str,
+        timeout: Duration,
+    ) -> Result<GcpTokenSource, CredentialsError> {
+        Ok(GcpTokenSource {
+            credentials: load_file(path, Found::Option)?,
+            scope,
+            timeout,
+        })
+    }
+
+    /// The same credentials given as JSON text (`--json-credentials`).
+    pub fn from_json(
+        json: &str,
+        scope: &'static str,
+        timeout: Duration,
+    ) -> Result<GcpTokenSource, CredentialsError> {
+        Ok(GcpTokenSource {
+            credentials: load_bytes(
+                json.as_bytes(),
+                Path::new("--json-credentials"),
+                Found::Inline,
+            )?,
+            scope,
             timeout,
         })
     }
@@ -139,6 +190,12 @@ impl GcpTokenSource {
                     sa.path.display(),
                     sa.client_email
                 ),
+                Found::Option => format!(
+                    "--credentials-file {} ({})",
+                    sa.path.display(),
+                    sa.client_email
+                ),
+                Found::Inline => format!("--json-credentials ({})", sa.client_email),
             },
             Credentials::AuthorizedUser(user) => match user.found {
                 Found::Variable => format!("user credentials file {}", user.path.display()),
@@ -146,6 +203,8 @@ impl GcpTokenSource {
                     "gcloud application default credentials {}",
                     user.path.display()
                 ),
+                Found::Option => format!("--credentials-file {}", user.path.display()),
+                Found::Inline => "--json-credentials (user credentials)".to_owned(),
             },
         }
     }
@@ -156,10 +215,15 @@ impl GcpTokenSource {
         let issued = SystemTime::now();
         let request = match &self.credentials {
             Credentials::Metadata { token_url, .. } => {
-                Request::get(token_url.clone()).header("Metadata-Flavor", "Google")
+                let url = Url::parse(&format!(
+                    "{token_url}?scopes={}",
+                    http::percent_encode(self.scope)
+                ))
+                .map_err(|e| source_error("GCE_METADATA_HOST", e.to_string()))?;
+                Request::get(url).header("Metadata-Flavor", "Google")
             }
             Credentials::ServiceAccount(sa) => {
-                let assertion = sa.assertion(unix_seconds(issued)?)?;
+                let assertion = sa.assertion(unix_seconds(issued)?, self.scope)?;
                 Request::post_form(
                     sa.token_uri.clone(),
                     &[("grant_type", JWT_BEARER), ("assertion", &assertion)],
@@ -329,15 +393,15 @@ fn database_user(user: &str, protocol: Protocol) -> String {
 }
 
 impl ServiceAccount {
-    /// The signed JWT that asks `token_uri` for a token with [`SCOPE`].
-    fn assertion(&self, now: u64) -> Result<String, CredentialsError> {
+    /// The signed JWT that asks `token_uri` for a token with `scope`.
+    fn assertion(&self, now: u64, scope: &str) -> Result<String, CredentialsError> {
         let mut header = json!({ "alg": "RS256", "typ": "JWT" });
         if let (Some(kid), Some(map)) = (&self.private_key_id, header.as_object_mut()) {
             map.insert("kid".into(), Value::String(kid.clone()));
         }
         let claims = json!({
             "iss": self.client_email,
-            "scope": SCOPE,
+            "scope": scope,
             "aud": self.token_uri_text,
             "iat": now,
             "exp": now + ASSERTION_LIFETIME,
@@ -410,11 +474,10 @@ fn metadata(env: &HashMap<String, String>) -> Result<Credentials, CredentialsErr
     {
         return Err(bad(format!("'{host}' is not host[:port]")));
     }
-    let token_url = Url::parse(&format!(
-        "http://{host}/computeMetadata/v1/instance/service-accounts/default/token?scopes={}",
-        http::percent_encode(SCOPE)
-    ))
-    .map_err(|e| bad(e.to_string()))?;
+    let token_url =
+        format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token");
+    // Checked here, so that a bad host is a startup error.
+    Url::parse(&token_url).map_err(|e| bad(e.to_string()))?;
     Ok(Credentials::Metadata {
         host: host.to_owned(),
         token_url,
@@ -423,16 +486,28 @@ fn metadata(env: &HashMap<String, String>) -> Result<Credentials, CredentialsErr
 
 /// Reads and checks a credentials file. Errors name the file, never its text.
 fn load_file(path: &Path, found: Found) -> Result<Credentials, CredentialsError> {
-    let origin = path.display().to_string();
-    let bad = |reason: String| source_error(origin.clone(), reason);
     let named_by = match found {
         Found::Variable => " (named by GOOGLE_APPLICATION_CREDENTIALS)",
-        Found::Gcloud => "",
+        Found::Option => " (named by --credentials-file)",
+        Found::Gcloud | Found::Inline => "",
     };
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot be read{named_by}: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        source_error(
+            path.display().to_string(),
+            format!("cannot be read{named_by}: {e}"),
+        )
+    })?;
+    load_bytes(&bytes, path, found)
+}
+
+/// Checks credentials read from `path` (or given inline, then `path` only
+/// names the option). Errors name where they came from, never the text.
+fn load_bytes(bytes: &[u8], path: &Path, found: Found) -> Result<Credentials, CredentialsError> {
+    let origin = path.display().to_string();
+    let bad = |reason: String| source_error(origin.clone(), reason);
     // serde_json's messages can quote the text they choke on: only the
     // position is shown.
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         bad(format!(
             "is not a JSON credentials file (fault at line {}, column {})",
             e.line(),
@@ -744,7 +819,9 @@ mod tests {
         let Credentials::ServiceAccount(sa) = &source.credentials else {
             panic!("expected a service account, found {source:?}");
         };
-        let jwt = sa.assertion(1_700_000_000).expect("an assertion");
+        let jwt = sa
+            .assertion(1_700_000_000, LOGIN_SCOPE)
+            .expect("an assertion");
         assert!(!jwt.contains('=') && !jwt.contains('+') && !jwt.contains('/'));
         let (header, claims) = verify_assertion(&jwt);
         assert_eq!(
@@ -1014,7 +1091,7 @@ mod tests {
         assert_eq!(fields["grant_type"], JWT_BEARER);
         let (_, claims) = verify_assertion(&fields["assertion"]);
         assert_eq!(claims["aud"], token_uri.as_str());
-        assert_eq!(claims["scope"], SCOPE);
+        assert_eq!(claims["scope"], LOGIN_SCOPE);
         let iat = claims["iat"].as_u64().expect("iat");
         assert_eq!(claims["exp"].as_u64(), Some(iat + 3600));
         let now = unix_seconds(SystemTime::now()).expect("clock");

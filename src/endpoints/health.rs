@@ -37,7 +37,7 @@ pub struct Health {
 
 /// The targets `/readiness` dials, and its last answer.
 struct UpstreamCheck {
-    targets: Vec<(String, Protocol, Arc<Upstream>)>,
+    targets: Vec<(String, Option<Protocol>, Arc<Upstream>)>,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -51,7 +51,10 @@ impl Health {
     }
 
     /// `/readiness` also dials these (`--readiness-checks-upstream`).
-    pub fn check_upstreams(mut self, targets: Vec<(String, Protocol, Arc<Upstream>)>) -> Health {
+    pub fn check_upstreams(
+        mut self,
+        targets: Vec<(String, Option<Protocol>, Arc<Upstream>)>,
+    ) -> Health {
         self.upstream = Some(UpstreamCheck {
             targets,
             last: Mutex::new(None),

@@ -8,7 +8,9 @@
 //! leaves keyhole before the server's certificate has been verified.
 //!
 //! The server leg spends one sequence id more than the client leg (keyhole's
-//! SSLRequest), unless the client did an SSLRequest of its own. After OK the
+//! SSLRequest), unless the client did an SSLRequest of its own. A Cloud SQL
+//! instance is TLS from the first byte: keyhole sends no SSLRequest there,
+//! and the server sees a plain client inside the tunnel. After OK the
 //! ids restart at every command, so the splice needs no renumbering.
 //!
 //! Every failure before the splice that the client can still read reaches it
@@ -89,8 +91,10 @@ impl Session<'_> {
         let greeted = frontend.upstream.greet_mysql().await?;
         let greeting = greeted.greeting.clone();
 
+        // TLS on the local leg is keyhole's to offer; a Cloud SQL server's
+        // greeting inside its tunnel may not offer it.
         let advertised = match frontend.local_tls {
-            Some(_) => greeting.capabilities,
+            Some(_) => greeting.capabilities | caps::SSL,
             None => greeting.capabilities & !caps::SSL,
         };
         self.send_packet(0, &greeting.with_capabilities(advertised))
@@ -141,7 +145,19 @@ impl Session<'_> {
             .upgrade_mysql(greeted, &response.payload)
             .await?;
         let mut server = ServerLeg::new(stream);
-        let payload = mysql::with_client_capabilities(&response_payload, caps::SSL);
+        let (payload, delta) = if frontend.upstream.is_tunnel() {
+            // A Cloud SQL tunnel is the TLS: inside it the server sees a
+            // plain client, and no SSLRequest of keyhole's took a sequence id.
+            (
+                mysql::without_client_capabilities(&response_payload, caps::SSL),
+                delta.wrapping_sub(1),
+            )
+        } else {
+            (
+                mysql::with_client_capabilities(&response_payload, caps::SSL),
+                delta,
+            )
+        };
         send_server_packet(&mut server, response.seq.wrapping_add(delta), &payload).await?;
         self.relay_auth(&mut server, delta, token.as_ref(), &user)
             .await?;

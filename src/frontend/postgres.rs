@@ -123,7 +123,7 @@ impl Session<'_> {
             self.relay_auth(&mut server, token.as_ref(), &user).await
         }
         .await
-        .map_err(|e| late_tls_failure(e, frontend.upstream.server_name()))?;
+        .map_err(|e| late_tls_failure(e, &frontend.upstream.server_name()))?;
         let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
         server.exchange_leftovers(&mut self.client).await?;

@@ -218,6 +218,11 @@ fn parse_port(text: &str) -> Result<u16, &'static str> {
     }
 }
 
+/// Whether `text` is a URL this client can use (for configuration checks).
+pub fn check_url(text: &str) -> Result<(), String> {
+    Url::parse(text).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// Percent-encodes everything but the unreserved characters
 /// (`A-Z a-z 0-9 - _ . ~`), byte by byte of the UTF-8.
 pub(crate) fn percent_encode(text: &str) -> String {

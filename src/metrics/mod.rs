@@ -256,6 +256,48 @@ impl Registry {
                 }
             },
         );
+        exp.family(
+            "keyhole_cloudsql_refreshes_total",
+            "Cloud SQL certificate and settings refreshes, by result (ok or the error's label).",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    for (result, count) in t.cloudsql_refreshes() {
+                        let labels = with(&t.labels(), "result", result);
+                        s.push("keyhole_cloudsql_refreshes_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_cloudsql_cert_expiry_seconds",
+            "Seconds until the Cloud SQL instance's client certificate expires (0 once it has).",
+            Kind::Gauge,
+            |s| {
+                for t in &targets {
+                    if let Some(left) = t.cloudsql_cert_expiry_seconds() {
+                        s.push(
+                            "keyhole_cloudsql_cert_expiry_seconds",
+                            &t.labels(),
+                            Float(left),
+                        );
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_cloudsql_api_calls_total",
+            "SQL Admin API calls, by method and HTTP status (error: no answer).",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    for ((method, status), count) in t.admin_api_calls() {
+                        let labels = with(&with(&t.labels(), "method", method), "status", &status);
+                        s.push("keyhole_cloudsql_api_calls_total", &labels, count);
+                    }
+                }
+            },
+        );
     }
 }
 

@@ -32,6 +32,12 @@ pub struct TargetMetrics {
     refreshes_ok: AtomicU64,
     refreshes_error: AtomicU64,
     expiry: Mutex<Option<ExpiryProbe>>,
+    /// Cloud SQL instances: certificate refreshes by result.
+    cloudsql_refreshes: Mutex<Vec<(&'static str, u64)>>,
+    /// Cloud SQL instances: Admin API calls by (method, HTTP status or `error`).
+    cloudsql_api_calls: Mutex<Vec<((&'static str, String), u64)>>,
+    /// Cloud SQL instances: when the current client certificate expires.
+    cloudsql_cert_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl TargetMetrics {
@@ -181,6 +187,75 @@ impl TargetMetrics {
                 .duration_since(SystemTime::now())
                 .map_or(0.0, |left| left.as_secs_f64()),
         )
+    }
+}
+
+/// Cloud SQL connector figures (the target is an instance).
+impl TargetMetrics {
+    /// A certificate refresh ended: `ok`, or the error's label.
+    pub fn cloudsql_refreshed(&self, result: &'static str) {
+        bump(&self.cloudsql_refreshes, result);
+    }
+
+    /// Refreshes so far by result, in first-seen order.
+    pub fn cloudsql_refreshes(&self) -> Vec<(&'static str, u64)> {
+        self.cloudsql_refreshes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// An Admin API call of `method` ended with `status` (`200`, `429`, or
+    /// `error` when no answer came).
+    pub fn admin_api_call(&self, method: &'static str, status: &str) {
+        let mut calls = self
+            .cloudsql_api_calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match calls
+            .iter_mut()
+            .find(|((m, s), _)| *m == method && s == status)
+        {
+            Some((_, count)) => *count += 1,
+            None => calls.push(((method, status.to_owned()), 1)),
+        }
+    }
+
+    /// Admin API calls so far by (method, status), in first-seen order.
+    pub fn admin_api_calls(&self) -> Vec<((&'static str, String), u64)> {
+        self.cloudsql_api_calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The instance's current client certificate expires at `at`.
+    pub fn cloudsql_cert_expires(&self, at: SystemTime) {
+        *self
+            .cloudsql_cert_expiry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(at);
+    }
+
+    /// Seconds until the current client certificate expires (0 once it has);
+    /// `None` before the first one.
+    pub fn cloudsql_cert_expiry_seconds(&self) -> Option<f64> {
+        let at = (*self
+            .cloudsql_cert_expiry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))?;
+        Some(
+            at.duration_since(SystemTime::now())
+                .map_or(0.0, |left| left.as_secs_f64()),
+        )
+    }
+}
+
+fn bump(counts: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
+    let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+    match counts.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, count)) => *count += 1,
+        None => counts.push((label, 1)),
     }
 }
 

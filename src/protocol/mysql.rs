@@ -371,6 +371,16 @@ pub fn with_client_capabilities(payload: &[u8], extra: u32) -> Bytes {
     out.freeze()
 }
 
+/// `payload` (a HandshakeResponse41) with the capability flags `bits` cleared.
+pub fn without_client_capabilities(payload: &[u8], bits: u32) -> Bytes {
+    let mut out = BytesMut::from(payload);
+    if out.len() >= 4 {
+        let caps = u32::from_le_bytes([out[0], out[1], out[2], out[3]]) & !bits;
+        out[..4].copy_from_slice(&caps.to_le_bytes());
+    }
+    out.freeze()
+}
+
 fn take_cstr<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     let end = rest.iter().position(|&b| b == 0)?;
     let s = &rest[..end];

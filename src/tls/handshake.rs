@@ -57,7 +57,13 @@ pub async fn connect(
             conn.process_tls_records(&mut incoming[..received]);
         let next = match state {
             Err(e) => {
-                send_alert(&mut conn, &mut tcp).await;
+                // rustls reads the rest of this buffer (after `discard`) to
+                // queue its alert: an empty one would break its bookkeeping
+                // when the failure came mid-flight (more records behind the
+                // refused certificate).
+                incoming.copy_within(discard..received, 0);
+                received -= discard;
+                send_alert(&mut conn, &mut tcp, &mut incoming[..received]).await;
                 return Err(tls_error(e));
             }
             Ok(ConnectionState::EncodeTlsData(mut data)) => loop {
@@ -124,11 +130,12 @@ pub async fn connect(
 
 /// After a failed handshake, sends the alert rustls queued (the server then
 /// logs why, e.g. "unknown ca", rather than a bare disconnect). Best effort.
-async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream) {
+async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream, unread: &mut [u8]) {
     let mut out = [0u8; 64];
     let mut len = 0;
+    let mut start = 0;
     for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut unread[start..]);
         match state {
             Ok(ConnectionState::EncodeTlsData(mut data)) => {
                 if let Ok(n) = data.encode(&mut out[len..]) {
@@ -142,6 +149,7 @@ async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream) 
             }
             _ => break,
         }
+        start = (start + discard).min(unread.len());
     }
     if len > 0 {
         let _ = tcp.write_all(&out[..len]).await;

@@ -2,6 +2,13 @@
 //! verified TLS the way its protocol prescribes. Fail closed: the only
 //! plaintext stream is to a relay on this host that the target names with
 //! `tls-mode=disable` (loopback only, checked at startup and at every dial).
+//!
+//! Where the database is and how it is verified is the target's [`Route`]:
+//! its own host, CA and name, or a Cloud SQL instance, whose address,
+//! client certificate and verifier the connector ([`crate::cloudsql`])
+//! answers at each dial. A Cloud SQL instance is TLS from the first byte
+//! (its server-side proxy on port 3307); the protocol inside starts plain,
+//! which the frontends learn from [`Upstream::is_tunnel`].
 
 pub mod mysql;
 pub mod postgres;
@@ -19,25 +26,38 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
+use crate::cloudsql::{ConnectorError, Dial, Instance};
 use crate::config::{host_port, Protocol, TargetConfig};
 use crate::metrics::{RefusedReason, TargetMetrics};
 use crate::tls::{self, TlsSetupError};
 
 /// Where one target's database is and how to verify it.
 pub struct Upstream {
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
-    server_name_text: String,
-    /// `None`: `tls-mode=disable`, a plain relay on this host.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    route: Route,
     /// `--kernel-tls`: whether the kernel may carry the records after the handshake.
     kernel_tls: tls::KernelTls,
     connect_timeout: Duration,
-    /// The network policy every resolved address must pass.
-    backend: Arc<dyn Backend>,
     /// The target's counters: connect and handshake times, policy refusals.
     metrics: Arc<TargetMetrics>,
+}
+
+/// Who answers "which address, which TLS identity".
+enum Route {
+    /// The target's own host, CA file and server name.
+    Fixed {
+        host: String,
+        port: u16,
+        server_name: ServerName<'static>,
+        server_name_text: String,
+        /// `None`: `tls-mode=disable`, a plain relay on this host.
+        tls: Option<Arc<rustls::ClientConfig>>,
+        /// The network policy every resolved address must pass.
+        backend: Arc<dyn Backend>,
+    },
+    /// A Cloud SQL instance: the connector answers at each dial. Its
+    /// address comes from the Admin API over verified HTTPS, so no
+    /// backend's range check applies.
+    CloudSql(Arc<Instance>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +92,8 @@ pub enum UpstreamError {
     ClosedDuringSetup { addr: SocketAddr },
     #[error("{message}")]
     Tls { message: String },
+    #[error("{0}")]
+    CloudSql(#[from] ConnectorError),
     #[error("connection to {addr} failed during TLS setup: {source}")]
     Io { addr: SocketAddr, source: io::Error },
 }
@@ -85,6 +107,9 @@ impl UpstreamError {
                 | UpstreamError::Tls { .. }
                 | UpstreamError::TlsTimeout { .. }
                 | UpstreamError::DataBeforeHandshake { .. }
+        ) || matches!(
+            self,
+            UpstreamError::CloudSql(ConnectorError::Certificate(_))
         )
     }
 
@@ -104,6 +129,7 @@ impl UpstreamError {
             UpstreamError::RefusedBeforeTls { .. } => "upstream_refused",
             UpstreamError::Tls { .. } => "upstream_tls",
             UpstreamError::ClosedDuringSetup { .. } | UpstreamError::Io { .. } => "upstream_io",
+            UpstreamError::CloudSql(e) => e.label(),
         }
     }
 }
@@ -131,31 +157,70 @@ impl Upstream {
             _ => Some(tls::client_config(&target.tls, alpn)?),
         };
         Ok(Upstream {
-            host: target.host.clone(),
-            port: target.port,
-            server_name: tls::server_name(&target.tls.server_name)?,
-            server_name_text: target.tls.server_name.clone(),
-            tls: config,
+            route: Route::Fixed {
+                host: target.host.clone(),
+                port: target.port,
+                server_name: tls::server_name(&target.tls.server_name)?,
+                server_name_text: target.tls.server_name.clone(),
+                tls: config,
+                backend,
+            },
             kernel_tls,
             connect_timeout,
-            backend,
             metrics,
         })
     }
 
+    /// A Cloud SQL instance's upstream.
+    pub fn cloudsql(
+        instance: Arc<Instance>,
+        kernel_tls: tls::KernelTls,
+        connect_timeout: Duration,
+        metrics: Arc<TargetMetrics>,
+    ) -> Upstream {
+        Upstream {
+            route: Route::CloudSql(instance),
+            kernel_tls,
+            connect_timeout,
+            metrics,
+        }
+    }
+
     /// Whether this target is a plain relay on this host (`tls-mode=disable`).
     pub fn is_plain(&self) -> bool {
-        self.tls.is_none()
+        matches!(&self.route, Route::Fixed { tls: None, .. })
+    }
+
+    /// Whether the connection is TLS from its first byte and the database
+    /// protocol inside starts plain (a Cloud SQL instance): no STARTTLS.
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self.route, Route::CloudSql(_))
+    }
+
+    /// The Cloud SQL instance, if this is one.
+    pub fn instance(&self) -> Option<&Arc<Instance>> {
+        match &self.route {
+            Route::CloudSql(instance) => Some(instance),
+            Route::Fixed { .. } => None,
+        }
     }
 
     /// The name the server certificate is verified against.
-    pub fn server_name(&self) -> &str {
-        &self.server_name_text
+    pub fn server_name(&self) -> String {
+        match &self.route {
+            Route::Fixed {
+                server_name_text, ..
+            } => server_name_text.clone(),
+            Route::CloudSql(instance) => instance.name.certificate_cn(),
+        }
     }
 
     /// `host:port`, for messages.
     pub fn address(&self) -> String {
-        host_port(&self.host, self.port)
+        match &self.route {
+            Route::Fixed { host, port, .. } => host_port(host, *port),
+            Route::CloudSql(instance) => instance.name.to_string(),
+        }
     }
 
     /// Resolves the host afresh (a failover moves the name; nothing is
@@ -163,28 +228,39 @@ impl Upstream {
     /// first address that the backend permits and that answers. An address
     /// the backend refuses is never dialled.
     pub async fn dial(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let Route::Fixed {
+            host,
+            port,
+            tls,
+            backend,
+            ..
+        } = &self.route
+        else {
+            let (tcp, addr, _) = self.dial_instance().await?;
+            return Ok((tcp, addr));
+        };
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
             .await
             .map_err(|source| UpstreamError::Resolve {
-                host: self.host.clone(),
+                host: host.clone(),
                 source,
             })?
             .collect();
         let mut addrs = Vec::with_capacity(resolved.len());
         let mut refused = None;
         for addr in resolved {
-            let checked = if self.tls.is_none() && !addr.ip().is_loopback() {
+            let checked = if tls.is_none() && !addr.ip().is_loopback() {
                 Err(format!(
                     "{} is not a loopback address, and tls-mode=disable reaches only a relay on this host",
                     addr.ip()
                 ))
             } else {
-                self.backend.check_destination(addr.ip())
+                backend.check_destination(addr.ip())
             };
             match checked {
                 Ok(()) => addrs.push(addr),
                 Err(reason) => {
-                    tracing::warn!(host = %self.host, address = %addr.ip(), backend = self.backend.name(), %reason, "address refused by the backend's policy");
+                    tracing::warn!(host = %host, address = %addr.ip(), backend = backend.name(), %reason, "address refused by the backend's policy");
                     refused.get_or_insert(reason);
                 }
             }
@@ -198,6 +274,15 @@ impl Upstream {
                 });
             }
         }
+        self.connect_first(host, addrs).await
+    }
+
+    /// Connects to the first of `addrs` that answers.
+    async fn connect_first(
+        &self,
+        host: &str,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let mut last = None;
         for addr in addrs {
             let started = Instant::now();
@@ -220,21 +305,107 @@ impl Upstream {
             }
         }
         Err(last.unwrap_or_else(|| UpstreamError::NoAddress {
-            host: self.host.clone(),
+            host: host.to_owned(),
         }))
+    }
+
+    /// A Cloud SQL instance: its current address on port 3307, and the TLS
+    /// configuration (client certificate, verifier) to use there.
+    async fn dial_instance(
+        &self,
+    ) -> Result<(TcpStream, SocketAddr, Arc<rustls::ClientConfig>), UpstreamError> {
+        let Route::CloudSql(instance) = &self.route else {
+            return Err(UpstreamError::Tls {
+                message: "internal: not a Cloud SQL target".into(),
+            });
+        };
+        let info = instance.connect_info().await?;
+        let port = crate::cloudsql::instance::SERVER_PROXY_PORT;
+        let (host, addrs) = match &info.dial {
+            Dial::Ip(ip) => (ip.to_string(), vec![SocketAddr::new(*ip, port)]),
+            Dial::Name(name) => {
+                let resolved = tokio::net::lookup_host((name.as_str(), port))
+                    .await
+                    .map_err(|source| UpstreamError::Resolve {
+                        host: name.clone(),
+                        source,
+                    })?
+                    .collect();
+                (name.clone(), resolved)
+            }
+        };
+        match self.connect_first(&host, addrs).await {
+            Ok((tcp, addr)) => Ok((tcp, addr, info.tls.clone())),
+            Err(e) => {
+                // The address may have moved: ask for fresh settings.
+                instance.invalidate();
+                Err(e)
+            }
+        }
+    }
+
+    /// A Cloud SQL instance: dial and complete TLS 1.3 from the first byte.
+    pub async fn connect_tunnel(&self) -> Result<UpstreamStream, UpstreamError> {
+        Ok(self.connect_tunnel_at().await?.0)
+    }
+
+    /// [`Upstream::connect_tunnel`], with the address it reached.
+    pub(crate) async fn connect_tunnel_at(
+        &self,
+    ) -> Result<(UpstreamStream, SocketAddr), UpstreamError> {
+        let (tcp, addr, config) = self.dial_instance().await?;
+        let after = self.connect_timeout;
+        let handshake = async {
+            let started = Instant::now();
+            // The verifier checks the instance's own names; the address is
+            // what rustls is given (SNI is off).
+            let name = ServerName::IpAddress(addr.ip().into());
+            let stream = tls::handshake::connect(config, name, tcp, self.kernel_tls)
+                .await
+                .map_err(|e| UpstreamError::Tls {
+                    message: crate::cloudsql::cert::describe_io(&e).map_or_else(
+                        || tls::describe_handshake_error(&e, &self.server_name()),
+                        |why| format!("Cloud SQL server certificate refused: {why}"),
+                    ),
+                })?;
+            self.metrics.tls_handshake(started.elapsed());
+            Ok((UpstreamStream::Tls(Box::new(stream)), addr))
+        };
+        let result = match tokio::time::timeout(after, handshake).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::TlsTimeout { addr, after }),
+        };
+        if result.is_err() {
+            if let Route::CloudSql(instance) = &self.route {
+                instance.invalidate();
+            }
+        }
+        result
     }
 
     /// The TLS handshake over an established, already-upgraded-for-TLS stream.
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
-        let Some(config) = self.tls.clone() else {
-            return Ok(UpstreamStream::Plain(tcp));
+        let (config, server_name, server_name_text) = match &self.route {
+            Route::Fixed {
+                tls: Some(config),
+                server_name,
+                server_name_text,
+                ..
+            } => (config, server_name, server_name_text),
+            Route::Fixed { tls: None, .. } => return Ok(UpstreamStream::Plain(tcp)),
+            // Its TLS starts at the first byte, in `connect_tunnel`.
+            Route::CloudSql(_) => {
+                return Err(UpstreamError::Tls {
+                    message: "internal: a Cloud SQL connection has no STARTTLS".into(),
+                })
+            }
         };
         let started = Instant::now();
         let stream =
-            tls::handshake::connect(config, self.server_name.clone(), tcp, self.kernel_tls)
+            tls::handshake::connect(config.clone(), server_name.clone(), tcp, self.kernel_tls)
                 .await
                 .map_err(|e| UpstreamError::Tls {
-                    message: tls::describe_handshake_error(&e, &self.server_name_text),
+                    message: tls::describe_handshake_error(&e, server_name_text),
                 })?;
         self.metrics.tls_handshake(started.elapsed());
         Ok(UpstreamStream::Tls(Box::new(stream)))
@@ -246,7 +417,12 @@ impl Upstream {
     /// in. (The server logs an incomplete startup; for MySQL it also counts
     /// one aborted connect toward `max_connect_errors` for this host, which
     /// the next successful login resets.)
-    pub async fn probe(&self, protocol: Protocol) -> Result<(), UpstreamError> {
+    pub async fn probe(&self, protocol: Option<Protocol>) -> Result<(), UpstreamError> {
+        let protocol = match (protocol, &self.route) {
+            (Some(protocol), _) => protocol,
+            (None, Route::CloudSql(instance)) => instance.protocol().await?,
+            (None, Route::Fixed { .. }) => Protocol::Postgres,
+        };
         let mut stream = match protocol {
             Protocol::Postgres => self.connect_postgres().await?,
             Protocol::Mysql => {

@@ -20,18 +20,28 @@ use tokio::net::TcpStream;
 use super::{Upstream, UpstreamError, UpstreamStream};
 use crate::protocol::mysql::{self, caps, Greeting};
 
-/// A server connection that has greeted and awaits keyhole's SSLRequest.
+/// A server connection that has greeted and awaits keyhole's SSLRequest,
+/// or (a Cloud SQL instance) greeted inside TLS and needs none.
 pub struct Greeted {
-    tcp: TcpStream,
-    addr: SocketAddr,
+    conn: Conn,
     /// The greeting's sequence id (the SSLRequest takes the next one).
     seq: u8,
     pub greeting: Greeting,
 }
 
+enum Conn {
+    /// Plain TCP before keyhole's SSLRequest.
+    Starttls { tcp: TcpStream, addr: SocketAddr },
+    /// Already TLS from the first byte: the greeting came through it.
+    Tunnel(UpstreamStream),
+}
+
 impl Upstream {
     /// Connects and reads the greeting; refuses a server without TLS.
     pub async fn greet_mysql(&self) -> Result<Greeted, UpstreamError> {
+        if self.is_tunnel() {
+            return self.greet_in_tunnel().await;
+        }
         let (mut tcp, addr) = self.dial().await?;
         let after = self.connect_timeout();
         let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
@@ -51,8 +61,31 @@ impl Upstream {
             return Err(UpstreamError::TlsRefused { addr });
         }
         Ok(Greeted {
-            tcp,
+            conn: Conn::Starttls { tcp, addr },
+            seq,
+            greeting,
+        })
+    }
+
+    /// A Cloud SQL instance: TLS first, then the server's greeting through
+    /// it. The session is already encrypted, so the greeting need not offer
+    /// TLS, and keyhole never asks for it again.
+    async fn greet_in_tunnel(&self) -> Result<Greeted, UpstreamError> {
+        let (mut stream, addr) = self.connect_tunnel_at().await?;
+        let after = self.connect_timeout();
+        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut stream, addr))
+            .await
+            .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
+        if payload.first() == Some(&mysql::reply::ERR) {
+            let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
+            return Err(UpstreamError::RefusedBeforeTls { addr, code });
+        }
+        let greeting = mysql::parse_greeting(&payload).map_err(|e| UpstreamError::NotMysql {
             addr,
+            reason: e.to_string(),
+        })?;
+        Ok(Greeted {
+            conn: Conn::Tunnel(stream),
             seq,
             greeting,
         })
@@ -65,9 +98,11 @@ impl Upstream {
         greeted: Greeted,
         client_response: &[u8],
     ) -> Result<UpstreamStream, UpstreamError> {
-        let Greeted {
-            mut tcp, addr, seq, ..
-        } = greeted;
+        let (mut tcp, addr, seq) = match greeted.conn {
+            Conn::Starttls { tcp, addr } => (tcp, addr, greeted.seq),
+            // Nothing to upgrade: the response goes through the tunnel as is.
+            Conn::Tunnel(stream) => return Ok(stream),
+        };
         // Nothing may arrive between the greeting and our SSLRequest.
         super::ensure_nothing_buffered(&tcp, addr)?;
         let mut request = BytesMut::with_capacity(4 + mysql::SSL_REQUEST_LEN);
@@ -91,7 +126,7 @@ impl Upstream {
 
 /// Reads exactly one packet, nothing past it.
 async fn read_one_packet(
-    tcp: &mut TcpStream,
+    tcp: &mut (impl tokio::io::AsyncRead + Unpin),
     addr: SocketAddr,
 ) -> Result<(u8, Bytes), UpstreamError> {
     let io_err = |source: io::Error| match source.kind() {

@@ -11,6 +11,10 @@ use crate::protocol::postgres::{CancelKey, SSL_REQUEST};
 impl Upstream {
     /// Connects and upgrades to verified TLS, or fails closed.
     pub async fn connect_postgres(&self) -> Result<UpstreamStream, UpstreamError> {
+        if self.is_tunnel() {
+            // TLS from the first byte; Postgres starts plain inside it.
+            return self.connect_tunnel().await;
+        }
         let (tcp, addr) = self.dial().await?;
         if self.is_plain() {
             return Ok(UpstreamStream::Plain(tcp));

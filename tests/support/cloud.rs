@@ -352,7 +352,7 @@ impl HttpFake {
     /// port, so handlers can know their own URL. `garbage_type` is the
     /// Content-Type of [`Mode::Garbage`] answers (the fake's usual one);
     /// `always` are headers added to every answer, whatever the mode.
-    fn start(
+    pub(crate) fn start(
         name: &'static str,
         garbage_type: &'static str,
         always: &'static [(&'static str, &'static str)],

@@ -76,6 +76,13 @@
 //!   Clients run with libpq defaults (no sslmode): every `PG*` variable is
 //!   removed and `PGPASSWORD` is set only when a password is given. psql gets
 //!   `-X -A -t -q -w -v ON_ERROR_STOP=1`. Every command has a time limit.
+//! - [`cloudsql`]: `FakeSqlAdmin::start()`, a fake Cloud SQL Admin API
+//!   (`connectSettings`, `generateEphemeralCert`, bearer tokens, Google's
+//!   error bodies, failure injection) whose `add_instance(InstanceSpec) ->
+//!   InstanceHandle` starts that instance's server-side proxy on its own
+//!   `127.77.x.y:3307` (TLS 1.3, client certificate required, then the real
+//!   server's Unix socket); a PostgreSQL cluster behind it needs
+//!   `cloudsql::pg_options(iam_users)`. See its module docs.
 //! - [`process`]: `output_with_timeout`, `finish_with_timeout(child, what,
 //!   limit)`, `Watchdog`, `server_user`, `clean_env`.
 //! - [`logs`]: `text_fields(line)`, `closed_lines(log)` (the fields of each
@@ -116,6 +123,7 @@
 pub mod certs;
 pub mod clients;
 pub mod cloud;
+pub mod cloudsql;
 pub mod fake_rds;
 pub mod http;
 pub mod keyhole;
