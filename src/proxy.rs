@@ -309,6 +309,12 @@ impl Proxy {
         if config.http.readiness_checks_upstream {
             health = health.check_upstreams(self.probe_list());
         }
+        let instances: Vec<Arc<Instance>> = self
+            .targets
+            .iter()
+            .filter_map(|t| t.upstream().instance().cloned())
+            .collect();
+        health = health.watch_instances(instances);
         endpoints::start(config, health, &lifecycle, &endpoints_stop).await?;
 
         if config.run_connection_test {

@@ -532,3 +532,102 @@ fn loopback_with_free(ports: &[u16]) -> std::net::Ipv4Addr {
     }
     panic!("no 127.88.x.y with {ports:?} free")
 }
+
+#[test]
+fn readiness_names_an_instance_without_a_certificate_and_metrics_count_refreshes() {
+    let pg = cluster();
+    let api = FakeSqlAdmin::start();
+    let good = api.add_instance(InstanceSpec::postgres("ready", pg));
+    let bad = api.add_instance(InstanceSpec::postgres("refused", pg));
+    api.set_failure(bad.name(), Some(Failure::Forbidden));
+    let http_port = support::free_port().to_string();
+    let keyhole = start(
+        &api,
+        &[
+            "--health-check",
+            "--prometheus",
+            "--http-port",
+            &http_port,
+            &good.connection_name(),
+            &bad.connection_name(),
+        ],
+    );
+    let http_port: u16 = http_port.parse().expect("a port");
+    let last = std::cell::RefCell::new((0, String::new()));
+    support::session::wait_until(
+        "readiness to name the refused instance",
+        Duration::from_secs(20),
+        || {
+            let reply = support::http::get(http_port, "/readiness").unwrap_or_default();
+            let named = reply.0 == 503 && reply.1.contains("refused");
+            *last.borrow_mut() = reply;
+            named
+        },
+        || format!("{:?}\n{}", last.borrow(), keyhole.logs()),
+    );
+    let last = last.into_inner();
+    assert!(
+        last.1.contains(&bad.connection_name()) && last.1.contains("HTTP 403"),
+        "{last:?}"
+    );
+    // The good instance serves all the same, and keyhole did not exit.
+    let out = psql_scram(keyhole.port(), "select 'still serving'");
+    assert_eq!(
+        clients::expect_success(&out, "good instance"),
+        "still serving"
+    );
+
+    let (status, metrics) = support::http::get(http_port, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let good_name = good.connection_name();
+    for needle in [
+        format!("keyhole_cloudsql_refreshes_total{{target=\"{good_name}\",result=\"ok\"}} 1"),
+        format!("keyhole_cloudsql_api_calls_total{{target=\"{good_name}\",method=\"generateEphemeralCert\",status=\"200\"}} 1"),
+        format!(
+            "keyhole_cloudsql_refreshes_total{{target=\"{}\",result=\"forbidden\"}}",
+            bad.connection_name()
+        ),
+        format!("keyhole_cloudsql_cert_expiry_seconds{{target=\"{good_name}\"}} 3"),
+    ] {
+        assert!(metrics.contains(&needle), "no {needle} in\n{metrics}");
+    }
+    assert_no_secret(&keyhole, &[api.admin_token()]);
+    assert!(!metrics.contains(&api.admin_token()));
+}
+
+#[test]
+fn unix_sockets_are_laid_out_as_cloud_sql_proxy_does() {
+    let pg = cluster();
+    let api = FakeSqlAdmin::start();
+    let instance = api.add_instance(InstanceSpec::postgres("socket", pg));
+    let dir = support::scratch_dir("keyhole-csql-sock-");
+    let dir_text = dir.path().to_str().expect("UTF-8").to_owned();
+    let instance_dir = dir.path().join(instance.connection_name());
+    let socket = instance_dir.join(".s.PGSQL.5432");
+    let token = api.admin_token();
+    let url = api.url();
+    let _keyhole = Keyhole::spawn(
+        &[
+            "-u",
+            &dir_text,
+            "-t",
+            &token,
+            "--sqladmin-api-endpoint",
+            &url,
+            &instance.connection_name(),
+        ],
+        &[],
+        Ready::Unix(socket.clone()),
+    );
+    let out = clients::psql_unix(
+        &instance_dir,
+        5432,
+        SCRAM_USER,
+        Some(SCRAM_PASS),
+        "select 'over the socket'",
+    );
+    assert_eq!(
+        clients::expect_success(&out, "psql -h DIR/INSTANCE"),
+        "over the socket"
+    );
+}

@@ -72,14 +72,14 @@ impl EphemeralKey {
     /// Generates a fresh key. This is CPU work (0.1–1 s): call it from
     /// `tokio::task::spawn_blocking`, never on a runtime thread.
     pub fn generate() -> Result<EphemeralKey, CertError> {
-        let gen = |e: &dyn fmt::Display| CertError::KeyGeneration(e.to_string());
-        let key =
-            rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, RSA_BITS).map_err(|e| gen(&e))?;
-        let pkcs8 = key.to_pkcs8_der().map_err(|e| gen(&e))?;
+        let failed = |e: &dyn fmt::Display| CertError::KeyGeneration(e.to_string());
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, RSA_BITS)
+            .map_err(|e| failed(&e))?;
+        let pkcs8 = key.to_pkcs8_der().map_err(|e| failed(&e))?;
         let spki = key
             .to_public_key()
             .to_public_key_der()
-            .map_err(|e| gen(&e))?
+            .map_err(|e| failed(&e))?
             .into_vec();
         Ok(EphemeralKey { pkcs8, spki })
     }
@@ -467,7 +467,7 @@ mod tests {
         date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
         KeyPair, KeyUsagePurpose, SanType,
     };
-    use rustls::pki_types::{IpAddr as PkiIpAddr, PrivatePkcs8KeyDer};
+    use rustls::pki_types::IpAddr as PkiIpAddr;
     use rustls::server::WebPkiClientVerifier;
     use rustls::ServerConfig;
     use std::sync::OnceLock;

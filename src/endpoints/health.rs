@@ -9,7 +9,9 @@
 //!   `--max-connections` is reached, and (only with
 //!   `--readiness-checks-upstream`) while a target does not answer a TLS
 //!   connection. It never dials otherwise: a database blip should not make
-//!   a platform restart or unroute every sidecar at once.
+//!   a platform restart or unroute every sidecar at once. A Cloud SQL
+//!   instance (refreshed ahead) without a valid client certificate fails it
+//!   too, naming the instance and why.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::cloudsql::Instance;
 use crate::config::Protocol;
 use crate::http::server::Reply;
 use crate::lifecycle::{Lifecycle, Phase};
@@ -33,6 +36,9 @@ pub struct Health {
     /// The connection limit's semaphore and its size.
     limit: Option<(Arc<Semaphore>, usize)>,
     upstream: Option<UpstreamCheck>,
+    /// Cloud SQL instances: `/readiness` fails while one has no valid
+    /// client certificate (it asks no API, only the connector's state).
+    instances: Vec<Arc<Instance>>,
 }
 
 /// The targets `/readiness` dials, and its last answer.
@@ -47,7 +53,15 @@ impl Health {
             lifecycle,
             limit,
             upstream: None,
+            instances: Vec::new(),
         }
+    }
+
+    /// `/readiness` also says which of these instances has no valid
+    /// certificate (refresh-ahead instances; a lazy one fetches on demand).
+    pub fn watch_instances(mut self, instances: Vec<Arc<Instance>>) -> Health {
+        self.instances = instances;
+        self
     }
 
     /// `/readiness` also dials these (`--readiness-checks-upstream`).
@@ -83,6 +97,14 @@ impl Health {
         if let Some((semaphore, size)) = &self.limit {
             if semaphore.available_permits() == 0 {
                 return unavailable(format!("at the connection limit ({size} of {size})"));
+            }
+        }
+        for instance in &self.instances {
+            if let Some(why) = instance.not_ready() {
+                return unavailable(format!(
+                    "instance {} has no valid client certificate: {why}",
+                    instance.name
+                ));
             }
         }
         if let Some(check) = &self.upstream {
