@@ -27,7 +27,8 @@ use std::collections::HashMap;
 use crate::backend;
 use crate::cancel::CancelRegistry;
 use crate::cidr;
-use crate::cloudsql::{self as connector, Instance};
+use crate::cloudsql::name::Named;
+use crate::cloudsql::{self as connector, Instance, InstanceName, Slot};
 use crate::config::{self, Config, Protocol, TargetConfig};
 use crate::credentials::{self, SourceContext, TokenCache, TokenLogin};
 use crate::endpoints::{self, Health};
@@ -61,7 +62,7 @@ pub enum Frontend {
 
 /// A frontend that waits for its instance's engine.
 pub struct Deferred {
-    instance: Arc<Instance>,
+    slot: Arc<Slot>,
     parts: FrontendParts,
     postgres: tokio::sync::OnceCell<Frontend>,
     mysql: tokio::sync::OnceCell<Frontend>,
@@ -146,10 +147,11 @@ impl Deferred {
     /// greeting. That frontend then meets the same connector error when it
     /// dials, and renders it as its protocol's error message.
     async fn resolve(&self, socket: &net::Socket) -> Result<&Frontend, SessionError> {
-        let protocol = match self.instance.protocol().await {
+        let instance = self.slot.instance();
+        let protocol = match instance.protocol().await {
             Ok(protocol) => protocol,
             Err(e) => {
-                tracing::warn!(instance = %self.instance.name, error = %e, "the instance's engine is not known; answering in the protocol the client speaks");
+                tracing::warn!(instance = %instance.name, error = %e, "the instance's engine is not known; answering in the protocol the client speaks");
                 if socket.spoke_within(Duration::from_millis(500)).await {
                     Protocol::Postgres
                 } else {
@@ -266,8 +268,8 @@ impl Proxy {
         let instances =
             start_instances(&mut config, &mut sources, &refreshers, &mut failures).await?;
         let mut targets = Vec::with_capacity(config.targets.len());
-        for (target, instance) in config.targets.iter().zip(instances) {
-            match prepare_target(&config, target, instance, &cancels, &mut sources).await {
+        for (target, slot) in config.targets.iter().zip(instances) {
+            match prepare_target(&config, target, slot, &cancels, &mut sources).await {
                 Ok(ready) => targets.push(Arc::new(ready)),
                 Err(e) if config.skip_failed_targets => {
                     tracing::error!(error = %e, "target skipped: its configuration failed");
@@ -309,10 +311,10 @@ impl Proxy {
         if config.http.readiness_checks_upstream {
             health = health.check_upstreams(self.probe_list());
         }
-        let instances: Vec<Arc<Instance>> = self
+        let instances: Vec<Arc<Slot>> = self
             .targets
             .iter()
-            .filter_map(|t| t.upstream().instance().cloned())
+            .filter_map(|t| t.upstream().slot().cloned())
             .collect();
         health = health.watch_instances(instances);
         endpoints::start(config, health, &lifecycle, &endpoints_stop).await?;
@@ -534,7 +536,8 @@ fn alpn(protocol: Protocol) -> Option<&'static [u8]> {
 
 /// Builds the Cloud SQL connector if any target names an instance, starts
 /// each instance (refresh ahead, unless lazy), and learns the engine of
-/// those whose listener waits for it. Returns, per target, its instance.
+/// those whose listener waits for it; a DNS-named instance is looked up
+/// first and then followed. Returns, per target, its slot.
 /// A target that fails is removed from `config` (and named in `failures`)
 /// with `--skip-failed-targets`; otherwise its failure is returned.
 async fn start_instances(
@@ -542,7 +545,7 @@ async fn start_instances(
     sources: &mut SourceContext,
     stop: &CancellationToken,
     failures: &mut Vec<String>,
-) -> Result<Vec<Option<Arc<Instance>>>, PrepareError> {
+) -> Result<Vec<Option<Arc<Slot>>>, PrepareError> {
     if config.targets.iter().all(|t| t.cloudsql.is_none()) {
         return Ok(vec![None; config.targets.len()]);
     }
@@ -557,42 +560,70 @@ async fn start_instances(
             reason,
         })?;
     tracing::info!(credentials = %shared.api.principal(), lazy_refresh = config.cloudsql.lazy_refresh, "Cloud SQL connector: keyhole fetches instances' certificates from the SQL Admin API");
-    let mut instances = Vec::with_capacity(config.targets.len());
+    let mut slots = Vec::with_capacity(config.targets.len());
     let mut index = 0;
     while index < config.targets.len() {
         let target = &config.targets[index];
-        let Some(cloudsql) = &target.cloudsql else {
-            instances.push(None);
+        let Some(cloudsql) = target.cloudsql.clone() else {
+            slots.push(None);
             index += 1;
             continue;
         };
         let metrics = metrics::global().target(&target.name);
-        let instance = Instance::new(
-            cloudsql.instance.clone(),
-            cloudsql.ip,
-            cloudsql.auto_iam_authn,
-            config.cloudsql.lazy_refresh,
-            shared.clone(),
-            metrics,
-        );
-        instance.start(stop.clone());
-        let settled = if target.pending.is_some() {
-            // Where it listens depends on its engine: learn it now.
-            match instance.protocol().await {
-                Ok(protocol) => {
-                    crate::config::cloudsql::settle(&mut config.targets, index, protocol)
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(format!(
-                    "{e} (its engine decides where it listens: give it a port, with --port or ?port=, to start without the API)"
-                )),
+        let lazy = config.cloudsql.lazy_refresh;
+        let make = {
+            let shared = shared.clone();
+            move |name: InstanceName, stop: CancellationToken| {
+                let instance = Instance::new(
+                    name,
+                    cloudsql.ip,
+                    cloudsql.auto_iam_authn,
+                    lazy,
+                    shared.clone(),
+                    metrics.clone(),
+                );
+                instance.start(stop);
+                instance
             }
-        } else {
-            Ok(())
         };
-        match settled {
-            Ok(()) => {
-                instances.push(Some(instance));
+        let started = async {
+            let (name, dns) = match &cloudsql.instance {
+                Named::Instance(name) => (name.clone(), None),
+                Named::Dns(dns_name) => {
+                    let server = connector::dns::server(&sources.env).map_err(|e| e.to_string())?;
+                    let name = connector::dns::resolve(server, dns_name, config.connect_timeout)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(dns_name = %dns_name, instance = %name, "DNS-named Cloud SQL instance: looked up now and every 30 s");
+                    (name, Some((dns_name.clone(), server)))
+                }
+            };
+            let own_stop = stop.child_token();
+            let instance = make(name, own_stop.clone());
+            let slot = Slot::new(instance.clone(), dns.as_ref().map(|(n, _)| n.clone()));
+            if let Some((_, server)) = dns {
+                slot.watch(
+                    server,
+                    config.connect_timeout,
+                    config.max_sigterm_delay,
+                    make,
+                    own_stop,
+                    stop.clone(),
+                );
+            }
+            if config.targets[index].pending.is_some() {
+                // Where it listens depends on its engine: learn it now.
+                let protocol = instance.protocol().await.map_err(|e| format!(
+                    "{e} (its engine decides where it listens: give it a port, with --port or ?port=, to start without the API)"
+                ))?;
+                crate::config::cloudsql::settle(&mut config.targets, index, protocol)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(slot)
+        };
+        match started.await {
+            Ok(slot) => {
+                slots.push(Some(slot));
                 index += 1;
             }
             Err(reason) => {
@@ -609,14 +640,14 @@ async fn start_instances(
             }
         }
     }
-    Ok(instances)
+    Ok(slots)
 }
 
 /// One target, ready to serve; see [`Proxy::prepare`].
 async fn prepare_target(
     config: &Config,
     target: &TargetConfig,
-    instance: Option<Arc<Instance>>,
+    slot: Option<Arc<Slot>>,
     cancels: &Arc<CancelRegistry>,
     sources: &mut SourceContext,
 ) -> Result<Target, PrepareError> {
@@ -625,9 +656,9 @@ async fn prepare_target(
         reason,
     };
     let metrics = metrics::global().target(&target.name);
-    let upstream = match &instance {
-        Some(instance) => Arc::new(Upstream::cloudsql(
-            instance.clone(),
+    let upstream = match &slot {
+        Some(slot) => Arc::new(Upstream::cloudsql(
+            slot.clone(),
             config.kernel_tls,
             config.connect_timeout,
             metrics.clone(),
@@ -661,10 +692,10 @@ async fn prepare_target(
             size: config.pipe_size,
         },
     };
-    let frontend = match (target.protocol, instance) {
+    let frontend = match (target.protocol, slot) {
         (Some(protocol), _) => parts.build(protocol).map_err(|e| fail(e.to_string()))?,
-        (None, Some(instance)) => Frontend::Deferred(Box::new(Deferred {
-            instance,
+        (None, Some(slot)) => Frontend::Deferred(Box::new(Deferred {
+            slot,
             parts,
             postgres: tokio::sync::OnceCell::new(),
             mysql: tokio::sync::OnceCell::new(),
@@ -740,7 +771,38 @@ async fn accept_loop(
         connections.spawn(async move {
             let _permit = permit;
             let _open = open;
-            serve_connection(id, peer, socket, admission, &target, &cut).await;
+            // A DNS-named instance that moves closes the connections made
+            // to the old one after the drain: the session's cut is then
+            // also that instance's.
+            let generation = target
+                .upstream()
+                .slot()
+                .filter(|slot| slot.follows_dns())
+                .map(|slot| slot.current().generation);
+            let Some(generation) = generation else {
+                serve_connection(id, peer, socket, admission, &target, &cut, None).await;
+                return;
+            };
+            let session_cut = cut.child_token();
+            let _end = session_cut.clone().drop_guard();
+            let relay = session_cut.clone();
+            let moved = generation.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = moved.cancelled() => relay.cancel(),
+                    _ = relay.cancelled() => {}
+                }
+            });
+            serve_connection(
+                id,
+                peer,
+                socket,
+                admission,
+                &target,
+                &session_cut,
+                Some(&generation),
+            )
+            .await;
         });
     }
 }
@@ -752,6 +814,7 @@ async fn serve_connection(
     admission: Admission,
     target: &Target,
     cut: &CancellationToken,
+    generation: Option<&CancellationToken>,
 ) {
     let started = Instant::now();
     let name = target.config.name.as_str();
@@ -761,9 +824,14 @@ async fn serve_connection(
         .frontend
         .serve(socket, admission, cut, &mut report)
         .await;
+    let moved = generation.is_some_and(CancellationToken::is_cancelled);
     let (outcome, error) = match &result {
         Ok(()) if report.cancel_forwarded => ("cancel_forwarded", None),
         Ok(()) => ("ok", None),
+        Err(SessionError::Cut) if moved => (
+            "instance_moved",
+            Some("the DNS name now points to another Cloud SQL instance; connections to the old one are closed after --max-sigterm-delay".to_owned()),
+        ),
         Err(e) => (e.label(), Some(e.to_string())),
     };
     let unmetered = report.transferred - report.metered;

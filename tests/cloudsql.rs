@@ -257,7 +257,10 @@ fn what_a_client_sees_when_the_connector_cannot_connect() {
         "{err}"
     );
     let err = failing(Some(Failure::Quota), &[], &name);
-    assert!(err.contains("quota is exhausted (HTTP 429"), "{err}");
+    assert!(
+        err.contains("quota is exhausted (HTTP 429") && err.contains("(cool-down)"),
+        "{err}"
+    );
     let err = failing(None, &["--private-ip"], &name);
     assert!(
         err.contains("has no private IP address (it has: public)"),
@@ -629,5 +632,224 @@ fn unix_sockets_are_laid_out_as_cloud_sql_proxy_does() {
     assert_eq!(
         clients::expect_success(&out, "psql -h DIR/INSTANCE"),
         "over the socket"
+    );
+}
+
+/// A DNS server on 127.0.0.1 that answers TXT queries from a map (and
+/// NXDOMAIN otherwise), for `KEYHOLE_DNS_SERVER`. Stops when dropped.
+struct FakeDns {
+    addr: std::net::SocketAddr,
+    records: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeDns {
+    fn start() -> FakeDns {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a read timeout");
+        let addr = socket.local_addr().expect("its address");
+        let records = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            String,
+        >::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (map, done) = (records.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let query = &buf[..n];
+                let Some(name) = question_name(query) else {
+                    continue;
+                };
+                let txt = map
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&name)
+                    .cloned();
+                let _ = socket.send_to(&txt_answer(query, txt.as_deref()), from);
+            }
+        });
+        FakeDns {
+            addr,
+            records,
+            stop,
+        }
+    }
+
+    fn set(&self, name: &str, txt: &str) {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), txt.to_owned());
+    }
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The queried name (labels joined by dots) of a one-question query.
+fn question_name(query: &[u8]) -> Option<String> {
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        if len == 0 {
+            return Some(labels.join("."));
+        }
+        labels.push(String::from_utf8(query.get(at..at + len)?.to_vec()).ok()?);
+        at += len;
+    }
+}
+
+/// The answer to `query`: one TXT record, or NXDOMAIN.
+fn txt_answer(query: &[u8], txt: Option<&str>) -> Vec<u8> {
+    let mut out = query[..2].to_vec();
+    out.extend_from_slice(&[0x81, if txt.is_some() { 0x80 } else { 0x83 }]);
+    out.extend_from_slice(&[0, 1, 0, u8::from(txt.is_some()), 0, 0, 0, 0]);
+    out.extend_from_slice(&query[12..]);
+    if let Some(txt) = txt {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 16, 0, 1, 0, 0, 0, 30]);
+        out.extend_from_slice(&((txt.len() + 1) as u16).to_be_bytes());
+        out.push(txt.len() as u8);
+        out.extend_from_slice(txt.as_bytes());
+    }
+    out
+}
+
+#[test]
+fn a_dns_named_instance_follows_its_txt_record_and_drains_the_old_one() {
+    let pg = cluster();
+    let api = FakeSqlAdmin::start();
+    let blue = api.add_instance(InstanceSpec::postgres("blue", pg));
+    let green = api.add_instance(InstanceSpec::postgres("green", pg));
+    let dns = FakeDns::start();
+    let name = "prod-db.example.com";
+    dns.set(name, &blue.connection_name());
+    let dns_server = dns.addr.to_string();
+    let keyhole = keyhole_env(
+        &api,
+        &["--max-sigterm-delay", "10s", &format!("cloudsql://{name}")],
+        &[("KEYHOLE_DNS_SERVER", &dns_server)],
+    );
+    let rt = support::runtime();
+    let (old, _task) = support::session::connect(&rt, keyhole.port(), "before-the-move");
+    assert_eq!(
+        support::session::simple_query(&rt, &old, "select 1").expect("query"),
+        ["1"]
+    );
+    assert!(!api.connections(blue.name()).is_empty());
+
+    // The switchover: the name now points to green.
+    dns.set(name, &green.connection_name());
+    support::session::wait_until(
+        "new connections to go to the new instance",
+        Duration::from_secs(45),
+        || {
+            let out = psql_scram(keyhole.port(), "select 1");
+            out.status.success() && !api.connections(green.name()).is_empty()
+        },
+        || keyhole.logs(),
+    );
+    // The session on the old instance goes on for the drain...
+    assert_eq!(
+        support::session::simple_query(&rt, &old, "select 2").expect("still open"),
+        ["2"]
+    );
+    // ... and is closed after it.
+    support::session::wait_until(
+        "the old instance's session to be closed after the drain",
+        Duration::from_secs(20),
+        || support::session::simple_query(&rt, &old, "select 3").is_err(),
+        || keyhole.logs(),
+    );
+    let logs = keyhole.logs();
+    assert!(
+        logs.contains("outcome=\"instance_moved\"") || logs.contains("outcome=instance_moved"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("points to another Cloud SQL instance"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_cancel_request_reaches_the_instance_through_the_tunnel() {
+    let pg = cluster();
+    let api = FakeSqlAdmin::start();
+    let instance = api.add_instance(InstanceSpec::postgres("cancel", pg));
+    let keyhole = start(&api, &[&instance.connection_name()]);
+    let rt = support::runtime();
+    let (client, _task) = support::session::connect(&rt, keyhole.port(), "cloudsql-cancel");
+    let token = client.cancel_token();
+    let query =
+        rt.spawn(async move { client.simple_query("select pg_sleep(60)").await.map(|_| ()) });
+    support::session::wait_until(
+        "the query to be running",
+        Duration::from_secs(20),
+        || {
+            pg.admin_sql(
+                "select count(*) from pg_stat_activity where application_name = 'cloudsql-cancel' \
+                 and query like '%pg_sleep%'",
+            ) == "1"
+        },
+        || keyhole.logs(),
+    );
+    rt.block_on(token.cancel_query(tokio_postgres::NoTls))
+        .expect("the cancel request is delivered to keyhole");
+    let result = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), query).await })
+        .expect("the cancelled query returns")
+        .expect("the query task does not panic");
+    let err = result.expect_err("the query was cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err:?}"
+    );
+    keyhole.wait_for_log("cancel_forwarded", 1);
+}
+
+#[test]
+fn private_ip_psc_and_the_quota_project_as_asked() {
+    let pg = cluster();
+    let api = FakeSqlAdmin::start();
+    let instance = api.add_instance(InstanceSpec {
+        private_ip: true,
+        psc: true,
+        ..InstanceSpec::postgres("addresses", pg)
+    });
+    let name = instance.connection_name();
+    let cases = [
+        (vec!["--private-ip", name.as_str()], fake::IpType::Private),
+        (vec!["--psc", name.as_str()], fake::IpType::Psc),
+        (vec![name.as_str()], fake::IpType::Public),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["--quota-project", "billing-proj"];
+        all.extend(args.iter().copied());
+        let keyhole = start(&api, &all);
+        let before = api.connections(instance.name()).len();
+        let out = psql_scram(keyhole.port(), "select 1");
+        assert_eq!(clients::expect_success(&out, &format!("{args:?}")), "1");
+        let conns = api.wait_for_connections(instance.name(), before + 1, Duration::from_secs(10));
+        assert_eq!(conns[before].ip_type, expected, "{args:?}");
+    }
+    let requests = api.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("x-goog-user-project") == Some("billing-proj")),
+        "every Admin API call bills the quota project"
     );
 }

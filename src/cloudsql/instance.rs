@@ -59,6 +59,16 @@ pub struct ConnectInfo {
     pub expires_at: SystemTime,
 }
 
+impl std::fmt::Debug for ConnectInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectInfo")
+            .field("database_version", &self.settings.database_version)
+            .field("dial", &self.dial)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The address a connection dials (port 3307).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dial {
@@ -285,12 +295,25 @@ impl Instance {
                 }
             }
         }
-        if let Err(refused) = self.admit() {
+        match self.admit() {
+            Ok(()) => {}
+            // It names the 429 and when keyhole asks again.
+            Err(e @ ConnectorError::CoolDown { .. }) => return Err(e),
             // The last failure says more than "not now": a client retrying
             // after a 403 should read the 403 again.
-            return Err(lock(&self.state).last_error.clone().unwrap_or(refused));
+            Err(refused) => return Err(lock(&self.state).last_error.clone().unwrap_or(refused)),
         }
-        let result = self.fetch().await;
+        let result = match self.fetch().await {
+            Err(ConnectorError::Api(e @ ApiError::Quota { .. })) => {
+                lock(&self.state).cool_down_until = Some(Instant::now() + QUOTA_COOL_DOWN);
+                Err(ConnectorError::CoolDown {
+                    instance: self.name.to_string(),
+                    left: QUOTA_COOL_DOWN,
+                    cause: e.to_string(),
+                })
+            }
+            other => other,
+        };
         let mut state = lock(&self.state);
         match &result {
             Ok(info) => {
@@ -302,9 +325,6 @@ impl Instance {
             }
             Err(e) => {
                 self.metrics.cloudsql_refreshed(e.label());
-                if let ConnectorError::Api(ApiError::Quota { .. }) = e {
-                    state.cool_down_until = Some(Instant::now() + QUOTA_COOL_DOWN);
-                }
                 state.last_error = Some(e.clone());
                 state.failed_at = Some(Instant::now());
             }
@@ -320,9 +340,14 @@ impl Instance {
         let now = Instant::now();
         if let Some(until) = state.cool_down_until {
             if until > now {
+                let cause = match &state.last_error {
+                    Some(ConnectorError::CoolDown { cause, .. }) => cause.clone(),
+                    _ => "the SQL Admin API's quota is exhausted (HTTP 429)".to_owned(),
+                };
                 return Err(ConnectorError::CoolDown {
                     instance: self.name.to_string(),
                     left: until - now,
+                    cause,
                 });
             }
             state.cool_down_until = None;
@@ -532,6 +557,96 @@ mod tests {
         assert_eq!(engine(&name(), "MYSQL_8_0_31").ok(), Some(Protocol::Mysql));
         let e = engine(&name(), "SQLSERVER_2019_STANDARD").expect_err("sql server");
         assert!(e.to_string().contains("SQL Server"), "{e}");
+    }
+
+    /// An instance whose API nobody answers (the tests below never call it).
+    fn offline_instance(lazy: bool) -> Arc<Instance> {
+        struct NoToken;
+        impl crate::credentials::TokenSource for NoToken {
+            fn provider(&self) -> &'static str {
+                "gcp"
+            }
+            fn fetch<'a>(
+                &'a self,
+                _request: &'a crate::credentials::TokenRequest,
+            ) -> crate::credentials::TokenFuture<'a> {
+                Box::pin(async {
+                    Err(crate::credentials::CredentialsError::Missing {
+                        provider: "gcp",
+                        reason: "test".into(),
+                    })
+                })
+            }
+        }
+        let tokens = crate::credentials::TokenCache::new(Arc::new(NoToken), Duration::from_secs(1));
+        let api = super::super::api::AdminApi::new(
+            "http://127.0.0.1:9",
+            tokens,
+            None,
+            Duration::from_secs(1),
+        )
+        .expect("an endpoint");
+        Instance::new(
+            name(),
+            IpPreference::Public,
+            false,
+            lazy,
+            Arc::new(Connector::new(api, None)),
+            Arc::new(TargetMetrics::default()),
+        )
+    }
+
+    #[test]
+    fn refreshes_come_in_a_burst_of_two_then_one_per_30_seconds() {
+        let instance = offline_instance(true);
+        assert!(instance.admit().is_ok());
+        assert!(instance.admit().is_ok());
+        match instance.admit() {
+            Err(ConnectorError::RateLimited { left, .. }) => {
+                assert!(left > Duration::from_secs(28) && left <= REFILL, "{left:?}")
+            }
+            other => panic!("expected the rate limit, got {other:?}"),
+        }
+        // Half a refill later, still not; a whole one later, one more.
+        lock(&instance.state).tokens = Some((0.5, Instant::now()));
+        assert!(instance.admit().is_err());
+        lock(&instance.state).tokens = Some((0.0, Instant::now() - REFILL));
+        assert!(instance.admit().is_ok());
+        assert!(instance.admit().is_err());
+    }
+
+    #[test]
+    fn a_quota_cool_down_is_named_until_it_ends() {
+        let instance = offline_instance(false);
+        lock(&instance.state).cool_down_until = Some(Instant::now() + Duration::from_secs(40));
+        let e = instance.admit().expect_err("cooling down");
+        assert!(
+            e.to_string().contains("quota is exhausted") && e.to_string().contains("cool-down"),
+            "{e}"
+        );
+        lock(&instance.state).cool_down_until = Some(Instant::now() - Duration::from_secs(1));
+        assert!(instance.admit().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_lazy_refresh_is_reported_again_not_repeated_at_once() {
+        let instance = offline_instance(true);
+        let first = instance.connect_info().await.expect_err("no token");
+        assert_eq!(first.label(), "credentials");
+        // Within a second the same error comes back without a new attempt
+        // (a new attempt would spend the second refresh of the burst).
+        let again = instance.connect_info().await.expect_err("no token");
+        assert_eq!(again.to_string(), first.to_string());
+        assert_eq!(
+            lock(&instance.state).tokens.map(|(t, _)| t < 1.5),
+            Some(true)
+        );
+        assert!(instance.admit().is_ok(), "the second refresh was not spent");
+        // Lazy instances are not "unready" for having fetched nothing yet,
+        // but one that failed says why.
+        assert!(instance
+            .not_ready()
+            .is_some_and(|why| why.contains("no gcp credentials")));
     }
 
     #[test]

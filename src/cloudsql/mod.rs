@@ -13,8 +13,10 @@
 
 pub mod api;
 pub mod cert;
+pub mod dns;
 pub mod instance;
 pub mod name;
+pub mod slot;
 pub(crate) mod x509;
 
 use std::sync::Arc;
@@ -24,9 +26,13 @@ use tokio::sync::OnceCell;
 
 pub use instance::{ConnectInfo, Dial, Instance};
 pub use name::InstanceName;
+pub use slot::Slot;
 
 use crate::config::cloudsql::{AdminCredentials, CloudSqlSettings};
 use crate::credentials::gcp::{GcpTokenSource, ADMIN_SCOPE, LOGIN_SCOPE};
+use crate::credentials::impersonate::{
+    BaseCredentials, Chain, ImpersonatedTokenSource, CLOUD_PLATFORM_SCOPE,
+};
 use crate::credentials::{
     CredentialsError, SourceContext, Token, TokenCache, TokenFuture, TokenRequest, TokenSource,
 };
@@ -74,8 +80,13 @@ pub enum ConnectorError {
     Certificate(Arc<CertError>),
     #[error("no IAM login token for automatic IAM database login: {0}")]
     LoginToken(CredentialsError),
-    #[error("the SQL Admin API said its quota is exhausted; keyhole asks again for instance {instance} in {}s (cool-down)", .left.as_secs().max(1))]
-    CoolDown { instance: String, left: Duration },
+    #[error("{cause}; keyhole asks the SQL Admin API again for instance {instance} in {}s (cool-down)", .left.as_secs().max(1))]
+    CoolDown {
+        instance: String,
+        left: Duration,
+        /// The 429 that started it, in words.
+        cause: String,
+    },
     #[error("instance {instance} was refreshed too often; the next refresh is allowed in {}s", .left.as_secs().max(1))]
     RateLimited { instance: String, left: Duration },
 }
@@ -157,7 +168,8 @@ impl Connector {
 
 /// Builds the connector from its settings: the Admin API's credentials
 /// (`--token`, `--credentials-file`, `--json-credentials`, or Application
-/// Default Credentials) and, when an instance logs in with IAM
+/// Default Credentials, each possibly the base of
+/// `--impersonate-service-account`) and, when an instance logs in with IAM
 /// automatically, the login token's source. Errors are configuration
 /// errors.
 pub async fn build(
@@ -183,9 +195,35 @@ pub async fn build(
         gcp.map(|s| Arc::new(s) as Arc<dyn TokenSource>)
             .map_err(|e| e.to_string())
     };
-    let admin = TokenCache::new(source(ADMIN_SCOPE)?, timeout);
+    // With --impersonate-service-account, as cloud-sql-proxy: those
+    // credentials (scope cloud-platform), or --token, are the base that acts
+    // as the chain's target, for the Admin API and for IAM login alike.
+    let base = match Chain::from_flag(&settings.impersonate) {
+        Some(chain) => Some((chain, BaseCredentials::new(source(CLOUD_PLATFORM_SCOPE)?))),
+        None => None,
+    };
+    let impersonated = |scope: &'static str| -> Result<Option<Arc<TokenCache>>, String> {
+        let Some((chain, base)) = &base else {
+            return Ok(None);
+        };
+        let source = ImpersonatedTokenSource::new(
+            base.clone(),
+            chain.clone(),
+            &settings.iam_credentials_endpoint,
+            scope,
+            timeout,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Some(TokenCache::new(Arc::new(source), timeout)))
+    };
+    let admin = match impersonated(ADMIN_SCOPE)? {
+        Some(cache) => cache,
+        None => TokenCache::new(source(ADMIN_SCOPE)?, timeout),
+    };
     let login = if !auto_iam {
         None
+    } else if let Some(cache) = impersonated(LOGIN_SCOPE)? {
+        Some(cache)
     } else if let AdminCredentials::Token(_) = settings.credentials {
         let token = settings.login_token.as_ref().ok_or(
             "--auto-iam-authn with --token needs --login-token (an OAuth2 token for IAM database login)",

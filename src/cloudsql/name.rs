@@ -96,10 +96,38 @@ pub fn is_instance_target(text: &str) -> bool {
     name.contains(':')
 }
 
+/// How a target names its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    Instance(InstanceName),
+    /// A DNS name whose TXT record holds the instance connection name.
+    Dns(String),
+}
+
+impl fmt::Display for Named {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Named::Instance(name) => name.fmt(f),
+            Named::Dns(name) => f.write_str(name),
+        }
+    }
+}
+
+impl Named {
+    /// The name a server certificate's CN fallback (or a token's endpoint)
+    /// is checked against before the instance is known.
+    pub fn certificate_cn(&self) -> String {
+        match self {
+            Named::Instance(name) => name.certificate_cn(),
+            Named::Dns(name) => name.clone(),
+        }
+    }
+}
+
 /// A target that names an instance, before defaults are applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceTarget {
-    pub name: InstanceName,
+    pub name: Named,
     /// `name=value` pairs after `?`, in order (a bare `name` is `name=true`).
     pub params: Vec<(String, String)>,
 }
@@ -119,13 +147,24 @@ pub fn parse_target(
         None => (rest, None),
     };
     let name = name.strip_suffix('/').unwrap_or(name);
-    if !name.contains(':') {
-        return Err(format!(
-            "target '{text}': '{name}' is a DNS name; keyhole takes instance connection names \
-             (PROJECT:REGION:INSTANCE) for now, DNS-named instances are not supported yet"
-        ));
-    }
-    let name = InstanceName::parse(name).map_err(|e| format!("target {e}"))?;
+    let name = if name.contains(':') {
+        Named::Instance(InstanceName::parse(name).map_err(|e| format!("target {e}"))?)
+    } else {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let labels: Vec<&str> = name.split('.').collect();
+        let label_ok = |l: &&str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if labels.len() < 2 || !labels.iter().all(label_ok) {
+            return Err(format!(
+                "target '{text}': '{name}' is neither an instance connection name \
+                 (PROJECT:REGION:INSTANCE) nor a DNS name whose TXT record holds one"
+            ));
+        }
+        Named::Dns(name)
+    };
     let mut params = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
@@ -178,7 +217,7 @@ mod tests {
         assert!(!is_instance_target("postgres://db:5432"));
         assert!(!is_instance_target("db.internal"));
         let t = parse_target("proj:us-central1:db?port=6000&private-ip", plain).expect("valid");
-        assert_eq!(t.name.instance, "db");
+        assert_eq!(t.name.to_string(), "proj:us-central1:db");
         assert_eq!(
             t.params,
             vec![
@@ -187,8 +226,10 @@ mod tests {
             ]
         );
         let t = parse_target("cloudsql://example.com:proj:us-central1:db", plain).expect("valid");
-        assert_eq!(t.name.project, "example.com:proj");
-        let e = parse_target("cloudsql://prod-db.example.com", plain).expect_err("dns");
-        assert!(e.contains("DNS name"), "{e}");
+        assert!(matches!(t.name, Named::Instance(n) if n.project == "example.com:proj"));
+        let t = parse_target("cloudsql://Prod-DB.example.com.?port=5000", plain).expect("dns");
+        assert_eq!(t.name, Named::Dns("prod-db.example.com".into()));
+        let e = parse_target("cloudsql://localhost", plain).expect_err("one label");
+        assert!(e.contains("neither an instance connection name"), "{e}");
     }
 }

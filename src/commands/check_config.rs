@@ -258,7 +258,14 @@ fn render_options(out: &mut String, config: &Config) {
                 .as_ref()
                 .map_or("-".into(), |_| "(set, not shown)".into()),
         ),
-        ("impersonate-service-account", "-".into()),
+        (
+            "impersonate-service-account",
+            if config.cloudsql.impersonate.is_empty() {
+                "-".into()
+            } else {
+                config.cloudsql.impersonate.join(",")
+            },
+        ),
         (
             "quota-project",
             or_dash(config.cloudsql.quota_project.clone()),
@@ -266,6 +273,10 @@ fn render_options(out: &mut String, config: &Config) {
         (
             "sqladmin-api-endpoint",
             config.cloudsql.api_endpoint.clone(),
+        ),
+        (
+            "iam-credentials-endpoint",
+            config.cloudsql.iam_credentials_endpoint.clone(),
         ),
         (
             "universe-domain",
@@ -688,6 +699,49 @@ mod tests {
                 "--{key} is not in check-config's report:\n{report}"
             );
         }
+    }
+
+    #[test]
+    fn the_impersonation_chain_and_its_endpoint_are_shown() {
+        let line = |report: &str, key: &str| {
+            report
+                .lines()
+                .find(|l| l.starts_with(&format!("{key} ")))
+                .unwrap_or_else(|| panic!("no {key} in\n{report}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (config, env) = load(
+            &[
+                "--token",
+                "SECRET-token",
+                "--impersonate-service-account",
+                "t@p.iam.gserviceaccount.com,d@p.iam.gserviceaccount.com",
+                "p:r:i?port=6000",
+            ],
+            &[("KEYHOLE_IAM_CREDENTIALS_ENDPOINT", "http://127.0.0.1:9")],
+        );
+        let report = check(&config, &env).unwrap();
+        assert_eq!(
+            line(&report, "impersonate-service-account"),
+            "impersonate-service-account = t@p.iam.gserviceaccount.com,d@p.iam.gserviceaccount.com # --impersonate-service-account"
+        );
+        assert_eq!(
+            line(&report, "iam-credentials-endpoint"),
+            "iam-credentials-endpoint = http://127.0.0.1:9 # KEYHOLE_IAM_CREDENTIALS_ENDPOINT"
+        );
+        assert!(!report.contains("SECRET"), "{report}");
+        let (config, env) = load(&["p:r:i?port=6000"], &[]);
+        let report = check(&config, &env).unwrap();
+        assert_eq!(
+            line(&report, "impersonate-service-account"),
+            "impersonate-service-account = - # default"
+        );
+        assert_eq!(
+            line(&report, "iam-credentials-endpoint"),
+            "iam-credentials-endpoint = https://iamcredentials.googleapis.com # default"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use super::{ConfigError, Protocol, TargetConfig};
-use crate::cloudsql::name::{self, InstanceName};
+use crate::cloudsql::name::{self, Named};
 use crate::cloudsql::IpPreference;
 
 /// Parameters an instance target may carry: cloud-sql-proxy's, and those of
@@ -79,12 +79,19 @@ pub struct CloudSqlSettings {
     pub quota_project: Option<String>,
     /// `--sqladmin-api-endpoint`, else from the universe domain.
     pub api_endpoint: String,
+    /// `--impersonate-service-account`, as given: the target first, then
+    /// the delegates, the last of them the first hop (empty: no
+    /// impersonation).
+    pub impersonate: Vec<String>,
+    /// `--iam-credentials-endpoint`, else from the universe domain.
+    pub iam_credentials_endpoint: String,
 }
 
 /// What an instance target adds to a [`TargetConfig`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudSqlTarget {
-    pub instance: InstanceName,
+    /// An instance connection name, or a DNS name that holds one.
+    pub instance: Named,
     pub ip: IpPreference,
     /// Automatic IAM database login.
     pub auto_iam_authn: bool,
@@ -117,6 +124,56 @@ pub(super) fn parse_ip_flags(
         (false, false, true) => Ok(IpPreference::Auto),
         _ => Err("--private-ip, --psc and --auto-ip exclude each other: give one".into()),
     }
+}
+
+/// `--impersonate-service-account`: a comma-separated delegation chain of
+/// service account emails (the target first), checked entry by entry.
+pub(super) fn parse_impersonation_chain(text: &str) -> Result<Vec<String>, String> {
+    if text.trim().is_empty() {
+        return Err(
+            "empty: give the service account to impersonate (an email), or leave the option out"
+                .into(),
+        );
+    }
+    let entries: Vec<&str> = text.split(',').map(str::trim).collect();
+    let mut chain = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            return Err(format!(
+                "entry {} of {} is empty: give service account emails separated by single commas, the target first",
+                i + 1,
+                entries.len()
+            ));
+        }
+        if !is_email_like(entry) {
+            return Err(format!(
+                "'{entry}' is not a service account email (like sa@my-project.iam.gserviceaccount.com)"
+            ));
+        }
+        chain.push((*entry).to_owned());
+    }
+    Ok(chain)
+}
+
+/// `local@domain`: a local part of letters, digits and `._+-`, a domain of
+/// at least two dot-separated labels of letters, digits and `-`.
+fn is_email_like(text: &str) -> bool {
+    let Some((local, domain)) = text.split_once('@') else {
+        return false;
+    };
+    let local_ok = !local.is_empty()
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    local_ok && domain_ok
 }
 
 /// Placement decided from what the target and flags say.
@@ -421,7 +478,7 @@ mod tests {
         assert_eq!(a.listen, Some("0.0.0.0:6000".parse().expect("addr")));
         assert_eq!(a.pending, None);
         let acs = a.cloudsql.as_ref().expect("instance");
-        assert_eq!(acs.instance.project, "example.com:proj");
+        assert_eq!(acs.instance.to_string(), "example.com:proj:europe-west1:a");
         assert_eq!((acs.ip, acs.auto_iam_authn), (IpPreference::Private, true));
         assert_eq!(b.listen, Some("127.0.0.2:7000".parse().expect("addr")));
         let bcs = b.cloudsql.as_ref().expect("instance");
@@ -490,17 +547,123 @@ mod tests {
         assert!(err(&["--private-ip", "--psc", "p:r:i"]).contains("exclude each other"));
         assert!(err(&["p:r:i?iam=aws"]).contains("aws tokens are for RDS"));
         assert!(err(&["-i", "p:r:i?iam=gcp"]).contains("exclude each other"));
-        assert!(err(&[
-            "--impersonate-service-account",
-            "sa@p.iam.gserviceaccount.com",
-            "p:r:i"
-        ])
-        .contains("--impersonate-service-account: keyhole does not support"));
         assert!(err(&["-t", "a", "-c", "/f.json", "p:r:i"]).contains("exclude each other"));
         assert!(err(&["--login-token", "x", "p:r:i"]).contains("goes with --token"));
-        assert!(err(&["cloudsql://db.example.com"]).contains("DNS name"));
+        assert!(err(&["cloudsql://db"]).contains("nor a DNS name"));
         assert!(err(&["P:r:i"]).contains("project 'P'"));
         // A flag cloud-sql-proxy has and keyhole does not is refused by name.
         assert!(err(&["--fuse", "/x", "p:r:i"]).contains("--fuse"));
+    }
+
+    #[test]
+    fn an_impersonation_chain_is_kept_in_the_order_given() {
+        let c = load(
+            &[
+                "--impersonate-service-account",
+                "target@p.iam.gserviceaccount.com, d1@p.iam.gserviceaccount.com,d2@p.iam.gserviceaccount.com",
+                "p:r:i",
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.cloudsql.impersonate,
+            [
+                "target@p.iam.gserviceaccount.com",
+                "d1@p.iam.gserviceaccount.com",
+                "d2@p.iam.gserviceaccount.com"
+            ]
+        );
+        assert_eq!(
+            c.cloudsql.iam_credentials_endpoint,
+            "https://iamcredentials.googleapis.com"
+        );
+        // cloud-sql-proxy's variable, keyhole's endpoint option, the universe.
+        let c = load(
+            &["--universe-domain", "example.test", "p:r:i"],
+            &[(
+                "CSQL_PROXY_IMPERSONATE_SERVICE_ACCOUNT",
+                "sa@p.iam.gserviceaccount.com",
+            )],
+        )
+        .expect("valid");
+        assert_eq!(c.cloudsql.impersonate, ["sa@p.iam.gserviceaccount.com"]);
+        assert_eq!(
+            c.cloudsql.iam_credentials_endpoint,
+            "https://iamcredentials.example.test"
+        );
+        let c = load(
+            &["p:r:i"],
+            &[("KEYHOLE_IAM_CREDENTIALS_ENDPOINT", "http://127.0.0.1:9/")],
+        )
+        .expect("valid");
+        assert_eq!(c.cloudsql.iam_credentials_endpoint, "http://127.0.0.1:9");
+        assert!(c.cloudsql.impersonate.is_empty());
+        // With --token, the impersonated account's login token is minted:
+        // --auto-iam-authn needs no --login-token.
+        let c = load(
+            &[
+                "-t",
+                "base",
+                "-i",
+                "--impersonate-service-account",
+                "sa@p.iam",
+                "p:r:i",
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(c.cloudsql.impersonate, ["sa@p.iam"]);
+    }
+
+    #[test]
+    fn a_bad_impersonation_chain_is_refused_with_the_reason() {
+        let flag = |chain: &str| err(&["--impersonate-service-account", chain, "p:r:i"]);
+        assert_eq!(
+            flag(""),
+            "--impersonate-service-account: empty: give the service account to impersonate (an email), or leave the option out"
+        );
+        assert_eq!(
+            flag("a@p.iam.gserviceaccount.com,,b@p.iam.gserviceaccount.com"),
+            "--impersonate-service-account: entry 2 of 3 is empty: give service account emails separated by single commas, the target first"
+        );
+        assert!(flag("a@p.iam.gserviceaccount.com,").contains("entry 2 of 2 is empty"));
+        for bad in [
+            "sa",
+            "sa@",
+            "@p.iam",
+            "sa@p",
+            "sa@@p.iam",
+            "s a@p.iam",
+            "sa@p..iam",
+            "sa@p.iam/x",
+        ] {
+            assert!(
+                flag(bad).ends_with(&format!(
+                    "'{}' is not a service account email (like sa@my-project.iam.gserviceaccount.com)",
+                    bad.trim()
+                )),
+                "{bad}: {}",
+                flag(bad)
+            );
+        }
+        assert!(err(&[
+            "--iam-credentials-endpoint",
+            "iamcredentials.googleapis.com",
+            "p:r:i"
+        ])
+        .starts_with("--iam-credentials-endpoint: "));
+        assert_eq!(
+            err(&[
+                "-t",
+                "a",
+                "--login-token",
+                "b",
+                "--impersonate-service-account",
+                "sa@p.iam.gserviceaccount.com",
+                "p:r:i"
+            ]),
+            "--login-token and --impersonate-service-account exclude each other: with impersonation keyhole mints the login token for the impersonated service account"
+        );
     }
 }

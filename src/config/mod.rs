@@ -257,8 +257,12 @@ pub struct Cli {
     #[arg(long, value_name = "TOKEN", help_heading = "Cloud SQL instances")]
     pub login_token: Option<String>,
 
-    /// Cloud SQL: act as this service account (a comma-separated delegation chain ending with it).
-    #[arg(long, value_name = "EMAIL", help_heading = "Cloud SQL instances")]
+    /// Cloud SQL: act as this service account; a comma-separated chain names the target first, then delegates, the last of them acting first (as cloud-sql-proxy).
+    #[arg(
+        long,
+        value_name = "EMAIL[,EMAIL...]",
+        help_heading = "Cloud SQL instances"
+    )]
     pub impersonate_service_account: Option<String>,
 
     /// Cloud SQL: bill SQL Admin API calls to this project (X-Goog-User-Project).
@@ -268,6 +272,10 @@ pub struct Cli {
     /// Cloud SQL: the SQL Admin API's address. [default: https://sqladmin.googleapis.com, or sqladmin.UNIVERSE]
     #[arg(long, value_name = "URL", help_heading = "Cloud SQL instances")]
     pub sqladmin_api_endpoint: Option<String>,
+
+    /// Cloud SQL: the IAM Credentials API's address, for --impersonate-service-account (keyhole's own option). [default: https://iamcredentials.googleapis.com, or iamcredentials.UNIVERSE]
+    #[arg(long, value_name = "URL", help_heading = "Cloud SQL instances")]
+    pub iam_credentials_endpoint: Option<String>,
 
     /// Cloud SQL: the Google Cloud universe domain. [default: googleapis.com]
     #[arg(long, value_name = "DOMAIN", help_heading = "Cloud SQL instances")]
@@ -1079,11 +1087,16 @@ fn cloudsql_settings(layers: &Layers) -> Result<cloudsql::CloudSqlSettings, Conf
             "--login-token goes with --token (the Admin API token); with credentials keyhole mints login tokens itself",
         ));
     }
-    if let Some((_, origin)) = layers.get("impersonate-service-account") {
-        return Err(invalid(format!(
-            "{}: keyhole does not support service account impersonation yet; use --credentials-file with that service account's key, or --token",
-            layers.describe("impersonate-service-account", origin)
-        )));
+    let impersonate = layers
+        .parse(
+            "impersonate-service-account",
+            cloudsql::parse_impersonation_chain,
+        )?
+        .unwrap_or_default();
+    if login_token.is_some() && !impersonate.is_empty() {
+        return Err(invalid(
+            "--login-token and --impersonate-service-account exclude each other: with impersonation keyhole mints the login token for the impersonated service account",
+        ));
     }
     let universe = layers
         .parse("universe-domain", |t| {
@@ -1099,6 +1112,11 @@ fn cloudsql_settings(layers: &Layers) -> Result<cloudsql::CloudSqlSettings, Conf
             crate::http::client::check_url(t).map(|()| t.trim_end_matches('/').to_owned())
         })?
         .unwrap_or_else(|| format!("https://sqladmin.{universe}"));
+    let iam_credentials_endpoint = layers
+        .parse("iam-credentials-endpoint", |t| {
+            crate::http::client::check_url(t).map(|()| t.trim_end_matches('/').to_owned())
+        })?
+        .unwrap_or_else(|| format!("https://iamcredentials.{universe}"));
     Ok(cloudsql::CloudSqlSettings {
         lazy_refresh: layers.parse("lazy-refresh", parse_bool)?.unwrap_or(false),
         credentials,
@@ -1111,6 +1129,8 @@ fn cloudsql_settings(layers: &Layers) -> Result<cloudsql::CloudSqlSettings, Conf
             }
         })?,
         api_endpoint,
+        impersonate,
+        iam_credentials_endpoint,
     })
 }
 

@@ -805,6 +805,50 @@ mod tests {
     }
 
     #[test]
+    fn the_connector_s_sources_take_their_own_scope_and_inline_json() {
+        let text = service_account_json(None).to_string();
+        let source = GcpTokenSource::from_json(&text, ADMIN_SCOPE, Duration::from_secs(5))
+            .expect("inline credentials");
+        assert_eq!(source.scope, ADMIN_SCOPE);
+        assert_eq!(
+            source.describe(),
+            "--json-credentials (sa@proj.iam.gserviceaccount.com)"
+        );
+        let Credentials::ServiceAccount(sa) = &source.credentials else {
+            panic!("expected a service account, found {source:?}");
+        };
+        let (_, claims) =
+            verify_assertion(&sa.assertion(1_700_000_000, source.scope).expect("jwt"));
+        assert_eq!(claims["scope"], ADMIN_SCOPE);
+        // A broken inline value is named by its option, never echoed.
+        let err = GcpTokenSource::from_json(
+            "{\"private_key\": \"SECRET",
+            ADMIN_SCOPE,
+            Duration::from_secs(5),
+        )
+        .expect_err("not JSON")
+        .to_string();
+        assert!(
+            err.contains("--json-credentials") && !err.contains("SECRET"),
+            "{err}"
+        );
+        // A file named by --credentials-file says so when it cannot be read.
+        let err = GcpTokenSource::from_file(
+            Path::new("/nonexistent/sa.json"),
+            LOGIN_SCOPE,
+            Duration::from_secs(5),
+        )
+        .expect_err("missing")
+        .to_string();
+        assert!(err.contains("named by --credentials-file"), "{err}");
+        // The ADC search with another scope finds the same credentials.
+        let source =
+            GcpTokenSource::discover_for(&HashMap::new(), ADMIN_SCOPE, Duration::from_secs(5))
+                .expect("the metadata server");
+        assert_eq!(source.scope, ADMIN_SCOPE);
+    }
+
+    #[test]
     fn the_assertion_is_an_rs256_jwt_signed_by_the_key() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = write(

@@ -12,6 +12,7 @@
 pub mod aws;
 mod cache;
 pub mod gcp;
+pub mod impersonate;
 
 use std::fmt;
 use std::future::Future;

@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::cloudsql::Instance;
+use crate::cloudsql::Slot;
 use crate::config::Protocol;
 use crate::http::server::Reply;
 use crate::lifecycle::{Lifecycle, Phase};
@@ -38,7 +38,7 @@ pub struct Health {
     upstream: Option<UpstreamCheck>,
     /// Cloud SQL instances: `/readiness` fails while one has no valid
     /// client certificate (it asks no API, only the connector's state).
-    instances: Vec<Arc<Instance>>,
+    instances: Vec<Arc<Slot>>,
 }
 
 /// The targets `/readiness` dials, and its last answer.
@@ -59,7 +59,7 @@ impl Health {
 
     /// `/readiness` also says which of these instances has no valid
     /// certificate (refresh-ahead instances; a lazy one fetches on demand).
-    pub fn watch_instances(mut self, instances: Vec<Arc<Instance>>) -> Health {
+    pub fn watch_instances(mut self, instances: Vec<Arc<Slot>>) -> Health {
         self.instances = instances;
         self
     }
@@ -99,7 +99,8 @@ impl Health {
                 return unavailable(format!("at the connection limit ({size} of {size})"));
             }
         }
-        for instance in &self.instances {
+        for slot in &self.instances {
+            let instance = slot.instance();
             if let Some(why) = instance.not_ready() {
                 return unavailable(format!(
                     "instance {} has no valid client certificate: {why}",

@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
-use crate::cloudsql::{ConnectorError, Dial, Instance};
+use crate::cloudsql::{ConnectorError, Dial, Instance, Slot};
 use crate::config::{host_port, Protocol, TargetConfig};
 use crate::metrics::{RefusedReason, TargetMetrics};
 use crate::tls::{self, TlsSetupError};
@@ -57,7 +57,7 @@ enum Route {
     /// A Cloud SQL instance: the connector answers at each dial. Its
     /// address comes from the Admin API over verified HTTPS, so no
     /// backend's range check applies.
-    CloudSql(Arc<Instance>),
+    CloudSql(Arc<Slot>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,13 +173,13 @@ impl Upstream {
 
     /// A Cloud SQL instance's upstream.
     pub fn cloudsql(
-        instance: Arc<Instance>,
+        slot: Arc<Slot>,
         kernel_tls: tls::KernelTls,
         connect_timeout: Duration,
         metrics: Arc<TargetMetrics>,
     ) -> Upstream {
         Upstream {
-            route: Route::CloudSql(instance),
+            route: Route::CloudSql(slot),
             kernel_tls,
             connect_timeout,
             metrics,
@@ -197,12 +197,17 @@ impl Upstream {
         matches!(self.route, Route::CloudSql(_))
     }
 
-    /// The Cloud SQL instance, if this is one.
-    pub fn instance(&self) -> Option<&Arc<Instance>> {
+    /// The Cloud SQL instance's slot, if this is one.
+    pub fn slot(&self) -> Option<&Arc<Slot>> {
         match &self.route {
-            Route::CloudSql(instance) => Some(instance),
+            Route::CloudSql(slot) => Some(slot),
             Route::Fixed { .. } => None,
         }
+    }
+
+    /// The Cloud SQL instance connections go to now, if this is one.
+    pub fn instance(&self) -> Option<Arc<Instance>> {
+        self.slot().map(|slot| slot.instance())
     }
 
     /// The name the server certificate is verified against.
@@ -211,7 +216,7 @@ impl Upstream {
             Route::Fixed {
                 server_name_text, ..
             } => server_name_text.clone(),
-            Route::CloudSql(instance) => instance.name.certificate_cn(),
+            Route::CloudSql(slot) => slot.instance().name.certificate_cn(),
         }
     }
 
@@ -219,7 +224,7 @@ impl Upstream {
     pub fn address(&self) -> String {
         match &self.route {
             Route::Fixed { host, port, .. } => host_port(host, *port),
-            Route::CloudSql(instance) => instance.name.to_string(),
+            Route::CloudSql(slot) => slot.instance().name.to_string(),
         }
     }
 
@@ -314,11 +319,12 @@ impl Upstream {
     async fn dial_instance(
         &self,
     ) -> Result<(TcpStream, SocketAddr, Arc<rustls::ClientConfig>), UpstreamError> {
-        let Route::CloudSql(instance) = &self.route else {
+        let Route::CloudSql(slot) = &self.route else {
             return Err(UpstreamError::Tls {
                 message: "internal: not a Cloud SQL target".into(),
             });
         };
+        let instance = slot.instance();
         let info = instance.connect_info().await?;
         let port = crate::cloudsql::instance::SERVER_PROXY_PORT;
         let (host, addrs) = match &info.dial {
@@ -376,8 +382,8 @@ impl Upstream {
             Err(_) => Err(UpstreamError::TlsTimeout { addr, after }),
         };
         if result.is_err() {
-            if let Route::CloudSql(instance) = &self.route {
-                instance.invalidate();
+            if let Route::CloudSql(slot) = &self.route {
+                slot.instance().invalidate();
             }
         }
         result
@@ -420,7 +426,7 @@ impl Upstream {
     pub async fn probe(&self, protocol: Option<Protocol>) -> Result<(), UpstreamError> {
         let protocol = match (protocol, &self.route) {
             (Some(protocol), _) => protocol,
-            (None, Route::CloudSql(instance)) => instance.protocol().await?,
+            (None, Route::CloudSql(slot)) => slot.instance().protocol().await?,
             (None, Route::Fixed { .. }) => Protocol::Postgres,
         };
         let mut stream = match protocol {

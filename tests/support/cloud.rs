@@ -1,7 +1,7 @@
 //! In-process fakes of the cloud endpoints keyhole takes credentials from,
 //! written from the documented contracts (see `REFERENCE.md`): the ECS/Fargate
-//! container credentials endpoint, EC2 IMDSv2, STS, the GCE metadata server
-//! and Google's OAuth2 token endpoint.
+//! container credentials endpoint, EC2 IMDSv2, STS, the GCE metadata server,
+//! Google's OAuth2 token endpoint and the IAM Service Account Credentials API.
 //!
 //! Each fake is a tiny HTTP/1.1 server on 127.0.0.1 (a port from
 //! [`free_port`](super::free_port)) with its own tokio runtime that lives as
@@ -73,6 +73,26 @@
 //!   `refresh_token()`, `access_token()`, `rotate()`, `set_expires_in(secs)`,
 //!   `write_service_account_json(dir) -> PathBuf`,
 //!   `write_authorized_user_json(dir) -> PathBuf`.
+//! - [`FakeIamCredentials`]`::start(base_token, target, delegates)`: `POST
+//!   /v1/projects/-/serviceAccounts/{email}:generateAccessToken` (`%XX` in
+//!   the path decoded first) with a JSON body (declared `application/json`)
+//!   `{"delegates", "scope", "lifetime"}` → JSON `accessToken, expireTime`
+//!   (RFC 3339, now + `lifetime`, 3600 s by default). Check order: the path
+//!   and POST (else 404 `NOT_FOUND`), `Authorization: Bearer <base_token>`
+//!   (else 401 `UNAUTHENTICATED`), the injected failure, the JSON body (else
+//!   400 `INVALID_ARGUMENT`), `{email}` = `target` (else 404 `NOT_FOUND`),
+//!   `delegates` = `projects/-/serviceAccounts/<email>` for each of
+//!   `delegates`, in that order, first hop first (else 403
+//!   `PERMISSION_DENIED`), a non-empty `scope` list (else 400), `lifetime`
+//!   `1s` to `3600s` if given (else 400). Errors are Google's JSON error body
+//!   `{"error": {code, message, status}}`; a 403 also carries `details:
+//!   [{"@type": ...ErrorInfo, reason: IAM_PERMISSION_DENIED, domain:
+//!   iam.googleapis.com}]`. `token_for(scope)` (the token minted for that
+//!   scope list, joined by spaces; the same every time, made on first use),
+//!   `minted()`, `bodies() -> Vec<Value>` (every `generateAccessToken`
+//!   body, in order), `set_failure(Option<`[`IamFailure`]`>)`
+//!   (`PermissionDenied` → 403, `NotFound` → 404, after the bearer check).
+//!   [`CLOUD_PLATFORM_SCOPE`].
 //! - [`ServiceAccountKey`]`::generate(client_email)`: an RSA-2048 key made by
 //!   `openssl` (PKCS#8 PEM, and the PKCS#1 `RSAPublicKey` DER ring verifies
 //!   with); `sign_jwt(claims)`, `assertion(token_url, scope, iat)`,
@@ -1769,6 +1789,211 @@ fn oauth_answer(req: &Request, expect: &OAuthExpect, state: &Mutex<GoogleState>)
             "expires_in": state.expires_in,
             "token_type": "Bearer",
             "scope": scope,
+        }),
+    )
+}
+
+// --- IAM Service Account Credentials API -------------------------------------------
+
+/// The scope a base token needs for the IAM Credentials API.
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// What the IAM fake answers instead of a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IamFailure {
+    /// 403 `PERMISSION_DENIED`, `ErrorInfo` reason `IAM_PERMISSION_DENIED`:
+    /// the caller lacks `iam.serviceAccounts.getAccessToken` somewhere on the
+    /// chain.
+    PermissionDenied,
+    /// 404 `NOT_FOUND`: the service account does not exist.
+    NotFound,
+}
+
+/// The IAM Service Account Credentials API's `generateAccessToken`, for one
+/// target service account reached through one delegation chain.
+pub struct FakeIamCredentials {
+    http: HttpFake,
+    state: Arc<IamState>,
+}
+
+impl Deref for FakeIamCredentials {
+    type Target = HttpFake;
+    fn deref(&self) -> &HttpFake {
+        &self.http
+    }
+}
+
+struct IamState {
+    /// The bearer token of the caller (the base credentials).
+    base_token: String,
+    target: String,
+    /// As the request must list them: `projects/-/serviceAccounts/EMAIL`,
+    /// first hop first.
+    delegates: Vec<String>,
+    failure: Mutex<Option<IamFailure>>,
+    /// The token minted for each scope list (joined by spaces).
+    minted: Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl IamState {
+    fn token_for(&self, scopes: &str) -> String {
+        lock(&self.minted)
+            .entry(scopes.to_owned())
+            .or_insert_with(google_access_token)
+            .clone()
+    }
+}
+
+fn iam_error(code: u16, status: &str, message: &str) -> Response {
+    let mut error = json!({"code": code, "message": message, "status": status});
+    if status == "PERMISSION_DENIED" {
+        error["details"] = json!([{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "IAM_PERMISSION_DENIED",
+            "domain": "iam.googleapis.com",
+            "metadata": {"permission": "iam.serviceAccounts.getAccessToken"},
+        }]);
+    }
+    Response::json(code, &json!({ "error": error }))
+}
+
+const IAM_DENIED: &str =
+    "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).";
+
+impl FakeIamCredentials {
+    /// Accepts `Authorization: Bearer <base_token>` and mints tokens for
+    /// `target`, reached through `delegates` (emails, first hop first, as
+    /// the request lists them; empty for none).
+    pub fn start(base_token: &str, target: &str, delegates: &[&str]) -> FakeIamCredentials {
+        let state = Arc::new(IamState {
+            base_token: base_token.to_owned(),
+            target: target.to_owned(),
+            delegates: delegates
+                .iter()
+                .map(|d| format!("projects/-/serviceAccounts/{d}"))
+                .collect(),
+            failure: Mutex::new(None),
+            minted: Mutex::new(std::collections::HashMap::new()),
+        });
+        let h_state = state.clone();
+        let http = HttpFake::start(
+            "fake IAM Credentials API",
+            "application/json",
+            &[],
+            move |_| Arc::new(move |req: &Request| iam_answer(req, &h_state)),
+        );
+        FakeIamCredentials { http, state }
+    }
+
+    /// The access token it mints for `scope` (the same one every time).
+    pub fn token_for(&self, scope: &str) -> String {
+        self.state.token_for(scope)
+    }
+
+    /// Every token it has minted so far.
+    pub fn minted(&self) -> Vec<String> {
+        lock(&self.state.minted).values().cloned().collect()
+    }
+
+    /// Answer this failure (after the bearer check) until set back to `None`.
+    pub fn set_failure(&self, failure: Option<IamFailure>) {
+        *lock(&self.state.failure) = failure;
+    }
+
+    /// The JSON body of every `generateAccessToken` request, in order
+    /// (`Value::Null` for a body that is not JSON).
+    pub fn bodies(&self) -> Vec<Value> {
+        self.requests()
+            .iter()
+            .filter(|r| r.path.ends_with(":generateAccessToken"))
+            .map(|r| serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+            .collect()
+    }
+}
+
+fn iam_answer(req: &Request, state: &IamState) -> Response {
+    let path = sigv4::percent_decode(&req.path).unwrap_or_else(|_| req.path.clone());
+    let account = path
+        .strip_prefix("/v1/projects/-/serviceAccounts/")
+        .and_then(|rest| rest.strip_suffix(":generateAccessToken"));
+    let Some(account) = account.filter(|_| req.method == "POST") else {
+        return iam_error(404, "NOT_FOUND", "Method not found.");
+    };
+    let bearer = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if bearer != Some(state.base_token.as_str()) {
+        return iam_error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, \
+             login cookie or other valid authentication credential.",
+        );
+    }
+    match *lock(&state.failure) {
+        Some(IamFailure::PermissionDenied) => {
+            return iam_error(403, "PERMISSION_DENIED", IAM_DENIED)
+        }
+        Some(IamFailure::NotFound) => {
+            return iam_error(
+                404,
+                "NOT_FOUND",
+                &format!("Not found; Gaia id not found for email {account}"),
+            )
+        }
+        None => {}
+    }
+    let json_type = req.header("content-type").is_some_and(|v| {
+        v.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(body) if json_type => body,
+        _ => return iam_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
+    };
+    if account != state.target {
+        return iam_error(
+            404,
+            "NOT_FOUND",
+            &format!("Not found; Gaia id not found for email {account}"),
+        );
+    }
+    let delegates: Vec<&str> = match body.get("delegates") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        Some(_) => return iam_error(400, "INVALID_ARGUMENT", "Invalid value at 'delegates'."),
+    };
+    if delegates != state.delegates {
+        return iam_error(403, "PERMISSION_DENIED", IAM_DENIED);
+    }
+    let scopes: Vec<&str> = body
+        .get("scope")
+        .and_then(Value::as_array)
+        .map(|list| list.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if scopes.is_empty() {
+        return iam_error(400, "INVALID_ARGUMENT", "Scope required.");
+    }
+    let lifetime = match body.get("lifetime").and_then(Value::as_str) {
+        None => 3600,
+        Some(text) => match text.strip_suffix('s').and_then(|n| n.parse::<u64>().ok()) {
+            Some(secs) if (1..=3600).contains(&secs) => secs,
+            _ => {
+                return iam_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "The lifetime must be between 1s and 3600s.",
+                )
+            }
+        },
+    };
+    let expire = SystemTime::now() + Duration::from_secs(lifetime);
+    Response::json(
+        200,
+        &json!({
+            "accessToken": state.token_for(&scopes.join(" ")),
+            "expireTime": sigv4::iso8601(expire),
         }),
     )
 }
