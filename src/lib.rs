@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod cancel;
 pub mod cidr;
+pub mod civil;
 pub mod cloudsql;
 pub mod commands;
 pub mod config;

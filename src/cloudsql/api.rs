@@ -248,12 +248,12 @@ impl AdminApi {
 
     fn refused(&self, name: &InstanceName, response: &Response) -> ApiError {
         let instance = name.to_string();
-        let (status_code, reason) = google_error(&response.body);
-        let shown = match (&status_code, &reason) {
-            (Some(s), Some(r)) => format!(", {s}/{r}"),
-            (Some(s), None) => format!(", {s}"),
-            (None, Some(r)) => format!(", {r}"),
-            (None, None) => String::new(),
+        // Google's status and reason codes; its prose is not shown.
+        let codes = crate::credentials::gcp::google_error_codes(&response.body);
+        let shown = if codes.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", codes.join("/"))
         };
         match response.status {
             StatusCode::NOT_FOUND => ApiError::NotFound { instance },
@@ -276,28 +276,6 @@ impl AdminApi {
             },
         }
     }
-}
-
-/// Google's error body `{"error":{"code","message","status","errors":[{"reason"}]}}`:
-/// the `status` and first `reason` when they are short identifiers. The
-/// message is not used: it is the service's prose, not keyhole's.
-fn google_error(body: &[u8]) -> (Option<String>, Option<String>) {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return (None, None);
-    };
-    let identifier = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .filter(|s| {
-                !s.is_empty()
-                    && s.len() <= 64
-                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            })
-            .map(str::to_owned)
-    };
-    (
-        identifier(value.pointer("/error/status")),
-        identifier(value.pointer("/error/errors/0/reason")),
-    )
 }
 
 fn parse_connect_settings(name: &InstanceName, body: &[u8]) -> Result<ConnectSettings, ApiError> {
@@ -470,12 +448,9 @@ mod tests {
             "errors": [{"message": "m", "domain": "global", "reason": "notAuthorized"}],
             "status": "PERMISSION_DENIED"}});
         assert_eq!(
-            google_error(body.to_string().as_bytes()),
-            (
-                Some("PERMISSION_DENIED".into()),
-                Some("notAuthorized".into())
-            )
+            crate::credentials::gcp::google_error_codes(body.to_string().as_bytes()),
+            ["PERMISSION_DENIED", "notAuthorized"]
         );
-        assert_eq!(google_error(b"<html>"), (None, None));
+        assert!(crate::credentials::gcp::google_error_codes(b"<html>").is_empty());
     }
 }

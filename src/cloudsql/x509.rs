@@ -10,6 +10,8 @@
 //! exploit. Signatures and chains are webpki's business, not this module's.
 
 use std::fmt;
+
+use crate::civil::{civil_from_days, days_from_civil};
 use std::time::{Duration, SystemTime};
 
 /// What keyhole reads from a certificate.
@@ -431,7 +433,7 @@ fn time(validity: &mut Der<'_>, field: &'static str) -> Result<SystemTime, X509E
     {
         return Err(bad());
     }
-    let days = days_from_civil(i64::from(year), month, day);
+    let days = days_from_civil(i64::from(year), i64::from(month), i64::from(day));
     let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
     let epoch = SystemTime::UNIX_EPOCH;
     let t = if secs >= 0 {
@@ -458,32 +460,6 @@ fn days_in_month(year: u32, month: u32) -> u32 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12); // March is 0
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`].
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 impl fmt::Display for CertInfo {

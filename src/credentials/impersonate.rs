@@ -209,7 +209,7 @@ impl ImpersonatedTokenSource {
     /// Why an error status, in the words a user acts on: the status,
     /// Google's codes, and for 401, 403 and 404 what to check.
     fn rejected(&self, response: &Response) -> String {
-        let codes = google_error_codes(&response.body);
+        let codes = super::gcp::google_error_codes(&response.body);
         let mut reason = format!("HTTP {}", response.status);
         if !codes.is_empty() {
             reason.push_str(&format!(" ({})", codes.join(", ")));
@@ -337,38 +337,6 @@ fn token_from(body: &[u8]) -> Result<Token, &'static str> {
     Ok(Token::new(access_token, expires_at))
 }
 
-/// Google's error body `{"error": {"status", "details": [{"reason"}],
-/// "errors": [{"reason"}]}}`: the `status` and each `reason` that is a short
-/// identifier. The message is the service's prose and is not shown.
-fn google_error_codes(body: &[u8]) -> Vec<String> {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let identifier = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .filter(|s| {
-                !s.is_empty()
-                    && s.len() <= 64
-                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            })
-            .map(str::to_owned)
-    };
-    let mut codes: Vec<String> = identifier(value.pointer("/error/status"))
-        .into_iter()
-        .collect();
-    let reasons = ["/error/details", "/error/errors"]
-        .iter()
-        .filter_map(|pointer| value.pointer(pointer).and_then(Value::as_array))
-        .flatten()
-        .filter_map(|entry| identifier(entry.get("reason")));
-    for reason in reasons {
-        if !codes.contains(&reason) {
-            codes.push(reason);
-        }
-    }
-    codes
-}
-
 /// An RFC 3339 timestamp (`2024-08-26T22:00:00Z`, with optional fractional
 /// seconds and a `Z` or `±hh:mm` offset) as a `SystemTime`; `None` for
 /// anything else or a time before 1970.
@@ -436,21 +404,13 @@ fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     if !(1..=month_days).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return None;
     }
-    let seconds =
-        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    let seconds = crate::civil::days_from_civil(year, month, day) * 86_400
+        + hour * 3600
+        + minute * 60
+        + second
+        - offset;
     let seconds = u64::try_from(seconds).ok()?;
     UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (`month` 1-12).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    // Years counted from March, so that the leap day ends the year.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]
@@ -538,17 +498,7 @@ mod tests {
             .expect("clock")
             .as_secs()
             + 3600;
-        let days = (secs / 86_400) as i64;
-        // Inverse of days_from_civil, for the test only.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
+        let (y, m, d) = crate::civil::civil_from_days((secs / 86_400) as i64);
         let rem = secs % 86_400;
         format!(
             "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",

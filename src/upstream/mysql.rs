@@ -47,16 +47,7 @@ impl Upstream {
         let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
             .await
             .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
-        if payload.first() == Some(&mysql::reply::ERR) {
-            // Its text came before TLS, from a peer nobody has verified:
-            // report the code only.
-            let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
-            return Err(UpstreamError::RefusedBeforeTls { addr, code });
-        }
-        let greeting = mysql::parse_greeting(&payload).map_err(|e| UpstreamError::NotMysql {
-            addr,
-            reason: e.to_string(),
-        })?;
+        let greeting = greeting_from(addr, &payload)?;
         if greeting.capabilities & caps::SSL == 0 {
             return Err(UpstreamError::TlsRefused { addr });
         }
@@ -76,14 +67,7 @@ impl Upstream {
         let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut stream, addr))
             .await
             .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
-        if payload.first() == Some(&mysql::reply::ERR) {
-            let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
-            return Err(UpstreamError::RefusedBeforeTls { addr, code });
-        }
-        let greeting = mysql::parse_greeting(&payload).map_err(|e| UpstreamError::NotMysql {
-            addr,
-            reason: e.to_string(),
-        })?;
+        let greeting = greeting_from(addr, &payload)?;
         Ok(Greeted {
             conn: Conn::Tunnel(stream),
             seq,
@@ -122,6 +106,21 @@ impl Upstream {
             .await
             .map_err(|_| UpstreamError::TlsTimeout { addr, after })?
     }
+}
+
+/// The server's first packet as a greeting, or the refusal it is. An ERR's
+/// text is not shown: before STARTTLS it came from a peer nobody has
+/// verified, and a Cloud SQL server-side proxy's refusal is reported the
+/// same way (by its code).
+fn greeting_from(addr: SocketAddr, payload: &Bytes) -> Result<Greeting, UpstreamError> {
+    if payload.first() == Some(&mysql::reply::ERR) {
+        let code = mysql::parse_err(payload).map_or(0, |(code, _, _)| code);
+        return Err(UpstreamError::RefusedBeforeTls { addr, code });
+    }
+    mysql::parse_greeting(payload).map_err(|e| UpstreamError::NotMysql {
+        addr,
+        reason: e.to_string(),
+    })
 }
 
 /// Reads exactly one packet, nothing past it.
