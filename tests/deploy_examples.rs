@@ -41,6 +41,12 @@ const ECS_IMAGE: &str = "REGISTRY/keyhole:0.1.0-rds";
 
 /// keyhole's boolean flags: given alone they mean true, and take no value.
 const BOOL_FLAGS: &[&str] = &[
+    "lazy-refresh",
+    "auto-iam-authn",
+    "private-ip",
+    "psc",
+    "auto-ip",
+    "structured-logs",
     "health-check",
     "prometheus",
     "readiness-checks-upstream",
@@ -231,7 +237,14 @@ fn target_param<'a>(target: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn is_target(word: &str) -> bool {
-    word.starts_with("postgres://") || word.starts_with("mysql://")
+    word.starts_with("postgres://") || word.starts_with("mysql://") || is_instance(word)
+}
+
+/// A Cloud SQL instance connection name (`project:region:instance`).
+fn is_instance(word: &str) -> bool {
+    let name = word.strip_prefix("cloudsql://").unwrap_or(word);
+    !word.contains("://") && name.split('?').next().unwrap_or(name).split(':').count() >= 3
+        || word.starts_with("cloudsql://")
 }
 
 // ---------------------------------------------------------------------------
@@ -455,8 +468,10 @@ impl Invocation {
         let values = self.file_values();
         match &self.files {
             Files::Provided(provided) => {
+                // A Cloud SQL instance's CA comes from the Admin API.
+                let instances_only = self.targets().iter().all(|t| is_instance(t));
                 assert!(
-                    !values.is_empty(),
+                    !values.is_empty() || instances_only,
                     "{}: names no CA file, and the image has none for the database",
                     self.what
                 );
@@ -790,6 +805,9 @@ fn ecs_task_definition_passes_check_config() {
 /// `items`, so that the file names are in the example.
 fn mounted_files(pod: &Value, container: &Value, what: &str) -> Vec<String> {
     let mut files = Vec::new();
+    if container["volumeMounts"].is_null() {
+        return files;
+    }
     for mount in array(&container["volumeMounts"], what) {
         let name = string(&mount["name"], what);
         let dir = string(&mount["mountPath"], what);
@@ -945,6 +963,73 @@ fn cloud_run_service_passes_check_config() {
     let (_, inv) = cloud_run();
     check_variables_are_options(&inv);
     inv.check_config();
+}
+
+const CLOUD_RUN_CONNECTOR_FILE: &str = "deploy/cloud-run/service-connector.yaml";
+
+fn cloud_run_connector() -> (Value, Invocation) {
+    let svc = yaml(CLOUD_RUN_CONNECTOR_FILE);
+    let pod = &svc["spec"]["template"]["spec"];
+    let keyhole = named(
+        &pod["containers"],
+        "name",
+        "keyhole",
+        CLOUD_RUN_CONNECTOR_FILE,
+    );
+    let inv = container_invocation(
+        pod,
+        keyhole,
+        &format!("{CLOUD_RUN_CONNECTOR_FILE} (container keyhole)"),
+    );
+    (svc, inv)
+}
+
+#[test]
+fn cloud_run_connector_service_is_consistent() {
+    let (svc, inv) = cloud_run_connector();
+    let what = CLOUD_RUN_CONNECTOR_FILE;
+    let pod = &svc["spec"]["template"]["spec"];
+    let keyhole = named(&pod["containers"], "name", "keyhole", what);
+    assert_eq!(keyhole["image"], IMAGE, "{what}: keyhole's image");
+    check_probes(&inv, keyhole, &["startupProbe", "livenessProbe"], what);
+    // Instances by connection name, fetched lazily (Cloud Run throttles CPU
+    // between requests), on a fixed port so nothing is fetched at start.
+    let targets = inv.targets();
+    assert!(
+        targets.iter().all(|t| is_instance(t)),
+        "{what}: {targets:?}"
+    );
+    let (options, _) = inv.scan();
+    for flag in ["lazy-refresh", "port", "auto-iam-authn"] {
+        assert!(
+            options.iter().any(|(name, _)| name == flag),
+            "{what}: keyhole runs without --{flag}"
+        );
+    }
+    // The app logs in as the service's IAM user, with no password.
+    let app = named(&pod["containers"], "name", "app", what);
+    let env = array(&app["env"], what);
+    assert!(
+        env.iter().all(|e| e["name"] != "PGPASSWORD"),
+        "{what}: a password"
+    );
+    assert!(
+        inv.shutdown_budget() < Duration::from_secs(10),
+        "{what}: the sigterm delays ({:?}) do not fit in Cloud Run's 10 s",
+        inv.shutdown_budget()
+    );
+}
+
+#[test]
+fn cloud_run_connector_service_passes_check_config() {
+    let (_, inv) = cloud_run_connector();
+    check_variables_are_options(&inv);
+    let report = inv.check_config();
+    assert!(
+        report.contains("[target my-project:europe-west1:orders]")
+            && report.contains("automatic IAM database login"),
+        "{report}"
+    );
 }
 
 // ---------------------------------------------------------------------------
