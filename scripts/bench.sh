@@ -15,12 +15,20 @@
 #                                     (short runs, small volumes, 1 round; BENCH_QUICK=1)
 #
 # Servers (each TLS only, certificates from certs/generate.sh, on 127.0.0.1):
-#   PostgreSQL  a throwaway cluster: pg_hba hostssl only, role bench with md5
+#   PostgreSQL  a throwaway cluster: pg_hba hostssl only (and the Unix socket, the fake
+#               Cloud SQL proxy's way in), role bench with md5
 #   synthetic   target/release/examples/synthetic (benches/synthetic.rs): speaks just
 #               enough PostgreSQL to log anyone in and stream COPY data as fast as it
 #               can, so a proxy's own ceiling shows without a database in the way; it
 #               also holds the large idle-connection count
 #   MariaDB     a throwaway server: require_secure_transport=ON, user bench
+#   Cloud SQL   target/release/examples/cloudsql_fake (benches/cloudsql_fake.rs): a
+#               fake instance keyhole-bench:us-central1:bench, its SQL Admin API on
+#               127.0.0.1 (plain HTTP) and its server-side proxy on 127.79.0.1:3307
+#               (TLS 1.3 from the first byte, a client certificate from the fake API
+#               required, no session resumption), which splices each connection to
+#               the PostgreSQL above through its Unix socket (pg_hba: a local line
+#               with md5 for bench, the same login as over TCP)
 #
 # Paths (each on its own local port, each verifying the server's certificate):
 #   direct     the client straight to the server over TLS (libpq sslmode=verify-full;
@@ -55,22 +63,38 @@
 #                 (mariadb --quick, select repeat('x', 1000) from a sequence, about
 #                 BENCH_COPY_MB MB, to /dev/null): MB/s, proxy CPU s/GB. Direct and
 #                 keyhole only (the other proxies speak PostgreSQL only).
+#   Cloud SQL     keyhole's connector (the instance as its target) through the fake,
+#                 next to direct and keyhole with its ordinary postgres:// target to
+#                 the same PostgreSQL, and stunnel through the same fake (with a
+#                 client certificate from its CA; no PostgreSQL 15 client speaks TLS
+#                 from the first byte): pgbench -S -c 8 (TPS, the proxy's and the
+#                 fake's CPU per transaction); pgbench -S -C -c 8, refresh-ahead and
+#                 --lazy-refresh (each warmed by one connection first, so both use a
+#                 cached certificate): connections per second, proxy CPU per
+#                 connection; first connection: a freshly started keyhole (for
+#                 refresh-ahead, once its first certificate is in; lazy fetches on
+#                 the connection), one psql -c 'select 1', its wall time in ms,
+#                 BENCH_FIRST_RUNS runs per round, median. Ratios are to keyhole with
+#                 its ordinary target.
 # Targets for keyhole (shown with the results, and whether they are met): pgbench -S
 # -c 8 >= 0.95x direct; pgbench -C >= 1.2x direct; COPY out <= 0.6 proxy CPU s/GB;
 # <= 16 KiB RSS per idle connection at 1,000; 10,000 idle connections held without an
-# error; MySQL point selects >= 0.95x direct. MB and GB are 10^6 and 10^9 bytes.
+# error; MySQL point selects >= 0.95x direct; through the connector, keyhole's CPU per
+# transaction <= 1.1x its ordinary target's (the data path must cost the same). MB and
+# GB are 10^6 and 10^9 bytes.
 #
 # Steps: system packages (as root, missing ones are installed: the test packages plus
 # pgbouncer, stunnel4, golang-go, python3, sysbench, gnuplot-nox; a peer that cannot be
-# installed is skipped), cargo build --release of keyhole and the synthetic example, go
-# build of goproxy into the temporary directory, the servers, pgbench -i -s 10,
-# sysbench prepare, the proxies, the rounds, the report. Everything the run starts or
-# writes is removed on exit, also on Ctrl-C or failure.
+# installed is skipped), cargo build --release of keyhole and the synthetic and
+# cloudsql_fake examples, go build of goproxy into the temporary directory, the servers,
+# pgbench -i -s 10, sysbench prepare, the proxies, the fake Cloud SQL instance and the
+# connector, the rounds, the report. Everything the run starts or writes is removed on
+# exit, also on Ctrl-C or failure.
 #
 # Environment:
 #   BENCH_QUICK=1             quick mode (as --quick): BENCH_DURATION=3, BENCH_ROUNDS=1,
-#                             BENCH_COPY_MB=64, BENCH_STREAM_MB=256, 200 idle connections
-#                             (each setting below still wins when given)
+#                             BENCH_COPY_MB=64, BENCH_STREAM_MB=256, 200 idle connections,
+#                             BENCH_FIRST_RUNS=3 (each setting below still wins when given)
 #   BENCH_DURATION=SECONDS    length of each pgbench and sysbench run (default 10)
 #   BENCH_ROUNDS=N            runs of each workload per path; the median is kept (default 2)
 #   BENCH_COPY_MB=N           size of COPY out, COPY in and the MySQL bulk read (default 1000)
@@ -82,15 +106,19 @@
 #   BENCH_PATHS="..."         the paths to run (default: direct keyhole pgbouncer stunnel
 #                             goproxy); direct is always included, for the ratios
 #   BENCH_MYSQL=0             leave out MariaDB and the MySQL workloads
+#   BENCH_CLOUDSQL=0          leave out the Cloud SQL connector's workloads (they run
+#                             only when the keyhole path does)
+#   BENCH_FIRST_RUNS=N        first-connection runs per variant and round (default 5)
 #   BENCH_LOG_DIR=DIR         copy the servers', the proxies' and the tools' logs here
 #   BENCH_KEYHOLE_FLAGS="..."  extra flags for keyhole (split on spaces), e.g.
 #                             "--kernel-tls auto" on a kernel with the TLS ULP
 #   KEYHOLE_BIN=PATH          use this keyhole binary instead of building one
 #   BENCH_SYNTHETIC_BIN=PATH  use this synthetic binary instead of building one
+#   BENCH_CLOUDSQL_BIN=PATH   use this cloudsql_fake binary instead of building one
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
-# With the defaults a run takes about 25 minutes on 2 cores; --quick about 5.
+# With the defaults a run takes about 30 minutes on 2 cores; --quick about 6.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME, awk and printf, whatever the caller's locale.
 export LC_ALL=C
@@ -147,9 +175,9 @@ fi
 # --- settings --------------------------------------------------------------------
 [[ $quick == 0 || $quick == 1 ]] || keyhole_die "BENCH_QUICK: '$quick' is neither 0 nor 1"
 if ((quick)); then
-  d_duration=3 d_rounds=1 d_copy_mb=64 d_stream_mb=256 d_idle=200 d_idle_large=200
+  d_duration=3 d_rounds=1 d_copy_mb=64 d_stream_mb=256 d_idle=200 d_idle_large=200 d_first=3
 else
-  d_duration=10 d_rounds=2 d_copy_mb=1000 d_stream_mb=2000 d_idle=1000 d_idle_large=10000
+  d_duration=10 d_rounds=2 d_copy_mb=1000 d_stream_mb=2000 d_idle=1000 d_idle_large=10000 d_first=5
 fi
 duration=${BENCH_DURATION:-${DURATION:-$d_duration}}
 duration=${duration%s}
@@ -159,14 +187,19 @@ stream_mb=${BENCH_STREAM_MB:-$d_stream_mb}
 idle_conns=${BENCH_IDLE_CONNS:-$d_idle}
 idle_large=${BENCH_IDLE_LARGE:-$d_idle_large}
 with_mysql=${BENCH_MYSQL:-1}
+with_cloudsql=${BENCH_CLOUDSQL:-1}
+first_runs=${BENCH_FIRST_RUNS:-$d_first}
 read -r -a keyhole_flags <<<"${BENCH_KEYHOLE_FLAGS:-}"
 for setting in duration:BENCH_DURATION rounds:BENCH_ROUNDS copy_mb:BENCH_COPY_MB \
-  stream_mb:BENCH_STREAM_MB idle_conns:BENCH_IDLE_CONNS idle_large:BENCH_IDLE_LARGE; do
+  stream_mb:BENCH_STREAM_MB idle_conns:BENCH_IDLE_CONNS idle_large:BENCH_IDLE_LARGE \
+  first_runs:BENCH_FIRST_RUNS; do
   var=${setting%%:*}
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] ||
     keyhole_die "${setting#*:}: '${!var}' is not a positive whole number"
 done
 [[ $with_mysql == 0 || $with_mysql == 1 ]] || keyhole_die "BENCH_MYSQL: '$with_mysql' is neither 0 nor 1"
+[[ $with_cloudsql == 0 || $with_cloudsql == 1 ]] ||
+  keyhole_die "BENCH_CLOUDSQL: '$with_cloudsql' is neither 0 nor 1"
 readonly pgbench_clients=(1 8 64) conn_clients=8 scale=10 mysql_threads=8
 # Rows of 1000 bytes (1001 with the newline): BENCH_COPY_MB MB.
 readonly copy_rows=$((copy_mb * 1000))
@@ -183,6 +216,13 @@ for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   *) keyhole_die "BENCH_PATHS: unknown path '$p' (known: ${all_paths[*]})" ;;
   esac
 done
+# The Cloud SQL workloads: keyhole's connector next to its ordinary target.
+cloudsql_note=""
+if ((!with_cloudsql)); then
+  cloudsql_note="Cloud SQL workloads left out (BENCH_CLOUDSQL=0)"
+elif [[ " ${paths[*]} " != *" keyhole "* ]]; then
+  cloudsql_note="Cloud SQL workloads left out: the keyhole path is not in BENCH_PATHS"
+fi
 peers_dir=${KEYHOLE_PEERS_DIR:-$repo_root/../shared/peers}
 log_dir=${BENCH_LOG_DIR:-}
 if [[ -n $log_dir ]]; then
@@ -225,15 +265,20 @@ helper_pid=""
 syn_pid=""
 my_pid=""
 hold_fd=""
+cs_pid=""
 # Proxies are instances NAME@SERVER, SERVER one of pg (PostgreSQL), syn (synthetic),
-# my (MariaDB): keyhole@pg, pgbouncer@syn...
+# my (MariaDB), cs and csl (the fake Cloud SQL instance: keyhole's connector with
+# refresh-ahead and with --lazy-refresh, stunnel with a client certificate):
+# keyhole@pg, pgbouncer@syn, keyhole@csl...
 declare -A proxy_pid=() proxy_port=() skip_note=() late_note=() upstream_port=()
 
 # A summary of what the proxies' logs say went wrong: the interesting part of a run
 # that is about to be deleted.
 log_summary() {
   local name file count
-  for name in keyhole pgbouncer stunnel goproxy synthetic; do
+  # (cloudsql_fake's stdout: its address lines and one `call METHOD STATUS` per request)
+  local quiet_fake='^$|^(api|proxy|instance|call) '
+  for name in keyhole pgbouncer stunnel goproxy synthetic cloudsql_fake; do
     for file in "$tmp/$name".*.log; do
       [[ -s $file ]] || continue
       case $name in
@@ -241,6 +286,7 @@ log_summary() {
       pgbouncer) count=$(grep -cE ' (WARNING|ERROR|FATAL) ' "$file" || true) ;;
       stunnel) count=$(grep -cE 'LOG[0-4]\[' "$file" || true) ;;
       goproxy | synthetic) count=$(grep -cvE '^$|^listening ' "$file" || true) ;;
+      cloudsql_fake) count=$(grep -cvE "$quiet_fake" "$file" || true) ;;
       esac
       ((count > 0)) || continue
       keyhole_log "$(basename "$file"): $count warning/error lines; the first ones:"
@@ -249,6 +295,7 @@ log_summary() {
       pgbouncer) grep -E ' (WARNING|ERROR|FATAL) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       stunnel) grep -E 'LOG[0-4]\[' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       goproxy | synthetic) grep -vE '^$|^listening ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      cloudsql_fake) grep -vE "$quiet_fake" "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       esac
     done
   done
@@ -264,6 +311,7 @@ cleanup() {
   done
   keyhole_stop_pid "$syn_pid"
   keyhole_stop_pid "$my_pid"
+  keyhole_stop_pid "$cs_pid"
   [[ -z $hold_fd ]] || exec {hold_fd}>&-
   keyhole_pg_stop immediate
   if [[ -n $tmp ]]; then
@@ -338,14 +386,16 @@ record_fail() {
   keyhole_warn "$1 $2: $3"
 }
 
-# cpu_start PATH SERVER / cpu_seconds: the CPU seconds the path's proxy process spent
-# in between (empty for direct).
+# cpu_start PATH SERVER (or cpu_start INSTANCE) / cpu_seconds: the CPU seconds the
+# path's proxy process spent in between (empty for direct).
 cpu_pid="" cpu_c0=0
 cpu_start() {
+  local inst=$1
+  (($# < 2)) || inst=$1@$2
   cpu_pid=""
   cpu_c0=0
   [[ $1 == direct ]] && return 0
-  cpu_pid=${proxy_pid[$1@$2]:-}
+  cpu_pid=${proxy_pid[$inst]:-}
   [[ -z $cpu_pid ]] || cpu_c0=$(cpu_ticks "$cpu_pid")
 }
 cpu_seconds() {
@@ -355,14 +405,17 @@ cpu_seconds() {
   calc "($c1 - $cpu_c0) / $clk_tck"
 }
 
-# path_env PATH: the libpq environment for a path to PostgreSQL (in the array conn_env).
+# path_env PATH: the libpq environment for a path to PostgreSQL (in the array conn_env);
+# PATH may also be a proxy instance (keyhole@cs: through the fake Cloud SQL instance).
 path_env() {
+  local inst=$1
+  [[ $inst == *@* ]] || inst=$inst@pg
   conn_env=(PGUSER=bench PGPASSWORD=bench PGDATABASE=bench PGAPPNAME=bench PGCONNECT_TIMEOUT=30)
   if [[ $1 == direct ]]; then
     conn_env+=(PGHOST=localhost PGHOSTADDR=127.0.0.1 "PGPORT=$pg_port" PGSSLMODE=verify-full
       "PGSSLROOTCERT=$tmp/certs/ca.crt")
   else
-    conn_env+=(PGHOST=127.0.0.1 "PGPORT=${proxy_port[$1@pg]}" PGSSLMODE=disable)
+    conn_env+=(PGHOST=127.0.0.1 "PGPORT=${proxy_port[$inst]}" PGSSLMODE=disable)
   fi
 }
 
@@ -414,8 +467,23 @@ proxy_command() {
     # Only the flags configure it: no KEYHOLE_* variable from the caller's shell.
     while IFS= read -r var; do cmd+=(-u "$var"); done < <(keyhole_env_names '^KEYHOLE_')
     [[ $server == my ]] && scheme=mysql
-    cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
-      "${keyhole_flags[@]}" "$scheme://127.0.0.1:$up?server-name=localhost")
+    case $server in
+    cs | csl)
+      # The connector: the instance as the target, the fake's API, any token; the API
+      # on loopback is reached without the caller's HTTP proxy, if any.
+      for var in http_proxy https_proxy all_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY; do
+        cmd+=(-u "$var")
+      done
+      cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --token bench-admin-token
+        --sqladmin-api-endpoint "$cs_api" "${keyhole_flags[@]}")
+      [[ $server == csl ]] && cmd+=(--lazy-refresh)
+      cmd+=("$cs_instance")
+      ;;
+    *)
+      cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
+        "${keyhole_flags[@]}" "$scheme://127.0.0.1:$up?server-name=localhost")
+      ;;
+    esac
     ;;
   pgbouncer) cmd=("$pgbouncer_bin" "$tmp/pgbouncer.$server.conf") ;;
   stunnel) cmd=("$stunnel_bin" "$tmp/stunnel.$server.conf") ;;
@@ -451,6 +519,27 @@ server_tls_ca_file = $tmp/certs/ca.crt
 EOF
     ;;
   stunnel)
+    if [[ $server == cs ]]; then
+      # TLS 1.3 from the first byte to the fake server-side proxy, with the client
+      # certificate the fake signed for an RSA-2048 key (as keyhole's), checked as
+      # keyhole checks it: the chain to the instance's server CA, the CN.
+      cat >"$tmp/stunnel.$server.conf" <<EOF
+foreground = yes
+syslog = no
+pid =
+[cs]
+client = yes
+accept = 127.0.0.1:$port
+connect = $cs_proxy
+cert = $tmp/cloudsql/client.crt
+key = $tmp/cloudsql/client.key
+CAfile = $tmp/cloudsql/server-ca.crt
+verifyChain = yes
+checkHost = $cs_cn
+sslVersionMin = TLSv1.3
+EOF
+      return 0
+    fi
     cat >"$tmp/stunnel.$server.conf" <<EOF
 foreground = yes
 syslog = no
@@ -541,6 +630,20 @@ check_path() {
       return 1
     fi
     ;;
+  cs | csl)
+    # Through the fake Cloud SQL instance: its proxy is the only one that comes in
+    # over PostgreSQL's Unix socket as bench (no server address there).
+    path_env "$1@$2"
+    if ! out=$(env "${conn_env[@]}" "$keyhole_psql" -X -At -v ON_ERROR_STOP=1 \
+      -c "select coalesce(inet_server_addr()::text, 'unix socket')" 2>&1); then
+      printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
+      return 1
+    fi
+    if [[ $out != 'unix socket' ]]; then
+      printf 'the session did not come through the fake proxy (server address %s)' "$out"
+      return 1
+    fi
+    ;;
   esac
 }
 
@@ -562,38 +665,51 @@ servers_of() {
 }
 
 # --- workloads -------------------------------------------------------------------
+# pgbench_measure PATH CLIENTS [PGBENCH ARGS...]: one pgbench -S -T DURATION run on PATH
+# (direct, a path to PostgreSQL, or a proxy instance such as keyhole@cs). Sets pb_tps,
+# pb_lat (ms), pb_txs and pb_cpu (the proxy's CPU seconds; empty for direct); when it
+# fails, pb_err says why and the status is 1.
+pgbench_measure() {
+  local path=$1 clients=$2 threads=2 log=$tmp/pgbench.log ok=0
+  shift 2
+  pb_tps="" pb_lat="" pb_txs=0 pb_cpu="" pb_err=""
+  ((clients >= threads)) || threads=$clients
+  path_env "$path"
+  printf '\n### %s: pgbench -c %s %s\n' "$path" "$clients" "$*" >>"$log"
+  if [[ $path == *@* ]]; then cpu_start "$path"; else cpu_start "$path" pg; fi
+  env "${conn_env[@]}" pgbench -n -S -c "$clients" -j "$threads" -T "$duration" "$@" \
+    >"$tmp/pgbench.out" 2>&1 && ok=1
+  pb_cpu=$(cpu_seconds)
+  cat "$tmp/pgbench.out" >>"$log"
+  if ((ok)); then
+    pb_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$tmp/pgbench.out" | head -n 1)
+    pb_lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$tmp/pgbench.out" | head -n 1)
+    pb_txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$tmp/pgbench.out")
+    pb_txs=${pb_txs:-0}
+    [[ -z $pb_tps ]] || return 0
+  fi
+  pb_err="pgbench failed: $(grep -m1 -iE 'error|fatal' "$tmp/pgbench.out" | cut -c1-200)"
+  return 1
+}
+
 # run_pgbench PATH CLIENTS METRIC [PGBENCH ARGS...]: TPS (METRIC), latency in ms
 # (lat_ of it) and, for a proxy, its CPU microseconds per transaction (cpu_ of it).
 run_pgbench() {
-  local path=$1 clients=$2 metric=$3 threads=2 log tps lat txs cpu us
+  local path=$1 clients=$2 metric=$3 us
   shift 3
-  ((clients >= threads)) || threads=$clients
-  path_env "$path"
-  log=$tmp/pgbench.log
-  printf '\n### %s %s: pgbench -c %s %s\n' "$path" "$metric" "$clients" "$*" >>"$log"
-  cpu_start "$path" pg
-  if env "${conn_env[@]}" pgbench -n -S -c "$clients" -j "$threads" -T "$duration" "$@" \
-    >"$tmp/pgbench.out" 2>&1; then
-    cat "$tmp/pgbench.out" >>"$log"
-    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$tmp/pgbench.out" | head -n 1)
-    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$tmp/pgbench.out" | head -n 1)
-    txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$tmp/pgbench.out")
-    if [[ -n $tps ]]; then
-      cpu=$(cpu_seconds)
-      record "$path" "$metric" "$tps"
-      [[ -z $lat ]] || record "$path" "lat_$metric" "$lat"
-      if [[ -n $cpu && ${txs:-0} -gt 0 ]]; then
-        us=$(calc "$cpu * 1000000 / $txs")
-        record "$path" "cpu_$metric" "$us"
-        printf '  %-10s %10.0f tps  %8.3f ms   proxy CPU %.0f us/transaction\n' "$path" "$tps" "${lat:-0}" "$us"
-      else
-        printf '  %-10s %10.0f tps  %8.3f ms\n' "$path" "$tps" "${lat:-0}"
-      fi
-      return 0
-    fi
+  if ! pgbench_measure "$path" "$clients" "$@"; then
+    record_fail "$path" "$metric" "$pb_err"
+    return 0
   fi
-  cat "$tmp/pgbench.out" >>"$log"
-  record_fail "$path" "$metric" "pgbench failed: $(grep -m1 -iE 'error|fatal' "$tmp/pgbench.out" | cut -c1-200)"
+  record "$path" "$metric" "$pb_tps"
+  [[ -z $pb_lat ]] || record "$path" "lat_$metric" "$pb_lat"
+  if [[ -n $pb_cpu ]] && ((pb_txs > 0)); then
+    us=$(calc "$pb_cpu * 1000000 / $pb_txs")
+    record "$path" "cpu_$metric" "$us"
+    printf '  %-10s %10.0f tps  %8.3f ms   proxy CPU %.0f us/transaction\n' "$path" "$pb_tps" "${pb_lat:-0}" "$us"
+  else
+    printf '  %-10s %10.0f tps  %8.3f ms\n' "$path" "$pb_tps" "${pb_lat:-0}"
+  fi
 }
 
 # finish_bulk PATH SERVER METRIC BYTES T0 T1: MB/s (METRIC_mbs) and, for a proxy, its
@@ -786,6 +902,128 @@ run_idle() {
     sleep 0.1
   done
   printf '  %-10s (released: %s, server drained %.1f s)\n' "" "$phases" "$(calc "$EPOCHREALTIME - $t2")"
+}
+
+# --- the Cloud SQL workloads -----------------------------------------------------
+# Their columns, KEY (as in the report) and how it is reached; cs_keys holds those that
+# run, in this order (set in the "Cloud SQL" step):
+#   direct@pg     libpq straight to PostgreSQL over TLS (verify-full)
+#   keyhole@pg    keyhole with its ordinary postgres:// target: the baseline of the ratios
+#   keyhole       keyhole's connector, refresh-ahead (keyhole@cs), through the fake
+#   keyhole-lazy  keyhole's connector with --lazy-refresh (keyhole@csl), through the fake
+#   stunnel       stunnel with a client certificate (stunnel@cs), through the fake
+declare -A cs_inst=([direct@pg]=direct [keyhole@pg]=keyhole@pg [keyhole]=keyhole@cs
+  [keyhole-lazy]=keyhole@csl [stunnel]=stunnel@cs)
+cs_keys=()
+cs_notes=()
+readonly cs_clients=8
+cs_api="" cs_instance="" cs_proxy="" cs_cn=""
+
+# cs_calls: the SQL Admin API requests the fake has answered so far.
+cs_calls() {
+  local n
+  n=$(grep -c '^call ' "$tmp/cloudsql_fake.out.log" 2>/dev/null) || true
+  printf '%d\n' "${n:-0}"
+}
+
+# cs_pgbench KEY CLIENTS NAME [PGBENCH ARGS...]: pgbench -S through the column KEY,
+# recorded under cloudsql/KEY: cs_tps_NAME, cs_cpu_NAME (the proxy's CPU microseconds
+# per transaction: under -C, per connection), and through the fake cs_fake_NAME (the
+# fake's CPU microseconds per transaction) and cs_api_NAME (API requests during the
+# run). Through the fake, one connection comes first, so that a --lazy-refresh keyhole
+# has its certificate as a refresh-ahead one has: both then use a cached one.
+cs_pgbench() {
+  local key=$1 clients=$2 name=$3 inst=${cs_inst[$1]} why f0="" f1 calls=0 us line per=transaction
+  shift 3
+  [[ $name != c ]] || per=connection
+  if [[ $inst == *@cs || $inst == *@csl ]]; then
+    if ! why=$(check_path "${inst%@*}" "${inst#*@}"); then
+      record_fail "cloudsql/$key" "cs_tps_$name" "the warm-up connection failed: $why"
+      return 0
+    fi
+    f0=$(cpu_ticks "$cs_pid") || f0=""
+    calls=$(cs_calls)
+  fi
+  if ! pgbench_measure "$inst" "$clients" "$@"; then
+    record_fail "cloudsql/$key" "cs_tps_$name" "$pb_err"
+    return 0
+  fi
+  record "cloudsql/$key" "cs_tps_$name" "$pb_tps"
+  line=$(printf '  %-13s %10.0f tps' "$key" "$pb_tps")
+  if [[ -n $pb_cpu ]] && ((pb_txs > 0)); then
+    us=$(calc "$pb_cpu * 1000000 / $pb_txs")
+    record "cloudsql/$key" "cs_cpu_$name" "$us"
+    line+=$(printf '   proxy CPU %.1f us/%s' "$us" "$per")
+  fi
+  if [[ -n $f0 ]] && f1=$(cpu_ticks "$cs_pid") && ((pb_txs > 0)); then
+    us=$(calc "($f1 - $f0) / $clk_tck * 1000000 / $pb_txs")
+    record "cloudsql/$key" "cs_fake_$name" "$us"
+    calls=$(($(cs_calls) - calls))
+    record "cloudsql/$key" "cs_api_$name" "$calls"
+    line+=$(printf '   fake CPU %.1f us/%s   %d API requests' "$us" "$per" "$calls")
+  fi
+  printf '%s\n' "$line"
+}
+
+# cs_first KEY: the first connection through the column KEY: a freshly started process
+# (none for direct@pg), listening and given a moment (0.5 s; a refresh-ahead keyhole
+# also until its log says its first certificate is in), then one psql -c 'select 1';
+# its wall time in ms (cs_first).
+cs_first() {
+  local key=$1 inst=${cs_inst[$1]} log i t0 t1 ms
+  if [[ $inst != direct ]]; then
+    stop_proxy "$inst"
+    if ! start_proxy "$inst"; then
+      record_fail "cloudsql/$key" cs_first "$inst could not be restarted"
+      late_note[${inst%@*}]="${late_note[${inst%@*}]:+${late_note[${inst%@*}]}; }$inst could not be restarted in round $round"
+      return 0
+    fi
+    sleep 0.5
+    if [[ $inst == keyhole@cs ]]; then
+      log=$tmp/keyhole.cs.${proxy_starts[$inst]}.log
+      for ((i = 0; i < 300; i++)); do
+        grep -q 'Cloud SQL client certificate refreshed' "$log" && break
+        sleep 0.1
+      done
+      if ! grep -q 'Cloud SQL client certificate refreshed' "$log"; then
+        record_fail "cloudsql/$key" cs_first "no certificate within 30 s of the start"
+        return 0
+      fi
+    fi
+  fi
+  path_env "$inst"
+  t0=$EPOCHREALTIME
+  if ! env "${conn_env[@]}" "$keyhole_psql" -X -q -At -c 'select 1' >"$tmp/first.out" 2>&1; then
+    record_fail "cloudsql/$key" cs_first "psql failed: $(head -n 1 "$tmp/first.out" | cut -c1-200)"
+    return 0
+  fi
+  t1=$EPOCHREALTIME
+  ms=$(calc "($t1 - $t0) * 1000")
+  record "cloudsql/$key" cs_first "$ms"
+  printf '  %-13s %8.1f ms\n' "$key" "$ms"
+}
+
+# cs_round: the Cloud SQL workloads of a round, the columns in an order that rotates.
+cs_round() {
+  local order=() key i n=${#cs_keys[@]} run
+  for ((i = 0; i < n; i++)); do
+    order+=("${cs_keys[$(((i + round - 1) % n))]}")
+  done
+  step "round $round/$rounds: Cloud SQL, pgbench -S -c $cs_clients -T $duration"
+  for key in "${order[@]}"; do
+    # (--lazy-refresh changes when certificates are fetched, not the data path)
+    [[ $key == keyhole-lazy ]] || cs_pgbench "$key" "$cs_clients" s8
+  done
+  step "round $round/$rounds: Cloud SQL, connection per transaction, pgbench -S -C -c $conn_clients -T $duration"
+  for key in "${order[@]}"; do
+    cs_pgbench "$key" "$conn_clients" c -C
+  done
+  step "round $round/$rounds: Cloud SQL, first connection through a fresh process, $first_runs runs each"
+  for ((run = 1; run <= first_runs; run++)); do
+    for key in "${order[@]}"; do
+      [[ $key == stunnel ]] || cs_first "$key"
+    done
+  done
 }
 
 # server_conns SERVER: the connections the server holds (PostgreSQL: role bench).
@@ -989,28 +1227,36 @@ keyhole_log "open files limit: $(ulimit -n)"
 
 # =================================================================================
 keyhole_release_binary step
-if [[ -n ${BENCH_SYNTHETIC_BIN:-} ]]; then
-  synthetic_bin=$BENCH_SYNTHETIC_BIN
-else
-  step "build the synthetic upstream: cargo build --release --example synthetic"
+# The examples: the synthetic upstream, and the fake Cloud SQL instance when the Cloud
+# SQL workloads run; each given binary is taken as it is.
+synthetic_bin=${BENCH_SYNTHETIC_BIN:-}
+cloudsql_bin=${BENCH_CLOUDSQL_BIN:-}
+examples=()
+[[ -n $synthetic_bin ]] || examples+=(--example synthetic)
+[[ -n $cloudsql_bin || -n $cloudsql_note ]] || examples+=(--example cloudsql_fake)
+if ((${#examples[@]} > 0)); then
+  step "build the examples: cargo build --release ${examples[*]}"
   keyhole_cargo_on_path
   locked=()
   [[ -f Cargo.lock ]] && locked=(--locked)
-  cargo build --release "${locked[@]}" --example synthetic ||
-    keyhole_die "cargo build --release --example synthetic failed"
+  cargo build --release "${locked[@]}" "${examples[@]}" ||
+    keyhole_die "cargo build --release ${examples[*]} failed"
   target_dir=${CARGO_TARGET_DIR:-target}
   [[ $target_dir == /* ]] || target_dir=$repo_root/$target_dir
-  synthetic_bin=$target_dir/release/examples/synthetic
+  [[ -n $synthetic_bin ]] || synthetic_bin=$target_dir/release/examples/synthetic
+  [[ -n $cloudsql_bin || -n $cloudsql_note ]] || cloudsql_bin=$target_dir/release/examples/cloudsql_fake
 fi
 [[ -x $synthetic_bin ]] || keyhole_die "no synthetic binary at $synthetic_bin"
+[[ -n $cloudsql_note || -x $cloudsql_bin ]] || keyhole_die "no cloudsql_fake binary at $cloudsql_bin"
 
 # =================================================================================
 step "temporary directory, CA and certificates"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keyhole-bench.XXXXXX")
-mkdir "$tmp/bin" "$tmp/results" "$tmp/sysbench"
+mkdir "$tmp/bin" "$tmp/results" "$tmp/results/cloudsql" "$tmp/sysbench"
 keyhole_pg_prepare "$tmp" "the servers and the proxies (they refuse root)"
 install -m 0755 "$keyhole_bin" "$tmp/bin/keyhole"
 install -m 0755 "$synthetic_bin" "$tmp/bin/synthetic"
+[[ -n $cloudsql_note ]] || install -m 0755 "$cloudsql_bin" "$tmp/bin/cloudsql_fake"
 write_idle_helper "$tmp/idle_conns.py"
 # The idle client holds its connections until its standard input ends: a FIFO this
 # script keeps open (and closes when it exits).
@@ -1152,6 +1398,75 @@ for p in "${paths[@]}"; do
 done
 
 # =================================================================================
+if [[ -z $cloudsql_note ]]; then
+  step "Cloud SQL: a fake instance in front of PostgreSQL's Unix socket; keyhole's connector"
+  # The fake proxy comes in over the Unix socket: bench logs in there with md5, as over
+  # TCP. The line goes first, before the socket's trust for the setup.
+  keyhole_as_pg sed -i '1i local   bench   bench   md5' "$keyhole_pgdata/pg_hba.conf" ||
+    keyhole_die "could not add the Unix-socket line to pg_hba.conf"
+  admin_sql -c "select pg_reload_conf()" >/dev/null || keyhole_die "pg_reload_conf failed"
+  mkdir "$tmp/cloudsql"
+  fake_args=(--socket "$tmp/run/.s.PGSQL.$pg_port" --server-ca-out "$tmp/cloudsql/server-ca.crt")
+  with_stunnel=0
+  if [[ " ${paths[*]} " == *" stunnel "* && -z ${skip_note[stunnel]:-} ]]; then
+    # stunnel's key is RSA-2048, as keyhole's: both sign the same handshake.
+    if openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
+      -out "$tmp/cloudsql/client.key" >/dev/null 2>&1 &&
+      openssl pkey -in "$tmp/cloudsql/client.key" -pubout -out "$tmp/cloudsql/client.pub" 2>/dev/null; then
+      with_stunnel=1
+      fake_args+=(--client-key-pub "$tmp/cloudsql/client.pub" --client-cert-out "$tmp/cloudsql/client.crt")
+    else
+      cs_notes+=("stunnel through the fake: no client key (openssl genpkey failed)")
+    fi
+  fi
+  ((EUID != 0)) || chown -R "$keyhole_pg_user:" "$tmp/cloudsql"
+  # Its standard input is the hold FIFO: it ends with this script.
+  keyhole_pg_exec setsid "$tmp/bin/cloudsql_fake" "${fake_args[@]}" \
+    >"$tmp/cloudsql_fake.out.log" 2>"$tmp/cloudsql_fake.err.log" <&"$hold_fd" &
+  cs_pid=$!
+  for ((i = 0; i < 300; i++)); do
+    grep -q '^instance ' "$tmp/cloudsql_fake.out.log" && break
+    kill -0 "$cs_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q '^instance ' "$tmp/cloudsql_fake.out.log"; then
+    cat "$tmp/cloudsql_fake.err.log" >&2
+    keyhole_die "the fake Cloud SQL instance did not start"
+  fi
+  if [[ $(readlink "/proc/$cs_pid/exe" 2>/dev/null) == */setsid ]]; then
+    cs_pid=$(pgrep -P "$cs_pid" | head -n 1)
+  fi
+  cs_api=$(sed -n 's/^api //p' "$tmp/cloudsql_fake.out.log")
+  cs_proxy=$(sed -n 's/^proxy //p' "$tmp/cloudsql_fake.out.log")
+  cs_instance=$(sed -n 's/^instance //p' "$tmp/cloudsql_fake.out.log")
+  # The server certificate's CN (internal CA mode): PROJECT:INSTANCE.
+  cs_cn=${cs_instance%%:*}:${cs_instance##*:}
+  keyhole_log "fake instance $cs_instance (pid $cs_pid): API $cs_api, server-side proxy $cs_proxy"
+  upstream_port[cs]=3307
+  upstream_port[csl]=3307
+  usable keyhole pg || cs_notes+=("keyhole@pg is not running: no baseline for the ratios")
+  cs_keys=(direct@pg keyhole@pg keyhole keyhole-lazy)
+  for inst in keyhole@cs keyhole@csl stunnel@cs; do
+    [[ $inst != stunnel@cs ]] || ((with_stunnel)) || continue
+    proxy_port[$inst]=$(new_port) || keyhole_die "no free port found"
+    write_proxy_config "$inst"
+    if ! start_proxy "$inst"; then
+      cs_notes+=("$inst did not start")
+      continue
+    fi
+    if ! why=$(check_path "${inst%@*}" "${inst#*@}"); then
+      keyhole_warn "$inst: a connection through it failed: $why"
+      cs_notes+=("$inst: a connection through it failed: $why")
+      stop_proxy "$inst"
+      continue
+    fi
+    [[ $inst != stunnel@cs ]] || cs_keys+=(stunnel)
+    keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}): through the fake proxy to PostgreSQL's Unix socket"
+  done
+  keyhole_log "API requests so far: $(cs_calls) (refresh-ahead at its start, lazy on its first connection)"
+fi
+
+# =================================================================================
 run_paths=()
 for p in "${paths[@]}"; do
   [[ -n ${skip_note[$p]:-} ]] || run_paths+=("$p")
@@ -1179,6 +1494,7 @@ for ((round = 1; round <= rounds; round++)); do
   for p in "${order[@]}"; do
     if usable "$p" pg; then run_pgbench "$p" "$conn_clients" tps_c -C; fi
   done
+  [[ -n $cloudsql_note ]] || cs_round
   step "round $round/$rounds: COPY out, $copy_bytes bytes"
   for p in "${order[@]}"; do
     if usable "$p" pg; then run_copy_out "$p"; fi

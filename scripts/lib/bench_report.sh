@@ -96,6 +96,7 @@ result_cell() {
 target_text() {
   case $1 in
   ratio\>=*) printf '≥ %s× direct' "${1#ratio>=}" ;;
+  ratio\<=*) printf '≤ %s× keyhole → PostgreSQL' "${1#ratio<=}" ;;
   max\<=*) printf '≤ %s' "${1#max<=}" ;;
   held) printf '10,000 held, no error' ;;
   esac
@@ -169,6 +170,158 @@ ran_paths() {
   done
 }
 
+# --- the Cloud SQL workloads -----------------------------------------------------
+# Their rows: id|label|unit|format|kind|columns|target. Columns are bench.sh's cs_keys
+# (direct@pg keyhole@pg keyhole keyhole-lazy stunnel); a row has figures for the ones
+# listed. Samples are in $tmp/results/cloudsql/KEY.ID.
+#   kind   ratio: the value, and its ratio to keyhole@pg (keyhole's ordinary target)
+#          delta: the value, and its difference to keyhole@pg's
+#          value: the value alone
+#   target ratio<=X: keyhole (the connector) at most X times keyhole@pg
+report_cs_metrics() {
+  ((${#cs_keys[@]} > 0)) || return 0
+  printf '%s\n' \
+    "cs_tps_s8|pgbench -S -c $cs_clients|TPS|%.0f|ratio|direct@pg keyhole@pg keyhole stunnel|" \
+    "cs_cpu_s8|pgbench -S -c $cs_clients: proxy CPU per transaction|µs|%.1f|ratio|keyhole@pg keyhole stunnel|ratio<=1.1" \
+    "cs_fake_s8|pgbench -S -c $cs_clients: the fake proxy's CPU per transaction|µs|%.1f|value|keyhole stunnel|" \
+    "cs_tps_c|pgbench -S -C -c $conn_clients: new connections|per s|%.0f|ratio|direct@pg keyhole@pg keyhole keyhole-lazy stunnel|" \
+    "cs_cpu_c|pgbench -S -C: proxy CPU per new connection|µs|%.0f|ratio|keyhole@pg keyhole keyhole-lazy stunnel|" \
+    "cs_first|first connection through a fresh process (psql -c 'select 1', wall time)|ms|%.1f|delta|direct@pg keyhole@pg keyhole keyhole-lazy|"
+}
+
+# cs_header KEY / cs_column_text KEY: a column's heading, and what it includes.
+cs_header() {
+  case $1 in
+  direct@pg) printf 'direct → PostgreSQL' ;;
+  keyhole@pg) printf 'keyhole → PostgreSQL' ;;
+  keyhole) printf 'keyhole connector' ;;
+  keyhole-lazy) printf 'connector, --lazy-refresh' ;;
+  stunnel) printf 'stunnel → fake proxy' ;;
+  esac
+}
+cs_column_text() {
+  case $1 in
+  direct@pg) printf 'libpq straight to PostgreSQL over TLS (sslmode=verify-full): no proxy, no fake' ;;
+  keyhole@pg) printf 'keyhole with its ordinary target (postgres://127.0.0.1:PORT, verify-full), TLS to PostgreSQL'"'"'s own TLS (OpenSSL) over TCP: the baseline of the ratios' ;;
+  keyhole) printf 'keyhole'"'"'s connector, refresh-ahead (the instance %s as its target): the fake API for settings and certificate, then TLS 1.3 with the ephemeral client certificate (RSA-2048) to the fake server-side proxy, which splices to PostgreSQL'"'"'s Unix socket' "$cs_instance" ;;
+  keyhole-lazy) printf 'the same with --lazy-refresh (the certificate is fetched by the first connection that finds none)' ;;
+  stunnel) printf 'stunnel (client mode, a certificate from the fake'"'"'s client CA for an RSA-2048 key, verifyChain, checkHost = the instance'"'"'s CN) in keyhole'"'"'s place, to the same fake proxy: no PostgreSQL 15 client speaks TLS from the first byte (libpq'"'"'s sslnegotiation=direct came in 17), so the stock reference on that path is a TLS proxy' ;;
+  esac
+}
+
+# cs_cell KEY ID FORMAT KIND COLUMNS: the markdown cell.
+cs_cell() {
+  local key=$1 id=$2 format=$3 kind=$4 f=$tmp/results/cloudsql/$1.$2 m b fails="" cell
+  if [[ " $5 " != *" $key "* ]]; then
+    printf -- '-'
+    return 0
+  fi
+  [[ -s $f.fail ]] && fails="*"
+  if ! m=$(median "$f"); then
+    if [[ -n $fails ]]; then printf 'fail'; else printf -- '-'; fi
+    return 0
+  fi
+  cell=$(fmt "$format" "$m")
+  # (direct is there for scale: no ratio)
+  if [[ $key != keyhole@pg && $key != direct@pg ]] && b=$(median "$tmp/results/cloudsql/keyhole@pg.$id"); then
+    case $kind in
+    ratio) cell+=$(awk -v a="$m" -v b="$b" 'BEGIN { if (b > 0) printf " (%.2f×)", a / b }') ;;
+    delta) cell+=$(awk -v a="$m" -v b="$b" 'BEGIN { printf " (%+.1f)", a - b }') ;;
+    esac
+  fi
+  printf '%s%s' "$cell" "$fails"
+}
+
+# cs_target_met ID TARGET: yes, no, or - (no data).
+cs_target_met() {
+  local m b
+  case $2 in
+  ratio\<=*)
+    if ! m=$(median "$tmp/results/cloudsql/keyhole.$1") ||
+      ! b=$(median "$tmp/results/cloudsql/keyhole@pg.$1"); then
+      printf -- '-'
+      return 0
+    fi
+    awk -v a="$m" -v b="$b" -v t="${2#ratio<=}" 'BEGIN { print (b > 0 && a / b <= t) ? "yes" : "no" }'
+    ;;
+  *) printf -- '-' ;;
+  esac
+}
+
+# cs_api_requests: the API requests the fake answered during the measured runs through
+# the connector (each run comes after a warm-up connection; 0 is expected).
+cs_api_requests() {
+  local f n=0 v
+  for f in "$tmp/results/cloudsql"/keyhole*.cs_api_*; do
+    [[ -s $f ]] || continue
+    while read -r v; do n=$((n + ${v%.*})); done <"$f"
+  done
+  printf '%d' "$n"
+}
+
+report_cs_table() {
+  local id label unit format kind keys target key
+  printf '| workload | unit |'
+  for key in "${cs_keys[@]}"; do printf ' %s |' "$(cs_header "$key")"; done
+  printf ' keyhole target | met |\n|---|---|'
+  for key in "${cs_keys[@]}"; do printf -- '---:|'; done
+  printf -- '---|---|\n'
+  while IFS='|' read -r id label unit format kind keys target; do
+    printf '| %s | %s |' "$label" "$unit"
+    for key in "${cs_keys[@]}"; do
+      printf ' %s |' "$(cs_cell "$key" "$id" "$format" "$kind" "$keys")"
+    done
+    if [[ -n $target ]]; then
+      printf ' %s | %s |\n' "$(target_text "$target")" "$(cs_target_met "$id" "$target")"
+    else
+      printf ' | |\n'
+    fi
+  done < <(report_cs_metrics)
+}
+
+report_cs_markdown() {
+  local key
+  printf '\n## Cloud SQL connector\n\n'
+  # shellcheck disable=SC2016 # markdown's backquotes
+  printf 'keyhole with a Cloud SQL instance as its target, against `cloudsql_fake` (benches/cloudsql_fake.rs): a fake SQL Admin API (%s) and a fake server-side proxy on %s (TLS 1.3 from the first byte, ECDSA P-256 server certificate with CN %s, the client certificate required, no session resumption), which splices each connection to the same PostgreSQL through its Unix socket (pg_hba: md5 for bench there, as over TCP).\n\n' \
+    "$cs_api" "$cs_proxy" "$cs_cn"
+  report_cs_table
+  cat <<'EOF'
+
+Medians over the rounds. Cells: the value and, in parentheses, its ratio to keyhole →
+PostgreSQL (keyhole with an ordinary target), or for the first connection the
+milliseconds it adds to keyhole → PostgreSQL's; direct is there for scale. Proxy CPU:
+user + system time of the proxy process (keyhole or stunnel) per transaction, or per
+connection under `-C`; the fake's likewise.
+EOF
+  printf '\nWhat each column includes:\n\n'
+  for key in "${cs_keys[@]}"; do
+    printf -- '- %s: %s.\n' "$(cs_header "$key")" "$(cs_column_text "$key")"
+  done
+  cat <<EOF
+
+How to read it:
+
+- Steady state: the connector's path has one hop more than keyhole → PostgreSQL (the
+  fake proxy, on the same cores), and on it PostgreSQL does no TLS (the fake does), so
+  its TPS is not keyhole's cost alone. keyhole's own cost is its CPU per transaction,
+  which must be the same as for any other target (the target above); stunnel is
+  another proxy on the identical path; the fake's CPU is shown apart.
+- New connections: every path makes a full TLS 1.3 handshake (PostgreSQL turns session
+  tickets off; the fake issues none). Through the fake the client also presents a
+  certificate and signs with its RSA-2048 key, which keyhole → PostgreSQL does not.
+  Each measured run through the fake comes after one connection, so that a
+  --lazy-refresh keyhole has its certificate: both modes use a cached one (the fake
+  answered $(cs_api_requests) API requests during those runs).
+- First connection: a freshly started process each time (none for direct), listening,
+  then after 0.5 s (refresh-ahead: also once its log says its first certificate is in)
+  one psql -c 'select 1': psql's whole wall time, its start and login included,
+  $first_runs runs per round. --lazy-refresh pays for the RSA-2048 key generation and
+  both API calls on that connection; refresh-ahead has done them by then (a client that
+  connects before its first refresh ends waits for it).
+EOF
+}
+
 # --- markdown --------------------------------------------------------------------
 report_table() {
   local id server label unit format kind target p met
@@ -198,6 +351,11 @@ report_targets_line() {
     met=$(target_met "$id" "$target")
     case $met in yes) yes=$((yes + 1)) ;; no) no=$((no + 1)) ;; *) unknown=$((unknown + 1)) ;; esac
   done < <(report_metrics)
+  while IFS='|' read -r id _ _ _ _ _ target; do
+    [[ -n $target ]] || continue
+    met=$(cs_target_met "$id" "$target")
+    case $met in yes) yes=$((yes + 1)) ;; no) no=$((no + 1)) ;; *) unknown=$((unknown + 1)) ;; esac
+  done < <(report_cs_metrics)
   printf 'keyhole targets: %d met, %d missed, %d not measured in this run\n' "$yes" "$no" "$unknown"
 }
 
@@ -214,8 +372,11 @@ report_markdown() {
     "$stream_bytes" "$idle_conns" "$idle_large"
   [[ -z $my_pid ]] || printf '; sysbench oltp_point_select %d threads, -T %d, %d rows; MySQL bulk read %d bytes' \
     "$mysql_threads" "$duration" "$mysql_table_size" "$my_bytes"
+  ((${#cs_keys[@]} == 0)) || printf '; Cloud SQL: pgbench -S -c %d and -S -C -c %d, %d first connections per column and round' \
+    "$cs_clients" "$conn_clients" "$first_runs"
   printf '\n- servers: %s, TLS only (hostssl, md5); the synthetic upstream (benches/synthetic.rs)' "$(version_of postgres)"
   [[ -z $my_pid ]] || printf '; %s, require_secure_transport=ON' "$(version_of mariadb)"
+  ((${#cs_keys[@]} == 0)) || printf '; a fake Cloud SQL instance in front of that PostgreSQL (benches/cloudsql_fake.rs)'
   printf '; all on this machine\n'
   printf -- '- clients: %s' "$(version_of pgbench)"
   [[ -z $my_pid ]] || printf ', %s, %s' "$(version_of sysbench)" "$(mariadb --version 2>/dev/null | head -n 1)"
@@ -237,6 +398,7 @@ generator). Proxy CPU: user + system seconds of the proxy process per GB moved.
 RSS: growth of the proxy's VmRSS per idle connection (each logged in, one query run),
 on a freshly started proxy. `*`: some rounds failed (see the notes); `-`: not measured.
 EOF
+  ((${#cs_keys[@]} == 0)) || report_cs_markdown
   local notes=()
   for p in "${paths[@]}"; do
     [[ -z ${skip_note[$p]:-} ]] || notes+=("$p: ${skip_note[$p]}")
@@ -249,6 +411,14 @@ EOF
     done
   done
   [[ -z $mysql_note ]] || notes+=("$mysql_note")
+  [[ -z $cloudsql_note ]] || notes+=("$cloudsql_note")
+  for m in "${cs_notes[@]}"; do notes+=("Cloud SQL: $m"); done
+  for f in "$tmp/results/cloudsql"/*.fail; do
+    [[ -s $f ]] || continue
+    id=${f#"$tmp/results/cloudsql/"}
+    id=${id%.fail}
+    notes+=("Cloud SQL ${id%%.*} ${id#*.}: $(wc -l <"$f") failed: $(head -n 1 "$f")")
+  done
   [[ -z $fd_note ]] || notes+=("$fd_note")
   if [[ " ${paths[*]} " == *" pgbouncer "* ]]; then
     notes+=("pgbouncer reuses its server connections (session pooling), so its -C figure measures pooling, not proxying")
@@ -257,12 +427,21 @@ EOF
   ((idle_large >= 10000)) || notes+=("fewer than 10,000 idle connections this run: the 'held' target is not judged")
   printf '\n## Notes\n\n'
   for m in "${notes[@]}"; do printf -- '- %s\n' "$m"; done
-  printf '\n## Samples\n\nOne value per round; cpu_tps_*: the proxy'"'"'s CPU microseconds per pgbench transaction.\n\n'
-  printf '| path | metric | values |\n|---|---|---|\n'
+  printf '\n## Samples\n\nOne value per round; cpu_tps_*: the proxy'"'"'s CPU microseconds per pgbench transaction.'
+  # shellcheck disable=SC2016 # markdown's backquotes
+  ((${#cs_keys[@]} == 0)) || printf ' Cloud SQL (path `cloudsql KEY`): cs_tps_*, cs_cpu_* (the proxy'"'"'s CPU µs per transaction or connection), cs_fake_* (the fake'"'"'s), cs_api_* (API requests during the run), cs_first (ms), per round; cs_first has %d values per round.' "$first_runs"
+  printf '\n\n| path | metric | values |\n|---|---|---|\n'
   for p in "${paths[@]}"; do
     for f in "$tmp/results/$p".*; do
       [[ -s $f && $f != *.fail ]] || continue
       printf '| %s | %s | %s |\n' "$p" "${f#"$tmp/results/$p."}" \
+        "$(awk '{ printf "%s%.3f", (NR > 1 ? ", " : ""), $1 }' "$f")"
+    done
+  done
+  for p in "${cs_keys[@]}"; do
+    for f in "$tmp/results/cloudsql/$p".*; do
+      [[ -s $f && $f != *.fail ]] || continue
+      printf '| cloudsql %s | %s | %s |\n' "$p" "${f#"$tmp/results/cloudsql/$p."}" \
         "$(awk '{ printf "%s%.3f", (NR > 1 ? ", " : ""), $1 }' "$f")"
     done
   done
@@ -317,12 +496,13 @@ report_json() {
     printf ', %s: %s' "$(json_str "$p")" "$(json_str "$(version_of "$p")")"
   done
   printf '},\n'
-  printf '  "settings": {"rounds": %d, "duration_s": %d, "pgbench_clients": [%s], "conn_clients": %d, "scale": %d, "copy_bytes": %d, "stream_bytes": %d, "idle_conns": %d, "idle_large": %d, "mysql_threads": %d, "mysql_table_size": %d, "mysql_bulk_bytes": %d, "rounds_seconds": %d, "fd_note": %s},\n' \
+  printf '  "settings": {"rounds": %d, "duration_s": %d, "pgbench_clients": [%s], "conn_clients": %d, "scale": %d, "copy_bytes": %d, "stream_bytes": %d, "idle_conns": %d, "idle_large": %d, "mysql_threads": %d, "mysql_table_size": %d, "mysql_bulk_bytes": %d, "cloudsql_clients": %d, "first_runs": %d, "rounds_seconds": %d, "fd_note": %s},\n' \
     "$rounds" "$duration" "$(
       IFS=,
       printf '%s' "${pgbench_clients[*]}"
     )" "$conn_clients" "$scale" "$copy_bytes" "$stream_bytes" "$idle_conns" "$idle_large" \
-    "$mysql_threads" "$mysql_table_size" "$my_bytes" "$rounds_took" "$(json_str "$fd_note")"
+    "$mysql_threads" "$mysql_table_size" "$my_bytes" "$cs_clients" "$first_runs" "$rounds_took" \
+    "$(json_str "$fd_note")"
   printf '  "paths": {'
   first_p=1
   for p in "${paths[@]}"; do
@@ -332,7 +512,9 @@ report_json() {
       "$([[ -z ${skip_note[$p]:-} ]] && echo true || echo false)" \
       "$(json_str "${skip_note[$p]:-${late_note[$p]:-}}")"
   done
-  printf '},\n  "metrics": [\n'
+  printf '},\n'
+  report_cs_json_head
+  printf '  "metrics": [\n'
   while IFS='|' read -r id server label unit format kind target; do
     ((first_m)) || printf ',\n'
     first_m=0
@@ -364,6 +546,7 @@ report_json() {
     done
     printf '}}'
   done < <(report_metrics)
+  report_cs_json_metrics
   printf '\n  ],\n  "other_samples": {'
   first_p=1
   for p in "${paths[@]}"; do
@@ -375,7 +558,77 @@ report_json() {
       printf '%s: %s' "$(json_str "$p.$name")" "$(json_samples "$f")"
     done
   done
+  for p in "${cs_keys[@]}"; do
+    for f in "$tmp/results/cloudsql/$p".cs_api_* "$tmp/results/cloudsql/$p".cs_fake_c; do
+      [[ -s $f ]] || continue
+      name=${f#"$tmp/results/cloudsql/$p."}
+      ((first_p)) || printf ', '
+      first_p=0
+      printf '%s: %s' "$(json_str "cloudsql.$p.$name")" "$(json_samples "$f")"
+    done
+  done
   printf '}\n}\n'
+}
+
+# The "cloudsql" object: whether the Cloud SQL workloads ran, the fake, the columns.
+report_cs_json_head() {
+  local key first=1 m
+  printf '  "cloudsql": {"ran": %s, "note": %s' \
+    "$( ((${#cs_keys[@]} > 0)) && echo true || echo false)" "$(json_str "$cloudsql_note")"
+  if ((${#cs_keys[@]} > 0)); then
+    printf ', "instance": %s, "api": %s, "proxy": %s, "baseline": "keyhole@pg", "api_requests_during_runs": %d, "columns": {' \
+      "$(json_str "$cs_instance")" "$(json_str "$cs_api")" "$(json_str "$cs_proxy")" "$(cs_api_requests)"
+    for key in "${cs_keys[@]}"; do
+      ((first)) || printf ', '
+      first=0
+      printf '%s: %s' "$(json_str "$key")" "$(json_str "$(cs_column_text "$key")")"
+    done
+    printf '}'
+  fi
+  printf ', "notes": ['
+  first=1
+  for m in "${cs_notes[@]}"; do
+    ((first)) || printf ', '
+    first=0
+    json_str "$m"
+  done
+  printf ']},\n'
+}
+
+# The Cloud SQL rows of "metrics" (server "cloudsql"; results by column; ratios to
+# direct@pg and to the baseline keyhole@pg), each after a comma: the main rows come first.
+report_cs_json_metrics() {
+  local id label unit format kind keys target key first met m d b rd rb f
+  while IFS='|' read -r id label unit format kind keys target; do
+    met=null
+    if [[ -n $target ]]; then
+      case $(cs_target_met "$id" "$target") in yes) met=true ;; no) met=false ;; esac
+    fi
+    printf ',\n    {"id": %s, "server": "cloudsql", "label": %s, "unit": %s, "kind": %s, "baseline": "keyhole@pg", "target": %s, "target_met": %s, "results": {' \
+      "$(json_str "$id")" "$(json_str "$label")" "$(json_str "$unit")" "$(json_str "$kind")" \
+      "$(json_str "$target")" "$met"
+    d=$(median "$tmp/results/cloudsql/direct@pg.$id") || d=""
+    b=$(median "$tmp/results/cloudsql/keyhole@pg.$id") || b=""
+    first=1
+    for key in "${cs_keys[@]}"; do
+      [[ " $keys " == *" $key "* ]] || continue
+      ((first)) || printf ', '
+      first=0
+      f=$tmp/results/cloudsql/$key.$id
+      rd=null rb=null
+      if m=$(median "$f"); then
+        if [[ $kind == ratio ]]; then
+          [[ -z $d ]] || rd=$(awk -v a="$m" -v b="$d" 'BEGIN { if (b > 0) printf "%.4f", a / b; else printf "null" }')
+          [[ -z $b || $key == direct@pg ]] || rb=$(awk -v a="$m" -v b="$b" 'BEGIN { if (b > 0) printf "%.4f", a / b; else printf "null" }')
+        fi
+      else
+        m=null
+      fi
+      printf '%s: {"samples": %s, "median": %s, "ratio_to_direct": %s, "ratio_to_baseline": %s, "failures": %s}' \
+        "$(json_str "$key")" "$(json_samples "$f")" "$m" "$rd" "$rb" "$(json_failures "$f.fail")"
+    done
+    printf '}}'
+  done < <(report_cs_metrics)
 }
 
 # --- chart -----------------------------------------------------------------------
@@ -499,6 +752,11 @@ report_write() {
   report_chart "$out_dir/bench.png"
   keyhole_log ""
   report_table
+  if ((${#cs_keys[@]} > 0)); then
+    keyhole_log ""
+    keyhole_log "Cloud SQL connector (ratios to keyhole -> PostgreSQL):"
+    report_cs_table
+  fi
   keyhole_log ""
   report_targets_line
   keyhole_log ""
