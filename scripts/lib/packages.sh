@@ -26,6 +26,8 @@ KEYHOLE_APT_PACKAGES=(
   "procps             pgrep"
   # the system trust store, for targets that name no CA file
   "ca-certificates    /etc/ssl/certs/ca-certificates.crt"
+  # a real HTTP proxy (CONNECT, basic auth) for the HTTP client's proxy tests (tests/http_proxy.rs)
+  "tinyproxy          tinyproxy"
 )
 
 keyhole_log() {
