@@ -28,4 +28,5 @@ pub mod protocol;
 pub mod proxy;
 pub mod splice;
 pub mod tls;
+pub mod transport;
 pub mod upstream;

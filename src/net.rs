@@ -15,7 +15,8 @@ use tokio::net::{TcpStream, UnixStream};
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
-/// An accepted client connection.
+/// A stream socket: an accepted client connection, or the way to a
+/// database (TCP, or the local end of an SSH channel).
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
@@ -96,6 +97,27 @@ macro_rules! delegate {
             }
         }
     };
+}
+
+impl From<TcpStream> for Socket {
+    fn from(tcp: TcpStream) -> Socket {
+        Socket::Tcp(tcp)
+    }
+}
+
+impl From<UnixStream> for Socket {
+    fn from(unix: UnixStream) -> Socket {
+        Socket::Unix(unix)
+    }
+}
+
+impl std::os::fd::AsFd for Socket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+        }
+    }
 }
 
 impl AsyncRead for Socket {

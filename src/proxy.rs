@@ -41,6 +41,7 @@ use crate::metrics::{self, RefusedReason, TargetMetrics};
 use crate::net;
 use crate::protocol::postgres as pg;
 use crate::tls::{self, TlsSetupError};
+use crate::transport::{Hop, Transports};
 use crate::upstream::Upstream;
 
 /// A target ready to serve: its settings and its session driver.
@@ -178,6 +179,8 @@ pub struct Proxy {
     targets: Vec<Arc<Target>>,
     limit: Option<Arc<Semaphore>>,
     config: Config,
+    /// The hops (`via=`) the targets go through; SSH masters end with it.
+    transports: Arc<Transports>,
     /// Ends the Cloud SQL instances' refresh tasks when the proxy goes.
     _refreshers: tokio_util::sync::DropGuard,
 }
@@ -267,9 +270,10 @@ impl Proxy {
         let mut failures = Vec::new();
         let instances =
             start_instances(&mut config, &mut sources, &refreshers, &mut failures).await?;
+        let transports = Arc::new(Transports::new(config.ssh_config.clone()));
         let mut targets = Vec::with_capacity(config.targets.len());
         for (target, slot) in config.targets.iter().zip(instances) {
-            match prepare_target(&config, target, slot, &cancels, &mut sources).await {
+            match prepare_target(&config, target, slot, &cancels, &mut sources, &transports).await {
                 Ok(ready) => targets.push(Arc::new(ready)),
                 Err(e) if config.skip_failed_targets => {
                     tracing::error!(error = %e, "target skipped: its configuration failed");
@@ -281,7 +285,19 @@ impl Proxy {
         if targets.is_empty() {
             return Err(PrepareError::NothingLeft(failures.join("; ")));
         }
+        if let Some(why) = &config.all_proxy_ignored {
+            tracing::warn!("{why}");
+        }
+        for hop in transports.hops() {
+            tracing::info!(hop = %hop.name(), transport = hop.kind(), "targets go through a hop: TLS and token login still start here");
+            // An SSH bastion logs in now, so the first client waits for no
+            // login (not with --lazy-refresh: nothing runs before a client).
+            if !config.cloudsql.lazy_refresh {
+                hop.warm_up();
+            }
+        }
         Ok(Proxy {
+            transports,
             targets,
             limit: config
                 .max_connections
@@ -316,7 +332,9 @@ impl Proxy {
             .iter()
             .filter_map(|t| t.upstream().slot().cloned())
             .collect();
-        health = health.watch_instances(instances);
+        health = health
+            .watch_instances(instances)
+            .watch_hops(self.transports.hops());
         endpoints::start(config, health, &lifecycle, &endpoints_stop).await?;
 
         if config.run_connection_test {
@@ -490,6 +508,7 @@ pub fn connectors(
     config: &Config,
     target: &TargetConfig,
     metrics: Arc<TargetMetrics>,
+    hop: Option<Arc<Hop>>,
 ) -> Result<(Arc<Upstream>, Option<TlsAcceptor>), PrepareError> {
     let fail = |reason: String| PrepareError::Target {
         target: target.name.clone(),
@@ -521,7 +540,8 @@ pub fn connectors(
             backend,
             metrics,
         )
-        .map_err(tls_fail)?,
+        .map_err(tls_fail)?
+        .through(hop),
     );
     Ok((upstream, local_tls))
 }
@@ -650,20 +670,25 @@ async fn prepare_target(
     slot: Option<Arc<Slot>>,
     cancels: &Arc<CancelRegistry>,
     sources: &mut SourceContext,
+    transports: &Transports,
 ) -> Result<Target, PrepareError> {
     let fail = |reason: String| PrepareError::Target {
         target: target.name.clone(),
         reason,
     };
     let metrics = metrics::global().target(&target.name);
+    let hop = transports.hop(&target.via).map_err(fail)?;
     let upstream = match &slot {
-        Some(slot) => Arc::new(Upstream::cloudsql(
-            slot.clone(),
-            config.kernel_tls,
-            config.connect_timeout,
-            metrics.clone(),
-        )),
-        None => connectors(config, target, metrics.clone())?.0,
+        Some(slot) => Arc::new(
+            Upstream::cloudsql(
+                slot.clone(),
+                config.kernel_tls,
+                config.connect_timeout,
+                metrics.clone(),
+            )
+            .through(hop),
+        ),
+        None => connectors(config, target, metrics.clone(), hop)?.0,
     };
     let tokens = match &target.iam {
         None => None,

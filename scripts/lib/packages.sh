@@ -28,6 +28,16 @@ KEYHOLE_APT_PACKAGES=(
   "ca-certificates    /etc/ssl/certs/ca-certificates.crt"
   # a real HTTP proxy (CONNECT, basic auth) for the HTTP client's proxy tests (tests/http_proxy.rs)
   "tinyproxy          tinyproxy"
+  # ip netns, veth pairs: the network namespace standing in for a VPC (tests/support/netns.rs)
+  "iproute2           ip"
+  # a real SSH bastion inside that namespace (tests/support/bastion.rs)
+  "openssh-server     /usr/sbin/sshd"
+  # ssh and ssh-keygen: bastion keys, and the reference client for the bastion tests
+  "openssh-client     ssh"
+  # danted: a SOCKS5 proxy without authentication inside the namespace
+  "dante-server       /usr/sbin/danted"
+  # a SOCKS5 proxy with user name and password inside the namespace
+  "microsocks         microsocks"
 )
 
 keyhole_log() {

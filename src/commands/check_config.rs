@@ -20,6 +20,7 @@ use clap::CommandFactory;
 
 use super::EXIT_USAGE;
 use crate::config::cloudsql::{AdminCredentials, Pending};
+use crate::config::via::Via;
 use crate::config::{self, Cli, Config, ConfigError, IamProvider, Protocol, TargetConfig, TlsMode};
 use crate::credentials::{aws, gcp::GcpTokenSource};
 use crate::proxy;
@@ -31,7 +32,11 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let env = config::process_env();
     let keyhole_env: HashMap<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("KEYHOLE_") || k.starts_with("CSQL_PROXY_"))
+        .filter(|(k, _)| {
+            k.starts_with("KEYHOLE_")
+                || k.starts_with("CSQL_PROXY_")
+                || config::via::PROXY_VARIABLES.contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let config = match Config::load(argv, &keyhole_env) {
@@ -89,7 +94,7 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
             // is not asked (no API call).
             token_login(target, env, config.connect_timeout)
         } else {
-            proxy::connectors(config, target, metrics)
+            proxy::connectors(config, target, metrics, None)
                 .map_err(|e| match e {
                     proxy::PrepareError::Target { reason, .. } => reason,
                     other => other.to_string(),
@@ -117,6 +122,9 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
             "\n# skipped (--skip-failed-targets): {target}\n#   {reason}"
         );
     }
+    if let Some(why) = &config.all_proxy_ignored {
+        let _ = writeln!(out, "\n# {why}");
+    }
     if config.targets.iter().any(|t| t.iam.is_some()) {
         render_credentials_env(&mut out, env);
     }
@@ -141,6 +149,7 @@ const PER_TARGET_OPTIONS: &[&str] = &[
     "psc",
     "auto-ip",
     "auto-iam-authn",
+    "via",
 ];
 
 fn render_options(out: &mut String, config: &Config) {
@@ -224,6 +233,15 @@ fn render_options(out: &mut String, config: &Config) {
             (config.log_format == config::LogFormat::Json).to_string(),
         ),
         ("debug-logs", config.debug_logs.to_string()),
+        (
+            "ssh-config",
+            config
+                .ssh_config
+                .as_ref()
+                .map_or("- (~/.ssh/config, as ssh reads it)".into(), |p| {
+                    p.display().to_string()
+                }),
+        ),
         (
             "skip-failed-instance-config",
             config.skip_failed_targets.to_string(),
@@ -355,6 +373,7 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
                     instance.ip.describe()
                 ),
             );
+            render_path(&mut line, t, &format!("{} (port 3307)", instance.instance));
             instance.auto_iam_authn
         }
         None => {
@@ -385,8 +404,24 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
 }
 
 /// Where a target with its own host goes, and how TLS to it is checked.
+/// The way there: `keyhole → ssh://bastion → db.internal:5432`.
+fn render_path(line: &mut impl FnMut(&str, String), t: &TargetConfig, database: &str) {
+    match &t.via {
+        Via::Direct => line("path", format!("keyhole → {database} (direct)")),
+        via => line(
+            "path",
+            format!(
+                "keyhole → {} {via} → {database} (the {} resolves and dials the name; TLS and token login run from keyhole, end to end)",
+                via.kind(),
+                if matches!(via, Via::Ssh(_)) { "bastion" } else { "proxy" },
+            ),
+        ),
+    }
+}
+
 fn render_fixed_route(line: &mut impl FnMut(&str, String), t: &TargetConfig) {
     line("dials", config::host_port(&t.host, t.port));
+    render_path(line, t, &config::host_port(&t.host, t.port));
     let mode = match t.tls.mode {
         TlsMode::VerifyFull => "verify-full",
         TlsMode::VerifyCa => "verify-ca",
@@ -407,7 +442,18 @@ fn render_fixed_route(line: &mut impl FnMut(&str, String), t: &TargetConfig) {
             format!("{} (key {})", ck.cert.display(), ck.key.display()),
         );
     }
-    line("backend", t.backend.clone());
+    if t.via.is_direct() {
+        line("backend", t.backend.clone());
+    } else {
+        // keyhole never resolves the name: the address is the hop's to check.
+        line(
+            "backend",
+            format!(
+                "{} (not checked here: through {} the hop resolves and dials the name, so which addresses it may reach is the bastion's or proxy's policy)",
+                t.backend, t.via
+            ),
+        );
+    }
     if !t.destinations.is_empty() {
         line("destinations", crate::cidr::join(&t.destinations));
     }
@@ -534,7 +580,11 @@ fn unknown_variables(env: &HashMap<String, String>) -> Vec<String> {
         .map(config::env_name)
         .chain(["KEYHOLE_TARGETS".to_owned()])
         .collect();
-    let mut unknown: Vec<String> = env.keys().filter(|k| !known.contains(k)).cloned().collect();
+    let mut unknown: Vec<String> = env
+        .keys()
+        .filter(|k| !known.contains(k) && !config::via::PROXY_VARIABLES.contains(&k.as_str()))
+        .cloned()
+        .collect();
     unknown.sort();
     unknown
 }

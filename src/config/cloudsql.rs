@@ -33,6 +33,7 @@ pub const INSTANCE_PARAMS: &[&str] = &[
     "allow",
     "iam",
     "user",
+    "via",
 ];
 
 /// A secret given as configuration (a token, inline credentials): never
@@ -330,6 +331,13 @@ pub(super) fn instance_target(
         Some(list) => crate::cidr::Cidr::parse_list(list).map_err(|e| in_target("allow", e))?,
         None => d.allow.clone().unwrap_or_default(),
     };
+    // The tunnel to port 3307 goes through the hop like any other TCP.
+    let via = match param("via") {
+        Some(text) => super::via::Via::parse(text).map_err(|e| in_target("via", e))?,
+        None => d
+            .via
+            .for_host(&target_name, crate::cloudsql::instance::SERVER_PROXY_PORT),
+    };
     Ok(TargetConfig {
         name: target_name.clone(),
         protocol: None,
@@ -354,6 +362,7 @@ pub(super) fn instance_target(
             auto_iam_authn,
         }),
         pending: placement.pending,
+        via,
     })
 }
 

@@ -10,6 +10,7 @@
 pub mod cloudsql;
 pub mod duration;
 pub mod target;
+pub mod via;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -159,6 +160,14 @@ pub struct Cli {
     /// Database user for every client, whatever user it sends (target parameter user=).
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+
+    /// Reach the databases through a hop: ssh://[USER@]HOST[:PORT] (an SSH bastion), socks5://[USER:PASS@]HOST:PORT, http(s)://[USER:PASS@]HOST:PORT (HTTP CONNECT) or direct (target parameter via=). [default: direct, or ALL_PROXY when it is socks5://]
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
+
+    /// The OpenSSH client configuration for ssh:// hops, instead of ~/.ssh/config.
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<String>,
 
     /// Address of the HTTP server for --health-check and --prometheus. [default: 127.0.0.1]
     #[arg(long, value_name = "ADDR")]
@@ -330,6 +339,10 @@ pub struct Config {
     pub cloudsql: cloudsql::CloudSqlSettings,
     /// `--debug-logs`: debug level unless `RUST_LOG` says otherwise.
     pub debug_logs: bool,
+    /// `--ssh-config`: the OpenSSH client configuration for `ssh://` hops.
+    pub ssh_config: Option<PathBuf>,
+    /// Why `ALL_PROXY` is not used, when it is set but not SOCKS5.
+    pub all_proxy_ignored: Option<String>,
 }
 
 pub const DEFAULT_HTTP_PORT: u16 = 9090;
@@ -398,6 +411,8 @@ pub struct TargetConfig {
     pub cloudsql: Option<cloudsql::CloudSqlTarget>,
     /// A listener that waits for the instance's engine ([`cloudsql::settle`]).
     pub pending: Option<cloudsql::Pending>,
+    /// `via=`: the hop to the database's host, or direct.
+    pub via: via::Via,
 }
 
 /// Token login for a target (`iam=`).
@@ -594,7 +609,11 @@ impl Config {
     pub fn from_process() -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = process_env()
             .into_iter()
-            .filter(|(k, _)| k.starts_with("KEYHOLE_") || k.starts_with("CSQL_PROXY_"))
+            .filter(|(k, _)| {
+                k.starts_with("KEYHOLE_")
+                    || k.starts_with("CSQL_PROXY_")
+                    || via::PROXY_VARIABLES.contains(&k.as_str())
+            })
             .collect();
         Config::load(std::env::args_os(), &env)
     }
@@ -906,6 +925,8 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     let iam = layers.parse("iam", parse_iam)?.flatten();
     let region = layers.parse("region", parse_region)?;
     let user = layers.parse("user", parse_user)?;
+    let via = via::DefaultVia::from_env(layers.parse("via", via::Via::parse)?, &layers.env);
+    let ssh_config = layers.parse("ssh-config", parse_path)?;
     let min_sigterm_delay = layers
         .parse("min-sigterm-delay", duration::parse)?
         .unwrap_or(Duration::ZERO);
@@ -960,6 +981,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         iam,
         region,
         user,
+        via,
     };
     let mut built: Vec<TargetConfig> = Vec::with_capacity(targets.len());
     let mut skipped = Vec::new();
@@ -1053,6 +1075,8 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         config_file: layers.file_path.clone(),
         cloudsql: cloudsql_settings,
         debug_logs: flag("debug-logs")?,
+        ssh_config,
+        all_proxy_ignored: defaults.via.ignored.clone(),
     })
 }
 
@@ -1146,6 +1170,8 @@ pub(super) struct TargetDefaults {
     iam: Option<IamProvider>,
     region: Option<String>,
     user: Option<String>,
+    /// `--via`, else `ALL_PROXY` (SOCKS5) for hosts `NO_PROXY` does not name.
+    pub(super) via: via::DefaultVia,
 }
 
 /// One target from its URL, the port it takes by default, and the options
@@ -1205,8 +1231,18 @@ fn target_config(
             None => d.client_cert.clone(),
         },
     };
+    let via = match param("via") {
+        Some(text) => via::Via::parse(text).map_err(|e| in_target("via", e))?,
+        None => d.via.for_host(&url.host, url.port),
+    };
     if tls.mode == TlsMode::Disable {
         check_plain_relay(&url.host, url.protocol).map_err(|e| in_target("tls-mode", e))?;
+        if !via.is_direct() {
+            return Err(in_target(
+                "tls-mode",
+                format!("tls-mode=disable reaches only a relay on this host, never through {via} (use via=direct)"),
+            ));
+        }
     }
     let backend = match param("backend") {
         Some(b) => parse_backend(b).map_err(|e| in_target("backend", e))?,
@@ -1274,6 +1310,7 @@ fn target_config(
         user,
         cloudsql: None,
         pending: None,
+        via,
     })
 }
 

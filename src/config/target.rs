@@ -58,18 +58,24 @@ pub const TARGET_PARAMS: &[&str] = &[
     "region",
     "user",
     "iam-port",
+    "via",
 ];
 
 pub fn parse(raw: &str) -> Result<TargetUrl, String> {
     // Every message below quotes the target; never with a password in it.
-    let shown = redact(raw);
+    let shown = super::via::redact(raw);
     let text = shown.as_str();
-    if raw.contains('@') {
+    // A hop in the parameters may carry its own user (via=ssh://me@bastion).
+    let before_query = raw.split_once('?').map_or(raw, |(head, _)| head);
+    if let Some(at) = before_query.rfind('@') {
+        let start = before_query.find("://").map_or(0, |s| s + 3).min(at);
         return Err(format!(
-            "target '{text}': a target carries no user or password; clients send their own"
+            "target '{}***{}': a target carries no user or password; clients send their own",
+            &before_query[..start],
+            &before_query[at..]
         ));
     }
-    let (scheme, rest) = text
+    let (scheme, rest) = raw
         .split_once("://")
         .ok_or_else(|| format!("target '{text}' is not a URL like postgres://HOST[:PORT]"))?;
     let protocol = match scheme.to_ascii_lowercase().as_str() {
@@ -105,7 +111,13 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
                 TARGET_PARAMS.join(", ")
             ));
         }
-        let value = percent_decode(value).map_err(|e| format!("target '{text}': {e}"))?;
+        // A hop's URL is decoded once, by its own parser (its password may
+        // hold an escaped '@' or '&').
+        let value = if name == "via" {
+            value.to_owned()
+        } else {
+            percent_decode(value).map_err(|e| format!("target '{text}': {e}"))?
+        };
         params.push((name, value));
     }
     Ok(TargetUrl {
@@ -114,15 +126,6 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
         port,
         params,
     })
-}
-
-/// The target with anything between `://` and the last `@` masked.
-fn redact(text: &str) -> String {
-    match (text.find("://"), text.rfind('@')) {
-        (Some(start), Some(at)) if at > start => format!("{}://***{}", &text[..start], &text[at..]),
-        (None, Some(at)) => format!("***{}", &text[at..]),
-        _ => text.to_owned(),
-    }
 }
 
 /// `host`, `host:port`, `[v6]`, `[v6]:port`.

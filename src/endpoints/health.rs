@@ -39,6 +39,9 @@ pub struct Health {
     /// Cloud SQL instances: `/readiness` fails while one has no valid
     /// client certificate (it asks no API, only the connector's state).
     instances: Vec<Arc<Slot>>,
+    /// Hops (`via=`): `/readiness` fails while a bastion's last login failed
+    /// and no connection to it is up.
+    hops: Vec<Arc<crate::transport::Hop>>,
 }
 
 /// The targets `/readiness` dials, and its last answer.
@@ -54,7 +57,15 @@ impl Health {
             limit,
             upstream: None,
             instances: Vec::new(),
+            hops: Vec::new(),
         }
+    }
+
+    /// `/readiness` also says which hop cannot serve (an SSH bastion whose
+    /// last login failed; one not yet tried is not a failure).
+    pub fn watch_hops(mut self, hops: Vec<Arc<crate::transport::Hop>>) -> Health {
+        self.hops = hops;
+        self
     }
 
     /// `/readiness` also says which of these instances has no valid
@@ -106,6 +117,11 @@ impl Health {
                     "instance {} has no valid client certificate: {why}",
                     instance.name
                 ));
+            }
+        }
+        for hop in &self.hops {
+            if let Some(why) = hop.not_ready() {
+                return unavailable(why);
             }
         }
         if let Some(check) = &self.upstream {

@@ -28,6 +28,7 @@
 //! A proxy is named by its scheme, host and port, never its credentials.
 
 mod proxy;
+pub(crate) use proxy::no_proxy_excludes;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;

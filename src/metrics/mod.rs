@@ -11,6 +11,7 @@
 //! target knows a token, a process metric `/proc` did not give.
 
 mod histogram;
+mod hop;
 mod process;
 mod target;
 mod text;
@@ -18,6 +19,7 @@ mod text;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 pub use histogram::Histogram;
+pub use hop::HopMetrics;
 pub use process::{parse_btime, parse_stat, Snapshot as ProcessSnapshot, Stat};
 pub use target::{ExpiryProbe, OpenConnection, TargetMetrics};
 pub use text::CONTENT_TYPE;
@@ -56,6 +58,7 @@ impl RefusedReason {
 #[derive(Debug)]
 pub struct Registry {
     targets: Mutex<Vec<Arc<TargetMetrics>>>,
+    hops: Mutex<Vec<Arc<HopMetrics>>>,
 }
 
 impl Default for Registry {
@@ -69,7 +72,20 @@ impl Registry {
     pub fn new() -> Registry {
         Registry {
             targets: Mutex::new(Vec::new()),
+            hops: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The metrics of hop `name` (`via=`, shown without credentials),
+    /// created on first use.
+    pub fn hop(&self, name: &str, kind: &'static str) -> Arc<HopMetrics> {
+        let mut hops = self.hops.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = hops.iter().find(|h| h.name() == name) {
+            return Arc::clone(existing);
+        }
+        let created = Arc::new(HopMetrics::new(name, kind));
+        hops.push(Arc::clone(&created));
+        created
     }
 
     /// The metrics of target `name`, created on first use. Look it up once
@@ -281,6 +297,49 @@ impl Registry {
                             &t.labels(),
                             Float(left),
                         );
+                    }
+                }
+            },
+        );
+        let hops: Vec<Arc<HopMetrics>> = self
+            .hops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        exp.family(
+            "keyhole_hop_connections_total",
+            "Connections to databases through a hop (via=), by transport and result (ok or the failure's label).",
+            Kind::Counter,
+            |s| {
+                for h in &hops {
+                    for (result, count) in h.connections() {
+                        let labels = [("hop", h.name()), ("transport", h.kind()), ("result", result)];
+                        s.push("keyhole_hop_connections_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_bastion_logins_total",
+            "SSH logins to a bastion (the first and every reconnect), by result (ok or the failure's label).",
+            Kind::Counter,
+            |s| {
+                for h in &hops {
+                    for (result, count) in h.logins() {
+                        let labels = [("hop", h.name()), ("result", result)];
+                        s.push("keyhole_bastion_logins_total", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_bastion_up",
+            "Whether the SSH connection to a bastion is open (1) or not (0).",
+            Kind::Gauge,
+            |s| {
+                for h in &hops {
+                    if let Some(up) = h.up() {
+                        s.push("keyhole_bastion_up", &[("hop", h.name())], u64::from(up));
                     }
                 }
             },

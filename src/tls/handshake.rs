@@ -1,5 +1,6 @@
 //! The upstream TLS handshake: rustls's unbuffered client driven over a
-//! tokio `TcpStream`, then handed over to keyhole's record layer.
+//! socket (TCP, or the local end of an SSH channel), then handed over to
+//! keyhole's record layer.
 //!
 //! rustls verifies the server and negotiates the keys; once it reaches
 //! `WriteTraffic` with nothing left to send, its kernel-connection API gives
@@ -16,7 +17,8 @@ use rustls::pki_types::ServerName;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::net::Socket;
 
 use super::stream::TlsStream;
 use super::KernelTls;
@@ -37,16 +39,17 @@ enum Next {
     Done,
 }
 
-/// Performs the client handshake on `tcp` (already upgraded for TLS by the
+/// Performs the client handshake on `socket` (already upgraded for TLS by the
 /// protocol's own request) and returns the stream with keyhole's record
 /// layer in charge, or the kernel's where `kernel_tls` allows and the
 /// kernel carries the negotiated suite.
 pub async fn connect(
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
-    mut tcp: TcpStream,
+    socket: impl Into<Socket>,
     kernel_tls: KernelTls,
 ) -> io::Result<TlsStream> {
+    let mut socket: Socket = socket.into();
     let mut conn = UnbufferedClientConnection::new(config, server_name).map_err(tls_error)?;
     let mut incoming = vec![0u8; 16 * 1024];
     let mut received = 0;
@@ -63,7 +66,7 @@ pub async fn connect(
                 // refused certificate).
                 incoming.copy_within(discard..received, 0);
                 received -= discard;
-                send_alert(&mut conn, &mut tcp, &mut incoming[..received]).await;
+                send_alert(&mut conn, &mut socket, &mut incoming[..received]).await;
                 return Err(tls_error(e));
             }
             Ok(ConnectionState::EncodeTlsData(mut data)) => loop {
@@ -79,7 +82,7 @@ pub async fn connect(
                 }
             },
             Ok(ConnectionState::TransmitTlsData(data)) => {
-                tcp.write_all(&outgoing[..encoded]).await?;
+                socket.write_all(&outgoing[..encoded]).await?;
                 encoded = 0;
                 data.done();
                 Next::Write
@@ -116,7 +119,7 @@ pub async fn connect(
                     }
                     incoming.resize(incoming.len() * 2, 0);
                 }
-                let n = tcp.read(&mut incoming[received..]).await?;
+                let n = socket.read(&mut incoming[received..]).await?;
                 if n == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
@@ -125,12 +128,12 @@ pub async fn connect(
         }
     }
     let (secrets, session) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(tcp, secrets, session, &incoming[..received], kernel_tls)
+    TlsStream::new(socket, secrets, session, &incoming[..received], kernel_tls)
 }
 
 /// After a failed handshake, sends the alert rustls queued (the server then
 /// logs why, e.g. "unknown ca", rather than a bare disconnect). Best effort.
-async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream, unread: &mut [u8]) {
+async fn send_alert(conn: &mut UnbufferedClientConnection, socket: &mut Socket, unread: &mut [u8]) {
     let mut out = [0u8; 64];
     let mut len = 0;
     let mut start = 0;
@@ -143,7 +146,7 @@ async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream, 
                 }
             }
             Ok(ConnectionState::TransmitTlsData(data)) => {
-                let _ = tcp.write_all(&out[..len]).await;
+                let _ = socket.write_all(&out[..len]).await;
                 data.done();
                 return;
             }
@@ -152,6 +155,6 @@ async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream, 
         start = (start + discard).min(unread.len());
     }
     if len > 0 {
-        let _ = tcp.write_all(&out[..len]).await;
+        let _ = socket.write_all(&out[..len]).await;
     }
 }

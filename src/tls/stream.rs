@@ -1,4 +1,5 @@
-//! The upstream TLS stream once the handshake is done: a `TcpStream`, the
+//! The upstream TLS stream once the handshake is done: a socket (TCP to the
+//! database or its hop, or the local end of an SSH channel), the
 //! record layer's keys, and buffers lent from the pool only while bytes are
 //! in flight.
 //!
@@ -29,6 +30,8 @@ use rustls::kernel::KernelConnection;
 use rustls::{ContentType, ExtractedSecrets, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::net::Socket;
 
 use super::ktls;
 use super::record::{content, DirectionKeys, RecordError, RecordLayer};
@@ -82,7 +85,7 @@ impl Engine {
 }
 
 pub struct TlsStream {
-    tcp: TcpStream,
+    socket: Socket,
     records: Engine,
     session: KernelConnection<ClientConnectionData>,
     /// Records sealed with one key before keyhole rekeys (TLS 1.3) or stops.
@@ -106,10 +109,19 @@ pub struct TlsStream {
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
-            .field("tcp", &self.tcp)
+            .field("socket", &self.socket)
             .field("tls13", &self.records.is_tls13())
             .field("kernel", &self.is_kernel())
             .finish_non_exhaustive()
+    }
+}
+
+/// The TCP socket under kernel TLS (the kernel engine is only ever
+/// installed on one).
+fn kernel_socket(socket: &Socket) -> io::Result<&TcpStream> {
+    match socket {
+        Socket::Tcp(tcp) => Ok(tcp),
+        Socket::Unix(_) => Err(io::Error::other("internal: kernel TLS on a local socket")),
     }
 }
 
@@ -123,15 +135,15 @@ fn rustls_error(e: rustls::Error) -> io::Error {
 
 impl TlsStream {
     pub(super) fn new(
-        tcp: TcpStream,
+        socket: Socket,
         secrets: ExtractedSecrets,
         session: KernelConnection<ClientConnectionData>,
         leftover: &[u8],
         kernel_tls: KernelTls,
     ) -> io::Result<TlsStream> {
-        let records = match kernel_tls {
-            KernelTls::Auto if leftover.is_empty() => {
-                match ktls::install(&tcp, session.protocol_version(), &secrets) {
+        let records = match (kernel_tls, &socket) {
+            (KernelTls::Auto, Socket::Tcp(tcp)) if leftover.is_empty() => {
+                match ktls::install(tcp, session.protocol_version(), &secrets) {
                     Ok(()) => Some(Engine::Kernel {
                         tls13: session.protocol_version() == rustls::ProtocolVersion::TLSv1_3,
                         sealed: 0,
@@ -144,7 +156,14 @@ impl TlsStream {
                     }
                 }
             }
-            KernelTls::Auto => {
+            (KernelTls::Auto, Socket::Unix(_)) => {
+                tracing::debug!(
+                    "TLS records stay in keyhole's record layer: kernel TLS needs a TCP socket, \
+                     and this one is a local channel (an SSH hop)"
+                );
+                None
+            }
+            (KernelTls::Auto, Socket::Tcp(_)) => {
                 // The kernel reads records from the socket; these are already out of it.
                 tracing::debug!(
                     "TLS records stay in keyhole's record layer: the server sent records \
@@ -152,7 +171,7 @@ impl TlsStream {
                 );
                 None
             }
-            KernelTls::Off => None,
+            (KernelTls::Off, _) => None,
         };
         let records = match records {
             Some(kernel) => kernel,
@@ -174,7 +193,7 @@ impl TlsStream {
             SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         };
         let mut stream = TlsStream {
-            tcp,
+            socket,
             records,
             session,
             confidentiality_limit,
@@ -269,7 +288,7 @@ impl TlsStream {
                 continue;
             }
             let mut read_buf = ReadBuf::new(&mut chunk.bytes_mut()[self.raw.end..]);
-            match Pin::new(&mut self.tcp).poll_read(cx, &mut read_buf) {
+            match Pin::new(&mut self.socket).poll_read(cx, &mut read_buf) {
                 Poll::Pending => {
                     self.release_rx_if_empty();
                     return Poll::Pending;
@@ -303,7 +322,7 @@ impl TlsStream {
             if let Some(answer) = self.filled_or_closed() {
                 return Poll::Ready(Ok(answer));
             }
-            let tcp = &self.tcp;
+            let tcp = kernel_socket(&self.socket)?;
             let chunk = self.rx.get_or_insert_with(Chunk::take);
             chunk.clear();
             let read = loop {
@@ -348,7 +367,7 @@ impl TlsStream {
                     )?;
                     if let Some(requested) = update {
                         let (_, secrets) = self.session.update_rx_secret().map_err(rustls_error)?;
-                        ktls::update_rx(&self.tcp, &secrets).map_err(io::Error::other)?;
+                        ktls::update_rx(&self.socket, &secrets).map_err(io::Error::other)?;
                         self.key_update_due |= requested;
                     }
                 }
@@ -455,7 +474,7 @@ impl TlsStream {
             if let Engine::Kernel { sealed, .. } = &mut self.records {
                 // One control record, whole (it is a few bytes).
                 let record = chunk.front();
-                let tcp = &self.tcp;
+                let tcp = kernel_socket(&self.socket)?;
                 let content_type = ContentType::from(self.tx_type);
                 let n = loop {
                     ready!(tcp.poll_write_ready(cx))?;
@@ -476,7 +495,7 @@ impl TlsStream {
                 chunk.advance(n);
                 continue;
             }
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, chunk.front()))?;
+            let n = ready!(Pin::new(&mut self.socket).poll_write(cx, chunk.front()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -487,7 +506,7 @@ impl TlsStream {
 
     /// Application data to the kernel, which seals it.
     fn poll_write_kernel(&mut self, cx: &mut Context<'_>, plain: &[u8]) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, plain))?;
+        let n = ready!(Pin::new(&mut self.socket).poll_write(cx, plain))?;
         if let Engine::Kernel { sealed, .. } = &mut self.records {
             *sealed += n.div_ceil(MAX_RECORD_PLAINTEXT) as u64;
         }
@@ -507,7 +526,7 @@ impl TlsStream {
             {
                 if *rekey_after_send {
                     let (_, secrets) = self.session.update_tx_secret().map_err(rustls_error)?;
-                    ktls::update_tx(&self.tcp, &secrets).map_err(io::Error::other)?;
+                    ktls::update_tx(&self.socket, &secrets).map_err(io::Error::other)?;
                     *rekey_after_send = false;
                     *sealed = 0;
                 }
@@ -543,7 +562,7 @@ impl TlsStream {
             self.queue(content::ALERT, &[1, ALERT_CLOSE_NOTIFY])?;
             ready!(self.poll_write_tx(cx))?;
         }
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.socket).poll_shutdown(cx)
     }
 }
 
@@ -682,7 +701,7 @@ impl AsyncWrite for TlsStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_ready_to_seal(cx))?;
-        Pin::new(&mut this.tcp).poll_flush(cx)
+        Pin::new(&mut this.socket).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -760,7 +779,7 @@ impl Leg for TlsStream {
                     }
                 }
             }
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, chunk.front()))?;
+            let n = ready!(Pin::new(&mut self.socket).poll_write(cx, chunk.front()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -770,7 +789,7 @@ impl Leg for TlsStream {
 
     fn poll_flush_leg(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_ready_to_seal(cx))?;
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.socket).poll_flush(cx)
     }
 
     fn poll_shutdown_leg(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

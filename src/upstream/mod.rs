@@ -25,6 +25,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::net::Socket;
+use crate::transport::{Hop, HopError};
+
 use crate::backend::Backend;
 use crate::cloudsql::{ConnectorError, Dial, Instance, Slot};
 use crate::config::{host_port, Protocol, TargetConfig};
@@ -34,6 +37,8 @@ use crate::tls::{self, TlsSetupError};
 /// Where one target's database is and how to verify it.
 pub struct Upstream {
     route: Route,
+    /// `via=`: the hop that carries the bytes, `None` for direct.
+    hop: Option<Arc<Hop>>,
     /// `--kernel-tls`: whether the kernel may carry the records after the handshake.
     kernel_tls: tls::KernelTls,
     connect_timeout: Duration,
@@ -60,6 +65,30 @@ enum Route {
     CloudSql(Arc<Slot>),
 }
 
+/// Who answered at the other end of the dial, for messages: the database's
+/// address, or its name and the hop that reached it (keyhole never learns
+/// the address a bastion or proxy dialled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Addr(SocketAddr),
+    Hop { target: String, hop: Arc<str> },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Addr(addr) => addr.fmt(f),
+            Peer::Hop { target, hop } => write!(f, "{target} (through {hop})"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Peer {
+        Peer::Addr(addr)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("could not resolve {host}: {source}")]
@@ -69,33 +98,36 @@ pub enum UpstreamError {
     #[error("keyhole will not connect to {host}: {reason}")]
     Policy { host: String, reason: String },
     #[error("connection to {addr} refused (is the database running and reachable?)")]
-    Refused { addr: SocketAddr },
+    Refused { addr: Peer },
     #[error("connection to {addr} failed: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect { addr: Peer, source: io::Error },
     #[error("connection to {addr} timed out after {}", humanize(*after))]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
+    ConnectTimeout { addr: Peer, after: Duration },
     #[error("{addr} sent no greeting within {}", humanize(*after))]
-    GreetingTimeout { addr: SocketAddr, after: Duration },
+    GreetingTimeout { addr: Peer, after: Duration },
     #[error("TLS setup with {addr} timed out after {}", humanize(*after))]
-    TlsTimeout { addr: SocketAddr, after: Duration },
+    TlsTimeout { addr: Peer, after: Duration },
     #[error("upstream refused TLS: {addr} does not accept encrypted connections, and keyhole never falls back to plaintext")]
-    TlsRefused { addr: SocketAddr },
+    TlsRefused { addr: Peer },
     #[error("{addr} answered the TLS request with byte 0x{byte:02x}: not a database server that speaks TLS")]
-    NotTls { addr: SocketAddr, byte: u8 },
+    NotTls { addr: Peer, byte: u8 },
     #[error("{addr} sent data before the TLS handshake (possible man-in-the-middle); connection refused")]
-    DataBeforeHandshake { addr: SocketAddr },
+    DataBeforeHandshake { addr: Peer },
     #[error("{addr} refused the connection before TLS with MySQL error {code} (text sent before TLS is not shown)")]
-    RefusedBeforeTls { addr: SocketAddr, code: u16 },
+    RefusedBeforeTls { addr: Peer, code: u16 },
     #[error("{addr} did not greet like a MySQL server: {reason}")]
-    NotMysql { addr: SocketAddr, reason: String },
+    NotMysql { addr: Peer, reason: String },
     #[error("{addr} closed the connection during TLS setup")]
-    ClosedDuringSetup { addr: SocketAddr },
+    ClosedDuringSetup { addr: Peer },
     #[error("{message}")]
     Tls { message: String },
     #[error("{0}")]
     CloudSql(#[from] ConnectorError),
+    /// The hop (`via=`) failed: which hop, and why, in its own words.
+    #[error("{0}")]
+    Hop(#[from] HopError),
     #[error("connection to {addr} failed during TLS setup: {source}")]
-    Io { addr: SocketAddr, source: io::Error },
+    Io { addr: Peer, source: io::Error },
 }
 
 impl UpstreamError {
@@ -130,6 +162,7 @@ impl UpstreamError {
             UpstreamError::Tls { .. } => "upstream_tls",
             UpstreamError::ClosedDuringSetup { .. } | UpstreamError::Io { .. } => "upstream_io",
             UpstreamError::CloudSql(e) => e.label(),
+            UpstreamError::Hop(e) => e.label(),
         }
     }
 }
@@ -165,6 +198,7 @@ impl Upstream {
                 tls: config,
                 backend,
             },
+            hop: None,
             kernel_tls,
             connect_timeout,
             metrics,
@@ -180,10 +214,22 @@ impl Upstream {
     ) -> Upstream {
         Upstream {
             route: Route::CloudSql(slot),
+            hop: None,
             kernel_tls,
             connect_timeout,
             metrics,
         }
+    }
+
+    /// Sends every connection through `hop` (`via=`).
+    pub fn through(mut self, hop: Option<Arc<Hop>>) -> Upstream {
+        self.hop = hop;
+        self
+    }
+
+    /// The hop connections go through, if any.
+    pub fn hop(&self) -> Option<&Arc<Hop>> {
+        self.hop.as_ref()
     }
 
     /// Whether this target is a plain relay on this host (`tls-mode=disable`).
@@ -232,7 +278,11 @@ impl Upstream {
     /// cached here, so no answer outlives its DNS TTL) and connects to the
     /// first address that the backend permits and that answers. An address
     /// the backend refuses is never dialled.
-    pub async fn dial(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    ///
+    /// Through a hop, the hop resolves and dials the name (a name only the
+    /// VPC's resolver knows works), so no backend's address check applies
+    /// here: that is the hop's side of the network.
+    pub async fn dial(&self) -> Result<(Socket, Peer), UpstreamError> {
         let Route::Fixed {
             host,
             port,
@@ -241,9 +291,12 @@ impl Upstream {
             ..
         } = &self.route
         else {
-            let (tcp, addr, _) = self.dial_instance().await?;
-            return Ok((tcp, addr));
+            let (socket, peer, _) = self.dial_instance().await?;
+            return Ok((socket, peer));
         };
+        if let Some(hop) = &self.hop {
+            return self.through_hop(hop, host, *port).await;
+        }
         let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
             .await
             .map_err(|source| UpstreamError::Resolve {
@@ -282,12 +335,31 @@ impl Upstream {
         self.connect_first(host, addrs).await
     }
 
+    /// Asks the hop for a byte stream to `host:port`.
+    async fn through_hop(
+        &self,
+        hop: &Hop,
+        host: &str,
+        port: u16,
+    ) -> Result<(Socket, Peer), UpstreamError> {
+        let started = Instant::now();
+        let socket = hop.open(host, port, self.connect_timeout).await?;
+        self.metrics.upstream_connected(started.elapsed());
+        Ok((
+            socket,
+            Peer::Hop {
+                target: host_port(host, port),
+                hop: hop.name(),
+            },
+        ))
+    }
+
     /// Connects to the first of `addrs` that answers.
     async fn connect_first(
         &self,
         host: &str,
         addrs: Vec<SocketAddr>,
-    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    ) -> Result<(Socket, Peer), UpstreamError> {
         let mut last = None;
         for addr in addrs {
             let started = Instant::now();
@@ -295,15 +367,20 @@ impl Upstream {
                 Ok(Ok(tcp)) => {
                     self.metrics.upstream_connected(started.elapsed());
                     crate::net::tune_upstream(&tcp);
-                    return Ok((tcp, addr));
+                    return Ok((Socket::Tcp(tcp), Peer::Addr(addr)));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    last = Some(UpstreamError::Refused { addr })
+                    last = Some(UpstreamError::Refused { addr: addr.into() })
                 }
-                Ok(Err(source)) => last = Some(UpstreamError::Connect { addr, source }),
+                Ok(Err(source)) => {
+                    last = Some(UpstreamError::Connect {
+                        addr: addr.into(),
+                        source,
+                    })
+                }
                 Err(_) => {
                     last = Some(UpstreamError::ConnectTimeout {
-                        addr,
+                        addr: addr.into(),
                         after: self.connect_timeout,
                     })
                 }
@@ -318,7 +395,7 @@ impl Upstream {
     /// configuration (client certificate, verifier) to use there.
     async fn dial_instance(
         &self,
-    ) -> Result<(TcpStream, SocketAddr, Arc<rustls::ClientConfig>), UpstreamError> {
+    ) -> Result<(Socket, Peer, Arc<rustls::ClientConfig>), UpstreamError> {
         let Route::CloudSql(slot) = &self.route else {
             return Err(UpstreamError::Tls {
                 message: "internal: not a Cloud SQL target".into(),
@@ -327,6 +404,21 @@ impl Upstream {
         let instance = slot.instance();
         let info = instance.connect_info().await?;
         let port = crate::cloudsql::instance::SERVER_PROXY_PORT;
+        if let Some(hop) = &self.hop {
+            let host = match &info.dial {
+                Dial::Ip(ip) => ip.to_string(),
+                Dial::Name(name) => name.clone(),
+            };
+            return match self.through_hop(hop, &host, port).await {
+                Ok((socket, peer)) => Ok((socket, peer, info.tls.clone())),
+                Err(e) => {
+                    if matches!(&e, UpstreamError::Hop(h) if h.is_target_unreachable()) {
+                        instance.invalidate();
+                    }
+                    Err(e)
+                }
+            };
+        }
         let (host, addrs) = match &info.dial {
             Dial::Ip(ip) => (ip.to_string(), vec![SocketAddr::new(*ip, port)]),
             Dial::Name(name) => {
@@ -341,7 +433,7 @@ impl Upstream {
             }
         };
         match self.connect_first(&host, addrs).await {
-            Ok((tcp, addr)) => Ok((tcp, addr, info.tls.clone())),
+            Ok((socket, peer)) => Ok((socket, peer, info.tls.clone())),
             Err(e) => {
                 // The address may have moved: ask for fresh settings.
                 instance.invalidate();
@@ -356,17 +448,22 @@ impl Upstream {
     }
 
     /// [`Upstream::connect_tunnel`], with the address it reached.
-    pub(crate) async fn connect_tunnel_at(
-        &self,
-    ) -> Result<(UpstreamStream, SocketAddr), UpstreamError> {
-        let (tcp, addr, config) = self.dial_instance().await?;
+    pub(crate) async fn connect_tunnel_at(&self) -> Result<(UpstreamStream, Peer), UpstreamError> {
+        let (socket, addr, config) = self.dial_instance().await?;
         let after = self.connect_timeout;
         let handshake = async {
             let started = Instant::now();
             // The verifier checks the instance's own names; the address is
             // what rustls is given (SNI is off).
-            let name = ServerName::IpAddress(addr.ip().into());
-            let stream = tls::handshake::connect(config, name, tcp, self.kernel_tls)
+            let name = match &addr {
+                Peer::Addr(a) => ServerName::IpAddress(a.ip().into()),
+                Peer::Hop { .. } => {
+                    tls::server_name(&self.server_name()).map_err(|e| UpstreamError::Tls {
+                        message: e.to_string(),
+                    })?
+                }
+            };
+            let stream = tls::handshake::connect(config, name, socket, self.kernel_tls)
                 .await
                 .map_err(|e| UpstreamError::Tls {
                     message: crate::cloudsql::cert::describe_io(&e).map_or_else(
@@ -375,10 +472,10 @@ impl Upstream {
                     ),
                 })?;
             self.metrics.tls_handshake(started.elapsed());
-            Ok((UpstreamStream::Tls(Box::new(stream)), addr))
+            Ok(UpstreamStream::Tls(Box::new(stream)))
         };
         let result = match tokio::time::timeout(after, handshake).await {
-            Ok(result) => result,
+            Ok(result) => result.map(|stream| (stream, addr)),
             Err(_) => Err(UpstreamError::TlsTimeout { addr, after }),
         };
         if result.is_err() {
@@ -390,7 +487,7 @@ impl Upstream {
     }
 
     /// The TLS handshake over an established, already-upgraded-for-TLS stream.
-    async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
+    async fn handshake(&self, tcp: Socket) -> Result<UpstreamStream, UpstreamError> {
         let (config, server_name, server_name_text) = match &self.route {
             Route::Fixed {
                 tls: Some(config),
@@ -449,12 +546,14 @@ impl Upstream {
 /// Before keyhole asks for TLS the server has nothing more to say: bytes
 /// waiting now were injected (or the server is broken), and must never be
 /// read as if they came through TLS.
-pub(crate) fn ensure_nothing_buffered(
-    tcp: &TcpStream,
-    addr: SocketAddr,
-) -> Result<(), UpstreamError> {
+pub(crate) fn ensure_nothing_buffered(socket: &Socket, addr: &Peer) -> Result<(), UpstreamError> {
     let mut probe = [0u8; 1];
-    match tcp.try_read(&mut probe) {
+    let read = match socket {
+        Socket::Tcp(s) => s.try_read(&mut probe),
+        Socket::Unix(s) => s.try_read(&mut probe),
+    };
+    let addr = addr.clone();
+    match read {
         Ok(0) => Err(UpstreamError::ClosedDuringSetup { addr }),
         Ok(_) => Err(UpstreamError::DataBeforeHandshake { addr }),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),

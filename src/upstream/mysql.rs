@@ -11,13 +11,12 @@
 //!    client's, not a guess.
 
 use std::io;
-use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::{Upstream, UpstreamError, UpstreamStream};
+use super::{Peer, Upstream, UpstreamError, UpstreamStream};
+use crate::net::Socket;
 use crate::protocol::mysql::{self, caps, Greeting};
 
 /// A server connection that has greeted and awaits keyhole's SSLRequest,
@@ -31,7 +30,7 @@ pub struct Greeted {
 
 enum Conn {
     /// Plain TCP before keyhole's SSLRequest.
-    Starttls { tcp: TcpStream, addr: SocketAddr },
+    Starttls { tcp: Socket, addr: Peer },
     /// Already TLS from the first byte: the greeting came through it.
     Tunnel(UpstreamStream),
 }
@@ -44,10 +43,13 @@ impl Upstream {
         }
         let (mut tcp, addr) = self.dial().await?;
         let after = self.connect_timeout();
-        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, addr))
+        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut tcp, &addr))
             .await
-            .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
-        let greeting = greeting_from(addr, &payload)?;
+            .map_err(|_| UpstreamError::GreetingTimeout {
+                addr: addr.clone(),
+                after,
+            })??;
+        let greeting = greeting_from(&addr, &payload)?;
         if greeting.capabilities & caps::SSL == 0 {
             return Err(UpstreamError::TlsRefused { addr });
         }
@@ -64,10 +66,13 @@ impl Upstream {
     async fn greet_in_tunnel(&self) -> Result<Greeted, UpstreamError> {
         let (mut stream, addr) = self.connect_tunnel_at().await?;
         let after = self.connect_timeout();
-        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut stream, addr))
+        let (seq, payload) = tokio::time::timeout(after, read_one_packet(&mut stream, &addr))
             .await
-            .map_err(|_| UpstreamError::GreetingTimeout { addr, after })??;
-        let greeting = greeting_from(addr, &payload)?;
+            .map_err(|_| UpstreamError::GreetingTimeout {
+                addr: addr.clone(),
+                after,
+            })??;
+        let greeting = greeting_from(&addr, &payload)?;
         Ok(Greeted {
             conn: Conn::Tunnel(stream),
             seq,
@@ -88,7 +93,7 @@ impl Upstream {
             Conn::Tunnel(stream) => return Ok(stream),
         };
         // Nothing may arrive between the greeting and our SSLRequest.
-        super::ensure_nothing_buffered(&tcp, addr)?;
+        super::ensure_nothing_buffered(&tcp, &addr)?;
         let mut request = BytesMut::with_capacity(4 + mysql::SSL_REQUEST_LEN);
         mysql::encode_packet(
             &mut request,
@@ -99,7 +104,10 @@ impl Upstream {
         let upgrade = async {
             tcp.write_all(&request)
                 .await
-                .map_err(|source| UpstreamError::Io { addr, source })?;
+                .map_err(|source| UpstreamError::Io {
+                    addr: addr.clone(),
+                    source,
+                })?;
             self.handshake(tcp).await
         };
         tokio::time::timeout(after, upgrade)
@@ -112,13 +120,16 @@ impl Upstream {
 /// text is not shown: before STARTTLS it came from a peer nobody has
 /// verified, and a Cloud SQL server-side proxy's refusal is reported the
 /// same way (by its code).
-fn greeting_from(addr: SocketAddr, payload: &Bytes) -> Result<Greeting, UpstreamError> {
+fn greeting_from(addr: &Peer, payload: &Bytes) -> Result<Greeting, UpstreamError> {
     if payload.first() == Some(&mysql::reply::ERR) {
         let code = mysql::parse_err(payload).map_or(0, |(code, _, _)| code);
-        return Err(UpstreamError::RefusedBeforeTls { addr, code });
+        return Err(UpstreamError::RefusedBeforeTls {
+            addr: addr.clone(),
+            code,
+        });
     }
     mysql::parse_greeting(payload).map_err(|e| UpstreamError::NotMysql {
-        addr,
+        addr: addr.clone(),
         reason: e.to_string(),
     })
 }
@@ -126,18 +137,21 @@ fn greeting_from(addr: SocketAddr, payload: &Bytes) -> Result<Greeting, Upstream
 /// Reads exactly one packet, nothing past it.
 async fn read_one_packet(
     tcp: &mut (impl tokio::io::AsyncRead + Unpin),
-    addr: SocketAddr,
+    addr: &Peer,
 ) -> Result<(u8, Bytes), UpstreamError> {
     let io_err = |source: io::Error| match source.kind() {
-        io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr },
-        _ => UpstreamError::Io { addr, source },
+        io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr: addr.clone() },
+        _ => UpstreamError::Io {
+            addr: addr.clone(),
+            source,
+        },
     };
     let mut header = [0u8; 4];
     tcp.read_exact(&mut header).await.map_err(io_err)?;
     let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
     if len > mysql::MAX_HANDSHAKE_PAYLOAD {
         return Err(UpstreamError::NotMysql {
-            addr,
+            addr: addr.clone(),
             reason: format!("a first packet of {len} bytes"),
         });
     }

@@ -3,9 +3,9 @@
 use std::io;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::{Upstream, UpstreamError, UpstreamStream};
+use super::{Peer, Upstream, UpstreamError, UpstreamStream};
+use crate::net::Socket;
 use crate::protocol::postgres::{CancelKey, SSL_REQUEST};
 
 impl Upstream {
@@ -20,7 +20,7 @@ impl Upstream {
             return Ok(UpstreamStream::Plain(tcp));
         }
         let after = self.connect_timeout();
-        match tokio::time::timeout(after, self.start_tls(tcp, addr)).await {
+        match tokio::time::timeout(after, self.start_tls(tcp, addr.clone())).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::TlsTimeout { addr, after }),
         }
@@ -28,12 +28,15 @@ impl Upstream {
 
     async fn start_tls(
         &self,
-        mut tcp: TcpStream,
-        addr: std::net::SocketAddr,
+        mut tcp: Socket,
+        addr: Peer,
     ) -> Result<UpstreamStream, UpstreamError> {
         let io_err = |source: io::Error| match source.kind() {
-            io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr },
-            _ => UpstreamError::Io { addr, source },
+            io::ErrorKind::UnexpectedEof => UpstreamError::ClosedDuringSetup { addr: addr.clone() },
+            _ => UpstreamError::Io {
+                addr: addr.clone(),
+                source,
+            },
         };
         tcp.write_all(&SSL_REQUEST).await.map_err(io_err)?;
         // Exactly one byte: whatever follows belongs to the TLS handshake.
@@ -48,7 +51,7 @@ impl Upstream {
             byte => return Err(UpstreamError::NotTls { addr, byte }),
         }
         // CVE-2021-23222: nothing may arrive between 'S' and our ClientHello.
-        super::ensure_nothing_buffered(&tcp, addr)?;
+        super::ensure_nothing_buffered(&tcp, &addr)?;
         self.handshake(tcp).await
     }
 

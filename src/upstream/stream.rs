@@ -6,7 +6,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::net::Socket;
 
 use crate::splice::buffer::{Chunk, Room};
 use crate::splice::{self, Leg};
@@ -16,7 +17,7 @@ use crate::tls::TlsStream;
 pub enum UpstreamStream {
     Tls(Box<TlsStream>),
     /// A relay on this host (`tls-mode=disable`).
-    Plain(TcpStream),
+    Plain(Socket),
 }
 
 impl UpstreamStream {

@@ -83,6 +83,29 @@
 //!   `127.77.x.y:3307` (TLS 1.3, client certificate required, then the real
 //!   server's Unix socket); a PostgreSQL cluster behind it needs
 //!   `cloudsql::pg_options(iam_users)`. See its module docs.
+//! - [`netns`]: `Namespace::create() -> Option<Namespace>` (`None`, after a
+//!   loud "SKIPPED" on stderr, where namespaces cannot be made: not root, no
+//!   iproute2; `KEYHOLE_REQUIRE_NETNS=1` panics instead), a network namespace
+//!   standing in for a VPC: fields `name`, `host_ip` (10.213.N.1, the host's
+//!   end of a veth pair), `ns_ip` (10.213.N.2, the namespace's end);
+//!   `set_hosts(&[(name, addr)])` (`/etc/netns/<name>/hosts`, seen by every
+//!   process started inside, not by the host), `command(program) -> Command`
+//!   (`ip netns exec`), `relay_to(addr) -> Relay` (listens on the namespace's
+//!   own 127.0.0.1:`relay.port()` and forwards to the host's loopback; the
+//!   namespace has no other way there; `connections()`, `cut_all()`),
+//!   `claim_port(preferred)`, `pids()`, `kill_all()`. Drop (or the watchdog)
+//!   kills everything inside and deletes the namespace and veth pair.
+//! - [`bastion`]: real servers inside a namespace on `ns_ip`, killed with
+//!   their children on drop: `SshBastion::start(&ns)` (OpenSSH sshd on port
+//!   22, key-only; fields `addr`, `client_key`, `known_hosts`, `dir`, `user`;
+//!   `ssh_config(alias) -> PathBuf` and the failing `ssh_config_unknown_host`,
+//!   `ssh_config_changed_host_key`, `ssh_config_wrong_key`; `kill()`,
+//!   `restart()`, `log()`, `logins()`), `Socks5Proxy::start_dante(&ns)` (no
+//!   authentication) and `Socks5Proxy::start_microsocks(&ns, user, pass)`
+//!   (`addr`, `url()`, `log()`, `kill()`, `restart()`), `HttpProxy::start(&ns,
+//!   auth: Option<(user, pass)>)` (tinyproxy, CONNECT to any port; same
+//!   methods); `ssh_stdio_forward(config, alias, "host:port") -> Command`
+//!   (`ssh -F config -W host:port alias`).
 //! - [`process`]: `output_with_timeout`, `finish_with_timeout(child, what,
 //!   limit)`, `Watchdog`, `server_user`, `clean_env`.
 //! - [`logs`]: `text_fields(line)`, `closed_lines(log)` (the fields of each
@@ -120,6 +143,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod bastion;
 pub mod certs;
 pub mod clients;
 pub mod cloud;
@@ -129,6 +153,7 @@ pub mod http;
 pub mod keyhole;
 pub mod logs;
 pub mod mariadb;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod session;

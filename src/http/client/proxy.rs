@@ -242,12 +242,16 @@ impl NoProxy {
     }
 
     fn excludes(&self, url: &Url) -> bool {
-        if self.all || always_direct(url.host()) {
+        always_direct(url.host()) || self.names(url.host(), url.port())
+    }
+
+    /// Whether the list names `host` on `port`.
+    fn names(&self, host: &str, port: u16) -> bool {
+        if self.all {
             return true;
         }
         // Only the host matters to the matcher; the scheme makes it look.
-        let Ok(uri) = format!("http://{}/", host_port(url.host(), url.port())).parse::<Uri>()
-        else {
+        let Ok(uri) = format!("http://{}/", host_port(host, port)).parse::<Uri>() else {
             return false;
         };
         let named = |rules: &Matcher| rules.intercept(&uri).is_none();
@@ -255,8 +259,14 @@ impl NoProxy {
             || self
                 .with_port
                 .iter()
-                .any(|(port, rules)| *port == url.port() && named(rules))
+                .any(|(p, rules)| *p == port && named(rules))
     }
+}
+
+/// Whether the `NO_PROXY` list `list` names `host:port`, by the rules above
+/// (for keyhole's own hops: `ALL_PROXY` applies to the hosts it does not name).
+pub(crate) fn no_proxy_excludes(list: &str, host: &str, port: u16) -> bool {
+    NoProxy::parse(list).names(host, port)
 }
 
 /// Hosts no proxy is used for (see the module docs).

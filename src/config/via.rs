@@ -1,0 +1,375 @@
+//! `via=URL`: the hop between keyhole and a database it cannot reach
+//! directly (a laptop outside the VPC). The hop only carries bytes: TLS to
+//! the database still starts here and is verified against the database's
+//! own name, and IAM tokens are still signed here for the real endpoint.
+//!
+//! - `ssh://[USER@]HOST[:PORT]`: an SSH bastion, reached the way the
+//!   user's OpenSSH client reaches it (`~/.ssh/config` or `--ssh-config`).
+//! - `socks5://[USER:PASS@]HOST:PORT` (also `socks5h://`): a SOCKS5 proxy
+//!   that resolves the database's name itself.
+//! - `http://[USER:PASS@]HOST:PORT`, `https://...`: an HTTP CONNECT proxy
+//!   (`https://`: TLS to the proxy, verified with the system roots).
+//! - `direct`: no hop (overrides a global `--via` for one target).
+//!
+//! A hop is shown by its scheme, host and port: never its password.
+
+use std::fmt;
+
+use super::cloudsql::Secret;
+use super::target::{percent_decode_text, split_host_port};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Via {
+    #[default]
+    Direct,
+    Ssh(SshHop),
+    Socks5(ProxyHop),
+    /// HTTP CONNECT; `ProxyHop::tls` for an `https://` proxy.
+    Http(ProxyHop),
+}
+
+/// `ssh://[USER@]HOST[:PORT]`: whatever is not given here comes from the
+/// OpenSSH client configuration (`HostName`, `User`, `Port`, ...), so HOST
+/// may be an alias from `~/.ssh/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SshHop {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+/// A SOCKS5 or HTTP proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHop {
+    /// `https://`: TLS to the proxy itself.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// User and password, percent-decoded.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl Via {
+    /// Parses `direct` or a hop URL. Errors never show a password.
+    pub fn parse(text: &str) -> Result<Via, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("direct") {
+            return Ok(Via::Direct);
+        }
+        let shown = redact(text);
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+            format!("'{shown}' is not a hop (ssh://HOST, socks5://HOST:PORT, http://HOST:PORT or direct)")
+        })?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#']) {
+            return Err(format!(
+                "'{shown}': a hop is a host and port, with no path or parameters"
+            ));
+        }
+        let (userinfo, authority) = match rest.rsplit_once('@') {
+            Some((userinfo, authority)) => (Some(userinfo), authority),
+            None => (None, rest),
+        };
+        let (host, port) = split_host_port(authority).map_err(|e| format!("'{shown}': {e}"))?;
+        if host.is_empty() {
+            return Err(format!("'{shown}': no host"));
+        }
+        let decode = |part: &str| {
+            percent_decode_text(part)
+                .map_err(|_| format!("'{shown}': bad percent-encoding in the user or password"))
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "ssh" => {
+                let user = match userinfo {
+                    None => None,
+                    Some(u) if u.contains(':') => {
+                        return Err(format!(
+                            "'{shown}': an ssh:// hop takes no password; keyhole logs in with your keys and agent, as ssh does"
+                        ))
+                    }
+                    Some("") => return Err(format!("'{shown}': empty user")),
+                    Some(u) => Some(decode(u)?),
+                };
+                Ok(Via::Ssh(SshHop { user, host, port }))
+            }
+            scheme @ ("socks5" | "socks5h" | "http" | "https") => {
+                let port = port.ok_or_else(|| {
+                    format!("'{shown}': a proxy needs a port ({scheme}://HOST:PORT)")
+                })?;
+                let credentials = match userinfo {
+                    None => None,
+                    Some(info) => {
+                        let (user, password) = info.split_once(':').ok_or_else(|| {
+                            format!(
+                                "'{shown}': give the proxy's user and password as USER:PASSWORD@"
+                            )
+                        })?;
+                        Some((decode(user)?, Secret::new(decode(password)?)))
+                    }
+                };
+                let hop = ProxyHop {
+                    tls: scheme == "https",
+                    host,
+                    port,
+                    credentials,
+                };
+                if scheme.starts_with("socks5") {
+                    let too_long = hop.credentials.as_ref().is_some_and(|(u, p)| {
+                        u.is_empty() || u.len() > 255 || p.expose().len() > 255
+                    });
+                    if too_long {
+                        return Err(format!(
+                            "'{shown}': a SOCKS5 user and password are 1 to 255 bytes each (RFC 1929)"
+                        ));
+                    }
+                    Ok(Via::Socks5(hop))
+                } else {
+                    Ok(Via::Http(hop))
+                }
+            }
+            "socks4" | "socks4a" => {
+                Err(format!("'{shown}': SOCKS4 is not supported; use socks5://"))
+            }
+            other => Err(format!(
+                "'{shown}': unknown hop scheme '{other}' (ssh, socks5, http, https or direct)"
+            )),
+        }
+    }
+
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Via::Direct)
+    }
+
+    /// `direct`, `ssh`, `socks5`, `http`: the metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Ssh(_) => "ssh",
+            Via::Socks5(_) => "socks5",
+            Via::Http(_) => "http",
+        }
+    }
+}
+
+impl fmt::Display for Via {
+    /// The hop as a URL without credentials: `ssh://alice@bastion:2222`,
+    /// `socks5://proxy:1080`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Via::Direct => f.write_str("direct"),
+            Via::Ssh(hop) => {
+                f.write_str("ssh://")?;
+                if let Some(user) = &hop.user {
+                    write!(f, "{user}@")?;
+                }
+                match hop.port {
+                    Some(port) => f.write_str(&super::host_port(&hop.host, port)),
+                    None if hop.host.contains(':') => write!(f, "[{}]", hop.host),
+                    None => f.write_str(&hop.host),
+                }
+            }
+            Via::Socks5(hop) => write!(f, "socks5://{}", super::host_port(&hop.host, hop.port)),
+            Via::Http(hop) => write!(
+                f,
+                "{}://{}",
+                if hop.tls { "https" } else { "http" },
+                super::host_port(&hop.host, hop.port)
+            ),
+        }
+    }
+}
+
+/// `scheme://user:pass@host` → `scheme://***@host`, wherever a URL with
+/// userinfo appears in `text` (a target can carry a hop in its parameters).
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (head, tail) = rest.split_at(start + 3);
+        out.push_str(head);
+        let end = tail.find(['/', '?', '&', '#']).unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The environment variables the hops read (upper case wins).
+pub const PROXY_VARIABLES: &[&str] = &["ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+
+/// The hop for targets that set no `via=`: `--via` if given, else a SOCKS5
+/// proxy from `ALL_PROXY`/`all_proxy` for hosts `NO_PROXY` does not name
+/// (what curl and cloud-sql-proxy users already set). An `ALL_PROXY` that
+/// is not SOCKS5 is left for the tools that speak it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DefaultVia {
+    /// `--via`, `KEYHOLE_VIA` or `via` in the file.
+    pub configured: Option<Via>,
+    /// `ALL_PROXY`, when it names a SOCKS5 proxy.
+    pub all_proxy: Option<Via>,
+    /// `NO_PROXY`, as written.
+    pub no_proxy: Option<String>,
+    /// Why `ALL_PROXY` was not used, for `check-config`.
+    pub ignored: Option<String>,
+}
+
+impl DefaultVia {
+    /// Reads `ALL_PROXY`/`NO_PROXY` (upper case wins) from `env`.
+    pub fn from_env(
+        configured: Option<Via>,
+        env: &std::collections::HashMap<String, String>,
+    ) -> DefaultVia {
+        let var = |upper: &str, lower: &str| {
+            env.get(upper)
+                .or_else(|| env.get(lower))
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut found = DefaultVia {
+            configured,
+            no_proxy: var("NO_PROXY", "no_proxy"),
+            ..DefaultVia::default()
+        };
+        if let Some(all) = var("ALL_PROXY", "all_proxy") {
+            match Via::parse(&all) {
+                Ok(via @ Via::Socks5(_)) => found.all_proxy = Some(via),
+                Ok(_) => {
+                    found.ignored = Some(format!(
+                        "ALL_PROXY={} is not a socks5:// proxy; keyhole uses ALL_PROXY only for SOCKS5 (use --via for other hops)",
+                        redact(&all)
+                    ))
+                }
+                Err(e) => found.ignored = Some(format!("ALL_PROXY is not used: {e}")),
+            }
+        }
+        found
+    }
+
+    /// The hop for a target at `host:port` that sets no `via=`.
+    pub fn for_host(&self, host: &str, port: u16) -> Via {
+        if let Some(via) = &self.configured {
+            return via.clone();
+        }
+        match &self.all_proxy {
+            Some(via) if !self.no_proxy_names(host, port) => via.clone(),
+            _ => Via::Direct,
+        }
+    }
+
+    fn no_proxy_names(&self, host: &str, port: u16) -> bool {
+        self.no_proxy
+            .as_deref()
+            .is_some_and(|list| crate::http::client::no_proxy_excludes(list, host, port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn each_scheme_parses_to_its_hop() {
+        assert_eq!(Via::parse("direct"), Ok(Via::Direct));
+        assert_eq!(
+            Via::parse("ssh://alice@bastion.example.com:2222"),
+            Ok(Via::Ssh(SshHop {
+                user: Some("alice".into()),
+                host: "bastion.example.com".into(),
+                port: Some(2222)
+            }))
+        );
+        assert_eq!(
+            Via::parse("ssh://bastion"),
+            Ok(Via::Ssh(SshHop {
+                user: None,
+                host: "bastion".into(),
+                port: None
+            }))
+        );
+        let Ok(Via::Socks5(hop)) = Via::parse("socks5h://u%40x:p%3Ass@10.0.0.1:1080") else {
+            panic!("socks5h")
+        };
+        assert_eq!((hop.host.as_str(), hop.port), ("10.0.0.1", 1080));
+        let (user, pass) = hop.credentials.expect("credentials");
+        assert_eq!((user.as_str(), pass.expose()), ("u@x", "p:ss"));
+        let Ok(Via::Http(hop)) = Via::parse("https://proxy:3128") else {
+            panic!("https")
+        };
+        assert!(hop.tls);
+        assert_eq!(
+            Via::parse("http://[fd00::1]:8080").map(|v| v.to_string()),
+            Ok("http://[fd00::1]:8080".to_owned())
+        );
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong_and_never_show_the_password() {
+        let err = |s: &str| Via::parse(s).expect_err(s);
+        assert!(err("bastion").contains("not a hop"));
+        assert!(err("socks5://proxy").contains("needs a port"));
+        assert!(err("ftp://proxy:21").contains("unknown hop scheme 'ftp'"));
+        assert!(err("socks4://proxy:1080").contains("SOCKS4"));
+        assert!(err("ssh://bastion/path").contains("no path"));
+        let e = err("ssh://me:hunter2@bastion");
+        assert!(
+            e.contains("takes no password") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = err("socks5://me:hunter2@proxy");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("http://justauser@proxy:3128");
+        assert!(
+            e.contains("USER:PASSWORD") && !e.contains("justauser"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn display_and_redact_drop_credentials() {
+        let via = Via::parse("socks5://me:hunter2@proxy:1080").expect("valid");
+        assert_eq!(via.to_string(), "socks5://proxy:1080");
+        assert_eq!(
+            redact("postgres://db:5432?via=http://me:hunter2@proxy:3128&tls-mode=verify-full"),
+            "postgres://db:5432?via=http://***@proxy:3128&tls-mode=verify-full"
+        );
+        assert_eq!(redact("socks5://proxy:1080"), "socks5://proxy:1080");
+    }
+
+    #[test]
+    fn all_proxy_applies_to_socks5_only_and_no_proxy_excludes_hosts() {
+        let env: HashMap<String, String> = [
+            ("ALL_PROXY", "socks5://127.0.0.1:1080"),
+            ("no_proxy", "localhost,.corp.example,10.0.0.0/8"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let d = DefaultVia::from_env(None, &env);
+        assert_eq!(d.for_host("db.internal", 5432).kind(), "socks5");
+        assert_eq!(d.for_host("db.corp.example", 5432), Via::Direct);
+        assert_eq!(d.for_host("10.1.2.3", 5432), Via::Direct);
+        // --via wins over ALL_PROXY, NO_PROXY or not.
+        let ssh = Via::parse("ssh://bastion").expect("valid");
+        let d = DefaultVia::from_env(Some(ssh.clone()), &env);
+        assert_eq!(d.for_host("db.corp.example", 5432), ssh);
+
+        let env: HashMap<String, String> = [("all_proxy", "http://me:pw@proxy:3128")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let d = DefaultVia::from_env(None, &env);
+        assert_eq!(d.for_host("db.internal", 5432), Via::Direct);
+        let why = d.ignored.expect("ignored");
+        assert!(
+            why.contains("only for SOCKS5") && !why.contains(":pw@"),
+            "{why}"
+        );
+    }
+}
