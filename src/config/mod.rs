@@ -231,7 +231,7 @@ pub struct Cli {
     #[arg(short = 'i', long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
     pub auto_iam_authn: Option<String>,
 
-    /// Cloud SQL: fetch certificates only when a connection needs one, nothing in the background (for CPU-throttled hosts such as Cloud Run).
+    /// Cloud SQL: fetch certificates only when a connection needs one, nothing in the background (for CPU-throttled hosts such as Cloud Run); SSH bastions (via=) log in at the first client, not at start.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
     pub lazy_refresh: Option<String>,
 

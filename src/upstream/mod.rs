@@ -291,7 +291,7 @@ impl Upstream {
             ..
         } = &self.route
         else {
-            let (socket, peer, _) = self.dial_instance().await?;
+            let (socket, peer, _, _) = self.dial_instance().await?;
             return Ok((socket, peer));
         };
         if let Some(hop) = &self.hop {
@@ -393,9 +393,13 @@ impl Upstream {
 
     /// A Cloud SQL instance: its current address on port 3307, and the TLS
     /// configuration (client certificate, verifier) to use there.
+    ///
+    /// Also returns the name rustls is given: the address (or, through a hop
+    /// to a DNS-named instance, that name). The instance's verifier checks
+    /// the instance's own names whatever it is, and SNI is off.
     async fn dial_instance(
         &self,
-    ) -> Result<(Socket, Peer, Arc<rustls::ClientConfig>), UpstreamError> {
+    ) -> Result<(Socket, Peer, Arc<rustls::ClientConfig>, ServerName<'static>), UpstreamError> {
         let Route::CloudSql(slot) = &self.route else {
             return Err(UpstreamError::Tls {
                 message: "internal: not a Cloud SQL target".into(),
@@ -405,12 +409,17 @@ impl Upstream {
         let info = instance.connect_info().await?;
         let port = crate::cloudsql::instance::SERVER_PROXY_PORT;
         if let Some(hop) = &self.hop {
-            let host = match &info.dial {
-                Dial::Ip(ip) => ip.to_string(),
-                Dial::Name(name) => name.clone(),
+            let (host, name) = match &info.dial {
+                Dial::Ip(ip) => (ip.to_string(), ServerName::IpAddress((*ip).into())),
+                Dial::Name(name) => (
+                    name.clone(),
+                    tls::server_name(name).map_err(|e| UpstreamError::Tls {
+                        message: e.to_string(),
+                    })?,
+                ),
             };
             return match self.through_hop(hop, &host, port).await {
-                Ok((socket, peer)) => Ok((socket, peer, info.tls.clone())),
+                Ok((socket, peer)) => Ok((socket, peer, info.tls.clone(), name)),
                 Err(e) => {
                     if matches!(&e, UpstreamError::Hop(h) if h.is_target_unreachable()) {
                         instance.invalidate();
@@ -433,7 +442,15 @@ impl Upstream {
             }
         };
         match self.connect_first(&host, addrs).await {
-            Ok((socket, peer)) => Ok((socket, peer, info.tls.clone())),
+            Ok((socket, peer)) => {
+                let name = match &peer {
+                    Peer::Addr(addr) => ServerName::IpAddress(addr.ip().into()),
+                    Peer::Hop { .. } => {
+                        ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
+                    }
+                };
+                Ok((socket, peer, info.tls.clone(), name))
+            }
             Err(e) => {
                 // The address may have moved: ask for fresh settings.
                 instance.invalidate();
@@ -449,20 +466,10 @@ impl Upstream {
 
     /// [`Upstream::connect_tunnel`], with the address it reached.
     pub(crate) async fn connect_tunnel_at(&self) -> Result<(UpstreamStream, Peer), UpstreamError> {
-        let (socket, addr, config) = self.dial_instance().await?;
+        let (socket, addr, config, name) = self.dial_instance().await?;
         let after = self.connect_timeout;
         let handshake = async {
             let started = Instant::now();
-            // The verifier checks the instance's own names; the address is
-            // what rustls is given (SNI is off).
-            let name = match &addr {
-                Peer::Addr(a) => ServerName::IpAddress(a.ip().into()),
-                Peer::Hop { .. } => {
-                    tls::server_name(&self.server_name()).map_err(|e| UpstreamError::Tls {
-                        message: e.to_string(),
-                    })?
-                }
-            };
             let stream = tls::handshake::connect(config, name, socket, self.kernel_tls)
                 .await
                 .map_err(|e| UpstreamError::Tls {
