@@ -133,6 +133,33 @@ fn psql_through_an_ssh_bastion_to_a_name_only_the_bastion_resolves() {
         logs.contains("SSH connection to the bastion open"),
         "{logs}"
     );
+    // However keyhole ends (here SIGKILL), its SSH master ends with it.
+    let control = format!("keyhole-ssh-{}-", keyhole.pid());
+    assert!(
+        ssh_masters(&control) > 0,
+        "the master runs while keyhole does"
+    );
+    drop(keyhole);
+    support::session::wait_until(
+        "the SSH master to end with keyhole",
+        Duration::from_secs(10),
+        || ssh_masters(&control) == 0,
+        || "an ssh master outlived keyhole".into(),
+    );
+}
+
+/// ssh processes whose command line names keyhole's control directory.
+fn ssh_masters(control: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            let text = String::from_utf8_lossy(cmdline);
+            text.starts_with("ssh\0") && text.contains(control)
+        })
+        .count()
 }
 
 #[test]
@@ -374,9 +401,11 @@ fn psql_through_http_connect_with_proxy_authentication() {
     let Some(vpc) = vpc() else { return };
     let proxy = HttpProxy::start(&vpc.ns, Some(("keyhole", "s3cret-pass")));
     let anonymous = format!("http://{}", proxy.addr);
+    let wrong = format!("http://keyhole:wrong-pass@{}", proxy.addr);
     let keyhole = start(&[
         &pg_target(vpc.pg_relay.port(), &proxy.url()),
         &pg_target(vpc.pg_relay.port(), &anonymous),
+        &pg_target(vpc.pg_relay.port(), &wrong),
     ]);
     assert_eq!(select_one(keyhole.port()).as_deref(), Ok("42"));
     let err = select_one(keyhole.port() + 1).expect_err("no credentials");
@@ -384,7 +413,15 @@ fn psql_through_http_connect_with_proxy_authentication() {
         err.contains(&format!("{anonymous} refused keyhole's login: HTTP 407")),
         "{err}"
     );
-    assert!(!keyhole.logs().contains("s3cret-pass"));
+    let err = select_one(keyhole.port() + 2).expect_err("wrong password");
+    assert!(
+        err.contains(&format!("{anonymous} refused keyhole's login: HTTP 401")),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pass"));
+    let logs = keyhole.logs();
+    assert!(!logs.contains("s3cret-pass") && !logs.contains("wrong-pass"));
+    assert!(proxy.log().contains("CONNECT"), "{}", proxy.log());
 }
 
 #[test]
@@ -492,4 +529,72 @@ fn check_config_shows_the_path_and_the_connection_test_goes_all_the_way() {
         logs.contains("ssh://bastion refused the SSH login"),
         "{logs}"
     );
+}
+
+#[test]
+fn psql_through_an_https_proxy_verified_against_its_own_name() {
+    let Some(vpc) = vpc() else { return };
+    let proxy = HttpProxy::start(&vpc.ns, Some(("keyhole", "s3cret-pass")));
+    // TLS in front of the proxy: stunnel in the namespace, with a certificate
+    // for the namespace's address from a CA only this test trusts.
+    let ns_ip = vpc.ns.ns_ip.to_string();
+    let pki = support::certs::TestPki::generate(&[&ns_ip]);
+    let conf = pki.dir.join("stunnel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[proxy]\naccept = {ns_ip}:8443\nconnect = {}\ncert = {}\nkey = {}\n",
+            proxy.addr,
+            pki.server_cert.display(),
+            pki.server_key.display()
+        ),
+    )
+    .expect("stunnel.conf");
+    let stunnel = support::netns::require_program("stunnel4", "stunnel4");
+    let mut tls_front = vpc
+        .ns
+        .command(&stunnel)
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stunnel");
+    support::session::wait_until(
+        "stunnel in front of the proxy",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect((vpc.ns.ns_ip, 8443)).is_ok(),
+        || "stunnel did not listen".into(),
+    );
+    let https = format!("https://keyhole:s3cret-pass@{ns_ip}:8443");
+    let ca = pg_ca();
+    let port = support::free_port();
+    let port_text = port.to_string();
+    let target = pg_target(vpc.pg_relay.port(), &https);
+    let trusted = pki.ca.to_str().expect("UTF-8").to_owned();
+    let keyhole = Keyhole::spawn(
+        &["--port", &port_text, "--ca-file", &ca, &target],
+        &[("SSL_CERT_FILE", &trusted)],
+        Ready::Tcp(port),
+    );
+    assert_eq!(select_one(port).as_deref(), Ok("42"));
+    assert!(proxy.log().contains("CONNECT"), "{}", proxy.log());
+    drop(keyhole);
+    // The same proxy, but the system roots do not know its CA: refused.
+    let port = support::free_port();
+    let port_text = port.to_string();
+    let untrusting = Keyhole::spawn(
+        &["--port", &port_text, "--ca-file", &ca, &target],
+        &[("SSL_CERT_FILE", &ca)],
+        Ready::Tcp(port),
+    );
+    let err = select_one(port).expect_err("untrusted proxy");
+    assert!(
+        err.contains(&format!(
+            "https://{ns_ip}:8443 is unreachable: TLS to the proxy failed"
+        )),
+        "{err}"
+    );
+    drop(untrusting);
+    let _ = tls_front.kill();
+    let _ = tls_front.wait();
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use support::bastion::{ssh_stdio_forward, HttpProxy, Socks5Proxy, SshBastion};
 use support::netns::{Namespace, Relay};
 use support::postgres::{pg_bin, PgCluster, TRUST_USER};
-use support::process::{describe_output, finish_with_timeout, output_with_timeout};
+use support::process::{describe_output, finish_with_timeout, output_with_timeout, KillAfter};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const USER: &str = "kh-user";
@@ -258,16 +258,47 @@ fn openssh_through_the_bastion_reaches_the_relay_and_refuses_bad_configs() {
         &target,
         "Permission denied",
     );
+    // One more login (the refused forward to the cluster's port), and none
+    // of the refused configurations got in or anywhere near the relay.
     assert_eq!(bastion.logins(), 3, "{}", bastion.log());
-    assert_eq!(relay.connections(), 3);
+    assert_eq!(relay.connections(), 2);
 
-    // The bastion dies, then comes back with the same host key.
+    // The bastion dies, and with it the tunnels through it; then it comes
+    // back with the same host key.
+    let mut tunnel = ssh_stdio_forward(&config, "bastion", &target)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ssh");
+    let timer = KillAfter::arm(tunnel.id(), LIMIT);
+    let mut stdin = tunnel.stdin.take().expect("ssh's stdin");
+    stdin.write_all(&SSL_REQUEST).expect("write to ssh");
+    let mut answer = [0u8; 1];
+    let read = tunnel
+        .stdout
+        .as_mut()
+        .expect("ssh's stdout")
+        .read_exact(&mut answer);
+    assert!(!timer.disarm(), "no answer through the tunnel");
+    assert!(read.is_ok() && answer == *b"S", "{read:?} {answer:?}");
     bastion.kill();
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = tunnel.try_wait().expect("wait for ssh") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ssh outlived the bastion");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status}");
+    drop(stdin);
     ssh_refused(&bastion, &config, "bastion", &target, "Connection refused");
     bastion.restart();
     let out = ssh_forward(&config, "bastion", &target);
     assert_eq!(out.stdout, b"S", "{}", describe_output(&out));
-    assert_eq!(bastion.logins(), 4, "{}", bastion.log());
+    assert_eq!(bastion.logins(), 5, "{}", bastion.log());
+    assert_eq!(relay.connections(), 4);
 }
 
 // ---------------------------------------------------------------------------

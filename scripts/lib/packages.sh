@@ -38,6 +38,8 @@ KEYHOLE_APT_PACKAGES=(
   "dante-server       /usr/sbin/danted"
   # a SOCKS5 proxy with user name and password inside the namespace
   "microsocks         microsocks"
+  # TLS in front of a proxy, for the https:// hop test (tests/bastion.rs)
+  "stunnel4           stunnel4"
 )
 
 keyhole_log() {

@@ -117,7 +117,8 @@ pub fn request(host: &str, port: u16, credentials: Option<(&str, &str)>) -> Vec<
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     Open,
-    /// 407: the proxy wants (other) credentials.
+    /// 407 (and 401, which some proxies send for a wrong password): the
+    /// proxy wants (other) credentials.
     AuthRequired(String),
     /// 502, 503, 504: the proxy could not reach the target.
     Unreachable(String),
@@ -149,7 +150,7 @@ pub fn answer(head: &[u8]) -> Result<Answer, String> {
     let status = format!("HTTP {code} {reason}").trim_end().to_owned();
     Ok(match code {
         200..=299 => Answer::Open,
-        407 => Answer::AuthRequired(status),
+        401 | 407 => Answer::AuthRequired(status),
         502..=504 => Answer::Unreachable(status),
         _ => Answer::Refused(status),
     })
@@ -246,6 +247,10 @@ mod tests {
             Ok(Answer::AuthRequired(
                 "HTTP 407 Proxy Authentication Required".into()
             ))
+        );
+        assert_eq!(
+            answer(b"HTTP/1.0 401 Unauthorized\r\n\r\n"),
+            Ok(Answer::AuthRequired("HTTP 401 Unauthorized".into()))
         );
         assert_eq!(
             answer(b"HTTP/1.1 502 Bad Gateway\r\n\r\n"),

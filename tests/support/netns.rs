@@ -106,7 +106,14 @@ fn skip(why: &str) -> Option<Namespace> {
         panic!("{message} (and KEYHOLE_REQUIRE_NETNS=1 requires them)");
     }
     let rule = "=".repeat(78);
-    eprintln!("\n{rule}\n{message}\n(run the tests as root on Linux with iproute2 to run this test)\n{rule}\n");
+    // Straight to the process's stderr, past the test harness's capture of
+    // `eprintln!`, so that a passing run shows it too.
+    let _ = std::io::stderr().lock().write_all(
+        format!(
+            "\n{rule}\n{message}\n(run the tests as root on Linux with iproute2 to run them)\n{rule}\n"
+        )
+        .as_bytes(),
+    );
     None
 }
 

@@ -81,6 +81,11 @@ impl ControlDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Removes the directory now (at shutdown; tasks may hold it longer).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 impl Drop for ControlDir {
@@ -94,7 +99,7 @@ pub struct Bastion {
     hop: SshHop,
     name: Arc<str>,
     ssh_config: Option<PathBuf>,
-    _dir: Arc<ControlDir>,
+    dir: Arc<ControlDir>,
     control_path: PathBuf,
     /// One login at a time.
     login: tokio::sync::Mutex<()>,
@@ -155,7 +160,7 @@ impl Bastion {
             hop,
             name,
             ssh_config,
-            _dir: dir,
+            dir,
             control_path,
             login: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
@@ -183,21 +188,25 @@ impl Bastion {
         port: u16,
         timeout: Duration,
     ) -> Result<Socket, HopError> {
-        for attempt in 0..2 {
+        // A master that died since the last connection is noticed here, at
+        // its control socket: log in again, once.
+        let mut relogged = false;
+        loop {
             self.ensure_master().await?;
             let forward = tokio::time::timeout(timeout, self.forward(host, port)).await;
             match forward {
                 Ok(Ok(socket)) => return Ok(socket),
                 Ok(Err(ForwardError::Hop(e))) => return Err(e),
-                Ok(Err(ForwardError::MasterGone(reason))) => {
+                Ok(Err(ForwardError::MasterGone(reason))) if !relogged => {
                     tracing::info!(hop = %self.name, %reason, "the SSH master connection is gone; logging in again");
                     self.forget_master();
-                    if attempt == 1 {
-                        return Err(HopError::Ssh {
-                            hop: self.name.clone(),
-                            reason: format!("the SSH connection went away: {reason}"),
-                        });
-                    }
+                    relogged = true;
+                }
+                Ok(Err(ForwardError::MasterGone(reason))) => {
+                    return Err(HopError::Ssh {
+                        hop: self.name.clone(),
+                        reason: format!("the SSH connection went away: {reason}"),
+                    })
                 }
                 Err(_) => {
                     return Err(HopError::TargetUnreachable {
@@ -211,7 +220,6 @@ impl Bastion {
                 }
             }
         }
-        unreachable_login(&self.name)
     }
 
     /// Logs in unless a master is up.
@@ -364,6 +372,9 @@ impl Bastion {
             // ssh's own message instead.
             "BatchMode=yes".to_owned(),
             "ClearAllForwardings=yes".to_owned(),
+            // Only a connection: no remote or local command of the user's.
+            "RemoteCommand=none".to_owned(),
+            "PermitLocalCommand=no".to_owned(),
             format!("ServerAliveInterval={SERVER_ALIVE_INTERVAL}"),
             format!("ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"),
             // A channel that fails to open is logged at INFO: keyhole reads why.
@@ -532,14 +543,8 @@ impl Bastion {
         self.state().shut_down = true;
         self.forget_master();
         let _ = std::fs::remove_file(&self.control_path);
+        self.dir.remove();
     }
-}
-
-fn unreachable_login<T>(name: &Arc<str>) -> Result<T, HopError> {
-    Err(HopError::Ssh {
-        hop: name.clone(),
-        reason: "no SSH connection".into(),
-    })
 }
 
 fn terminate(pid: u32) {
