@@ -598,3 +598,33 @@ fn psql_through_an_https_proxy_verified_against_its_own_name() {
     let _ = tls_front.kill();
     let _ = tls_front.wait();
 }
+
+#[test]
+fn the_bastion_login_happens_at_start_or_with_lazy_refresh_at_the_first_client() {
+    let Some(vpc) = vpc() else { return };
+    let bastion = SshBastion::start(&vpc.ns);
+    let config = bastion.ssh_config("bastion");
+    let target = pg_target(vpc.pg_relay.port(), "ssh://bastion");
+    let eager = start(&["--ssh-config", config.to_str().expect("UTF-8"), &target]);
+    support::session::wait_until(
+        "the login at start",
+        Duration::from_secs(10),
+        || bastion.logins() == 1,
+        || bastion.log(),
+    );
+    drop(eager);
+    let lazy = start(&[
+        "--lazy-refresh",
+        "--ssh-config",
+        config.to_str().expect("UTF-8"),
+        &target,
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        bastion.logins(),
+        1,
+        "a lazy keyhole logs in at the first client"
+    );
+    assert_eq!(select_one(lazy.port()).as_deref(), Ok("42"));
+    assert_eq!(bastion.logins(), 2, "{}", bastion.log());
+}

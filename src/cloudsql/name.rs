@@ -89,10 +89,12 @@ impl fmt::Display for InstanceName {
 /// Whether a target as written names a Cloud SQL instance rather than a
 /// `postgres://` or `mysql://` URL.
 pub fn is_instance_target(text: &str) -> bool {
-    if let Some((scheme, _)) = text.split_once("://") {
+    // Parameters may hold URLs of their own (`via=ssh://...`): only the
+    // part before `?` says what the target is.
+    let name = text.split_once('?').map_or(text, |(n, _)| n);
+    if let Some((scheme, _)) = name.split_once("://") {
         return scheme.eq_ignore_ascii_case("cloudsql");
     }
-    let name = text.split_once('?').map_or(text, |(n, _)| n);
     name.contains(':')
 }
 
@@ -138,13 +140,13 @@ pub fn parse_target(
     text: &str,
     decode: impl Fn(&str) -> Result<String, String>,
 ) -> Result<InstanceTarget, String> {
-    let rest = match text.split_once("://") {
-        Some((_, rest)) => rest,
-        None => text,
-    };
-    let (name, query) = match rest.split_once('?') {
+    let (head, query) = match text.split_once('?') {
         Some((n, q)) => (n, Some(q)),
-        None => (rest, None),
+        None => (text, None),
+    };
+    let name = match head.split_once("://") {
+        Some((_, rest)) => rest,
+        None => head,
     };
     let name = name.strip_suffix('/').unwrap_or(name);
     let name = if name.contains(':') {
@@ -216,6 +218,12 @@ mod tests {
         assert!(is_instance_target("CloudSQL://db.example.com"));
         assert!(!is_instance_target("postgres://db:5432"));
         assert!(!is_instance_target("db.internal"));
+        // A hop's URL in the parameters says nothing about the target.
+        assert!(is_instance_target("p:r:i?via=socks5h://10.0.0.2:1080"));
+        assert!(!is_instance_target("postgres://db?via=ssh://bastion"));
+        let t = parse_target("p:r:i?port=6000&via=ssh://me@bastion", plain).expect("valid");
+        assert_eq!(t.name.to_string(), "p:r:i");
+        assert_eq!(t.params[1], ("via".into(), "ssh://me@bastion".into()));
         let t = parse_target("proj:us-central1:db?port=6000&private-ip", plain).expect("valid");
         assert_eq!(t.name.to_string(), "proj:us-central1:db");
         assert_eq!(

@@ -349,7 +349,18 @@ impl Namespace {
     /// from the host's namespace. The only way from inside to the host's
     /// loopback. Stopped, with its open connections, on drop.
     pub fn relay_to(&self, to: SocketAddr) -> Relay {
-        Relay::start(&self.netns_path(), to)
+        Relay::start(
+            &self.netns_path(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            to,
+        )
+    }
+
+    /// As [`Namespace::relay_to`], listening on `listen` inside the namespace
+    /// (any 127.x.y.z address is the namespace's loopback): an address the
+    /// VPC routes to, such as a Cloud SQL instance's `IP:3307`.
+    pub fn relay_on(&self, listen: SocketAddr, to: SocketAddr) -> Relay {
+        Relay::start(&self.netns_path(), listen, to)
     }
 
     /// The process IDs running inside (`ip netns pids`), never this one.
@@ -451,7 +462,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    fn start(netns: &Path, to: SocketAddr) -> Relay {
+    fn start(netns: &Path, listen: SocketAddr, to: SocketAddr) -> Relay {
         let shared = Arc::new(RelayShared {
             stop: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -470,8 +481,8 @@ impl Relay {
                 let inside =
                     File::open(&netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
                 setns(&inside, &netns.display().to_string())?;
-                let listener = TcpListener::bind("127.0.0.1:0")
-                    .map_err(|e| format!("bind 127.0.0.1:0 in the namespace: {e}"));
+                let listener = TcpListener::bind(listen)
+                    .map_err(|e| format!("bind {listen} in the namespace: {e}"));
                 // Back to the host in any case; if that fails this thread ends
                 // here, and its namespace with it.
                 setns(&host, "the host's network namespace")?;
