@@ -13,6 +13,11 @@
 #                                     CPU per GB and RSS per idle connection)
 #   scripts/bench.sh --quick          the whole harness end to end in a few minutes
 #                                     (short runs, small volumes, 1 round; BENCH_QUICK=1)
+#   scripts/bench.sh --only GROUPS    only these groups of workloads, comma-separated
+#                                     (BENCH_ONLY): main (the main table: every path to
+#                                     PostgreSQL, the synthetic upstream and MariaDB),
+#                                     cloudsql, via; e.g. --only via. Only what the
+#                                     groups need is set up.
 #
 # Servers (each TLS only, certificates from certs/generate.sh, on 127.0.0.1):
 #   PostgreSQL  a throwaway cluster: pg_hba hostssl only (and the Unix socket, the fake
@@ -29,6 +34,14 @@
 #               required, no session resumption), which splices each connection to
 #               the PostgreSQL above through its Unix socket (pg_hba: a local line
 #               with md5 for bench, the same login as over TCP)
+#   hops        for the via= group, each on 127.0.0.1 and each reaching the PostgreSQL
+#               above: OpenSSH's sshd (/usr/sbin/sshd -D -e as root, a config, a fresh
+#               ed25519 host key and an authorized fresh client key in the temporary
+#               directory, public-key login only) with an ssh client config for it
+#               (Host bastion: HostName, Port, User, IdentityFile, IdentitiesOnly,
+#               UserKnownHostsFile with its host key, StrictHostKeyChecking yes,
+#               BatchMode yes), microsocks (SOCKS5, no login) and tinyproxy (HTTP
+#               CONNECT)
 #
 # Paths (each on its own local port, each verifying the server's certificate):
 #   direct     the client straight to the server over TLS (libpq sslmode=verify-full;
@@ -39,6 +52,12 @@
 #   pgbouncer  session pool mode, server_tls_sslmode = verify-full
 #   stunnel    client = yes, protocol = pgsql, verifyChain, checkHost
 #   goproxy    the Go TLS proxy from the peers folder, built at run time
+# and, in the via= group only (keyhole direct is the keyhole path above):
+#   via=ssh    keyhole --ssh-config CFG 'postgres://127.0.0.1:PG?server-name=localhost&via=ssh://bastion'
+#   ssh -L     ssh -F CFG -N -L PORT:127.0.0.1:PG bastion (what a developer opens by
+#              hand), with keyhole direct to 'postgres://127.0.0.1:PORT?server-name=localhost'
+#   via=socks5 keyhole '...&via=socks5://127.0.0.1:SOCKS'   (microsocks)
+#   via=http   keyhole '...&via=http://127.0.0.1:HTTP'      (tinyproxy)
 # Proxies are reached over plain TCP on 127.0.0.1. Each proxy runs once per server it
 # fronts (PostgreSQL and synthetic; only keyhole fronts MariaDB).
 #
@@ -76,25 +95,42 @@
 #                 the connection), one psql -c 'select 1', its wall time in ms,
 #                 BENCH_FIRST_RUNS runs per round, median. Ratios are to keyhole with
 #                 its ordinary target.
+#   via           the via= paths above, next to keyhole direct (the baseline of the
+#                 ratios) and ssh -L with keyhole direct to it (what ssh costs), each
+#                 run BENCH_VIA_DURATION seconds: pgbench -S -c 8 (TPS, latency, the CPU
+#                 per transaction of keyhole with its ssh client: keyhole's process
+#                 tree, whose child the ssh master is, or keyhole and ssh -L; and of the
+#                 hop: sshd's process tree, microsocks, tinyproxy); pgbench -S -C -c 8
+#                 (new connections per second, the latency added to each, the same CPU
+#                 per new connection); the SSH login of keyhole's master connection (its
+#                 own log, once per run). Every via= run must succeed: a failure fails
+#                 the benchmark (after the report is written).
 # Targets for keyhole (shown with the results, and whether they are met): pgbench -S
 # -c 8 >= 0.95x direct; pgbench -C >= 1.2x direct; COPY out <= 0.6 proxy CPU s/GB;
 # <= 16 KiB RSS per idle connection at 1,000; 10,000 idle connections held without an
 # error; MySQL point selects >= 0.95x direct; through the connector, keyhole's CPU per
-# transaction <= 1.1x its ordinary target's (the data path must cost the same). MB and
-# GB are 10^6 and 10^9 bytes.
+# transaction <= 1.1x its ordinary target's (the data path must cost the same); through
+# an SSH bastion (via=ssh), pgbench -S -c 8 TPS >= 0.95x and CPU per transaction
+# (keyhole and its ssh) <= 1.1x those of ssh -L with keyhole direct (the data path costs
+# what ssh costs, not more). MB and GB are 10^6 and 10^9 bytes.
 #
 # Steps: system packages (as root, missing ones are installed: the test packages plus
-# pgbouncer, stunnel4, golang-go, python3, sysbench, gnuplot-nox; a peer that cannot be
+# pgbouncer, stunnel4, golang-go, python3, sysbench, gnuplot-nox, and for the via= group
+# openssh-server, openssh-client, microsocks, tinyproxy; a peer that cannot be
 # installed is skipped), cargo build --release of keyhole and the synthetic and
 # cloudsql_fake examples, go build of goproxy into the temporary directory, the servers,
 # pgbench -i -s 10, sysbench prepare, the proxies, the fake Cloud SQL instance and the
-# connector, the rounds, the report. Everything the run starts or writes is removed on
-# exit, also on Ctrl-C or failure.
+# connector, the hops (sshd, ssh -L, microsocks, tinyproxy) and keyhole through each,
+# the rounds, the report. Everything the run starts or writes is removed on exit, also
+# on Ctrl-C or failure (/run/sshd, sshd's privilege separation directory, is created
+# when missing and left).
 #
 # Environment:
 #   BENCH_QUICK=1             quick mode (as --quick): BENCH_DURATION=3, BENCH_ROUNDS=1,
 #                             BENCH_COPY_MB=64, BENCH_STREAM_MB=256, 200 idle connections,
-#                             BENCH_FIRST_RUNS=3 (each setting below still wins when given)
+#                             BENCH_FIRST_RUNS=3, BENCH_VIA_DURATION=1 (each setting below
+#                             still wins when given)
+#   BENCH_ONLY=GROUPS         as --only GROUPS
 #   BENCH_DURATION=SECONDS    length of each pgbench and sysbench run (default 10)
 #   BENCH_ROUNDS=N            runs of each workload per path; the median is kept (default 2)
 #   BENCH_COPY_MB=N           size of COPY out, COPY in and the MySQL bulk read (default 1000)
@@ -109,6 +145,11 @@
 #   BENCH_CLOUDSQL=0          leave out the Cloud SQL connector's workloads (they run
 #                             only when the keyhole path does)
 #   BENCH_FIRST_RUNS=N        first-connection runs per variant and round (default 5)
+#   BENCH_VIA=0               leave out the via= group (it runs only when the keyhole
+#                             path does; without sshd, ssh, microsocks or tinyproxy, and
+#                             not root to install them, it is skipped with a warning)
+#   BENCH_VIA_DURATION=SECONDS  length of each via= pgbench run (default: BENCH_DURATION;
+#                             1 in quick mode)
 #   BENCH_LOG_DIR=DIR         copy the servers', the proxies' and the tools' logs here
 #   BENCH_KEYHOLE_FLAGS="..."  extra flags for keyhole (split on spaces), e.g.
 #                             "--kernel-tls auto" on a kernel with the TLS ULP
@@ -118,7 +159,8 @@
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
-# With the defaults a run takes about 30 minutes on 2 cores; --quick about 6.
+# With the defaults a run takes about 34 minutes on 2 cores (the via= group about 4 of
+# them); --quick about 6.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME, awk and printf, whatever the caller's locale.
 export LC_ALL=C
@@ -139,6 +181,7 @@ usage() {
 
 out_dir=""
 quick=${BENCH_QUICK:-0}
+only=${BENCH_ONLY:-}
 while (($# > 0)); do
   case $1 in
   --out)
@@ -152,6 +195,15 @@ while (($# > 0)); do
     ;;
   --quick)
     quick=1
+    shift
+    ;;
+  --only)
+    (($# >= 2)) || keyhole_die "--only needs groups (main, cloudsql, via)"
+    only=$2
+    shift 2
+    ;;
+  --only=*)
+    only=${1#--only=}
     shift
     ;;
   -h | --help)
@@ -181,6 +233,9 @@ else
 fi
 duration=${BENCH_DURATION:-${DURATION:-$d_duration}}
 duration=${duration%s}
+if ((quick)); then d_via_duration=1; else d_via_duration=$duration; fi
+via_duration=${BENCH_VIA_DURATION:-$d_via_duration}
+via_duration=${via_duration%s}
 rounds=${BENCH_ROUNDS:-$d_rounds}
 copy_mb=${BENCH_COPY_MB:-$d_copy_mb}
 stream_mb=${BENCH_STREAM_MB:-$d_stream_mb}
@@ -188,11 +243,12 @@ idle_conns=${BENCH_IDLE_CONNS:-$d_idle}
 idle_large=${BENCH_IDLE_LARGE:-$d_idle_large}
 with_mysql=${BENCH_MYSQL:-1}
 with_cloudsql=${BENCH_CLOUDSQL:-1}
+with_via=${BENCH_VIA:-1}
 first_runs=${BENCH_FIRST_RUNS:-$d_first}
 read -r -a keyhole_flags <<<"${BENCH_KEYHOLE_FLAGS:-}"
 for setting in duration:BENCH_DURATION rounds:BENCH_ROUNDS copy_mb:BENCH_COPY_MB \
   stream_mb:BENCH_STREAM_MB idle_conns:BENCH_IDLE_CONNS idle_large:BENCH_IDLE_LARGE \
-  first_runs:BENCH_FIRST_RUNS; do
+  first_runs:BENCH_FIRST_RUNS via_duration:BENCH_VIA_DURATION; do
   var=${setting%%:*}
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] ||
     keyhole_die "${setting#*:}: '${!var}' is not a positive whole number"
@@ -200,6 +256,24 @@ done
 [[ $with_mysql == 0 || $with_mysql == 1 ]] || keyhole_die "BENCH_MYSQL: '$with_mysql' is neither 0 nor 1"
 [[ $with_cloudsql == 0 || $with_cloudsql == 1 ]] ||
   keyhole_die "BENCH_CLOUDSQL: '$with_cloudsql' is neither 0 nor 1"
+[[ $with_via == 0 || $with_via == 1 ]] || keyhole_die "BENCH_VIA: '$with_via' is neither 0 nor 1"
+# The groups of workloads that run: main (the main table), cloudsql, via.
+run_main=1 run_cloudsql=1 run_via=1
+if [[ -n $only ]]; then
+  run_main=0 run_cloudsql=0 run_via=0
+  for g in ${only//,/ }; do
+    case $g in
+    main) run_main=1 ;;
+    cloudsql) run_cloudsql=1 ;;
+    via) run_via=1 ;;
+    *) keyhole_die "--only: unknown group '$g' (main, cloudsql, via)" ;;
+    esac
+  done
+  ((run_main || run_cloudsql || run_via)) || keyhole_die "--only: no group given (main, cloudsql, via)"
+  ((!run_cloudsql || with_cloudsql)) || keyhole_die "--only cloudsql contradicts BENCH_CLOUDSQL=0"
+  ((!run_via || with_via)) || keyhole_die "--only via contradicts BENCH_VIA=0"
+  ((run_main)) || with_mysql=0
+fi
 readonly pgbench_clients=(1 8 64) conn_clients=8 scale=10 mysql_threads=8
 # Rows of 1000 bytes (1001 with the newline): BENCH_COPY_MB MB.
 readonly copy_rows=$((copy_mb * 1000))
@@ -216,13 +290,38 @@ for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   *) keyhole_die "BENCH_PATHS: unknown path '$p' (known: ${all_paths[*]})" ;;
   esac
 done
+if ((!run_main)); then
+  # Without the main table the other groups need keyhole (their baseline) and, for
+  # the Cloud SQL group, stunnel when it was asked for; nothing else.
+  kept=(direct)
+  for p in "${paths[@]}"; do
+    [[ $p == keyhole || ($p == stunnel && $run_cloudsql == 1) ]] && kept+=("$p")
+  done
+  paths=("${kept[@]}")
+fi
 # The Cloud SQL workloads: keyhole's connector next to its ordinary target.
 cloudsql_note=""
 if ((!with_cloudsql)); then
   cloudsql_note="Cloud SQL workloads left out (BENCH_CLOUDSQL=0)"
+elif ((!run_cloudsql)); then
+  cloudsql_note="Cloud SQL workloads left out (--only $only)"
 elif [[ " ${paths[*]} " != *" keyhole "* ]]; then
   cloudsql_note="Cloud SQL workloads left out: the keyhole path is not in BENCH_PATHS"
 fi
+# The via= group: keyhole through an SSH bastion, a SOCKS5 and an HTTP proxy, next to
+# keyhole direct and ssh -L.
+via_note=""
+if ((!with_via)); then
+  via_note="via= workloads left out (BENCH_VIA=0)"
+elif ((!run_via)); then
+  via_note="via= workloads left out (--only $only)"
+elif [[ " ${paths[*]} " != *" keyhole "* ]]; then
+  via_note="via= workloads left out: the keyhole path is not in BENCH_PATHS"
+fi
+# Asked for by name: then it runs, or the benchmark fails.
+via_required=0
+[[ -z $only || $run_via == 0 ]] || via_required=1
+((!via_required)) || [[ -z $via_note ]] || keyhole_die "--only via: $via_note"
 peers_dir=${KEYHOLE_PEERS_DIR:-$repo_root/../shared/peers}
 log_dir=${BENCH_LOG_DIR:-}
 if [[ -n $log_dir ]]; then
@@ -249,6 +348,13 @@ KEYHOLE_BENCH_APT_PACKAGES=(
   "sysbench    sysbench"
   # the chart (bench.png)
   "gnuplot-nox gnuplot"
+  # the via= group's hops: sshd and the ssh client (keyhole's master, ssh -L, ssh-keygen)
+  "openssh-server /usr/sbin/sshd"
+  "openssh-client ssh"
+  # a SOCKS5 proxy
+  "microsocks  microsocks"
+  # an HTTP CONNECT proxy
+  "tinyproxy   tinyproxy"
 )
 KEYHOLE_APT_PACKAGES+=("${KEYHOLE_BENCH_APT_PACKAGES[@]}")
 
@@ -268,8 +374,11 @@ hold_fd=""
 cs_pid=""
 # Proxies are instances NAME@SERVER, SERVER one of pg (PostgreSQL), syn (synthetic),
 # my (MariaDB), cs and csl (the fake Cloud SQL instance: keyhole's connector with
-# refresh-ahead and with --lazy-refresh, stunnel with a client certificate):
-# keyhole@pg, pgbouncer@syn, keyhole@csl...
+# refresh-ahead and with --lazy-refresh, stunnel with a client certificate), and for
+# the via= group vssh, vsocks, vhttp (keyhole through sshd, microsocks, tinyproxy) and
+# vtun (keyhole direct to ssh -L's port); the hops themselves are sshd@via, ssh@vtun
+# (the ssh -L tunnel), microsocks@via and tinyproxy@via:
+# keyhole@pg, pgbouncer@syn, keyhole@csl, keyhole@vssh, sshd@via...
 declare -A proxy_pid=() proxy_port=() skip_note=() late_note=() upstream_port=()
 
 # A summary of what the proxies' logs say went wrong: the interesting part of a run
@@ -278,7 +387,9 @@ log_summary() {
   local name file count
   # (cloudsql_fake's stdout: its address lines and one `call METHOD STATUS` per request)
   local quiet_fake='^$|^(api|proxy|instance|call) '
-  for name in keyhole pgbouncer stunnel goproxy synthetic cloudsql_fake; do
+  # (tinyproxy, run as a user of its own choosing, says it would rather have one)
+  local tp_bad='^(ERROR|CRITICAL|WARNING) ' tp_quiet='SHOULD set a UserName'
+  for name in keyhole pgbouncer stunnel goproxy synthetic cloudsql_fake sshd ssh tinyproxy; do
     for file in "$tmp/$name".*.log; do
       [[ -s $file ]] || continue
       case $name in
@@ -287,6 +398,9 @@ log_summary() {
       stunnel) count=$(grep -cE 'LOG[0-4]\[' "$file" || true) ;;
       goproxy | synthetic) count=$(grep -cvE '^$|^listening ' "$file" || true) ;;
       cloudsql_fake) count=$(grep -cvE "$quiet_fake" "$file" || true) ;;
+      sshd) count=$(grep -ciE 'error|fatal' "$file" || true) ;;
+      ssh) count=$(grep -cvE '^$' "$file" || true) ;;
+      tinyproxy) count=$(grep -E "$tp_bad" "$file" | grep -cv "$tp_quiet" || true) ;;
       esac
       ((count > 0)) || continue
       keyhole_log "$(basename "$file"): $count warning/error lines; the first ones:"
@@ -296,6 +410,9 @@ log_summary() {
       stunnel) grep -E 'LOG[0-4]\[' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       goproxy | synthetic) grep -vE '^$|^listening ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       cloudsql_fake) grep -vE "$quiet_fake" "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      sshd) grep -iE 'error|fatal' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      ssh) grep -vE '^$' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      tinyproxy) grep -E "$tp_bad" "$file" | grep -v "$tp_quiet" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       esac
     done
   done
@@ -307,7 +424,11 @@ cleanup() {
   set +e
   keyhole_stop_pid "$helper_pid"
   for inst in "${!proxy_pid[@]}"; do
-    keyhole_stop_pid "${proxy_pid[$inst]}"
+    [[ $inst == *@via ]] || keyhole_stop_pid "${proxy_pid[$inst]}"
+  done
+  # The hops after the keyholes and the ssh -L that go through them; sshd last.
+  for inst in tinyproxy@via microsocks@via sshd@via; do
+    keyhole_stop_pid "${proxy_pid[$inst]:-}"
   done
   keyhole_stop_pid "$syn_pid"
   keyhole_stop_pid "$my_pid"
@@ -360,6 +481,33 @@ cpu_ticks() {
   read -r -a fields <<<"${stat##*) }"
   # fields[0] is field 3 (state): utime is field 14, stime field 15
   printf '%d\n' $((fields[11] + fields[12]))
+}
+
+# tree_ticks PID...: utime + stime of the processes and all their descendants, in clock
+# ticks, with what the exited children they have waited for spent (cutime + cstime):
+# keyhole and its ssh master, sshd and its session processes.
+tree_ticks() {
+  # (processes come and go while cat reads: a file that is gone is no failure)
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v roots="$*" '
+    {
+      pid = $1
+      rest = $0
+      sub(/^.*\) /, "", rest) # after the command name, which may hold spaces
+      split(rest, f, " ")
+      ppid[pid] = f[2]
+      ticks[pid] = f[12] + f[13] + f[14] + f[15]
+    }
+    END {
+      n = split(roots, r, " ")
+      for (i = 1; i <= n; i++) tree[r[i]] = 1
+      for (grew = 1; grew;) {
+        grew = 0
+        for (p in ppid) if (!(p in tree) && (ppid[p] in tree)) { tree[p] = 1; grew = 1 }
+      }
+      sum = 0
+      for (p in tree) if (p in ticks) sum += ticks[p]
+      print sum
+    }'
 }
 
 rss_kib() {
@@ -457,23 +605,27 @@ my_admin() {
 }
 
 # --- the proxies -----------------------------------------------------------------
-# proxy_command INSTANCE: the command line of a proxy (in the array cmd).
+# proxy_command INSTANCE: the command line of a proxy (in the array cmd). It runs as the
+# servers' user, or as the caller when proxy_as_caller is 1 (sshd: as root).
+proxy_as_caller=0
 proxy_command() {
-  local name=${1%@*} server=${1#*@} port=${proxy_port[$1]} up var scheme=postgres
-  up=${upstream_port[$server]}
+  local name=${1%@*} server=${1#*@} port=${proxy_port[$1]} up var scheme=postgres target
+  up=${upstream_port[$server]:-}
+  proxy_as_caller=0
   case $name in
   keyhole)
     cmd=(env)
-    # Only the flags configure it: no KEYHOLE_* variable from the caller's shell.
+    # Only the flags configure it: no KEYHOLE_* variable from the caller's shell, and
+    # none of the caller's proxy settings (ALL_PROXY would be a hop for every target,
+    # and the fake Cloud SQL API on loopback is reached without an HTTP proxy).
     while IFS= read -r var; do cmd+=(-u "$var"); done < <(keyhole_env_names '^KEYHOLE_')
+    for var in http_proxy https_proxy all_proxy no_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY NO_PROXY; do
+      cmd+=(-u "$var")
+    done
     [[ $server == my ]] && scheme=mysql
     case $server in
     cs | csl)
-      # The connector: the instance as the target, the fake's API, any token; the API
-      # on loopback is reached without the caller's HTTP proxy, if any.
-      for var in http_proxy https_proxy all_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY; do
-        cmd+=(-u "$var")
-      done
+      # The connector: the instance as the target, the fake's API, any token.
       cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --token bench-admin-token
         --sqladmin-api-endpoint "$cs_api" "${keyhole_flags[@]}")
       [[ $server == csl ]] && cmd+=(--lazy-refresh)
@@ -481,10 +633,32 @@ proxy_command() {
       ;;
     *)
       cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
-        "${keyhole_flags[@]}" "$scheme://127.0.0.1:$up?server-name=localhost")
+        "${keyhole_flags[@]}")
+      # The via= group: the same target, through a hop (vtun: direct, to ssh -L).
+      target="$scheme://127.0.0.1:$up?server-name=localhost"
+      case $server in
+      vssh)
+        cmd+=(--ssh-config "$via_dir/ssh_config")
+        target+="&via=ssh://bastion"
+        ;;
+      vsocks) target+="&via=socks5://127.0.0.1:${proxy_port[microsocks@via]}" ;;
+      vhttp) target+="&via=http://127.0.0.1:${proxy_port[tinyproxy@via]}" ;;
+      esac
+      cmd+=("$target")
       ;;
     esac
     ;;
+  sshd)
+    cmd=("$sshd_bin" -D -e -f "$via_dir/sshd_config")
+    proxy_as_caller=1
+    ;;
+  ssh)
+    # What a developer opens by hand (plus: fail when the port cannot be forwarded).
+    cmd=("$ssh_bin" -F "$via_dir/ssh_config" -N -o ExitOnForwardFailure=yes
+      -L "$port:127.0.0.1:$pg_port" bastion)
+    ;;
+  microsocks) cmd=("$microsocks_bin" -i 127.0.0.1 -p "$port") ;;
+  tinyproxy) cmd=("$tinyproxy_bin" -d -c "$via_dir/tinyproxy.conf") ;;
   pgbouncer) cmd=("$pgbouncer_bin" "$tmp/pgbouncer.$server.conf") ;;
   stunnel) cmd=("$stunnel_bin" "$tmp/stunnel.$server.conf") ;;
   goproxy)
@@ -567,7 +741,11 @@ start_proxy() {
   log=$tmp/${inst%@*}.${inst#*@}.${proxy_starts[$inst]}.log
   # A session of its own, so a Ctrl-C reaches only this script, whose trap then stops
   # everything in order.
-  keyhole_pg_exec setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+  if ((proxy_as_caller)); then
+    (cd "$tmp" && exec setsid "${cmd[@]}") >"$log" 2>&1 </dev/null &
+  else
+    keyhole_pg_exec setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+  fi
   pid=$!
   proxy_pid[$inst]=$pid
   if why=$(keyhole_wait_listening "$port" "$pid" "$inst"); then
@@ -598,8 +776,9 @@ stop_proxy() {
 check_path() {
   local out
   case $2 in
-  pg)
-    path_env "$1"
+  pg | vssh | vtun | vsocks | vhttp)
+    # (the via= group's keyholes: PostgreSQL through a hop)
+    if [[ $2 == pg ]]; then path_env "$1"; else path_env "$1@$2"; fi
     if ! out=$(env "${conn_env[@]}" "$keyhole_psql" -X -At -v ON_ERROR_STOP=1 \
       -c "select ssl from pg_stat_ssl where pid = pg_backend_pid()" 2>&1); then
       printf '%s\n' "$out" | head -n 3 | tr '\n' ' '
@@ -656,8 +835,13 @@ usable() {
   [[ $1 == direct ]] || [[ -z ${skip_note[$1]:-} && -n ${proxy_pid[$1@$2]:-} ]]
 }
 
-# servers_of PATH: the servers a path is measured against.
+# servers_of PATH: the servers a path is measured against (without the main table:
+# PostgreSQL alone, for the other groups' baseline).
 servers_of() {
+  if ((!run_main)); then
+    printf 'pg'
+    return 0
+  fi
   case $1 in
   direct | keyhole) printf 'pg syn my' ;;
   *) printf 'pg syn' ;;
@@ -1026,6 +1210,115 @@ cs_round() {
   done
 }
 
+# --- the via= workloads ----------------------------------------------------------
+# Their columns, KEY (as in the report): the keyhole instance pgbench goes through, the
+# hop's processes (whose CPU is the hop's), in this order:
+#   keyhole   keyhole@pg, keyhole direct as in the main table: the baseline of the ratios
+#   ssh       keyhole@vssh: via=ssh://bastion with --ssh-config; its ssh master (a child
+#             of keyhole) logs in to sshd@via
+#   ssh-L     keyhole@vtun: keyhole direct to the port of ssh@vtun, an ssh -N -L to
+#             sshd@via: what ssh costs, the reference for via=ssh
+#   socks5    keyhole@vsocks: via=socks5:// through microsocks@via
+#   http      keyhole@vhttp: via=http:// (CONNECT) through tinyproxy@via
+readonly via_all_keys=(keyhole ssh ssh-L socks5 http)
+declare -A via_inst=([keyhole]=keyhole@pg [ssh]=keyhole@vssh [ssh-L]=keyhole@vtun
+  [socks5]=keyhole@vsocks [http]=keyhole@vhttp)
+declare -A via_hop=([ssh]=sshd@via [ssh-L]=sshd@via [socks5]=microsocks@via [http]=tinyproxy@via)
+# The command lines of each column (for the report), set in the "via=" step.
+declare -A via_cmdline=()
+via_keys=()
+via_sshd_cmdline=""
+via_dir=""
+readonly via_clients=8
+
+# shown_command: cmd (from proxy_command) as a command line for the report: without
+# the env -u prefix, keyhole by its name, the temporary directory as TMP.
+shown_command() {
+  local arg out="" i=0 n=${#cmd[@]}
+  if [[ ${cmd[0]} == env ]]; then
+    i=1
+    while ((i + 1 < n)) && [[ ${cmd[i]} == -u ]]; do i=$((i + 2)); done
+  fi
+  for ((; i < n; i++)); do
+    arg=${cmd[i]}
+    [[ $arg != "$tmp/bin/keyhole" ]] || arg=keyhole
+    arg=${arg//"$tmp"/TMP}
+    if [[ $arg =~ ^[A-Za-z0-9_./:@=,+-]+$ ]]; then out+=" $arg"; else out+=" '$arg'"; fi
+  done
+  printf '%s' "${out# }"
+}
+
+# via_client_pids KEY: the processes on the client's side of a column: keyhole (with
+# its ssh master, a child); for ssh-L also the ssh -L process.
+via_client_pids() {
+  printf '%s\n' "${proxy_pid[${via_inst[$1]}]}"
+  [[ $1 != ssh-L ]] || printf '%s\n' "${proxy_pid[ssh@vtun]}"
+}
+
+# via_pgbench KEY NAME [PGBENCH ARGS...]: pgbench -S -c 8 -T BENCH_VIA_DURATION through
+# the column KEY, recorded under via/KEY: via_tps_NAME, via_lat_NAME (ms), via_cpu_NAME
+# (the client side's CPU microseconds per transaction: under -C, per connection) and,
+# through a hop, via_hop_NAME (the hop's).
+via_pgbench() {
+  local key=$1 name=$2 inst=${via_inst[$1]} hop=${via_hop[$1]:-} duration=$via_duration
+  local pids c0 c1 h0="" h1 us line per=transaction
+  shift 2
+  [[ $name != c ]] || per=connection
+  mapfile -t pids < <(via_client_pids "$key")
+  c0=$(tree_ticks "${pids[@]}")
+  [[ -z $hop ]] || h0=$(tree_ticks "${proxy_pid[$hop]}")
+  if ! pgbench_measure "$inst" "$via_clients" "$@"; then
+    record_fail "via/$key" "via_tps_$name" "$pb_err"
+    return 0
+  fi
+  c1=$(tree_ticks "${pids[@]}")
+  [[ -z $hop ]] || h1=$(tree_ticks "${proxy_pid[$hop]}")
+  record "via/$key" "via_tps_$name" "$pb_tps"
+  [[ -z $pb_lat ]] || record "via/$key" "via_lat_$name" "$pb_lat"
+  line=$(printf '  %-8s %10.0f tps  %8.3f ms' "$key" "$pb_tps" "${pb_lat:-0}")
+  if ((pb_txs > 0)); then
+    us=$(calc "($c1 - $c0) / $clk_tck * 1000000 / $pb_txs")
+    record "via/$key" "via_cpu_$name" "$us"
+    line+=$(printf '   client CPU %.1f us/%s' "$us" "$per")
+    if [[ -n $hop ]]; then
+      us=$(calc "($h1 - $h0) / $clk_tck * 1000000 / $pb_txs")
+      record "via/$key" "via_hop_$name" "$us"
+      line+=$(printf '   hop (%s) CPU %.1f us/%s' "${hop%@*}" "$us" "$per")
+    fi
+  fi
+  printf '%s\n' "$line"
+}
+
+# via_round: the via= workloads of a round, the columns in an order that rotates.
+via_round() {
+  local order=() key i n=${#via_keys[@]}
+  for ((i = 0; i < n; i++)); do
+    order+=("${via_keys[$(((i + round - 1) % n))]}")
+  done
+  step "round $round/$rounds: via=, pgbench -S -c $via_clients -T $via_duration"
+  for key in "${order[@]}"; do
+    via_pgbench "$key" s8
+  done
+  step "round $round/$rounds: via=, connection per transaction, pgbench -S -C -c $via_clients -T $via_duration"
+  for key in "${order[@]}"; do
+    via_pgbench "$key" c -C
+  done
+}
+
+# via_setup_die MESSAGE [INSTANCE...]: the end of a via= setup that failed, with the
+# last lines of the instances' logs.
+via_setup_die() {
+  local msg=$1 inst log
+  shift
+  for inst in "$@"; do
+    log=$tmp/${inst%@*}.${inst#*@}.${proxy_starts[$inst]:-1}.log
+    [[ -s $log ]] || continue
+    keyhole_log "$inst's log (last lines):" >&2
+    tail -n 15 "$log" | cut -c1-400 | sed 's/^/  /' >&2
+  done
+  keyhole_die "via=: $msg"
+}
+
 # server_conns SERVER: the connections the server holds (PostgreSQL: role bench).
 server_conns() {
   case $1 in
@@ -1149,8 +1442,11 @@ for entry in "${KEYHOLE_BENCH_APT_PACKAGES[@]}"; do
   case $pkg in
   pgbouncer) [[ " ${paths[*]} " == *" pgbouncer "* ]] || continue ;;
   stunnel4) [[ " ${paths[*]} " == *" stunnel "* ]] || continue ;;
-  golang-go) [[ " ${paths[*]} " == *" goproxy "* ]] || continue ;;
+  golang-go) [[ " ${paths[*]} " == *" goproxy "* && $run_main == 1 ]] || continue ;;
   sysbench) ((with_mysql)) || continue ;;
+  gnuplot-nox) ((run_main)) || continue ;;
+  python3) ((run_main)) || continue ;;
+  openssh-server | openssh-client | microsocks | tinyproxy) [[ -z $via_note ]] || continue ;;
   esac
   bench_pkgs+=("$pkg")
 done
@@ -1189,22 +1485,48 @@ for p in "${paths[@]}"; do
   esac
 done
 mysql_note=""
-if ((!with_mysql)); then
+if ((!run_main)); then
+  mysql_note="MySQL workloads left out (--only $only)"
+elif ((!with_mysql)); then
   mysql_note="MySQL workloads left out (BENCH_MYSQL=0)"
 elif [[ -z $mariadbd_bin ]] || ! command -v mariadb-install-db >/dev/null 2>&1 ||
   ! command -v mariadb >/dev/null 2>&1; then
   mysql_note="MySQL workloads skipped: MariaDB is not installed (mariadb-server, mariadb-client)"
 fi
-command -v python3 >/dev/null 2>&1 ||
-  keyhole_warn "python3 not found: no RSS per idle connection to PostgreSQL this run"
-command -v gnuplot >/dev/null 2>&1 ||
-  keyhole_warn "gnuplot not found: no chart this run (Debian package gnuplot-nox)"
+if ((run_main)); then
+  command -v python3 >/dev/null 2>&1 ||
+    keyhole_warn "python3 not found: no RSS per idle connection to PostgreSQL this run"
+  command -v gnuplot >/dev/null 2>&1 ||
+    keyhole_warn "gnuplot not found: no chart this run (Debian package gnuplot-nox)"
+fi
+# The via= group's programs. sshd re-executes itself, so by its absolute path.
+sshd_bin="" ssh_bin="" ssh_keygen_bin="" microsocks_bin="" tinyproxy_bin=""
+if [[ -z $via_note ]]; then
+  sshd_bin=$(command -v sshd 2>/dev/null || true)
+  [[ -n $sshd_bin || ! -x /usr/sbin/sshd ]] || sshd_bin=/usr/sbin/sshd
+  ssh_bin=$(command -v ssh 2>/dev/null || true)
+  ssh_keygen_bin=$(command -v ssh-keygen 2>/dev/null || true)
+  microsocks_bin=$(command -v microsocks 2>/dev/null || true)
+  tinyproxy_bin=$(command -v tinyproxy 2>/dev/null || true)
+  [[ -n $tinyproxy_bin || ! -x /usr/sbin/tinyproxy ]] || tinyproxy_bin=/usr/sbin/tinyproxy
+  missing=()
+  [[ -n $sshd_bin ]] || missing+=("sshd (openssh-server)")
+  [[ -n $ssh_bin && -n $ssh_keygen_bin ]] || missing+=("ssh, ssh-keygen (openssh-client)")
+  [[ -n $microsocks_bin ]] || missing+=("microsocks (microsocks)")
+  [[ -n $tinyproxy_bin ]] || missing+=("tinyproxy (tinyproxy)")
+  if ((${#missing[@]} > 0)); then
+    via_note="via= workloads skipped: not installed: $(IFS=,; printf '%s' "${missing[*]}" | sed 's/,/, /g')"
+    ((!via_required)) || keyhole_die "--only via: $via_note"
+    keyhole_warn "$via_note"
+  fi
+fi
 
 # ulimit: a proxy holds two descriptors per connection (client and server side), the
 # synthetic upstream and the idle client one each, and every process a few more.
 # Without CAP_SYS_RESOURCE the hard limit cannot be raised: then the large idle count
 # is lowered to what fits, and the report says so.
 fd_note=""
+((run_main)) || idle_large=$idle_conns
 need_fds=$((2 * idle_large + 256))
 hard_fds=$(ulimit -Hn)
 if [[ $hard_fds != unlimited ]] && ((hard_fds < need_fds)); then
@@ -1232,6 +1554,7 @@ keyhole_release_binary step
 synthetic_bin=${BENCH_SYNTHETIC_BIN:-}
 cloudsql_bin=${BENCH_CLOUDSQL_BIN:-}
 examples=()
+((run_main)) || synthetic_bin=none
 [[ -n $synthetic_bin ]] || examples+=(--example synthetic)
 [[ -n $cloudsql_bin || -n $cloudsql_note ]] || examples+=(--example cloudsql_fake)
 if ((${#examples[@]} > 0)); then
@@ -1246,18 +1569,18 @@ if ((${#examples[@]} > 0)); then
   [[ -n $synthetic_bin ]] || synthetic_bin=$target_dir/release/examples/synthetic
   [[ -n $cloudsql_bin || -n $cloudsql_note ]] || cloudsql_bin=$target_dir/release/examples/cloudsql_fake
 fi
-[[ -x $synthetic_bin ]] || keyhole_die "no synthetic binary at $synthetic_bin"
+[[ $synthetic_bin == none || -x $synthetic_bin ]] || keyhole_die "no synthetic binary at $synthetic_bin"
 [[ -n $cloudsql_note || -x $cloudsql_bin ]] || keyhole_die "no cloudsql_fake binary at $cloudsql_bin"
 
 # =================================================================================
 step "temporary directory, CA and certificates"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keyhole-bench.XXXXXX")
-mkdir "$tmp/bin" "$tmp/results" "$tmp/results/cloudsql" "$tmp/sysbench"
+mkdir "$tmp/bin" "$tmp/results" "$tmp/results/cloudsql" "$tmp/results/via" "$tmp/sysbench"
 keyhole_pg_prepare "$tmp" "the servers and the proxies (they refuse root)"
 install -m 0755 "$keyhole_bin" "$tmp/bin/keyhole"
-install -m 0755 "$synthetic_bin" "$tmp/bin/synthetic"
+[[ $synthetic_bin == none ]] || install -m 0755 "$synthetic_bin" "$tmp/bin/synthetic"
 [[ -n $cloudsql_note ]] || install -m 0755 "$cloudsql_bin" "$tmp/bin/cloudsql_fake"
-write_idle_helper "$tmp/idle_conns.py"
+((!run_main)) || write_idle_helper "$tmp/idle_conns.py"
 # The idle client holds its connections until its standard input ends: a FIFO this
 # script keeps open (and closes when it exits).
 mkfifo "$tmp/hold"
@@ -1297,24 +1620,32 @@ env "${conn_env[@]}" pgbench -i -q -s "$scale" >"$tmp/pgbench-init.log" 2>&1 || 
 env "${conn_env[@]}" "$keyhole_psql" -X -q -v ON_ERROR_STOP=1 \
   -c "create unlogged table copy_in (t text)" || keyhole_die "could not create table copy_in"
 admin_sql -c "checkpoint"
-copy_bytes=$(env "${conn_env[@]}" "$keyhole_psql" -X -q -c "$copy_sql" | wc -c)
-((copy_bytes > 0)) || keyhole_die "COPY out returned nothing"
-keyhole_log "pgbench tables at scale $scale; COPY out and in are $copy_bytes bytes each"
+copy_bytes=0
+if ((run_main)); then
+  copy_bytes=$(env "${conn_env[@]}" "$keyhole_psql" -X -q -c "$copy_sql" | wc -c)
+  ((copy_bytes > 0)) || keyhole_die "COPY out returned nothing"
+  keyhole_log "pgbench tables at scale $scale; COPY out and in are $copy_bytes bytes each"
+else
+  keyhole_log "pgbench tables at scale $scale"
+fi
 
 # =================================================================================
-syn_port=$(new_port) || keyhole_die "no free port found"
-upstream_port[syn]=$syn_port
-step "synthetic TLS upstream on 127.0.0.1:$syn_port"
-setsid "$tmp/bin/synthetic" upstream --listen "127.0.0.1:$syn_port" \
-  --cert "$tmp/certs/server.crt" --key "$tmp/certs/server.key" \
-  >"$tmp/synthetic.upstream.log" 2>&1 </dev/null &
-syn_pid=$!
-if ! why=$(keyhole_wait_listening "$syn_port" "$syn_pid" "synthetic upstream"); then
-  cat "$tmp/synthetic.upstream.log" >&2
-  keyhole_die "$why"
+syn_port=""
+if ((run_main)); then
+  syn_port=$(new_port) || keyhole_die "no free port found"
+  upstream_port[syn]=$syn_port
+  step "synthetic TLS upstream on 127.0.0.1:$syn_port"
+  setsid "$tmp/bin/synthetic" upstream --listen "127.0.0.1:$syn_port" \
+    --cert "$tmp/certs/server.crt" --key "$tmp/certs/server.key" \
+    >"$tmp/synthetic.upstream.log" 2>&1 </dev/null &
+  syn_pid=$!
+  if ! why=$(keyhole_wait_listening "$syn_port" "$syn_pid" "synthetic upstream"); then
+    cat "$tmp/synthetic.upstream.log" >&2
+    keyhole_die "$why"
+  fi
+  why=$(check_path direct syn) || keyhole_die "the synthetic upstream does not stream: $why"
+  keyhole_log "synthetic upstream up (pid $syn_pid); a TLS stream from it works"
 fi
-why=$(check_path direct syn) || keyhole_die "the synthetic upstream does not stream: $why"
-keyhole_log "synthetic upstream up (pid $syn_pid); a TLS stream from it works"
 
 # =================================================================================
 my_port=""
@@ -1375,6 +1706,8 @@ fi
 step "proxies"
 for p in "${paths[@]}"; do
   [[ $p == direct || -n ${skip_note[$p]:-} ]] && continue
+  # (without the main table only keyhole@pg, the other groups' baseline)
+  [[ $run_main == 1 || $p == keyhole ]] || continue
   for server in $(servers_of "$p"); do
     [[ $server == my && -z $my_pid ]] && continue
     inst=$p@$server
@@ -1467,6 +1800,141 @@ if [[ -z $cloudsql_note ]]; then
 fi
 
 # =================================================================================
+if [[ -z $via_note ]]; then
+  step "via=: sshd, ssh -L, microsocks and tinyproxy on 127.0.0.1; keyhole through each"
+  usable keyhole pg || keyhole_die "via=: keyhole@pg (keyhole direct, the baseline) is not running"
+  via_dir=$tmp/via
+  mkdir "$via_dir"
+  # sshd runs as the caller (root: it logs in as root); keyhole's ssh master and ssh -L
+  # run as the servers' user, like every proxy here, with the client key and files
+  # theirs.
+  if ((EUID == 0)); then via_user=root; else via_user=$(id -un); fi
+  for key_name in host_key client_key; do
+    "$ssh_keygen_bin" -q -t ed25519 -N '' -C "keyhole-bench $key_name" -f "$via_dir/$key_name" ||
+      keyhole_die "via=: ssh-keygen failed"
+  done
+  cp "$via_dir/client_key.pub" "$via_dir/authorized_keys"
+  proxy_port[sshd@via]=$(new_port) || keyhole_die "no free port found"
+  sshd_port=${proxy_port[sshd@via]}
+  read -r host_key_type host_key_blob _ <"$via_dir/host_key.pub"
+  printf '[127.0.0.1]:%d %s %s\n' "$sshd_port" "$host_key_type" "$host_key_blob" >"$via_dir/known_hosts"
+  cat >"$via_dir/sshd_config" <<EOF
+Port $sshd_port
+ListenAddress 127.0.0.1
+HostKey "$via_dir/host_key"
+PidFile none
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+AllowUsers $via_user
+AuthorizedKeysFile "$via_dir/authorized_keys"
+StrictModes no
+AllowTcpForwarding yes
+AllowAgentForwarding no
+X11Forwarding no
+PrintMotd no
+EOF
+  cat >"$via_dir/ssh_config" <<EOF
+Host bastion
+  HostName 127.0.0.1
+  Port $sshd_port
+  User $via_user
+  IdentityFile "$via_dir/client_key"
+  IdentitiesOnly yes
+  UserKnownHostsFile "$via_dir/known_hosts"
+  StrictHostKeyChecking yes
+  BatchMode yes
+EOF
+  ((EUID != 0)) || chown "$keyhole_pg_user:" "$via_dir/client_key" "$via_dir/client_key.pub" \
+    "$via_dir/ssh_config" "$via_dir/known_hosts"
+  # sshd's privilege separation directory.
+  if ((EUID == 0)) && [[ ! -d /run/sshd ]]; then
+    mkdir -p /run/sshd && chmod 0755 /run/sshd
+  fi
+  start_proxy sshd@via || via_setup_die "sshd did not start" sshd@via
+  proxy_command sshd@via
+  via_sshd_cmdline=$(shown_command)
+  keyhole_log "sshd on 127.0.0.1:$sshd_port (pid ${proxy_pid[sshd@via]}), logins as $via_user with the client key"
+
+  # The hand-made tunnel: ssh -L, and keyhole direct to its port.
+  proxy_port[ssh@vtun]=$(new_port) || keyhole_die "no free port found"
+  upstream_port[vtun]=${proxy_port[ssh@vtun]}
+  start_proxy ssh@vtun || via_setup_die "ssh -L did not open its port" ssh@vtun sshd@via
+  keyhole_log "ssh -L on 127.0.0.1:${proxy_port[ssh@vtun]} (pid ${proxy_pid[ssh@vtun]}) to 127.0.0.1:$pg_port through sshd"
+
+  proxy_port[microsocks@via]=$(new_port) || keyhole_die "no free port found"
+  start_proxy microsocks@via || via_setup_die "microsocks did not start" microsocks@via
+  keyhole_log "microsocks on 127.0.0.1:${proxy_port[microsocks@via]} (pid ${proxy_pid[microsocks@via]})"
+
+  proxy_port[tinyproxy@via]=$(new_port) || keyhole_die "no free port found"
+  # No Allow lines: every client; no ConnectPort lines: CONNECT to every port.
+  cat >"$via_dir/tinyproxy.conf" <<EOF
+Port ${proxy_port[tinyproxy@via]}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 200
+LogLevel Connect
+DisableViaHeader Yes
+EOF
+  start_proxy tinyproxy@via || via_setup_die "tinyproxy did not start" tinyproxy@via
+  keyhole_log "tinyproxy on 127.0.0.1:${proxy_port[tinyproxy@via]} (pid ${proxy_pid[tinyproxy@via]})"
+
+  upstream_port[vssh]=$pg_port
+  upstream_port[vsocks]=$pg_port
+  upstream_port[vhttp]=$pg_port
+  login_ms=""
+  for inst in keyhole@vssh keyhole@vtun keyhole@vsocks keyhole@vhttp; do
+    server=${inst#*@}
+    proxy_port[$inst]=$(new_port) || keyhole_die "no free port found"
+    start_proxy "$inst" || via_setup_die "$inst did not start" "$inst"
+    log=$tmp/keyhole.$server.${proxy_starts[$inst]}.log
+    case $server in
+    vssh)
+      # keyhole logs in to the bastion at its start: its log says when, and how long
+      # the login took.
+      for ((i = 0; i < 350; i++)); do
+        grep -qE 'SSH connection to the bastion open|SSH login to the bastion failed' "$log" && break
+        sleep 0.1
+      done
+      grep -q 'SSH connection to the bastion open' "$log" ||
+        via_setup_die "keyhole's SSH login to the bastion did not succeed" "$inst" sshd@via
+      login_ms=$(sed -n 's/.*SSH connection to the bastion open.*took_ms=\([0-9][0-9]*\).*/\1/p' "$log" | head -n 1)
+      [[ -z $login_ms ]] || record via/ssh via_login "$login_ms"
+      hop=sshd@via
+      ;;
+    vtun) hop=ssh@vtun ;;
+    vsocks) hop=microsocks@via ;;
+    vhttp) hop=tinyproxy@via ;;
+    esac
+    why=$(check_path keyhole "$server") ||
+      via_setup_die "$inst: a connection through it failed: $why" "$inst" "$hop"
+    # And it went through the hop: the hop says so (keyhole's ssh master is its child).
+    case $server in
+    vssh) seen=$(pgrep -P "${proxy_pid[$inst]}" -x ssh | head -n 1 || true) ;;
+    vtun) seen=yes ;;
+    vsocks) seen=$(grep -m1 -F "127.0.0.1:$pg_port" "$tmp/microsocks.via.${proxy_starts[microsocks@via]}.log" || true) ;;
+    vhttp) seen=$(grep -m1 -F "CONNECT 127.0.0.1:$pg_port" "$tmp/tinyproxy.via.${proxy_starts[tinyproxy@via]}.log" || true) ;;
+    esac
+    [[ -n $seen ]] || via_setup_die "$inst: the connection did not go through $hop" "$inst" "$hop"
+    keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}): through ${hop%@*}, the server sees TLS"
+  done
+  for key in "${via_all_keys[@]}"; do
+    proxy_command "${via_inst[$key]}"
+    via_cmdline[$key]=$(shown_command)
+  done
+  proxy_command ssh@vtun
+  via_cmdline[ssh-L]="$(shown_command) + ${via_cmdline[ssh-L]}"
+  proxy_command microsocks@via
+  via_cmdline[socks5]="$(shown_command) + ${via_cmdline[socks5]}"
+  proxy_command tinyproxy@via
+  via_cmdline[http]="$(shown_command) + ${via_cmdline[http]}"
+  via_keys=("${via_all_keys[@]}")
+  keyhole_log "keyhole's SSH login to the bastion took ${login_ms:-?} ms (its log)"
+fi
+
+# =================================================================================
 run_paths=()
 for p in "${paths[@]}"; do
   [[ -n ${skip_note[$p]:-} ]] || run_paths+=("$p")
@@ -1484,51 +1952,56 @@ for ((round = 1; round <= rounds; round++)); do
   for ((i = 0; i < n_paths; i++)); do
     order+=("${run_paths[$(((i + round - 1) % n_paths))]}")
   done
-  for c in "${pgbench_clients[@]}"; do
-    step "round $round/$rounds: select-only, pgbench -S -c $c -T $duration"
-    for p in "${order[@]}"; do
-      if usable "$p" pg; then run_pgbench "$p" "$c" "tps_s$c"; fi
-    done
-  done
-  step "round $round/$rounds: connection per transaction, pgbench -S -C -c $conn_clients -T $duration"
-  for p in "${order[@]}"; do
-    if usable "$p" pg; then run_pgbench "$p" "$conn_clients" tps_c -C; fi
-  done
-  [[ -n $cloudsql_note ]] || cs_round
-  step "round $round/$rounds: COPY out, $copy_bytes bytes"
-  for p in "${order[@]}"; do
-    if usable "$p" pg; then run_copy_out "$p"; fi
-  done
-  step "round $round/$rounds: COPY in, $copy_bytes bytes into an unlogged table"
-  for p in "${order[@]}"; do
-    if usable "$p" pg; then run_copy_in "$p"; fi
-  done
-  step "round $round/$rounds: synthetic upstream, a stream of $stream_bytes bytes"
-  for p in "${order[@]}"; do
-    if usable "$p" syn; then run_stream "$p"; fi
-  done
-  if [[ -n $my_pid ]]; then
-    if command -v sysbench >/dev/null 2>&1; then
-      step "round $round/$rounds: MySQL point selects, sysbench oltp_point_select --threads=$mysql_threads"
+  if ((run_main)); then
+    for c in "${pgbench_clients[@]}"; do
+      step "round $round/$rounds: select-only, pgbench -S -c $c -T $duration"
       for p in "${order[@]}"; do
-        if usable "$p" my; then run_mysql_select "$p"; fi
+        if usable "$p" pg; then run_pgbench "$p" "$c" "tps_s$c"; fi
+      done
+    done
+    step "round $round/$rounds: connection per transaction, pgbench -S -C -c $conn_clients -T $duration"
+    for p in "${order[@]}"; do
+      if usable "$p" pg; then run_pgbench "$p" "$conn_clients" tps_c -C; fi
+    done
+  fi
+  [[ -n $cloudsql_note ]] || cs_round
+  [[ -n $via_note ]] || via_round
+  if ((run_main)); then
+    step "round $round/$rounds: COPY out, $copy_bytes bytes"
+    for p in "${order[@]}"; do
+      if usable "$p" pg; then run_copy_out "$p"; fi
+    done
+    step "round $round/$rounds: COPY in, $copy_bytes bytes into an unlogged table"
+    for p in "${order[@]}"; do
+      if usable "$p" pg; then run_copy_in "$p"; fi
+    done
+    step "round $round/$rounds: synthetic upstream, a stream of $stream_bytes bytes"
+    for p in "${order[@]}"; do
+      if usable "$p" syn; then run_stream "$p"; fi
+    done
+    if [[ -n $my_pid ]]; then
+      if command -v sysbench >/dev/null 2>&1; then
+        step "round $round/$rounds: MySQL point selects, sysbench oltp_point_select --threads=$mysql_threads"
+        for p in "${order[@]}"; do
+          if usable "$p" my; then run_mysql_select "$p"; fi
+        done
+      fi
+      step "round $round/$rounds: MySQL bulk read, $my_bytes bytes"
+      for p in "${order[@]}"; do
+        if usable "$p" my; then run_mysql_bulk "$p"; fi
       done
     fi
-    step "round $round/$rounds: MySQL bulk read, $my_bytes bytes"
+    if command -v python3 >/dev/null 2>&1; then
+      step "round $round/$rounds: $idle_conns idle connections to PostgreSQL"
+      for p in "${order[@]}"; do
+        if [[ $p != direct ]] && usable "$p" pg; then run_idle "$p" pg "$idle_conns" rss_pg; fi
+      done
+    fi
+    step "round $round/$rounds: $idle_large idle connections to the synthetic upstream"
     for p in "${order[@]}"; do
-      if usable "$p" my; then run_mysql_bulk "$p"; fi
+      if [[ $p != direct ]] && usable "$p" syn; then run_idle "$p" syn "$idle_large" rss_syn; fi
     done
   fi
-  if command -v python3 >/dev/null 2>&1; then
-    step "round $round/$rounds: $idle_conns idle connections to PostgreSQL"
-    for p in "${order[@]}"; do
-      if [[ $p != direct ]] && usable "$p" pg; then run_idle "$p" pg "$idle_conns" rss_pg; fi
-    done
-  fi
-  step "round $round/$rounds: $idle_large idle connections to the synthetic upstream"
-  for p in "${order[@]}"; do
-    if [[ $p != direct ]] && usable "$p" syn; then run_idle "$p" syn "$idle_large" rss_syn; fi
-  done
 done
 rounds_took=$((SECONDS - rounds_started))
 
@@ -1536,3 +2009,15 @@ rounds_took=$((SECONDS - rounds_started))
 step "results"
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 report_write
+# A via= run that failed fails the benchmark, report or not.
+via_failed=()
+for f in "$tmp/results/via"/*.fail; do
+  [[ -s $f ]] || continue
+  name=${f#"$tmp/results/via/"}
+  name=${name%.fail}
+  via_failed+=("${name%%.*} ${name#*.}: $(head -n 1 "$f")")
+done
+if ((${#via_failed[@]} > 0)); then
+  for m in "${via_failed[@]}"; do keyhole_warn "via= $m"; done
+  keyhole_die "the via= group failed: ${#via_failed[@]} workload(s) with failed runs (above)"
+fi

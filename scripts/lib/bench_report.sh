@@ -27,6 +27,8 @@ median() {
 #   target (keyhole's) ratio>=X, max<=X, held (every round held the connections), or empty
 report_metrics() {
   local c
+  # (none without the main group: --only)
+  ((run_main)) || return 0
   for c in "${pgbench_clients[@]}"; do
     local t=""
     ((c == 8)) && t="ratio>=0.95"
@@ -99,6 +101,8 @@ target_text() {
   ratio\<=*) printf '≤ %s× keyhole → PostgreSQL' "${1#ratio<=}" ;;
   max\<=*) printf '≤ %s' "${1#max<=}" ;;
   held) printf '10,000 held, no error' ;;
+  sshL\>=*) printf 'via=ssh ≥ %s× ssh -L' "${1#sshL>=}" ;;
+  sshL\<=*) printf 'via=ssh ≤ %s× ssh -L' "${1#sshL<=}" ;;
   esac
 }
 
@@ -142,6 +146,12 @@ version_of() {
   pgbouncer) "$pgbouncer_bin" --version 2>&1 | head -n 1 ;;
   stunnel) "$stunnel_bin" -version 2>&1 | grep -m1 -E '^stunnel' ;;
   goproxy) printf 'peers goproxy, %s' "$("$go_bin" version)" ;;
+  ssh) "$ssh_bin" -V 2>&1 | head -n 1 ;;
+  tinyproxy) "$tinyproxy_bin" -v 2>&1 | head -n 1 ;;
+  microsocks)
+    # (it has no --version)
+    dpkg-query -W -f='${Version}' microsocks 2>/dev/null || printf '?'
+    ;;
   keyhole)
     printf '%s' "$("$tmp/bin/keyhole" --version 2>/dev/null | head -n 1)"
     if [[ -n ${KEYHOLE_BIN:-} ]]; then
@@ -322,6 +332,222 @@ How to read it:
 EOF
 }
 
+# --- the via= workloads ----------------------------------------------------------
+# Their rows: id|label|unit|format|kind|columns|target. Columns are bench.sh's via_keys
+# (keyhole ssh ssh-L socks5 http); a row has figures for the ones listed. Samples are in
+# $tmp/results/via/KEY.ID.
+#   kind   ratio: the value, and its ratio to keyhole (keyhole direct)
+#          delta: the value, and its difference to keyhole's
+#          value: the value alone
+#   target sshL>=X, sshL<=X: via=ssh (column ssh) at least, at most X times ssh -L's
+report_via_metrics() {
+  ((${#via_keys[@]} > 0)) || return 0
+  local all="keyhole ssh ssh-L socks5 http" hops="ssh ssh-L socks5 http"
+  printf '%s\n' \
+    "via_tps_s8|pgbench -S -c $via_clients|TPS|%.0f|ratio|$all|sshL>=0.95" \
+    "via_lat_s8|pgbench -S -c $via_clients latency|ms|%.3f|ratio|$all|" \
+    "via_cpu_s8|pgbench -S -c $via_clients: CPU per transaction, keyhole and its ssh|µs|%.1f|ratio|$all|sshL<=1.1" \
+    "via_hop_s8|pgbench -S -c $via_clients: the hop's CPU per transaction|µs|%.1f|value|$hops|" \
+    "via_tps_c|pgbench -S -C -c $via_clients: new connections|per s|%.0f|ratio|$all|" \
+    "via_lat_c|pgbench -S -C latency (+ added per new connection)|ms|%.3f|delta|$all|" \
+    "via_cpu_c|pgbench -S -C: CPU per new connection, keyhole and its ssh|µs|%.0f|ratio|$all|" \
+    "via_hop_c|pgbench -S -C: the hop's CPU per new connection|µs|%.0f|value|$hops|" \
+    "via_login|SSH login of keyhole's master connection (at its start, from its log)|ms|%.0f|value|ssh|"
+}
+
+# via_header KEY / via_column_text KEY: a column's heading, and what it runs.
+via_header() {
+  case $1 in
+  keyhole) printf 'keyhole direct' ;;
+  ssh) printf 'via=ssh://bastion' ;;
+  ssh-L) printf 'ssh -L + keyhole direct' ;;
+  socks5) printf 'via=socks5:// (microsocks)' ;;
+  http) printf 'via=http:// (tinyproxy)' ;;
+  esac
+}
+via_column_text() {
+  case $1 in
+  keyhole) printf 'keyhole with its ordinary target, TLS to PostgreSQL over loopback TCP, as in the main table: the baseline of the ratios' ;;
+  ssh) printf 'keyhole'"'"'s via=ssh with --ssh-config: one OpenSSH master connection (ssh -M -N, a child of keyhole) logged in to sshd at keyhole'"'"'s start; each client connection is a stdio-forward channel on it that keyhole asks for over the control socket, the master moving the bytes between a Unix socket pair and the channel; TLS from keyhole inside it' ;;
+  ssh-L) printf 'the tunnel a developer opens by hand, with keyhole direct to its local port: each connection crosses loopback TCP to ssh, then a channel on its one SSH connection to sshd, which connects to PostgreSQL: what ssh costs, the reference for via=ssh' ;;
+  socks5) printf 'keyhole'"'"'s via=socks5:// through microsocks (no login): per client connection a TCP connection to the proxy, a SOCKS5 greeting and CONNECT, and the proxy'"'"'s own connection to PostgreSQL' ;;
+  http) printf 'keyhole'"'"'s via=http:// through tinyproxy: per client connection a TCP connection to the proxy, an HTTP CONNECT, and the proxy'"'"'s own connection to PostgreSQL' ;;
+  esac
+}
+
+# via_cell KEY ID FORMAT KIND COLUMNS: the markdown cell.
+via_cell() {
+  local key=$1 id=$2 format=$3 kind=$4 f=$tmp/results/via/$1.$2 m b fails="" cell
+  if [[ " $5 " != *" $key "* ]]; then
+    printf -- '-'
+    return 0
+  fi
+  [[ -s $f.fail ]] && fails="*"
+  if ! m=$(median "$f"); then
+    if [[ -n $fails ]]; then printf 'fail'; else printf -- '-'; fi
+    return 0
+  fi
+  cell=$(fmt "$format" "$m")
+  if [[ $key != keyhole ]] && b=$(median "$tmp/results/via/keyhole.$id"); then
+    case $kind in
+    ratio) cell+=$(awk -v a="$m" -v b="$b" 'BEGIN { if (b > 0) printf " (%.2f×)", a / b }') ;;
+    delta) cell+=$(awk -v a="$m" -v b="$b" 'BEGIN { printf " (%+.3f)", a - b }') ;;
+    esac
+  fi
+  printf '%s%s' "$cell" "$fails"
+}
+
+# via_target_met ID TARGET: yes, no, or - (no data).
+via_target_met() {
+  local m b op
+  case $2 in
+  sshL\>=* | sshL\<=*)
+    if ! m=$(median "$tmp/results/via/ssh.$1") || ! b=$(median "$tmp/results/via/ssh-L.$1"); then
+      printf -- '-'
+      return 0
+    fi
+    op=${2:4:2}
+    awk -v a="$m" -v b="$b" -v t="${2:6}" -v op="$op" 'BEGIN {
+      r = (b > 0) ? a / b : -1
+      print (r >= 0 && ((op == ">=" && r >= t) || (op == "<=" && r <= t))) ? "yes" : "no" }'
+    ;;
+  *) printf -- '-' ;;
+  esac
+}
+
+# via_ssh_ratio ID: via=ssh's median over ssh -L's, e.g. "1.02×" (empty without both).
+via_ssh_ratio() {
+  local m b
+  m=$(median "$tmp/results/via/ssh.$1") && b=$(median "$tmp/results/via/ssh-L.$1") || return 0
+  awk -v a="$m" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f×", a / b }'
+}
+
+report_via_table() {
+  local id label unit format kind keys target key met
+  printf '| workload | unit |'
+  for key in "${via_keys[@]}"; do printf ' %s |' "$(via_header "$key")"; done
+  printf ' keyhole target | via=ssh / ssh -L | met |\n|---|---|'
+  for key in "${via_keys[@]}"; do printf -- '---:|'; done
+  printf -- '---|---:|---|\n'
+  while IFS='|' read -r id label unit format kind keys target; do
+    printf '| %s | %s |' "$label" "$unit"
+    for key in "${via_keys[@]}"; do
+      printf ' %s |' "$(via_cell "$key" "$id" "$format" "$kind" "$keys")"
+    done
+    if [[ -n $target ]]; then
+      met=$(via_target_met "$id" "$target")
+      printf ' %s | %s | %s |\n' "$(target_text "$target")" "$(via_ssh_ratio "$id")" "$met"
+    else
+      printf ' | | |\n'
+    fi
+  done < <(report_via_metrics)
+}
+
+report_via_markdown() {
+  local key
+  printf '\n## Hops (via=)\n\n'
+  printf 'keyhole through each hop to the same PostgreSQL (127.0.0.1:%s, TLS from keyhole, verify-full against localhost), next to keyhole direct and the ssh -L tunnel a developer opens by hand, all on this machine'"'"'s loopback: %s (sshd and ssh), microsocks %s, %s. pgbench -S -c %d and -S -C -c %d, -T %d, every column in every round, in an order that rotates.\n\n' \
+    "$pg_port" "$(version_of ssh)" "$(version_of microsocks)" "$(version_of tinyproxy)" \
+    "$via_clients" "$via_clients" "$via_duration"
+  report_via_table
+  cat <<'EOF'
+
+Medians over the rounds. Cells: the value and, in parentheses, its ratio to keyhole
+direct, or for the latency under `-C` the milliseconds it adds to keyhole direct's.
+"via=ssh / ssh -L": the ratio the targets are about. CPU "keyhole and its ssh": user +
+system time of keyhole's process tree (with via=ssh, its ssh master is a child of
+keyhole) and, for ssh -L, of the ssh -L process too: what runs on the developer's
+machine; per transaction, or per connection under `-C`. The hop's CPU: sshd's process
+tree (its listener and the processes of the SSH connection in use), microsocks,
+tinyproxy: what runs on the bastion.
+EOF
+  printf '\nWhat each column runs (TMP: the run'"'"'s temporary directory; this run'"'"'s ports):\n\n'
+  for key in "${via_keys[@]}"; do
+    # shellcheck disable=SC2016 # markdown's backquotes
+    printf -- '- %s: %s. `%s`\n' "$(via_header "$key")" "$(via_column_text "$key")" \
+      "${via_cmdline[$key]//' + '/'` + `'}"
+  done
+  # shellcheck disable=SC2016 # markdown's backquotes
+  printf -- '- the bastion, for via=ssh and ssh -L: `%s` (public-key login only, a fresh ed25519 host key and client key); the ssh client config both use: Host bastion, HostName 127.0.0.1, Port, User, IdentityFile, IdentitiesOnly yes, UserKnownHostsFile with the host key, StrictHostKeyChecking yes, BatchMode yes.\n' \
+    "$via_sshd_cmdline"
+  cat <<'EOF'
+
+How to read it:
+
+- Steady state: via=ssh and ssh -L do the same work (keyhole's TLS, one SSH channel
+  per connection on one SSH connection, sshd's connection to PostgreSQL); keyhole hands
+  its bytes to the ssh master over a Unix socket pair instead of a loopback TCP
+  connection. The targets: via=ssh costs what ssh -L costs, not more (TPS ≥ 0.95×, CPU
+  of keyhole and its ssh ≤ 1.1×). SOCKS5 and CONNECT proxies relay bytes without
+  encryption of their own, so they cost less than ssh.
+- New connections: via=ssh opens a channel on the logged-in master (a request over its
+  control socket and a socket pair passed to it: no login, no process); ssh -L opens a
+  channel per accepted connection; SOCKS5 and CONNECT each add a TCP connection to the
+  proxy, a round trip, and the proxy's own connection. The latency row says what each
+  adds to every new connection; where it is far above the CPU each adds, the rest is
+  waiting on the hop's path, not work.
+- The SSH login happens once per keyhole process (at its start): shown apart, not in
+  the `-C` figures.
+EOF
+}
+
+# The "via" object of bench.json: whether the group ran, its columns and commands, and
+# its rows (results by column, ratios to keyhole direct and to ssh -L).
+report_via_json() {
+  local key first=1 id label unit format kind keys target met m b s rb rs f
+  printf '  "via": {"ran": %s, "note": %s' \
+    "$( ((${#via_keys[@]} > 0)) && echo true || echo false)" "$(json_str "$via_note")"
+  if ((${#via_keys[@]} > 0)); then
+    printf ', "baseline": "keyhole", "clients": %d, "duration_s": %d, "versions": {"openssh": %s, "microsocks": %s, "tinyproxy": %s}, "bastion_command": %s, "columns": {' \
+      "$via_clients" "$via_duration" "$(json_str "$(version_of ssh)")" \
+      "$(json_str "$(version_of microsocks)")" "$(json_str "$(version_of tinyproxy)")" \
+      "$(json_str "$via_sshd_cmdline")"
+    for key in "${via_keys[@]}"; do
+      ((first)) || printf ', '
+      first=0
+      printf '%s: {"header": %s, "what": %s, "command": %s}' "$(json_str "$key")" \
+        "$(json_str "$(via_header "$key")")" "$(json_str "$(via_column_text "$key")")" \
+        "$(json_str "${via_cmdline[$key]}")"
+    done
+    printf '}, "metrics": ['
+    first=1
+    while IFS='|' read -r id label unit format kind keys target; do
+      ((first)) || printf ','
+      first=0
+      met=null
+      if [[ -n $target ]]; then
+        case $(via_target_met "$id" "$target") in yes) met=true ;; no) met=false ;; esac
+      fi
+      printf '\n    {"id": %s, "label": %s, "unit": %s, "kind": %s, "target": %s, "target_met": %s, "results": {' \
+        "$(json_str "$id")" "$(json_str "$label")" "$(json_str "$unit")" "$(json_str "$kind")" \
+        "$(json_str "$target")" "$met"
+      b=$(median "$tmp/results/via/keyhole.$id") || b=""
+      s=$(median "$tmp/results/via/ssh-L.$id") || s=""
+      local firstk=1
+      for key in "${via_keys[@]}"; do
+        [[ " $keys " == *" $key "* ]] || continue
+        ((firstk)) || printf ', '
+        firstk=0
+        f=$tmp/results/via/$key.$id
+        rb=null rs=null
+        if m=$(median "$f"); then
+          [[ -z $b || $key == keyhole ]] ||
+            rb=$(awk -v a="$m" -v b="$b" 'BEGIN { if (b > 0) printf "%.4f", a / b; else printf "null" }')
+          [[ -z $s || $key != ssh ]] ||
+            rs=$(awk -v a="$m" -v b="$s" 'BEGIN { if (b > 0) printf "%.4f", a / b; else printf "null" }')
+        else
+          m=null
+        fi
+        printf '%s: {"samples": %s, "median": %s, "ratio_to_baseline": %s, "ratio_to_ssh_L": %s, "failures": %s}' \
+          "$(json_str "$key")" "$(json_samples "$f")" "$m" "$rb" "$rs" "$(json_failures "$f.fail")"
+      done
+      printf '}}'
+    done < <(report_via_metrics)
+    printf '\n  ]'
+  fi
+  printf '},\n'
+}
+
 # --- markdown --------------------------------------------------------------------
 report_table() {
   local id server label unit format kind target p met
@@ -356,6 +582,11 @@ report_targets_line() {
     met=$(cs_target_met "$id" "$target")
     case $met in yes) yes=$((yes + 1)) ;; no) no=$((no + 1)) ;; *) unknown=$((unknown + 1)) ;; esac
   done < <(report_cs_metrics)
+  while IFS='|' read -r id _ _ _ _ _ target; do
+    [[ -n $target ]] || continue
+    met=$(via_target_met "$id" "$target")
+    case $met in yes) yes=$((yes + 1)) ;; no) no=$((no + 1)) ;; *) unknown=$((unknown + 1)) ;; esac
+  done < <(report_via_metrics)
   printf 'keyhole targets: %d met, %d missed, %d not measured in this run\n' "$yes" "$no" "$unknown"
 }
 
@@ -367,16 +598,25 @@ report_markdown() {
     "$(memory_gib)" "$(uname -r)"
   printf -- '- load average (1, 5, 15 min): %s before the rounds, %s after; the rounds took %s\n' \
     "$load_start" "$load_end" "$(keyhole_duration "$rounds_took")"
-  printf -- '- settings: %d round(s), median kept, paths alternating; pgbench -S -c %s and -S -C -c %d, -T %d, scale %d; COPY out and in %d bytes; synthetic stream %d bytes; idle connections %d (PostgreSQL) and %d (synthetic)' \
-    "$rounds" "${pgbench_clients[*]}" "$conn_clients" "$duration" "$scale" "$copy_bytes" \
-    "$stream_bytes" "$idle_conns" "$idle_large"
+  if ((run_main)); then
+    printf -- '- settings: %d round(s), median kept, paths alternating; pgbench -S -c %s and -S -C -c %d, -T %d, scale %d; COPY out and in %d bytes; synthetic stream %d bytes; idle connections %d (PostgreSQL) and %d (synthetic)' \
+      "$rounds" "${pgbench_clients[*]}" "$conn_clients" "$duration" "$scale" "$copy_bytes" \
+      "$stream_bytes" "$idle_conns" "$idle_large"
+  else
+    printf -- '- settings: --only %s: %d round(s), median kept, columns alternating; pgbench scale %d' \
+      "$only" "$rounds" "$scale"
+  fi
   [[ -z $my_pid ]] || printf '; sysbench oltp_point_select %d threads, -T %d, %d rows; MySQL bulk read %d bytes' \
     "$mysql_threads" "$duration" "$mysql_table_size" "$my_bytes"
   ((${#cs_keys[@]} == 0)) || printf '; Cloud SQL: pgbench -S -c %d and -S -C -c %d, %d first connections per column and round' \
     "$cs_clients" "$conn_clients" "$first_runs"
-  printf '\n- servers: %s, TLS only (hostssl, md5); the synthetic upstream (benches/synthetic.rs)' "$(version_of postgres)"
+  ((${#via_keys[@]} == 0)) || printf '; via=: pgbench -S -c %d and -S -C -c %d, -T %d' \
+    "$via_clients" "$via_clients" "$via_duration"
+  printf '\n- servers: %s, TLS only (hostssl, md5)' "$(version_of postgres)"
+  ((!run_main)) || printf '; the synthetic upstream (benches/synthetic.rs)'
   [[ -z $my_pid ]] || printf '; %s, require_secure_transport=ON' "$(version_of mariadb)"
   ((${#cs_keys[@]} == 0)) || printf '; a fake Cloud SQL instance in front of that PostgreSQL (benches/cloudsql_fake.rs)'
+  ((${#via_keys[@]} == 0)) || printf '; sshd, microsocks and tinyproxy in front of it (via=)'
   printf '; all on this machine\n'
   printf -- '- clients: %s' "$(version_of pgbench)"
   [[ -z $my_pid ]] || printf ', %s, %s' "$(version_of sysbench)" "$(mariadb --version 2>/dev/null | head -n 1)"
@@ -386,9 +626,10 @@ report_markdown() {
     printf -- '- %s: %s\n' "$p" "$(version_of "$p")"
   done
   printf '\n'
-  report_table
-  printf '\n%s\n' "$(report_targets_line)"
-  cat <<'EOF'
+  if ((run_main)); then
+    report_table
+    printf '\n%s\n' "$(report_targets_line)"
+    cat <<'EOF'
 
 Medians over the rounds. Proxy cells: the value (ratio to direct), or for latency under
 `-C` the value (difference to direct in ms: what the proxy adds to each new connection).
@@ -398,7 +639,11 @@ generator). Proxy CPU: user + system seconds of the proxy process per GB moved.
 RSS: growth of the proxy's VmRSS per idle connection (each logged in, one query run),
 on a freshly started proxy. `*`: some rounds failed (see the notes); `-`: not measured.
 EOF
+  else
+    printf 'The main table was left out (--only %s).\n\n%s\n' "$only" "$(report_targets_line)"
+  fi
   ((${#cs_keys[@]} == 0)) || report_cs_markdown
+  ((${#via_keys[@]} == 0)) || report_via_markdown
   local notes=()
   for p in "${paths[@]}"; do
     [[ -z ${skip_note[$p]:-} ]] || notes+=("$p: ${skip_note[$p]}")
@@ -419,17 +664,26 @@ EOF
     id=${id%.fail}
     notes+=("Cloud SQL ${id%%.*} ${id#*.}: $(wc -l <"$f") failed: $(head -n 1 "$f")")
   done
+  [[ -z $via_note ]] || notes+=("$via_note")
+  for f in "$tmp/results/via"/*.fail; do
+    [[ -s $f ]] || continue
+    id=${f#"$tmp/results/via/"}
+    id=${id%.fail}
+    notes+=("via= ${id%%.*} ${id#*.}: $(wc -l <"$f")/$rounds failed: $(head -n 1 "$f")")
+  done
   [[ -z $fd_note ]] || notes+=("$fd_note")
   if [[ " ${paths[*]} " == *" pgbouncer "* ]]; then
     notes+=("pgbouncer reuses its server connections (session pooling), so its -C figure measures pooling, not proxying")
   fi
   [[ -z $my_pid ]] || notes+=("sysbench 1.0 asks for TLS on the direct path but its client library does not verify the certificate; the other direct clients verify it")
-  ((idle_large >= 10000)) || notes+=("fewer than 10,000 idle connections this run: the 'held' target is not judged")
+  ((!run_main || idle_large >= 10000)) || notes+=("fewer than 10,000 idle connections this run: the 'held' target is not judged")
   printf '\n## Notes\n\n'
   for m in "${notes[@]}"; do printf -- '- %s\n' "$m"; done
   printf '\n## Samples\n\nOne value per round; cpu_tps_*: the proxy'"'"'s CPU microseconds per pgbench transaction.'
   # shellcheck disable=SC2016 # markdown's backquotes
   ((${#cs_keys[@]} == 0)) || printf ' Cloud SQL (path `cloudsql KEY`): cs_tps_*, cs_cpu_* (the proxy'"'"'s CPU µs per transaction or connection), cs_fake_* (the fake'"'"'s), cs_api_* (API requests during the run), cs_first (ms), per round; cs_first has %d values per round.' "$first_runs"
+  # shellcheck disable=SC2016 # markdown's backquotes
+  ((${#via_keys[@]} == 0)) || printf ' via= (path `via KEY`): via_tps_*, via_lat_* (ms), via_cpu_* (keyhole and its ssh, CPU µs per transaction or connection), via_hop_* (the hop'"'"'s), per round; via_login (ms), once.'
   printf '\n\n| path | metric | values |\n|---|---|---|\n'
   for p in "${paths[@]}"; do
     for f in "$tmp/results/$p".*; do
@@ -442,6 +696,13 @@ EOF
     for f in "$tmp/results/cloudsql/$p".*; do
       [[ -s $f && $f != *.fail ]] || continue
       printf '| cloudsql %s | %s | %s |\n' "$p" "${f#"$tmp/results/cloudsql/$p."}" \
+        "$(awk '{ printf "%s%.3f", (NR > 1 ? ", " : ""), $1 }' "$f")"
+    done
+  done
+  for p in "${via_keys[@]}"; do
+    for f in "$tmp/results/via/$p".*; do
+      [[ -s $f && $f != *.fail ]] || continue
+      printf '| via %s | %s | %s |\n' "$p" "${f#"$tmp/results/via/$p."}" \
         "$(awk '{ printf "%s%.3f", (NR > 1 ? ", " : ""), $1 }' "$f")"
     done
   done
@@ -481,7 +742,9 @@ json_failures() {
 }
 
 report_json() {
-  local id server label unit format kind target p first_m=1 first_p m d ratio met f name
+  local id server label unit format kind target p first_p m d ratio met f name
+  # (the rows of "metrics" so far: the main ones, then the Cloud SQL ones)
+  json_rows=0
   printf '{\n  "date": %s,\n  "quick": %s,\n' "$(json_str "$(date -u '+%Y-%m-%dT%H:%M:%SZ')")" \
     "$( ((quick)) && echo true || echo false)"
   printf '  "machine": {"nproc": %d, "cpu": %s, "memory_gib": %s, "kernel": %s, "load_before": %s, "load_after": %s},\n' \
@@ -496,12 +759,13 @@ report_json() {
     printf ', %s: %s' "$(json_str "$p")" "$(json_str "$(version_of "$p")")"
   done
   printf '},\n'
-  printf '  "settings": {"rounds": %d, "duration_s": %d, "pgbench_clients": [%s], "conn_clients": %d, "scale": %d, "copy_bytes": %d, "stream_bytes": %d, "idle_conns": %d, "idle_large": %d, "mysql_threads": %d, "mysql_table_size": %d, "mysql_bulk_bytes": %d, "cloudsql_clients": %d, "first_runs": %d, "rounds_seconds": %d, "fd_note": %s},\n' \
+  printf '  "settings": {"rounds": %d, "duration_s": %d, "pgbench_clients": [%s], "conn_clients": %d, "scale": %d, "copy_bytes": %d, "stream_bytes": %d, "idle_conns": %d, "idle_large": %d, "mysql_threads": %d, "mysql_table_size": %d, "mysql_bulk_bytes": %d, "cloudsql_clients": %d, "first_runs": %d, "via_duration_s": %d, "only": %s, "rounds_seconds": %d, "fd_note": %s},\n' \
     "$rounds" "$duration" "$(
       IFS=,
       printf '%s' "${pgbench_clients[*]}"
     )" "$conn_clients" "$scale" "$copy_bytes" "$stream_bytes" "$idle_conns" "$idle_large" \
-    "$mysql_threads" "$mysql_table_size" "$my_bytes" "$cs_clients" "$first_runs" "$rounds_took" \
+    "$mysql_threads" "$mysql_table_size" "$my_bytes" "$cs_clients" "$first_runs" "$via_duration" \
+    "$(json_str "$only")" "$rounds_took" \
     "$(json_str "$fd_note")"
   printf '  "paths": {'
   first_p=1
@@ -514,10 +778,11 @@ report_json() {
   done
   printf '},\n'
   report_cs_json_head
+  report_via_json
   printf '  "metrics": [\n'
   while IFS='|' read -r id server label unit format kind target; do
-    ((first_m)) || printf ',\n'
-    first_m=0
+    ((json_rows == 0)) || printf ',\n'
+    json_rows=$((json_rows + 1))
     met=null
     if [[ -n $target ]]; then
       case $(target_met "$id" "$target") in yes) met=true ;; no) met=false ;; esac
@@ -596,7 +861,7 @@ report_cs_json_head() {
 }
 
 # The Cloud SQL rows of "metrics" (server "cloudsql"; results by column; ratios to
-# direct@pg and to the baseline keyhole@pg), each after a comma: the main rows come first.
+# direct@pg and to the baseline keyhole@pg), after the main rows (json_rows of them).
 report_cs_json_metrics() {
   local id label unit format kind keys target key first met m d b rd rb f
   while IFS='|' read -r id label unit format kind keys target; do
@@ -604,7 +869,9 @@ report_cs_json_metrics() {
     if [[ -n $target ]]; then
       case $(cs_target_met "$id" "$target") in yes) met=true ;; no) met=false ;; esac
     fi
-    printf ',\n    {"id": %s, "server": "cloudsql", "label": %s, "unit": %s, "kind": %s, "baseline": "keyhole@pg", "target": %s, "target_met": %s, "results": {' \
+    ((json_rows == 0)) || printf ','
+    json_rows=$((json_rows + 1))
+    printf '\n    {"id": %s, "server": "cloudsql", "label": %s, "unit": %s, "kind": %s, "baseline": "keyhole@pg", "target": %s, "target_met": %s, "results": {' \
       "$(json_str "$id")" "$(json_str "$label")" "$(json_str "$unit")" "$(json_str "$kind")" \
       "$(json_str "$target")" "$met"
     d=$(median "$tmp/results/cloudsql/direct@pg.$id") || d=""
@@ -749,13 +1016,21 @@ report_write() {
   fi
   report_markdown >"$out_dir/bench.md"
   report_json >"$out_dir/bench.json"
-  report_chart "$out_dir/bench.png"
-  keyhole_log ""
-  report_table
+  # (the chart is of the main table)
+  ((!run_main)) || report_chart "$out_dir/bench.png"
+  if ((run_main)); then
+    keyhole_log ""
+    report_table
+  fi
   if ((${#cs_keys[@]} > 0)); then
     keyhole_log ""
     keyhole_log "Cloud SQL connector (ratios to keyhole -> PostgreSQL):"
     report_cs_table
+  fi
+  if ((${#via_keys[@]} > 0)); then
+    keyhole_log ""
+    keyhole_log "Hops, via= (ratios to keyhole direct):"
+    report_via_table
   fi
   keyhole_log ""
   report_targets_line
