@@ -311,6 +311,9 @@ fn a_bastion_that_dies_takes_its_sessions_and_the_next_client_logs_in_again() {
         !out.status.success(),
         "the session through a dead bastion must end"
     );
+    // While it is down, a new connection is told which hop failed.
+    let err = select_one(keyhole.port()).expect_err("bastion down");
+    assert!(err.contains("ssh://bastion is unreachable: "), "{err}");
     bastion.restart();
     // The next connection opens a new SSH connection.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -626,5 +629,82 @@ fn the_bastion_login_happens_at_start_or_with_lazy_refresh_at_the_first_client()
         "a lazy keyhole logs in at the first client"
     );
     assert_eq!(select_one(lazy.port()).as_deref(), Ok("42"));
+    assert_eq!(bastion.logins(), 2, "{}", bastion.log());
+}
+
+#[test]
+fn mariadb_through_http_connect_and_refusals_with_the_proxys_own_codes() {
+    let Some(vpc) = vpc() else { return };
+    // MySQL servers speak first: the greeting must not be swallowed with the
+    // proxy's reply.
+    let db = MariaDb::shared();
+    let relay = vpc
+        .ns
+        .relay_to(format!("127.0.0.1:{}", db.port()).parse().expect("address"));
+    let proxy = HttpProxy::start(&vpc.ns, None);
+    let dante = Socks5Proxy::start_dante(&vpc.ns);
+    let ca = db.pki().ca.to_str().expect("UTF-8").to_owned();
+    let closed = vpc.ns.claim_port(2);
+    let keyhole = Keyhole::start(&[
+        "--ca-file",
+        &ca,
+        &format!("mysql://{DB_NAME}:{}?via={}", relay.port(), proxy.url()),
+        &format!("mysql://{DB_NAME}:{closed}?via={}", dante.url()),
+        &format!("mysql://{DB_NAME}:{closed}?via={}", proxy.url()),
+    ]);
+    let out = mariadb::mariadb(
+        keyhole.port(),
+        NATIVE_USER,
+        Some(NATIVE_PASS),
+        "select 6 * 7",
+    );
+    assert!(out.status.success(), "{}", clients::stderr(&out));
+    assert_eq!(clients::stdout(&out).trim(), "42");
+    assert!(relay.connections() >= 1);
+    let refused = |port: u16| {
+        let out = mariadb::mariadb(port, NATIVE_USER, Some(NATIVE_PASS), "select 1");
+        assert!(!out.status.success(), "{}", clients::stdout(&out));
+        clients::stderr(&out)
+    };
+    let err = refused(keyhole.port() + 1);
+    assert!(
+        err.contains(&format!(
+            "{DB_NAME}:{closed} is unreachable from socks5://{}: SOCKS reply",
+            dante.addr
+        )),
+        "{err}"
+    );
+    let err = refused(keyhole.port() + 2);
+    assert!(
+        err.contains(&format!("http://{}", proxy.addr)) && err.contains("HTTP "),
+        "{err}"
+    );
+}
+
+#[test]
+fn proxy_jump_in_the_users_ssh_config_is_honoured() {
+    let Some(vpc) = vpc() else { return };
+    let bastion = SshBastion::start(&vpc.ns);
+    let config = bastion.ssh_config("jumphost");
+    // A second host reached with ProxyJump through the first (the same sshd
+    // here): what ~/.ssh/config says holds for keyhole too.
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    let inner = text
+        .replace("Host jumphost", "Host inner")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("ProxyJump"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.push_str(&format!("\n{inner}\n    ProxyJump jumphost\n"));
+    std::fs::write(&config, text).expect("config");
+    let keyhole = start(&[
+        "--ssh-config",
+        config.to_str().expect("UTF-8"),
+        &pg_target(vpc.pg_relay.port(), "ssh://inner"),
+    ]);
+    for _ in 0..3 {
+        assert_eq!(select_one(keyhole.port()).as_deref(), Ok("42"));
+    }
+    // Two logins, once: the jump host, then the inner host through it.
     assert_eq!(bastion.logins(), 2, "{}", bastion.log());
 }
