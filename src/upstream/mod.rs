@@ -9,6 +9,11 @@
 //! answers at each dial. A Cloud SQL instance is TLS from the first byte
 //! (its server-side proxy on port 3307); the protocol inside starts plain,
 //! which the frontends learn from [`Upstream::is_tunnel`].
+//!
+//! Either route may go through a hop (`via=`, [`crate::transport`]): the
+//! hop resolves and dials the name and hands back a byte stream, and
+//! everything above (STARTTLS, the verified handshake, the session) runs
+//! on it unchanged.
 
 pub mod mysql;
 pub mod postgres;
@@ -25,14 +30,13 @@ use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::net::Socket;
-use crate::transport::{Hop, HopError};
-
 use crate::backend::Backend;
 use crate::cloudsql::{ConnectorError, Dial, Instance, Slot};
 use crate::config::{host_port, Protocol, TargetConfig};
 use crate::metrics::{RefusedReason, TargetMetrics};
+use crate::net::Socket;
 use crate::tls::{self, TlsSetupError};
+use crate::transport::{Hop, HopError};
 
 /// Where one target's database is and how to verify it.
 pub struct Upstream {
@@ -225,11 +229,6 @@ impl Upstream {
     pub fn through(mut self, hop: Option<Arc<Hop>>) -> Upstream {
         self.hop = hop;
         self
-    }
-
-    /// The hop connections go through, if any.
-    pub fn hop(&self) -> Option<&Arc<Hop>> {
-        self.hop.as_ref()
     }
 
     /// Whether this target is a plain relay on this host (`tls-mode=disable`).
