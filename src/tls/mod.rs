@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod ktls;
 pub mod record;
 mod stream;
+mod temper;
 
 pub use stream::TlsStream;
 

@@ -46,6 +46,8 @@ pub mod content {
 pub enum RecordError {
     #[error("the server sent a record of {0} bytes, more than TLS allows")]
     Oversized(usize),
+    #[error("the server sent a record with {0} bytes of plaintext, more than the 16384 TLS allows (record_overflow)")]
+    Overflow(usize),
     #[error("the server sent a record that does not decrypt (bad_record_mac): corrupted or tampered with in transit")]
     BadMac,
     #[error("the server sent an unprotected record of type {0} after the handshake")]
@@ -234,6 +236,11 @@ impl RecordLayer {
             }
         };
         keys.seq += 1;
+        // RFC 8446 section 5.4, RFC 5246 section 6.2.1: at most 2^14 bytes
+        // of content in a record, whatever the ciphertext's length allowed.
+        if opened.payload.len() > MAX_PLAINTEXT {
+            return Err(RecordError::Overflow(opened.payload.len()));
+        }
         Ok(opened)
     }
 
@@ -383,6 +390,34 @@ mod tests {
         let opened = rx.open(&mut wire).expect("open");
         assert_eq!(opened.content_type, content::ALERT);
         assert_eq!(&wire[opened.payload], &[1, 0]);
+    }
+
+    /// A TLS 1.3 record sealed by hand (`seal` will not make one this big):
+    /// `content` bytes of data under the keys `pair` gives the receiver.
+    fn oversized_tls13_record(content: usize) -> Vec<u8> {
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[1u8; 32]).expect("key"));
+        let mut inner = vec![0x41u8; content];
+        inner.push(content::APPLICATION_DATA);
+        let body = inner.len() + TAG_LEN;
+        let header = [23, 3, 3, (body >> 8) as u8, body as u8];
+        let nonce = Nonce::assume_unique_for_key([1 ^ 0x5a; NONCE_LEN]);
+        key.seal_in_place_append_tag(nonce, Aad::from(header), &mut inner)
+            .expect("seal");
+        [&header[..], &inner].concat()
+    }
+
+    #[test]
+    fn plaintext_over_two_to_the_fourteen_is_a_record_overflow() {
+        let (_, mut at_limit) = pair(ProtocolVersion::TLSv1_3, 1, 0);
+        let mut ok = oversized_tls13_record(MAX_PLAINTEXT);
+        let opened = at_limit.open(&mut ok).expect("2^14 is allowed");
+        assert_eq!(opened.payload.len(), MAX_PLAINTEXT);
+        let (_, mut rx) = pair(ProtocolVersion::TLSv1_3, 1, 0);
+        let mut over = oversized_tls13_record(MAX_PLAINTEXT + 1);
+        let e = rx.open(&mut over).expect_err("one byte over");
+        assert_eq!(e, RecordError::Overflow(MAX_PLAINTEXT + 1));
+        assert!(e.to_string().contains("record_overflow"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::net::Socket;
 
 use super::ktls;
 use super::record::{content, DirectionKeys, RecordError, RecordLayer};
+use super::temper::Temper;
 use super::KernelTls;
 use crate::splice::buffer::{Chunk, Room};
 use crate::splice::Leg;
@@ -100,6 +101,8 @@ pub struct TlsStream {
     /// The content type of the record waiting in `tx` (kernel records only).
     tx_type: u8,
     peer_closed: bool,
+    /// Limits on records that carry no application data.
+    temper: Temper,
     key_update_due: bool,
     /// Whether shutting down sends close_notify before the FIN.
     close_notify: bool,
@@ -202,6 +205,7 @@ impl TlsStream {
             tx: None,
             tx_type: content::APPLICATION_DATA,
             peer_closed: false,
+            temper: Temper::default(),
             key_update_due: false,
             close_notify: true,
             close_notify_sent: false,
@@ -355,13 +359,17 @@ impl TlsStream {
             }
             match u8::from(content_type) {
                 content::APPLICATION_DATA => {
+                    self.temper.data(n).map_err(tempered)?;
                     // The first segment of an empty chunk: always taken.
                     chunk.push(0..n);
                 }
-                content::ALERT => self.peer_closed = on_alert(&chunk.bytes()[..n])?,
+                content::ALERT => {
+                    self.peer_closed = on_alert(&mut self.temper, &chunk.bytes()[..n])?
+                }
                 content::HANDSHAKE => {
                     let update = on_handshake(
                         &mut self.session,
+                        &mut self.temper,
                         self.records.is_tls13(),
                         &chunk.bytes()[..n],
                     )?;
@@ -407,14 +415,16 @@ impl TlsStream {
             let payload = record.start + opened.payload.start..record.start + opened.payload.end;
             match opened.content_type {
                 content::APPLICATION_DATA => {
+                    self.temper.data(payload.len()).map_err(tempered)?;
                     chunk.push(payload);
                 }
                 content::ALERT => {
-                    self.peer_closed = on_alert(&chunk.bytes()[payload])?;
+                    self.peer_closed = on_alert(&mut self.temper, &chunk.bytes()[payload])?;
                 }
                 content::HANDSHAKE => {
                     let update = on_handshake(
                         &mut self.session,
+                        &mut self.temper,
                         records.is_tls13(),
                         &chunk.bytes()[payload],
                     )?;
@@ -568,10 +578,10 @@ impl TlsStream {
 
 /// An alert from the server: Ok(true) for close_notify, an error for a
 /// fatal one.
-fn on_alert(payload: &[u8]) -> io::Result<bool> {
+fn on_alert(temper: &mut Temper, payload: &[u8]) -> io::Result<bool> {
     match payload {
         [_, ALERT_CLOSE_NOTIFY] => Ok(true),
-        [_, ALERT_USER_CANCELED] => Ok(false),
+        [_, ALERT_USER_CANCELED] => temper.warning_alert().map(|()| false).map_err(tempered),
         // As rustls reports it, so that `super::is_alert` and
         // `describe_handshake_error` read it the same way (a TLS 1.3 server
         // refuses a client certificate only after our handshake finished).
@@ -588,6 +598,7 @@ fn on_alert(payload: &[u8]) -> io::Result<bool> {
 /// Handshake messages after the handshake. Some(requested) for a key update.
 fn on_handshake(
     session: &mut KernelConnection<ClientConnectionData>,
+    temper: &mut Temper,
     tls13: bool,
     mut messages: &[u8],
 ) -> io::Result<Option<bool>> {
@@ -609,18 +620,21 @@ fn on_handshake(
                     tracing::debug!(error = %e, "ignored a TLS session ticket from the server");
                 }
             }
-            (HANDSHAKE_KEY_UPDATE, true) => match body {
-                [0] => update = Some(update.unwrap_or(false)),
-                [1] => update = Some(true),
-                _ => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the server sent a malformed TLS key update",
-                    ))
+            (HANDSHAKE_KEY_UPDATE, true) => {
+                temper.key_update().map_err(tempered)?;
+                match body {
+                    [0] => update = Some(update.unwrap_or(false)),
+                    [1] => update = Some(true),
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the server sent a malformed TLS key update",
+                        ))
+                    }
                 }
-            },
+            }
             // TLS 1.2 renegotiation: a client may ignore the request.
-            (HANDSHAKE_HELLO_REQUEST, false) => {}
+            (HANDSHAKE_HELLO_REQUEST, false) => temper.hello_request().map_err(tempered)?,
             (other, _) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -638,6 +652,11 @@ fn on_handshake(
         }
     }
     Ok(update)
+}
+
+/// A limit of [`Temper`]'s, as the stream's error.
+fn tempered(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
 fn closed_without_notify() -> io::Error {
