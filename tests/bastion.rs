@@ -41,6 +41,15 @@ fn vpc() -> Option<Vpc> {
     Some(Vpc { ns, pg_relay })
 }
 
+/// The shared MariaDB behind a relay in the namespace, and its CA file.
+fn mariadb_behind(vpc: &Vpc) -> (Relay, String) {
+    let db = MariaDb::shared();
+    let relay = vpc
+        .ns
+        .relay_to(format!("127.0.0.1:{}", db.port()).parse().expect("address"));
+    (relay, db.pki().ca.to_str().expect("UTF-8").to_owned())
+}
+
 fn pg_ca() -> String {
     PgCluster::shared()
         .pki
@@ -165,13 +174,9 @@ fn ssh_masters(control: &str) -> usize {
 #[test]
 fn mariadb_through_an_ssh_bastion() {
     let Some(vpc) = vpc() else { return };
-    let db = MariaDb::shared();
-    let relay = vpc
-        .ns
-        .relay_to(format!("127.0.0.1:{}", db.port()).parse().expect("address"));
+    let (relay, ca) = mariadb_behind(&vpc);
     let bastion = SshBastion::start(&vpc.ns);
     let config = bastion.ssh_config("bastion");
-    let ca = db.pki().ca.to_str().expect("UTF-8").to_owned();
     let keyhole = Keyhole::start(&[
         "--ca-file",
         &ca,
@@ -343,10 +348,7 @@ fn psql_and_mariadb_through_socks5_with_and_without_a_login() {
     let Some(vpc) = vpc() else { return };
     let dante = Socks5Proxy::start_dante(&vpc.ns);
     let micro = Socks5Proxy::start_microsocks(&vpc.ns, "keyhole", "s3cret-pass");
-    let db = MariaDb::shared();
-    let my_relay = vpc
-        .ns
-        .relay_to(format!("127.0.0.1:{}", db.port()).parse().expect("address"));
+    let (my_relay, ca) = mariadb_behind(&vpc);
     let wrong = format!("socks5://keyhole:wrong-pass@{}", micro.addr);
     let keyhole = start(&[
         &pg_target(vpc.pg_relay.port(), &dante.url()),
@@ -362,7 +364,6 @@ fn psql_and_mariadb_through_socks5_with_and_without_a_login() {
         "{err}"
     );
     assert!(!err.contains("wrong-pass") && !keyhole.logs().contains("wrong-pass"));
-    let ca = db.pki().ca.to_str().expect("UTF-8").to_owned();
     let my = Keyhole::start(&[
         "--ca-file",
         &ca,
@@ -637,13 +638,9 @@ fn mariadb_through_http_connect_and_refusals_with_the_proxys_own_codes() {
     let Some(vpc) = vpc() else { return };
     // MySQL servers speak first: the greeting must not be swallowed with the
     // proxy's reply.
-    let db = MariaDb::shared();
-    let relay = vpc
-        .ns
-        .relay_to(format!("127.0.0.1:{}", db.port()).parse().expect("address"));
+    let (relay, ca) = mariadb_behind(&vpc);
     let proxy = HttpProxy::start(&vpc.ns, None);
     let dante = Socks5Proxy::start_dante(&vpc.ns);
-    let ca = db.pki().ca.to_str().expect("UTF-8").to_owned();
     let closed = vpc.ns.claim_port(2);
     let keyhole = Keyhole::start(&[
         "--ca-file",

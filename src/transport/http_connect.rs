@@ -59,7 +59,7 @@ impl Proxy {
         host: &str,
         port: u16,
     ) -> Result<Socket, HopError> {
-        let tcp = super::socks5::dial(name, &self.hop.host, self.hop.port).await?;
+        let tcp = super::dial_proxy(name, &self.hop.host, self.hop.port).await?;
         let request = request(
             host,
             port,

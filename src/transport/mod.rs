@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
+
 use crate::config::via::{ProxyHop, Via};
 use crate::metrics::{self, HopMetrics};
 use crate::net::Socket;
@@ -169,6 +171,30 @@ async fn within<T>(
             after,
         })
     })
+}
+
+/// TCP to a proxy (SOCKS5 or HTTP), each of its addresses in turn.
+async fn dial_proxy(name: &Arc<str>, host: &str, port: u16) -> Result<TcpStream, HopError> {
+    let unreachable = |reason: String| HopError::Unreachable {
+        hop: name.clone(),
+        reason,
+    };
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| unreachable(format!("could not resolve {host}: {e}")))?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(e) => last = Some(format!("connection to {addr} failed: {e}")),
+        }
+    }
+    Err(unreachable(last.unwrap_or_else(|| {
+        format!("{host} resolved to no address")
+    })))
 }
 
 /// Every hop the targets name, built once: targets that name the same

@@ -163,7 +163,7 @@ pub async fn connect(
             reason: e.to_string(),
         },
     };
-    let mut tcp = dial(name, &proxy.host, proxy.port).await?;
+    let mut tcp = super::dial_proxy(name, &proxy.host, proxy.port).await?;
     let with_password = proxy.credentials.is_some();
     tcp.write_all(&greeting(with_password)).await.map_err(io)?;
     let mut choice = [0u8; 2];
@@ -232,30 +232,6 @@ pub async fn connect(
     let mut bound = [0u8; 255 + 2];
     tcp.read_exact(&mut bound[..rest]).await.map_err(io)?;
     Ok(tcp)
-}
-
-/// TCP to a proxy, each of its addresses in turn.
-pub(super) async fn dial(name: &Arc<str>, host: &str, port: u16) -> Result<TcpStream, HopError> {
-    let unreachable = |reason: String| HopError::Unreachable {
-        hop: name.clone(),
-        reason,
-    };
-    let addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| unreachable(format!("could not resolve {host}: {e}")))?;
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                return Ok(tcp);
-            }
-            Err(e) => last = Some(format!("connection to {addr} failed: {e}")),
-        }
-    }
-    Err(unreachable(last.unwrap_or_else(|| {
-        format!("{host} resolved to no address")
-    })))
 }
 
 #[cfg(test)]

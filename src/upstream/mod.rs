@@ -441,15 +441,16 @@ impl Upstream {
             }
         };
         match self.connect_first(&host, addrs).await {
-            Ok((socket, peer)) => {
-                let name = match &peer {
-                    Peer::Addr(addr) => ServerName::IpAddress(addr.ip().into()),
-                    Peer::Hop { .. } => {
-                        ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
-                    }
-                };
-                Ok((socket, peer, info.tls.clone(), name))
-            }
+            Ok((socket, Peer::Addr(addr))) => Ok((
+                socket,
+                Peer::Addr(addr),
+                info.tls.clone(),
+                ServerName::IpAddress(addr.ip().into()),
+            )),
+            // A direct dial names its address; a hop was handled above.
+            Ok((_, peer @ Peer::Hop { .. })) => Err(UpstreamError::Tls {
+                message: format!("internal: a direct dial answered as {peer}"),
+            }),
             Err(e) => {
                 // The address may have moved: ask for fresh settings.
                 instance.invalidate();

@@ -11,7 +11,7 @@
 //! master's control protocol itself ([`mux`]), asks for a stdio forward to
 //! the database's `host:port` (the bastion resolves and dials it, so a name
 //! only the VPC's resolver knows works) and hands the master one end of a
-//! socket pair ([`fd`]). The master then moves the bytes between that socket
+//! socket pair ([`sys`]). The master then moves the bytes between that socket
 //! and the channel; keyhole's TLS runs on the other end. No process is
 //! started per connection, and no login.
 //!
@@ -20,8 +20,8 @@
 //! login with ssh's own message, which [`diagnose`] turns into a
 //! [`HopError`] that says what to do. keyhole never writes known_hosts.
 
-mod fd;
 pub mod mux;
+mod sys;
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
@@ -270,18 +270,7 @@ impl Bastion {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe; nothing else runs in the child
-        // before exec.
-        unsafe {
-            command.pre_exec(|| {
-                // The master ends with keyhole, however keyhole ends.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        sys::end_with_keyhole(&mut command);
         let started = Instant::now();
         let mut child = command.spawn().map_err(|e| HopError::Ssh {
             hop: self.name.clone(),
@@ -460,7 +449,7 @@ impl Bastion {
             loop {
                 control.writable().await.map_err(gone)?;
                 match control.try_io(Interest::WRITABLE, || {
-                    fd::send_fd(control.as_fd(), theirs.as_fd())
+                    sys::send_fd(control.as_fd(), theirs.as_fd())
                 }) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -1,6 +1,12 @@
-//! Passing a file descriptor over a Unix socket (`SCM_RIGHTS`), as
-//! OpenSSH's `mm_send_fd` does: one byte of data carries one descriptor.
-//! The one Unix-only call of the SSH hop.
+//! The SSH hop's platform seam: every system call of its own is here.
+//!
+//! - [`send_fd`]: a file descriptor over a Unix socket (`SCM_RIGHTS`), as
+//!   OpenSSH's `mm_send_fd` does: one byte of data carries one descriptor
+//!   (any Unix).
+//! - [`end_with_keyhole`]: on Linux the master gets `PR_SET_PDEATHSIG`, so
+//!   it ends however keyhole ends. Elsewhere (and in the portable build,
+//!   `--cfg keyhole_portable`) it ends at keyhole's shutdown
+//!   ([`super::Bastion::shutdown`]) or when its handle is dropped.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -51,6 +57,25 @@ pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
         }
     }
 }
+
+/// Arranges for the master started by `command` to end with keyhole.
+#[cfg(all(target_os = "linux", not(keyhole_portable)))]
+pub fn end_with_keyhole(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child
+    // before exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// See the module docs: the master ends at shutdown or when dropped.
+#[cfg(not(all(target_os = "linux", not(keyhole_portable))))]
+pub fn end_with_keyhole(_command: &mut tokio::process::Command) {}
 
 #[cfg(test)]
 mod tests {
