@@ -342,6 +342,10 @@ enum Peer {
     Http,
     /// A valid greeting offering TLS, and more bytes in the same write.
     DataAfterGreeting,
+    /// A greeting whose server version carries a terminal escape sequence
+    /// (a hyperlink to the attacker's page), as anything on the path before
+    /// TLS could write it.
+    ForgedVersion,
     /// Nothing; the connection stays open.
     Silent,
 }
@@ -359,6 +363,16 @@ impl Peer {
                 // client would read as the server's OK.
                 bytes.extend(packet(2, &[0, 0, 0, 2, 0, 0, 0]));
                 bytes
+            }
+            Peer::ForgedVersion => {
+                let real = greeting_payload(10, tls_caps);
+                let at = 1 + b"5.7.44-peer".len();
+                let mut forged = vec![10];
+                forged.extend_from_slice(
+                    b"5.7.44\x1b]8;;https://evil.example\x07upgrade\x1b]8;;\x07",
+                );
+                forged.extend_from_slice(&real[at..]);
+                packet(0, &forged)
             }
             Peer::Silent => Vec::new(),
         }
@@ -605,6 +619,7 @@ fn misbehaving_peers_are_refused_and_keyhole_keeps_serving() {
         Peer::OldProtocol,
         Peer::Http,
         Peer::DataAfterGreeting,
+        Peer::ForgedVersion,
         Peer::Silent,
     ];
     let peer_ports: Vec<u16> = kinds
@@ -627,7 +642,7 @@ fn misbehaving_peers_are_refused_and_keyhole_keeps_serving() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let keyhole = Keyhole::start(&args);
     let base = keyhole.port();
-    let good = base + 6;
+    let good = base + 7;
     assert_eq!(
         query(good, WHO_TLS_PORT),
         who_tls_port(db),
@@ -680,7 +695,16 @@ fn misbehaving_peers_are_refused_and_keyhole_keeps_serving() {
         refused(
             0,
             CANNOT_CONNECT,
-            format!("127.0.0.1:{} sent no greeting within 1s", peer_ports[4]),
+            format!(
+                "127.0.0.1:{} did not greet like a MySQL server: the server version in its \
+                 greeting is not a version number (not shown: the greeting comes before TLS)",
+                peer_ports[4]
+            ),
+        ),
+        refused(
+            0,
+            CANNOT_CONNECT,
+            format!("127.0.0.1:{} sent no greeting within 1s", peer_ports[5]),
         ),
         refused(
             0,
@@ -733,7 +757,7 @@ fn misbehaving_peers_are_refused_and_keyhole_keeps_serving() {
     }
     for (label, count) in [
         ("upstream_refused", 2),
-        ("upstream_protocol", 6),
+        ("upstream_protocol", 8),
         ("upstream_timeout", 2),
         ("upstream_connect", 2),
     ] {

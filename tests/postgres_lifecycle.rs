@@ -15,9 +15,12 @@ use std::time::{Duration, Instant};
 use support::clients;
 use support::keyhole::{listens_tcp, Keyhole, Ready};
 use support::logs::{closed_lines, field};
-use support::postgres::{PgCluster, PgOptions, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER};
+use support::postgres::{
+    PgCluster, PgOptions, MD5_PASS, MD5_USER, SCRAM_PASS, SCRAM_USER, TRUST_USER,
+};
 use support::process::signal_pid;
 use support::session::{connect, exit_code, simple_query, wait_until};
+use support::wire;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -312,14 +315,125 @@ fn client_vanishing_mid_query_ends_the_server_backend() {
         field(f, "user") == SCRAM_USER
     });
     assert_eq!(field(&closed, "database"), "postgres");
+    // Which comes first: the server's own check, or keyhole's cancel.
     assert!(
-        ["ok", "client_io"].contains(&field(&closed, "outcome")),
+        ["ok", "client_io", "client_gone_cancelled"].contains(&field(&closed, "outcome")),
         "unexpected outcome for a client that went away: {closed:?}"
     );
 
     let (client, _connection) = connect(&rt, keyhole.port(), app);
     let rows = simple_query(&rt, &client, "select 'next'").expect("a new session works");
     assert_eq!(rows, ["next"]);
+}
+
+/// A raw session as `TRUST_USER`, tagged `app`, ready for a query.
+fn raw_session(port: u16, app: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let startup = wire::startup_packet(
+        196_608,
+        &[
+            ("user", TRUST_USER),
+            ("database", "postgres"),
+            ("application_name", app),
+        ],
+    );
+    stream.write_all(&startup).expect("startup");
+    wire::read_until_ready(&mut stream);
+    stream
+}
+
+/// What RDS and most servers run with: no client_connection_check_interval,
+/// so a backend busy in a statement never looks at its socket. When the
+/// client vanishes (closed, or reset), keyhole cancels the statement with
+/// the session's key, and the backend then sees the client's end.
+#[test]
+fn a_vanished_clients_statement_is_cancelled_on_a_server_that_would_not_notice() {
+    let pg = PgCluster::shared();
+    let http = support::free_port().to_string();
+    let keyhole = Keyhole::for_cluster(pg, &["--http-port", &http, "--prometheus"]);
+    for (app, reset) in [("vanishes_closed", false), ("vanishes_reset", true)] {
+        let mut stream = raw_session(keyhole.port(), app);
+        stream
+            .write_all(&wire::simple_query(
+                "set client_connection_check_interval = 0",
+            ))
+            .expect("set");
+        wire::read_until_ready(&mut stream);
+        stream
+            .write_all(&wire::simple_query("select pg_sleep(600)"))
+            .expect("query");
+        wait_sleeping(pg, app, &keyhole);
+        if reset {
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER 0: close with a reset");
+        }
+        drop(stream);
+        wait_until(
+            &format!("the server backend of {app} is gone"),
+            PATIENCE,
+            || backends(pg, app, false) == 0,
+            || format!("keyhole log:\n{}", keyhole.logs()),
+        );
+        let closed = wait_closed_line(&keyhole, &format!("for {app}"), |f| {
+            f.get("outcome")
+                .is_some_and(|o| o == "client_gone_cancelled")
+                && f.get("user").is_some_and(|u| u == TRUST_USER)
+        });
+        assert!(
+            field(&closed, "error").contains("keyhole sent a cancel request for its statement"),
+            "{closed:?}"
+        );
+        keyhole.wait_for_log(
+            "outcome=\"client_gone_cancelled\"",
+            if reset { 2 } else { 1 },
+        );
+    }
+    let port: u16 = http.parse().expect("port");
+    let (_, metrics) = support::http::get(port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("outcome=\"client_gone_cancelled\"} 2"),
+        "both cancels are counted:\n{metrics}"
+    );
+}
+
+/// A client that sends its statements and Terminate, then closes at once,
+/// meant them to run: keyhole cancels nothing after a goodbye.
+#[test]
+fn statements_sent_before_terminate_run_to_their_end() {
+    let pg = PgCluster::shared();
+    let keyhole = Keyhole::for_cluster(pg, &[]);
+    let app = "goodbye_then_close";
+    pg.admin_sql("create table if not exists goodbye_marks (app text)");
+    pg.admin_sql(&format!("delete from goodbye_marks where app = '{app}'"));
+    pg.admin_sql(&format!("grant insert on goodbye_marks to {TRUST_USER}"));
+    let mut stream = raw_session(keyhole.port(), app);
+    let mut bytes = wire::simple_query(&format!(
+        "set client_connection_check_interval = 0; select pg_sleep(3); \
+         insert into goodbye_marks values ('{app}')"
+    ));
+    bytes.extend_from_slice(b"X\0\0\0\x04");
+    stream.write_all(&bytes).expect("statements and Terminate");
+    wait_sleeping(pg, app, &keyhole);
+    drop(stream);
+    wait_until(
+        "the statement sent before the goodbye has run",
+        PATIENCE,
+        || {
+            pg.admin_sql(&format!(
+                "select count(*) from goodbye_marks where app = '{app}'"
+            )) == "1"
+        },
+        || format!("keyhole log:\n{}", keyhole.logs()),
+    );
+    let closed = wait_closed_line(&keyhole, "after the goodbye", |f| {
+        f.get("user").is_some_and(|u| u == TRUST_USER)
+    });
+    assert_ne!(
+        field(&closed, "outcome"),
+        "client_gone_cancelled",
+        "{closed:?}"
+    );
 }
 
 #[test]

@@ -553,12 +553,14 @@ fn the_unix_socket_listener_serves_and_is_removed_on_sigterm() {
     );
 }
 
-/// A server that completes TLS and then says nothing: the client is told so
-/// after `--startup-timeout` instead of waiting forever.
-#[test]
-fn a_server_that_goes_quiet_after_tls_is_reported() {
-    let rt = support::runtime();
-    let pki = TestPki::generate(&["localhost"]);
+/// A fake Postgres server for `localhost` under `pki`: answers the
+/// SSLRequest, completes TLS, reads the startup packet and then does what
+/// `after_startup` does with the session. Returns its port.
+fn fake_tls_server<F, Fut>(rt: &Runtime, pki: &TestPki, after_startup: F) -> u16
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&pki.server_cert)
         .expect("server cert")
         .collect::<Result<_, _>>()
@@ -573,9 +575,11 @@ fn a_server_that_goes_quiet_after_tls_is_reported() {
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    let after_startup = std::sync::Arc::new(after_startup);
     rt.spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let after_startup = after_startup.clone();
             tokio::spawn(async move {
                 let mut request = [0u8; 8];
                 if socket.read_exact(&mut request).await.is_err()
@@ -583,26 +587,160 @@ fn a_server_that_goes_quiet_after_tls_is_reported() {
                 {
                     return;
                 }
-                if let Ok(mut tls) = acceptor.accept(socket).await {
-                    // Read the startup packet and never answer it.
-                    let mut sink = Vec::new();
-                    let _ = tls.read_to_end(&mut sink).await;
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut len = [0u8; 4];
+                if tls.read_exact(&mut len).await.is_err() {
+                    return;
                 }
+                let mut startup = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+                if tls.read_exact(&mut startup).await.is_err() {
+                    return;
+                }
+                after_startup(tls).await;
             });
         }
+    });
+    port
+}
+
+/// Starts keyhole with `--startup-timeout TIMEOUT` in front of a fake
+/// server that does `after_startup`, and checks that psql and tokio-postgres
+/// are told the login did not finish in time.
+fn refused_at_the_login_deadline<F, Fut>(timeout: &str, after_startup: F)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = support::runtime();
+    let pki = TestPki::generate(&["localhost"]);
+    let port = fake_tls_server(&rt, &pki, after_startup);
+    let target = format!("postgres://127.0.0.1:{port}?server-name=localhost");
+    let keyhole = Keyhole::start(&[
+        "--ca-file",
+        path_arg(&pki.ca),
+        "--startup-timeout",
+        timeout,
+        &target,
+    ]);
+    let refused = refusal(&rt, keyhole.port(), SCRAM_USER, Some(SCRAM_PASS), "08006");
+    assert_eq!(
+        refused.message,
+        format!("the server did not finish authentication within {timeout} (--startup-timeout)")
+    );
+    keyhole.wait_for_log("outcome=\"upstream_timeout\"", 2);
+}
+
+/// A server that completes TLS and then says nothing: the client is told so
+/// after `--startup-timeout` instead of waiting forever.
+#[test]
+fn a_server_that_goes_quiet_after_tls_is_reported() {
+    refused_at_the_login_deadline("1s", |mut tls| async move {
+        // Never answer the startup packet.
+        let mut sink = Vec::new();
+        let _ = tls.read_to_end(&mut sink).await;
+    });
+}
+
+/// A server (or anything on its path) that trickles ParameterStatus
+/// messages forever, each well within the step timeout: the login as a
+/// whole still ends at `--startup-timeout`.
+#[test]
+fn a_login_that_never_ends_is_cut_at_the_deadline() {
+    refused_at_the_login_deadline("2s", |mut tls| async move {
+        let status = b"S\0\0\0\x17application_name\0x\0";
+        loop {
+            if tls.write_all(status).await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// 64 MiB of NoticeResponse before authentication: keyhole passes them on
+/// as they arrive instead of holding them until ReadyForQuery, so its
+/// memory does not grow with them, and the client gets every one before
+/// the login's deadline error.
+#[test]
+fn login_notices_reach_the_client_as_they_come_and_keyhole_stays_small() {
+    const NOTICES: usize = 8 * 1024;
+    const TEXT: usize = 8 * 1024;
+    let rt = support::runtime();
+    let pki = TestPki::generate(&["localhost"]);
+    let port = fake_tls_server(&rt, &pki, |mut tls| async move {
+        let mut notice = b"N".to_vec();
+        let body = [&b"SNOTICE\0C00000\0M"[..], &vec![b'n'; TEXT], &b"\0\0"[..]].concat();
+        notice.extend_from_slice(&(4 + body.len() as u32).to_be_bytes());
+        notice.extend_from_slice(&body);
+        for _ in 0..NOTICES {
+            if tls.write_all(&notice).await.is_err() {
+                return;
+            }
+        }
+        let _ = tls.flush().await;
+        // Then nothing: no authentication, no ReadyForQuery.
+        let mut sink = Vec::new();
+        let _ = tls.read_to_end(&mut sink).await;
     });
     let target = format!("postgres://127.0.0.1:{port}?server-name=localhost");
     let keyhole = Keyhole::start(&[
         "--ca-file",
         path_arg(&pki.ca),
         "--startup-timeout",
-        "1s",
+        "8s",
         &target,
     ]);
-    let refused = refusal(&rt, keyhole.port(), SCRAM_USER, Some(SCRAM_PASS), "08006");
+    let before = peak_rss_kib(keyhole.pid());
+    let (notices, error) = rt.block_on(async {
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", keyhole.port()))
+            .await
+            .expect("connect");
+        let params = b"user\0app\0database\0app\0\0";
+        let mut startup = (8 + params.len() as u32).to_be_bytes().to_vec();
+        startup.extend_from_slice(&196608u32.to_be_bytes());
+        startup.extend_from_slice(params);
+        client.write_all(&startup).await.expect("startup");
+        let mut notices = 0usize;
+        loop {
+            let mut header = [0u8; 5];
+            client.read_exact(&mut header).await.expect("a message");
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            client.read_exact(&mut body).await.expect("its body");
+            match header[0] {
+                b'N' => notices += 1,
+                b'E' => {
+                    let text = body
+                        .split(|&b| b == 0)
+                        .find_map(|f| f.strip_prefix(b"M"))
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default();
+                    return (notices, text);
+                }
+                other => panic!("unexpected message {:?}", char::from(other)),
+            }
+        }
+    });
+    assert_eq!(notices, NOTICES, "every notice reaches the client");
     assert_eq!(
-        refused.message,
-        "the server did not answer within 1s during authentication"
+        error,
+        "the server did not finish authentication within 8s (--startup-timeout)"
     );
-    keyhole.wait_for_log("outcome=\"upstream_timeout\"", 1);
+    let grew = peak_rss_kib(keyhole.pid()).saturating_sub(before);
+    assert!(
+        grew < 32 * 1024,
+        "keyhole's peak memory grew by {grew} KiB while passing on 64 MiB of notices"
+    );
 }

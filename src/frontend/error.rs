@@ -43,6 +43,9 @@ pub struct SessionReport {
     pub metered: Transferred,
     /// Set when the session ended with a cancel request forwarded.
     pub cancel_forwarded: bool,
+    /// The client's last message in the session was its goodbye
+    /// (Terminate, COM_QUIT): what it sent before, it meant to see through.
+    pub client_said_goodbye: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +98,8 @@ pub enum SessionError {
     },
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
-    #[error("the server did not answer within {} during authentication", humanize(*.0))]
+    /// The login as a whole ran past the startup timeout on the server's side.
+    #[error("the server did not finish authentication within {} (--startup-timeout)", humanize(*.0))]
     UpstreamStalled(Duration),
     #[error("the server closed the connection during authentication")]
     UpstreamClosed,
@@ -111,8 +115,45 @@ pub enum SessionError {
     UnknownCancelKey,
     #[error("cut at shutdown")]
     Cut,
+    /// The client left while the server was still busy with its statement.
+    #[error("the client went away while the server was still busy{0}")]
+    ClientGone(Abandoned),
     #[error(transparent)]
     Splice(#[from] SpliceError),
+}
+
+/// What keyhole did about a statement whose client went away.
+#[derive(Debug)]
+pub enum Abandoned {
+    /// Not yet decided (the relay has just noticed).
+    Noticed,
+    /// A cancel request for it reached the server (Postgres).
+    Cancelled,
+    /// The cancel request failed.
+    CancelFailed(String),
+    /// Nothing can stop it but the server itself (MySQL without the
+    /// session's credentials): the bare close is all it gets.
+    Left,
+}
+
+impl std::fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abandoned::Noticed => Ok(()),
+            Abandoned::Cancelled => {
+                f.write_str("; keyhole sent a cancel request for its statement")
+            }
+            Abandoned::CancelFailed(e) => {
+                write!(
+                    f,
+                    "; keyhole's cancel request for its statement failed: {e}"
+                )
+            }
+            Abandoned::Left => {
+                f.write_str("; its statement runs until the server notices the closed connection")
+            }
+        }
+    }
 }
 
 /// What a client gets instead of a session, if it can still read anything.
@@ -156,6 +197,10 @@ impl SessionError {
             SessionError::ServerRefused(_) => "server_refused",
             SessionError::UnknownCancelKey => "unknown_cancel_key",
             SessionError::Cut => "cut_at_shutdown",
+            SessionError::ClientGone(Abandoned::Cancelled) => "client_gone_cancelled",
+            SessionError::ClientGone(Abandoned::CancelFailed(_)) => "client_gone_cancel_failed",
+            SessionError::ClientGone(_) => "client_gone",
+            SessionError::Splice(e) if e.is_truncation() => "upstream_truncated",
             SessionError::Splice(e) => match e.side {
                 Side::Client => "client_io",
                 Side::Server => "upstream_io",
@@ -230,6 +275,7 @@ impl SessionError {
             | SessionError::ServerRefused(_)
             | SessionError::UnknownCancelKey
             | SessionError::Cut
+            | SessionError::ClientGone(_)
             | SessionError::Splice(_) => Answer::Nothing,
         }
     }

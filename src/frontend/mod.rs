@@ -6,11 +6,13 @@ mod legs;
 pub mod mysql;
 pub mod postgres;
 
-pub use error::{Admission, SessionError, SessionReport};
+pub use error::{Abandoned, Admission, SessionError, SessionReport};
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
@@ -151,19 +153,77 @@ impl AsyncWrite for ClientStream {
     }
 }
 
+/// How long the server has to end its session after the client has gone
+/// (a Postgres server that was idle exits at once on the client's EOF)
+/// before keyhole takes it to be busy with the client's last statement.
+pub const CLIENT_GONE_GRACE: Duration = Duration::from_secs(1);
+
 /// The session's last stage, the same for every protocol: the relay runs
 /// until either side ends it or the session is cut (shutdown, a limit), and
-/// its byte counts go into the report either way.
+/// its byte counts go into the report either way. When the client has gone
+/// and the server has not followed within [`CLIENT_GONE_GRACE`], the relay
+/// ends with [`SessionError::ClientGone`]: the server is busy with a
+/// statement nobody will read, and the protocol driver decides what to do
+/// about it.
 async fn relay_until_cut(
     mut relay: impl crate::splice::Relay,
     cut: &tokio_util::sync::CancellationToken,
     report: &mut SessionReport,
 ) -> Result<(), SessionError> {
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let relayed = std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = Pin::new(&mut relay).poll(cx) {
+            return Poll::Ready(result.map_err(SessionError::from));
+        }
+        // A client that said goodbye first meant its last statements to
+        // run to their end, as they would without keyhole.
+        if relay.client_gone() && !relay.client_said_goodbye() {
+            let sleep =
+                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLIENT_GONE_GRACE)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(SessionError::ClientGone(Abandoned::Noticed)));
+            }
+        }
+        Poll::Pending
+    });
     let result = tokio::select! {
-        r = &mut relay => r.map_err(SessionError::from),
+        r = relayed => r,
         _ = cut.cancelled() => Err(SessionError::Cut),
     };
     report.transferred = relay.delivered();
     report.metered = relay.reported();
+    report.client_said_goodbye = relay.client_said_goodbye();
     result
+}
+
+/// After the relay: whether the client left a busy server behind. Either
+/// the relay said so, or the client's leg failed (a reset) and the server,
+/// shut down now, does not close within [`CLIENT_GONE_GRACE`] (what it
+/// still sends is read and dropped meanwhile).
+async fn left_busy<S>(
+    result: &Result<(), SessionError>,
+    report: &SessionReport,
+    server: &mut S,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if report.client_said_goodbye {
+        return false;
+    }
+    match result {
+        Err(SessionError::ClientGone(_)) => true,
+        Err(SessionError::Splice(e)) if e.side == crate::splice::Side::Client => {
+            let settled = async {
+                let _ = server.shutdown().await;
+                let mut sink = [0u8; 8192];
+                while matches!(server.read(&mut sink).await, Ok(n) if n > 0) {}
+            };
+            tokio::time::timeout(CLIENT_GONE_GRACE, settled)
+                .await
+                .is_err()
+        }
+        _ => false,
+    }
 }

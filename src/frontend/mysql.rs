@@ -24,9 +24,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{relay_until_cut, Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
+use super::{
+    left_busy, relay_until_cut, Abandoned, Admission, ClientStream, LoginPolicy, SessionError,
+    SessionReport,
+};
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
+use crate::protocol::farewell::ComQuit;
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
 use crate::splice::Splice;
 use crate::upstream::SharedUpstream;
@@ -173,13 +177,34 @@ impl Session<'_> {
         tracing::debug!(data_path = server.stream.data_path(), "relaying");
         let splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
-        relay_until_cut(splice, cut, report).await
+        // The compressed protocol hides the packets in its frames: there,
+        // a bare close from the server is not judged.
+        // (The client's bits alone decide: it asks only for what the
+        // greeting offered, and the greeting came before TLS.)
+        let compressed = hello.capabilities & (caps::COMPRESS | caps::ZSTD_COMPRESSION) != 0;
+        let mut farewell = ComQuit::default();
+        let splice = if compressed {
+            splice
+        } else {
+            splice.watching(&mut farewell)
+        };
+        let result = relay_until_cut(splice, cut, report).await;
+        if left_busy(&result, report, &mut server.stream).await {
+            // Without the session's credentials keyhole cannot open the side
+            // connection a KILL QUERY needs; the server has had the client's
+            // bare close (MariaDB notices it in SLEEP, GET_LOCK and other
+            // waits).
+            return Err(SessionError::ClientGone(Abandoned::Left));
+        }
+        result
     }
 
     /// Relays packets both ways, renumbered, until the server's OK or ERR.
     /// Either side may speak next (AuthSwitchRequest, AuthMoreData, public
-    /// key requests), so both are read at once; whoever keyhole waits on
-    /// longer than the startup timeout is named in the error.
+    /// key requests), so both are read at once; the whole exchange has the
+    /// startup timeout, and whoever keyhole was waiting on when it ran out
+    /// is named in the error. Packets are passed on one at a time, so what
+    /// keyhole holds is one packet of at most 256 KiB.
     ///
     /// With a token, keyhole answers the server's switch to
     /// `mysql_clear_password` itself (the client never sees it; the two
@@ -192,10 +217,12 @@ impl Session<'_> {
         token: Option<&Token>,
         user: &str,
     ) -> Result<(), SessionError> {
+        // One deadline for the whole exchange, as for Postgres.
         let timeout = self.frontend.startup_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut client_to_answer = false;
         loop {
-            let step = tokio::time::timeout(timeout, async {
+            let step = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
                     packet = read_server_packet(server) => Ok::<_, SessionError>((true, packet?)),
                     packet = self.read_packet() => Ok((false, packet?)),

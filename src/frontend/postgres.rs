@@ -14,16 +14,24 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::legs::{ClientLeg, ServerLeg};
-use super::{relay_until_cut, Admission, ClientStream, LoginPolicy, SessionError, SessionReport};
+use super::{
+    left_busy, relay_until_cut, Abandoned, Admission, ClientStream, LoginPolicy, SessionError,
+    SessionReport,
+};
 use crate::cancel::CancelRegistry;
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
+use crate::protocol::farewell::Terminate;
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
 };
 use crate::splice::pipe::{self, PipeConfig, PipeSplice};
 use crate::splice::Splice;
 use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
+
+/// How much of the server's login messages keyhole holds before passing
+/// them on (it sends them in one write where it can).
+const LOGIN_FLUSH_AT: usize = 8 * 1024;
 
 /// What one Postgres target needs to serve a client.
 pub struct PostgresFrontend {
@@ -124,9 +132,35 @@ impl Session<'_> {
         }
         .await
         .map_err(|e| late_tls_failure(e, &frontend.upstream.server_name()))?;
-        let _registration = key.map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
+        let _registration = key
+            .clone()
+            .map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
 
         server.exchange_leftovers(&mut self.client).await?;
+        let result = self.relay(&mut server, cut, report).await;
+        if !left_busy(&result, report, &mut server.stream).await {
+            return result;
+        }
+        // The client has gone and the server is still at its statement:
+        // cancel it as the client would have, with the session's key.
+        let abandoned = match &key {
+            None => Abandoned::Left,
+            Some(key) => match frontend.upstream.send_cancel(key).await {
+                Ok(()) => Abandoned::Cancelled,
+                Err(e) => Abandoned::CancelFailed(e.to_string()),
+            },
+        };
+        Err(SessionError::ClientGone(abandoned))
+    }
+
+    /// The session proper: bytes both ways until either side ends it.
+    async fn relay(
+        &mut self,
+        server: &mut ServerLeg,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let metrics = &*self.frontend.login.metrics;
         // Plain on both sides (a relay on this host): the kernel moves the
         // bytes, socket to pipe to socket, and they never enter keyhole.
         if let (ClientStream::Plain(client), UpstreamStream::Plain(relay)) =
@@ -134,14 +168,15 @@ impl Session<'_> {
         {
             if pipe::supported() {
                 tracing::debug!(data_path = "splice(2)", "both legs plain");
-                let splice = PipeSplice::new(client, relay, &frontend.pipe)
-                    .metered(&*frontend.login.metrics);
+                let splice = PipeSplice::new(client, relay, &self.frontend.pipe).metered(metrics);
                 return relay_until_cut(splice, cut, report).await;
             }
         }
         tracing::debug!(data_path = server.stream.data_path(), "relaying");
+        let mut farewell = Terminate::default();
         let splice = Splice::new(&mut self.client.stream, &mut server.stream)
-            .metered(&*frontend.login.metrics);
+            .metered(metrics)
+            .watching(&mut farewell);
         relay_until_cut(splice, cut, report).await
     }
 
@@ -232,11 +267,21 @@ impl Session<'_> {
         token: Option<&Token>,
         user: &str,
     ) -> Result<Option<CancelKey>, SessionError> {
+        // One deadline for the whole exchange, not one per message: a server
+        // (or anything on its path) that trickles messages forever is cut.
         let timeout = self.frontend.startup_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut to_client = BytesMut::with_capacity(1024);
         let mut key = None;
         loop {
-            let msg = tokio::time::timeout(timeout, read_server_message(server))
+            // What keyhole holds for the client is bounded: past a few KiB of
+            // ParameterStatus and NoticeResponse, it goes out before the next
+            // message is read (the client reads them at any time).
+            if to_client.len() >= LOGIN_FLUSH_AT {
+                self.client.send(&to_client).await?;
+                to_client.clear();
+            }
+            let msg = tokio::time::timeout_at(deadline, read_server_message(server))
                 .await
                 .map_err(|_| SessionError::UpstreamStalled(timeout))??;
             match msg.tag {
@@ -270,7 +315,7 @@ impl Session<'_> {
                     if pg::auth_expects_reply(code) {
                         self.client.send(&to_client).await?;
                         to_client.clear();
-                        let reply = tokio::time::timeout(timeout, self.read_message())
+                        let reply = tokio::time::timeout_at(deadline, self.read_message())
                             .await
                             .map_err(|_| SessionError::StartupTimeout {
                                 what: "reply to the authentication request",

@@ -4,5 +4,6 @@
 //! `Ok(None)` until a whole message is buffered, and bounds every length it
 //! reads before it trusts it.
 
+pub mod farewell;
 pub mod mysql;
 pub mod postgres;

@@ -37,6 +37,7 @@ pub mod caps {
     pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 1 << 21;
     pub const SESSION_TRACK: u32 = 1 << 23;
     pub const DEPRECATE_EOF: u32 = 1 << 24;
+    pub const ZSTD_COMPRESSION: u32 = 1 << 26;
 }
 
 /// The first byte of a server packet during authentication.
@@ -165,6 +166,22 @@ pub enum GreetingError {
     Version(u8),
     #[error("the server's greeting is truncated")]
     Truncated,
+    #[error("the server version in its greeting is not a version number (not shown: the greeting comes before TLS)")]
+    ServerVersion,
+}
+
+/// The longest server version keyhole passes on (real ones are under 64
+/// bytes: `5.5.5-10.11.6-MariaDB-0+deb12u1`, `8.0.31-google`).
+const MAX_SERVER_VERSION: usize = 255;
+
+/// Whether `version` looks like a server version: a digit first, then
+/// printable ASCII only. The greeting comes before TLS, so anything on the
+/// path can write it: keyhole passes on no control character, no escape
+/// sequence and no non-ASCII text for a client to print.
+fn plausible_version(version: &[u8]) -> bool {
+    version.first().is_some_and(u8::is_ascii_digit)
+        && version.len() <= MAX_SERVER_VERSION
+        && version.iter().all(|b| (0x20..0x7f).contains(b))
 }
 
 /// Parses HandshakeV10.
@@ -179,7 +196,11 @@ pub fn parse_greeting(payload: &Bytes) -> Result<Greeting, GreetingError> {
         .iter()
         .position(|&b| b == 0)
         .ok_or(GreetingError::Truncated)?;
-    let server_version = String::from_utf8_lossy(&p[1..1 + nul]).into_owned();
+    let version = &p[1..1 + nul];
+    if !plausible_version(version) {
+        return Err(GreetingError::ServerVersion);
+    }
+    let server_version = String::from_utf8_lossy(version).into_owned();
     // version NUL, thread id (4), auth data part 1 (8), filler (1)
     let caps_low_at = 1 + nul + 1 + 4 + 8 + 1;
     // caps low (2), charset (1), status (2), caps high (2), auth data len (1), reserved (10)
@@ -597,10 +618,47 @@ mod tests {
             Err(GreetingError::Version(9))
         );
         assert_eq!(
-            parse_greeting(&Bytes::from_static(&[10, b'x', 0, 1])),
+            parse_greeting(&Bytes::from_static(&[10, b'8', 0, 1])),
             Err(GreetingError::Truncated)
         );
         assert_eq!(parse_greeting(&Bytes::new()), Err(GreetingError::Truncated));
+    }
+
+    /// The version a client prints comes before TLS: escape sequences,
+    /// newlines, non-ASCII text and non-versions are refused.
+    #[test]
+    fn forged_server_versions_are_refused() {
+        let good = greeting(caps::PROTOCOL_41 | caps::SSL, 0);
+        let with_version = |v: &[u8]| {
+            let old = b"5.5.5-10.11.19-MariaDB";
+            let mut p = good[..1].to_vec();
+            p.extend_from_slice(v);
+            p.extend_from_slice(&good[1 + old.len()..]);
+            Bytes::from(p)
+        };
+        for ok in [
+            &b"8.0.31-google"[..],
+            b"5.5.5-10.11.6-MariaDB-0+deb12u1",
+            b"8.0.36",
+        ] {
+            let g = parse_greeting(&with_version(ok)).expect("a real version");
+            assert_eq!(g.server_version.as_bytes(), ok);
+        }
+        for forged in [
+            &b"8.0.36\x1b]8;;https://evil.example\x07click\x1b]8;;\x07"[..],
+            b"8.0.36\nWarning: reset your password at evil.example",
+            b"8.0.36-\xc3\xa9",
+            b"MySQL",
+            b"",
+            &[b'8'; 256],
+        ] {
+            assert_eq!(
+                parse_greeting(&with_version(forged)),
+                Err(GreetingError::ServerVersion),
+                "{:?}",
+                String::from_utf8_lossy(forged)
+            );
+        }
     }
 
     #[test]

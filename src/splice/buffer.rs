@@ -202,6 +202,14 @@ impl Chunk {
         n
     }
 
+    /// The unsent segments, in order.
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        let bytes = self.buf.as_slice();
+        self.segments[self.first..self.count]
+            .iter()
+            .map(move |&(s, e)| &bytes[s as usize..e as usize])
+    }
+
     /// The first unsent segment.
     pub fn front(&self) -> &[u8] {
         match self.segments.get(self.first) {

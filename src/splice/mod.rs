@@ -20,6 +20,13 @@
 //! opposite direction keeps flowing until it ends too. Postgres clients end
 //! with Terminate and close; the server then closes its side, so both halves
 //! finish on their own. An I/O error on either side ends both.
+//!
+//! Truncation: a TLS server that closes without close_notify is passed on
+//! as an end like any other, but when the session driver lets the splice
+//! watch the client's messages ([`Farewell`]) and the client had not said
+//! goodbye, the splice ends with an error that says so
+//! ([`SpliceError::is_truncation`]): a bare FIN is all it takes for anything
+//! on the path to end a session early.
 
 pub mod buffer;
 pub mod pipe;
@@ -213,6 +220,34 @@ pub struct SpliceError {
     pub source: io::Error,
 }
 
+impl SpliceError {
+    /// The server closed without close_notify while the client was still
+    /// in session.
+    pub fn is_truncation(&self) -> bool {
+        self.side == Side::Server && self.source.kind() == io::ErrorKind::UnexpectedEof
+    }
+}
+
+fn truncation() -> SpliceError {
+    SpliceError {
+        side: Side::Server,
+        source: io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection without TLS close_notify while the client was \
+             still in session (a truncation: it cannot be told from a cut by anything on the path)",
+        ),
+    }
+}
+
+/// Watches the client's bytes on their way to the server for the one thing
+/// the end of a session needs to know: whether the client's last message
+/// was its goodbye (implemented per protocol in
+/// [`crate::protocol::farewell`]).
+pub trait Farewell: Send {
+    fn observe(&mut self, bytes: &[u8]);
+    fn said_goodbye(&self) -> bool;
+}
+
 /// Copies in both directions between `client` and `server`.
 pub struct Splice<'a, C: ?Sized, S: ?Sized> {
     client: &'a mut C,
@@ -220,6 +255,9 @@ pub struct Splice<'a, C: ?Sized, S: ?Sized> {
     upstream: Half,
     downstream: Half,
     metering: Metering<'a>,
+    farewell: Option<&'a mut dyn Farewell>,
+    /// The server closed without close_notify before the client said goodbye.
+    truncated: bool,
 }
 
 impl<'a, C, S> Splice<'a, C, S>
@@ -234,7 +272,17 @@ where
             upstream: Half::new(),
             downstream: Half::new(),
             metering: Metering::default(),
+            farewell: None,
+            truncated: false,
         }
+    }
+
+    /// Watches the client's messages, so that a server closing without
+    /// close_notify before the client's goodbye ends the splice with a
+    /// truncation error. Without a watcher such a close is not judged.
+    pub fn watching(mut self, farewell: &'a mut dyn Farewell) -> Self {
+        self.farewell = Some(farewell);
+        self
     }
 
     /// Reports bytes to `meter` as they go.
@@ -291,9 +339,12 @@ where
 {
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
         let this = self;
-        let up = this
-            .upstream
-            .poll_copy(cx, &mut *this.client, &mut *this.server);
+        let up = this.upstream.poll_copy(
+            cx,
+            &mut *this.client,
+            &mut *this.server,
+            this.farewell.as_deref_mut(),
+        );
         let up = settle(
             up,
             this.downstream.state == HalfState::Done,
@@ -302,7 +353,13 @@ where
         )?;
         let down = this
             .downstream
-            .poll_copy(cx, &mut *this.server, &mut *this.client);
+            .poll_copy(cx, &mut *this.server, &mut *this.client, None);
+        if std::mem::take(&mut this.downstream.closed_without_notify) {
+            // Judged when it happens: a client that had gone already, or
+            // that said goodbye, explains a bare close.
+            this.truncated = this.upstream.state == HalfState::Copying
+                && this.farewell.as_ref().is_some_and(|w| !w.said_goodbye());
+        }
         let down = settle(
             down,
             this.upstream.state == HalfState::Done,
@@ -310,7 +367,11 @@ where
             Side::Client,
         )?;
         if up && down {
-            Poll::Ready(Ok(()))
+            Poll::Ready(if this.truncated {
+                Err(truncation())
+            } else {
+                Ok(())
+            })
         } else {
             Poll::Pending
         }
@@ -365,6 +426,15 @@ pub trait Relay: Future<Output = Result<(), SpliceError>> + Unpin {
     fn delivered(&self) -> Transferred;
     /// What has been reported to the meter so far.
     fn reported(&self) -> Transferred;
+    /// The client's direction has ended (its EOF passed on) while the
+    /// server's goes on: the client has gone, and the server has not
+    /// followed yet.
+    fn client_gone(&self) -> bool;
+    /// The client's last message was its goodbye (as far as a
+    /// [`Farewell`] watches; false without one).
+    fn client_said_goodbye(&self) -> bool {
+        false
+    }
 }
 
 impl<C: Leg + ?Sized, S: Leg + ?Sized> Relay for Splice<'_, C, S> {
@@ -373,6 +443,12 @@ impl<C: Leg + ?Sized, S: Leg + ?Sized> Relay for Splice<'_, C, S> {
     }
     fn reported(&self) -> Transferred {
         self.metered_so_far()
+    }
+    fn client_gone(&self) -> bool {
+        self.upstream.state == HalfState::Done && self.downstream.state != HalfState::Done
+    }
+    fn client_said_goodbye(&self) -> bool {
+        self.farewell.as_ref().is_some_and(|w| w.said_goodbye())
     }
 }
 
@@ -436,6 +512,9 @@ struct Half {
     needs_flush: bool,
     state: HalfState,
     delivered: u64,
+    /// The reader ended with a TLS close without close_notify (cleared when
+    /// the splice has judged it).
+    closed_without_notify: bool,
 }
 
 impl Half {
@@ -447,6 +526,7 @@ impl Half {
             needs_flush: false,
             state: HalfState::Copying,
             delivered: 0,
+            closed_without_notify: false,
         }
     }
 
@@ -455,6 +535,7 @@ impl Half {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        mut watch: Option<&mut (dyn Farewell + '_)>,
     ) -> Poll<Result<(), HalfError>>
     where
         R: Leg + ?Sized,
@@ -482,16 +563,21 @@ impl Half {
                     }
                     match reader.poll_fill(cx, &mut self.slot, writer.room()) {
                         Poll::Ready(Ok(true)) => {
-                            self.in_flight = reader.filled(&mut self.slot).map_or(0, |c| c.len());
+                            let chunk = reader.filled(&mut self.slot);
+                            if let (Some(watch), Some(chunk)) = (watch.as_deref_mut(), &chunk) {
+                                chunk.segments().for_each(|s| watch.observe(s));
+                            }
+                            self.in_flight = chunk.map_or(0, |c| c.len());
                             self.sending = true;
                         }
                         // EOF: flush what we wrote, then half-close.
                         Poll::Ready(Ok(false)) => self.state = HalfState::ShuttingDown,
                         // A TLS peer that closes without close_notify has
-                        // still closed: MySQL servers do after COM_QUIT, and
-                        // both protocols frame their own messages, so no
-                        // truncation can pass for a whole message.
+                        // still closed (MySQL servers do after COM_QUIT): the
+                        // end is passed on, and the splice judges whether it
+                        // was a truncation.
                         Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            self.closed_without_notify = true;
                             self.state = HalfState::ShuttingDown
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
@@ -712,5 +798,78 @@ mod tests {
         let mut got = Vec::new();
         client_app.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"last words");
+    }
+
+    /// Counts the client's bytes; says goodbye when told to.
+    #[derive(Default)]
+    struct Watch {
+        seen: usize,
+        goodbye: bool,
+    }
+
+    impl Farewell for Watch {
+        fn observe(&mut self, bytes: &[u8]) {
+            self.seen += bytes.len();
+            self.goodbye = bytes.ends_with(b"bye");
+        }
+        fn said_goodbye(&self) -> bool {
+            self.goodbye
+        }
+    }
+
+    /// The client sends `said`, the server then closes without
+    /// close_notify; the client hangs up once it has read the server's
+    /// last words.
+    async fn server_closes_bare_after(
+        said: &[u8],
+        watch: Option<&mut Watch>,
+    ) -> Result<(), SpliceError> {
+        let (mut client_app, mut client_leg) = duplex(64);
+        let mut server = AbruptPeer {
+            data: b"last words",
+        };
+        client_app.write_all(said).await.expect("client writes");
+        let hang_up = async move {
+            let mut got = Vec::new();
+            client_app.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, b"last words");
+            drop(client_app);
+        };
+        let mut s = Splice::new(&mut client_leg, &mut server);
+        if let Some(watch) = watch {
+            s = s.watching(watch);
+        }
+        let (result, ()) = tokio::join!(&mut s, hang_up);
+        result
+    }
+
+    #[tokio::test]
+    async fn a_bare_close_before_the_clients_goodbye_is_a_truncation() {
+        let mut watch = Watch::default();
+        let err = server_closes_bare_after(b"SELECT", Some(&mut watch))
+            .await
+            .expect_err("a truncation");
+        assert!(err.is_truncation(), "{err}");
+        assert_eq!(err.side, Side::Server);
+        assert!(
+            err.to_string().contains("without TLS close_notify"),
+            "{err}"
+        );
+        assert_eq!(watch.seen, 6);
+    }
+
+    #[tokio::test]
+    async fn a_bare_close_after_the_clients_goodbye_is_an_end() {
+        let mut watch = Watch::default();
+        server_closes_bare_after(b"bye", Some(&mut watch))
+            .await
+            .expect("a clean end after goodbye");
+    }
+
+    #[tokio::test]
+    async fn without_a_watcher_a_bare_close_is_not_judged() {
+        server_closes_bare_after(b"SELECT", None)
+            .await
+            .expect("not judged");
     }
 }

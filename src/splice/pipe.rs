@@ -579,6 +579,9 @@ where
     fn reported(&self) -> Transferred {
         self.metered_so_far()
     }
+    fn client_gone(&self) -> bool {
+        self.upstream.state == FlowState::Done && self.downstream.state != FlowState::Done
+    }
 }
 
 impl<C, S> Future for PipeSplice<'_, C, S>
