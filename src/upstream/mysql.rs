@@ -9,6 +9,15 @@
 //!    and (MariaDB) extended capabilities from the SSLRequest and do not
 //!    re-read them from the response that follows, so they must be the
 //!    client's, not a guess.
+//!
+//! The greeting comes before TLS, by the protocol's design (there is no
+//! second greeting inside TLS), so anything on the path can write it. keyhole
+//! trusts it for nothing that matters to security: a greeting without TLS is
+//! refused (failing closed), the capabilities keyhole sends the server are
+//! the client's, and what the client is shown is checked first: a server
+//! version that is not a printable version number is refused rather than
+//! passed on (`protocol::mysql::parse_greeting`). Behind a Cloud SQL
+//! instance's TLS-first port the greeting is inside TLS.
 
 use std::io;
 
