@@ -691,3 +691,77 @@ fn keyhole_token_gcp_prints_the_token_of_gcloud_application_default_credentials(
         clients::stderr(&out)
     );
 }
+
+/// A token login whose client vanishes while a CPU-bound statement runs
+/// (BENCHMARK looks at nothing but its kill flag, so no server notices the
+/// closed connection): keyhole logs in beside the session with a token and
+/// stops the statement with KILL QUERY.
+#[test]
+fn a_vanished_token_clients_statement_is_killed_on_a_side_connection() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let my = MariaDb::shared();
+    fake_rds::ensure_mysql_iam_user(my);
+    let imds = FakeImds::start();
+    let creds = imds.credentials();
+    let rds = FakeRds::mysql(
+        my,
+        TokenCheck::aws_for(&creds, fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        SwitchData::WithScramble,
+    );
+    let target = format!("{}&iam=aws", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false"),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.url()),
+        ],
+    );
+    let sql = "select benchmark(100000000000, md5('keyhole-vanishing-iam-client'))";
+    let port = kh.port().to_string();
+    let mut cli = mariadb::mariadb_command(None)
+        .args([
+            "--batch",
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-u",
+            IAM_USER,
+            "-e",
+            sql,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the mariadb CLI");
+    let find = format!(
+        "select id from information_schema.processlist where info = '{}'",
+        sql.replace('\'', "''")
+    );
+    let mut id = String::new();
+    support::session::wait_until(
+        "the statement runs on the server",
+        Duration::from_secs(30),
+        || {
+            id = my.admin_sql(&find);
+            !id.is_empty()
+        },
+        || kh.logs(),
+    );
+    // The client dies: its socket closes with no COM_QUIT.
+    cli.kill().expect("kill the CLI");
+    let _ = cli.wait();
+    support::session::wait_until(
+        "the statement is no longer running",
+        Duration::from_secs(20),
+        || my.admin_sql(&find).is_empty(),
+        || format!("keyhole log:\n{}", kh.logs()),
+    );
+    let log = kh.wait_for_log("outcome=\"client_gone_cancelled\"", 1);
+    assert!(log.contains("keyhole cancelled its statement"), "{log}");
+    assert!(
+        !log.contains(&creds.secret_access_key),
+        "the secret key reached the log"
+    );
+}

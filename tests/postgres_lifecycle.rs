@@ -381,7 +381,7 @@ fn a_vanished_clients_statement_is_cancelled_on_a_server_that_would_not_notice()
                 && f.get("user").is_some_and(|u| u == TRUST_USER)
         });
         assert!(
-            field(&closed, "error").contains("keyhole sent a cancel request for its statement"),
+            field(&closed, "error").contains("keyhole cancelled its statement"),
             "{closed:?}"
         );
         keyhole.wait_for_log(

@@ -140,9 +140,7 @@ impl std::fmt::Display for Abandoned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Abandoned::Noticed => Ok(()),
-            Abandoned::Cancelled => {
-                f.write_str("; keyhole sent a cancel request for its statement")
-            }
+            Abandoned::Cancelled => f.write_str("; keyhole cancelled its statement"),
             Abandoned::CancelFailed(e) => {
                 write!(
                     f,

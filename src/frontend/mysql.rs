@@ -189,14 +189,32 @@ impl Session<'_> {
             splice.watching(&mut farewell)
         };
         let result = relay_until_cut(splice, cut, report).await;
-        if left_busy(&result, report, &mut server.stream).await {
-            // Without the session's credentials keyhole cannot open the side
-            // connection a KILL QUERY needs; the server has had the client's
-            // bare close (MariaDB notices it in SLEEP, GET_LOCK and other
-            // waits).
-            return Err(SessionError::ClientGone(Abandoned::Left));
+        if !left_busy(&result, report, &mut server.stream).await {
+            return result;
         }
-        result
+        // The client has gone and the server is still at its statement.
+        // With a token login keyhole can log in beside the session and stop
+        // the statement as the user would. Without one it cannot (it never
+        // holds a password): the server has had the client's bare close,
+        // which MariaDB notices in SLEEP, GET_LOCK and other waits.
+        //
+        // The session's id comes from the greeting, which came before TLS
+        // (unless a Cloud SQL tunnel): forged, it could name another of the
+        // same user's sessions, which is no more than anyone on the path can
+        // do to that user's connections with a reset.
+        let abandoned = match frontend.login.token(&user).await {
+            Ok(Some(token)) => match frontend
+                .upstream
+                .kill_query(greeting.connection_id, &user, &token)
+                .await
+            {
+                Ok(()) => Abandoned::Cancelled,
+                Err(e) => Abandoned::CancelFailed(e.to_string()),
+            },
+            Ok(None) => Abandoned::Left,
+            Err(e) => Abandoned::CancelFailed(e.to_string()),
+        };
+        Err(SessionError::ClientGone(abandoned))
     }
 
     /// Relays packets both ways, renumbered, until the server's OK or ERR.

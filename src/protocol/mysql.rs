@@ -150,6 +150,8 @@ pub fn parse_err(payload: &[u8]) -> Option<(u16, String, String)> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Greeting {
     pub server_version: String,
+    /// The server's id for this session (what `KILL QUERY` names).
+    pub connection_id: u32,
     pub capabilities: u32,
     pub charset: u8,
     /// MariaDB's extended capabilities (reserved bytes 6..10), when the
@@ -207,6 +209,8 @@ pub fn parse_greeting(payload: &Bytes) -> Result<Greeting, GreetingError> {
     if p.len() < caps_low_at + 2 + 1 + 2 + 2 + 1 + 10 {
         return Err(GreetingError::Truncated);
     }
+    let id_at = 1 + nul + 1;
+    let connection_id = u32::from_le_bytes([p[id_at], p[id_at + 1], p[id_at + 2], p[id_at + 3]]);
     let low = u16::from_le_bytes([p[caps_low_at], p[caps_low_at + 1]]);
     let charset = p[caps_low_at + 2];
     let high = u16::from_le_bytes([p[caps_low_at + 5], p[caps_low_at + 6]]);
@@ -222,6 +226,7 @@ pub fn parse_greeting(payload: &Bytes) -> Result<Greeting, GreetingError> {
     });
     Ok(Greeting {
         server_version,
+        connection_id,
         capabilities,
         charset,
         mariadb_capabilities,
@@ -368,6 +373,28 @@ pub fn auth_switch_plugin(payload: &[u8]) -> Option<&[u8]> {
         None => rest,
     };
     (!name.is_empty()).then_some(name)
+}
+
+/// The HandshakeResponse41 payload of keyhole's own login as `user` (for a
+/// side connection): protocol 4.1 with the capabilities it needs, the
+/// server's character set, an empty answer to `mysql_native_password` (a
+/// token user's server then switches to `mysql_clear_password`).
+pub fn own_login(greeting: &Greeting, user: &str) -> Bytes {
+    let wanted = caps::LONG_PASSWORD
+        | caps::PROTOCOL_41
+        | caps::SECURE_CONNECTION
+        | caps::TRANSACTIONS
+        | caps::PLUGIN_AUTH;
+    let mut out = BytesMut::with_capacity(SSL_REQUEST_LEN + user.len() + 32);
+    out.put_u32_le(greeting.capabilities & wanted | caps::PROTOCOL_41);
+    out.put_u32_le(16 << 20);
+    out.put_u8(greeting.charset);
+    out.put_slice(&[0; 23]);
+    out.put_slice(user.as_bytes());
+    out.put_u8(0);
+    out.put_u8(0); // an empty auth response
+    out.put_slice(b"mysql_native_password\0");
+    out.freeze()
 }
 
 /// The plugin whose answer is the password in clear (over TLS): how RDS
@@ -595,6 +622,7 @@ mod tests {
         let raw = greeting(caps, 0x1d);
         let g = parse_greeting(&raw).expect("valid");
         assert_eq!(g.server_version, "5.5.5-10.11.19-MariaDB");
+        assert_eq!(g.connection_id, 42);
         assert_eq!(g.capabilities, caps);
         assert_eq!(g.charset, 45);
         assert_eq!(g.mariadb_capabilities, Some(0x1d));
@@ -622,6 +650,24 @@ mod tests {
             Err(GreetingError::Truncated)
         );
         assert_eq!(parse_greeting(&Bytes::new()), Err(GreetingError::Truncated));
+    }
+
+    #[test]
+    fn keyhole_s_own_login_parses_as_a_client_s() {
+        let offered = caps::PROTOCOL_41 | caps::SSL | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH;
+        let g = parse_greeting(&greeting(offered, 0)).expect("valid");
+        let login = own_login(&g, "iam_user");
+        let ClientHello::Response(hello) = parse_client_hello(&login).expect("parses") else {
+            panic!("a whole response, not an SSLRequest");
+        };
+        assert_eq!(hello.user, "iam_user");
+        assert_eq!(hello.plugin.as_deref(), Some("mysql_native_password"));
+        assert_eq!(hello.database, None);
+        assert_eq!(
+            hello.capabilities,
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH
+        );
+        assert_eq!(login[8], 45, "the server's character set");
     }
 
     /// The version a client prints comes before TLS: escape sequences,

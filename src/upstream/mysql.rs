@@ -25,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Peer, Upstream, UpstreamError, UpstreamStream};
+use crate::credentials::Token;
 use crate::net::Socket;
 use crate::protocol::mysql::{self, caps, Greeting};
 
@@ -123,6 +124,117 @@ impl Upstream {
             .await
             .map_err(|_| UpstreamError::TlsTimeout { addr, after })?
     }
+}
+
+impl Upstream {
+    /// Stops the statement running in session `connection_id` with
+    /// `KILL QUERY` on a side connection, logged in as `user` with `token`
+    /// (the session's client has gone; see the MySQL session driver). Only a
+    /// token login can do this: keyhole never holds a user's password. The
+    /// server lets a user kill only its own sessions' statements.
+    pub async fn kill_query(
+        &self,
+        connection_id: u32,
+        user: &str,
+        token: &Token,
+    ) -> Result<(), UpstreamError> {
+        let after = self.connect_timeout();
+        tokio::time::timeout(after, self.kill_query_now(connection_id, user, token))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Tls {
+                    message: format!("the KILL QUERY connection took more than {after:?}"),
+                })
+            })
+    }
+
+    async fn kill_query_now(
+        &self,
+        connection_id: u32,
+        user: &str,
+        token: &Token,
+    ) -> Result<(), UpstreamError> {
+        let greeted = self.greet_mysql().await?;
+        let login = mysql::own_login(&greeted.greeting, user);
+        let tunnel = matches!(greeted.conn, Conn::Tunnel(_));
+        // Sequence ids: greeting 0, keyhole's SSLRequest 1, the login 2;
+        // inside a Cloud SQL tunnel there is no SSLRequest.
+        let (mut seq, login) = if tunnel {
+            (greeted.seq.wrapping_add(1), login)
+        } else {
+            (
+                greeted.seq.wrapping_add(2),
+                mysql::with_client_capabilities(&login, caps::SSL),
+            )
+        };
+        let mut stream = self.upgrade_mysql(greeted, &login).await?;
+        let failed = |what: &str| UpstreamError::Tls {
+            message: format!("the KILL QUERY connection failed: {what}"),
+        };
+        let io = |e: io::Error| failed(&e.to_string());
+        send_packet(&mut stream, seq, &login).await.map_err(io)?;
+        loop {
+            let (got, payload) = read_side_packet(&mut stream).await.map_err(io)?;
+            match payload.first() {
+                Some(&mysql::reply::OK) => break,
+                Some(&mysql::reply::ERR) => {
+                    let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
+                    return Err(failed(&format!(
+                        "the login was refused with MySQL error {code}"
+                    )));
+                }
+                Some(&mysql::reply::AUTH_SWITCH)
+                    if mysql::auth_switch_plugin(&payload)
+                        == Some(mysql::CLEAR_PASSWORD_PLUGIN) =>
+                {
+                    seq = got.wrapping_add(1);
+                    let answer = mysql::clear_password_reply(token.expose());
+                    send_packet(&mut stream, seq, &answer).await.map_err(io)?;
+                }
+                _ => return Err(failed("the server asked for more than a token answers")),
+            }
+        }
+        let mut query = vec![COM_QUERY];
+        query.extend_from_slice(format!("KILL QUERY {connection_id}").as_bytes());
+        send_packet(&mut stream, 0, &query).await.map_err(io)?;
+        let (_, payload) = read_side_packet(&mut stream).await.map_err(io)?;
+        let _ = send_packet(&mut stream, 0, &[COM_QUIT]).await;
+        match payload.first() {
+            Some(&mysql::reply::OK) => Ok(()),
+            _ => {
+                let code = mysql::parse_err(&payload).map_or(0, |(code, _, _)| code);
+                Err(failed(&format!(
+                    "KILL QUERY was refused with MySQL error {code}"
+                )))
+            }
+        }
+    }
+}
+
+const COM_QUIT: u8 = 0x01;
+const COM_QUERY: u8 = 0x03;
+
+async fn send_packet(stream: &mut UpstreamStream, seq: u8, payload: &[u8]) -> io::Result<()> {
+    let mut out = BytesMut::with_capacity(4 + payload.len());
+    mysql::encode_packet(&mut out, seq, payload);
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// One packet on keyhole's side connection (small ones only: OK, ERR, a switch).
+async fn read_side_packet(stream: &mut UpstreamStream) -> io::Result<(u8, Bytes)> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
+    if len > mysql::MAX_HANDSHAKE_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a packet of {len} bytes"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok((header[3], Bytes::from(payload)))
 }
 
 /// The server's first packet as a greeting, or the refusal it is. An ERR's

@@ -514,14 +514,29 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-/// Splices `client` and `server` until both are done; errors at the end of a
-/// connection (resets, TLS close_notify missing) are not the fake's business.
-async fn splice<C, S>(mut client: C, mut server: S)
+/// Splices `client` and `server` until both are done, as RDS's own proxy
+/// layer would: each direction ends on its own (a client's close, with or
+/// without close_notify, is passed on as a shutdown), and the server keeps
+/// its connection, and the fake keyhole's, until it closes. A server busy
+/// with a statement therefore stays busy when keyhole's client goes.
+/// Errors at the end of a connection are not the fake's business.
+async fn splice<C, S>(client: C, server: S)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    use tokio::io::AsyncWriteExt;
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
+    let up = async {
+        let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+        let _ = server_tx.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+        let _ = client_tx.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 async fn within<T>(fut: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
