@@ -5,7 +5,8 @@
 //! Where a byte goes: [`listener`] accepts it, [`frontend`] drives the
 //! protocol startup with [`protocol`]'s codecs, [`upstream`] opens the
 //! verified TLS connection, and [`splice`] carries everything after.
-//! [`proxy`] ties these together and runs the lifecycle ([`lifecycle`]);
+//! [`proxy`] ties these together, runs the lifecycle ([`lifecycle`]) and
+//! reloads the configuration live (SIGHUP, `--watch`);
 //! [`endpoints`] serve health checks, [`metrics`] and the admin port to operators.
 
 pub mod backend;

@@ -6,8 +6,13 @@
 //! port's `/quitquitquit`; all of them arrive on one channel, so the
 //! shutdown sequence treats them alike: the first starts the drain, any
 //! later one ends the waiting.
+//!
+//! Reload requests (SIGHUP, and `--watch` seeing a file change) arrive on a
+//! second channel, which [`crate::proxy`] reads while it serves. A reload
+//! does not change the phase: `/readiness` stays as it was.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, Mutex};
@@ -52,20 +57,55 @@ impl StopRequest {
     }
 }
 
+/// What asked for the configuration to be read again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadCause {
+    /// SIGHUP.
+    Hangup,
+    /// `--watch` saw these files change.
+    Watch(Vec<PathBuf>),
+}
+
+impl std::fmt::Display for ReloadCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadCause::Hangup => f.write_str("SIGHUP"),
+            ReloadCause::Watch(files) => {
+                f.write_str("--watch: changed ")?;
+                for (i, file) in files.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{}", file.display())?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Shared by the proxy, the health endpoints and the admin endpoint.
 pub struct Lifecycle {
     phase: AtomicU8,
     requests: mpsc::UnboundedSender<StopRequest>,
     received: Mutex<mpsc::UnboundedReceiver<StopRequest>>,
+    reloads: mpsc::UnboundedSender<ReloadCause>,
+    reloads_received: Mutex<mpsc::UnboundedReceiver<ReloadCause>>,
+    /// SIGHUP is forwarded (once per process).
+    hangup_forwarded: AtomicBool,
 }
 
 impl Default for Lifecycle {
     fn default() -> Self {
         let (requests, received) = mpsc::unbounded_channel();
+        let (reloads, reloads_received) = mpsc::unbounded_channel();
         Lifecycle {
             phase: AtomicU8::new(Phase::Starting as u8),
             requests,
             received: Mutex::new(received),
+            reloads,
+            reloads_received: Mutex::new(reloads_received),
+            hangup_forwarded: AtomicBool::new(false),
         }
     }
 }
@@ -98,6 +138,55 @@ impl Lifecycle {
             // Unreachable while `self.requests` exists; wait forever then.
             None => std::future::pending().await,
         }
+    }
+
+    pub fn request_reload(&self, cause: ReloadCause) {
+        // The receiver lives as long as `self`: this cannot fail.
+        let _ = self.reloads.send(cause);
+    }
+
+    /// The next reload request, and any others already waiting (one reload
+    /// reads everything afresh, so it answers them all).
+    pub async fn next_reload(&self) -> Vec<ReloadCause> {
+        let mut received = self.reloads_received.lock().await;
+        let Some(first) = received.recv().await else {
+            // Unreachable while `self.reloads` exists; wait forever then.
+            return std::future::pending().await;
+        };
+        let mut causes = vec![first];
+        while let Ok(more) = received.try_recv() {
+            if !causes.contains(&more) {
+                causes.push(more);
+            }
+        }
+        causes
+    }
+
+    /// Turns SIGHUP into reload requests, for the life of the runtime.
+    /// Installed as early as possible (SIGHUP's default action ends the
+    /// process); a second call does nothing. Without Unix signals (Windows)
+    /// there is no SIGHUP: `--watch` still reloads.
+    pub fn forward_reload_signal(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
+        if self.hangup_forwarded.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        #[cfg(unix)]
+        {
+            let mut hangup = match signal(SignalKind::hangup()) {
+                Ok(hangup) => hangup,
+                Err(e) => {
+                    self.hangup_forwarded.store(false, Ordering::Release);
+                    return Err(e);
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    me.request_reload(ReloadCause::Hangup);
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Turns SIGTERM and SIGINT into stop requests, for the life of the
@@ -142,6 +231,33 @@ mod tests {
         life.request_stop(StopRequest::Terminate);
         assert_eq!(life.next_stop().await, StopRequest::Quit);
         assert_eq!(life.next_stop().await, StopRequest::Terminate);
+    }
+
+    #[tokio::test]
+    async fn reload_requests_waiting_together_are_answered_by_one_reload() {
+        let life = Lifecycle::default();
+        life.request_reload(ReloadCause::Hangup);
+        life.request_reload(ReloadCause::Watch(vec!["/etc/keyhole/ca.pem".into()]));
+        life.request_reload(ReloadCause::Hangup);
+        assert_eq!(
+            life.next_reload().await,
+            vec![
+                ReloadCause::Hangup,
+                ReloadCause::Watch(vec!["/etc/keyhole/ca.pem".into()])
+            ]
+        );
+        life.request_reload(ReloadCause::Hangup);
+        assert_eq!(life.next_reload().await, vec![ReloadCause::Hangup]);
+    }
+
+    #[test]
+    fn a_reload_cause_says_what_happened() {
+        assert_eq!(ReloadCause::Hangup.to_string(), "SIGHUP");
+        let files = vec!["/a/ca.pem".into(), "/a/keyhole.toml".into()];
+        assert_eq!(
+            ReloadCause::Watch(files).to_string(),
+            "--watch: changed /a/ca.pem, /a/keyhole.toml"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Listening sockets: TCP and Postgres-style Unix sockets, and the accept
-//! loop that admits connections under the limit and hands them to a session
-//! task until shutdown.
+//! Listening sockets: TCP and Postgres-style Unix sockets, and the
+//! [`Endpoint`] that names one (a target's identity across reloads). The
+//! accept loop that serves them is in [`crate::proxy`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +23,40 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Tcp(addr) => write!(f, "{addr}"),
             Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// Where a listener listens: what identifies a target across reloads.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    /// The socket file's path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The endpoints a target listens on: its TCP address, its Unix
+    /// socket, or both.
+    pub fn of(target: &crate::config::TargetConfig) -> Vec<Endpoint> {
+        let tcp = target.listen.map(Endpoint::Tcp);
+        let unix = target.unix_socket.clone().map(Endpoint::Unix);
+        tcp.into_iter().chain(unix).collect()
+    }
+
+    pub fn bind(&self) -> Result<Listener, BindError> {
+        match self {
+            Endpoint::Tcp(addr) => Listener::bind_tcp(*addr),
+            Endpoint::Unix(path) => Listener::bind_unix(path),
         }
     }
 }
@@ -51,6 +85,11 @@ pub struct BindError {
 impl BindError {
     pub(crate) fn new(what: String, source: io::Error) -> BindError {
         BindError { what, source }
+    }
+
+    /// Whether another socket holds the address.
+    pub fn is_address_in_use(&self) -> bool {
+        self.source.kind() == io::ErrorKind::AddrInUse
     }
 }
 

@@ -38,6 +38,13 @@ fn main() -> ExitCode {
     };
     let env = keyhole::config::process_env();
     runtime.block_on(async {
+        let lifecycle = std::sync::Arc::new(keyhole::lifecycle::Lifecycle::default());
+        // SIGHUP would end the process while it prepares (a Cloud SQL
+        // instance may take seconds): from now on it asks for a reload,
+        // which runs once keyhole serves.
+        if let Err(e) = lifecycle.forward_reload_signal() {
+            tracing::warn!(error = %e, "cannot handle SIGHUP yet: a SIGHUP before keyhole is ready ends it");
+        }
         let proxy = match Proxy::prepare(&config, env).await {
             Ok(proxy) => proxy,
             Err(e) => {
@@ -45,7 +52,6 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        let lifecycle = std::sync::Arc::new(keyhole::lifecycle::Lifecycle::default());
         match proxy.run(lifecycle).await {
             Ok(code) => ExitCode::from(code),
             Err(e) => {

@@ -227,6 +227,7 @@ fn render_options(out: &mut String, config: &Config) {
             "skip-failed-targets",
             config.skip_failed_targets.to_string(),
         ),
+        ("watch", config.watch.to_string()),
         ("backend", or_dash(first.map(|t| t.backend.clone()))),
         (
             "structured-logs",

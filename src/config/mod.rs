@@ -109,6 +109,10 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub config: Option<String>,
 
+    /// Reload when the --config file, or a CA, certificate or key file the configuration names, changes (checked every 2 s). SIGHUP reloads with or without it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub watch: Option<String>,
+
     /// Most client connections at once, over all targets; 0 means no limit. [default: 0]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<String>,
@@ -332,6 +336,8 @@ pub struct Config {
     pub admin_port: Option<u16>,
     /// `--config`, if a file was read.
     pub config_file: Option<PathBuf>,
+    /// `--watch`: reload when a file in [`Config::files`] changes.
+    pub watch: bool,
     /// Where each option that was set came from (`--flag`, `KEYHOLE_*`, the
     /// file), by its long name: for `keyhole check-config`.
     pub origins: BTreeMap<String, String>,
@@ -669,6 +675,48 @@ impl Config {
             file_targets
         };
         build(&layers, &targets)
+    }
+}
+
+impl Config {
+    /// Every file this configuration is read from or names for TLS: the
+    /// `--config` file, then each CA bundle, client certificate and key, and
+    /// the listen certificate and key, each once. What `--watch` polls, and
+    /// what a reload reads afresh.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.config_file.iter().cloned().collect();
+        let mut add = |path: &Path| {
+            if !files.iter().any(|f| f == path) {
+                files.push(path.to_owned());
+            }
+        };
+        for target in &self.targets {
+            for path in target.tls_files() {
+                add(path);
+            }
+        }
+        if let Some(ck) = &self.listen_tls {
+            add(&ck.cert);
+            add(&ck.key);
+        }
+        files
+    }
+}
+
+impl TargetConfig {
+    /// The files this target's upstream TLS reads: its CA bundle, client
+    /// certificate and key (none for a Cloud SQL instance or `tls-mode=disable`).
+    pub fn tls_files(&self) -> Vec<&Path> {
+        if self.cloudsql.is_some() || self.tls.mode == TlsMode::Disable {
+            return Vec::new();
+        }
+        let ca = self.tls.ca_file.as_deref();
+        let client = self
+            .tls
+            .client_cert
+            .iter()
+            .flat_map(|ck| [ck.cert.as_path(), ck.key.as_path()]);
+        ca.into_iter().chain(client).collect()
     }
 }
 
@@ -1073,6 +1121,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         admin_port,
         origins: layers.origins(),
         config_file: layers.file_path.clone(),
+        watch: flag("watch")?,
         cloudsql: cloudsql_settings,
         debug_logs: flag("debug-logs")?,
         ssh_config,
@@ -1445,6 +1494,55 @@ mod tests {
         assert!(
             err.contains("KEYHOLE_PIPE_SIZE: 'lots' is not a size"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn watch_is_a_flag_a_variable_or_a_file_key() {
+        assert!(!load(&["postgres://db"], &[]).expect("valid").watch);
+        assert!(
+            load(&["--watch", "postgres://db"], &[])
+                .expect("valid")
+                .watch
+        );
+        let c = load(&["postgres://db"], &[("KEYHOLE_WATCH", "true")]).expect("valid");
+        assert!(c.watch);
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let file = dir.path().join("keyhole.toml");
+        std::fs::write(&file, "watch = true\ntargets = [\"postgres://db\"]\n").expect("write");
+        let c = load(&["--config", file.to_str().expect("UTF-8")], &[]).expect("valid");
+        assert!(c.watch);
+    }
+
+    #[test]
+    fn the_files_a_configuration_names_are_listed_once() {
+        let c = load(
+            &[
+                "--ca-file",
+                "/etc/ca.pem",
+                "--listen-cert",
+                "/etc/l.crt",
+                "--listen-key",
+                "/etc/l.key",
+                "postgres://db",
+                "postgres://db2?ca-file=/etc/other.pem&client-cert=/etc/c.crt&client-key=/etc/c.key",
+                "postgres://127.0.0.1:6432?tls-mode=disable&ca-file=/etc/unused.pem",
+                "postgres://db3",
+            ],
+            &[],
+        )
+        .expect("valid");
+        let files: Vec<String> = c.files().iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            files,
+            [
+                "/etc/ca.pem",
+                "/etc/other.pem",
+                "/etc/c.crt",
+                "/etc/c.key",
+                "/etc/l.crt",
+                "/etc/l.key"
+            ]
         );
     }
 

@@ -12,12 +12,16 @@
 //!   a platform restart or unroute every sidecar at once. A Cloud SQL
 //!   instance (refreshed ahead) without a valid client certificate fails it
 //!   too, naming the instance and why.
+//!
+//! What `/readiness` looks at is the targets served now ([`Watched`]): the
+//! proxy publishes a new list after each configuration reload, and a reload
+//! by itself never makes keyhole unready.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -35,18 +39,28 @@ pub struct Health {
     lifecycle: Arc<Lifecycle>,
     /// The connection limit's semaphore and its size.
     limit: Option<(Arc<Semaphore>, usize)>,
+    /// `--readiness-checks-upstream`: the last answer, reused briefly.
     upstream: Option<UpstreamCheck>,
-    /// Cloud SQL instances: `/readiness` fails while one has no valid
-    /// client certificate (it asks no API, only the connector's state).
-    instances: Vec<Arc<Slot>>,
-    /// Hops (`via=`): `/readiness` fails while a bastion's last login failed
-    /// and no connection to it is up.
-    hops: Vec<Arc<crate::transport::Hop>>,
+    /// The targets served now.
+    watched: watch::Receiver<Arc<Watched>>,
 }
 
-/// The targets `/readiness` dials, and its last answer.
+/// What the served targets give `/readiness` to look at.
+#[derive(Default)]
+pub struct Watched {
+    /// What `--readiness-checks-upstream` dials: each target's name,
+    /// protocol and upstream.
+    pub probes: Vec<(String, Option<Protocol>, Arc<Upstream>)>,
+    /// Cloud SQL instances: `/readiness` fails while one has no valid
+    /// client certificate (it asks no API, only the connector's state).
+    pub instances: Vec<Arc<Slot>>,
+    /// Hops (`via=`): `/readiness` fails while a bastion's last login failed
+    /// and no connection to it is up.
+    pub hops: Vec<Arc<crate::transport::Hop>>,
+}
+
+/// The last answer of the upstream check.
 struct UpstreamCheck {
-    targets: Vec<(String, Option<Protocol>, Arc<Upstream>)>,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -56,32 +70,19 @@ impl Health {
             lifecycle,
             limit,
             upstream: None,
-            instances: Vec::new(),
-            hops: Vec::new(),
+            watched: watch::channel(Arc::new(Watched::default())).1,
         }
     }
 
-    /// `/readiness` also says which hop cannot serve (an SSH bastion whose
-    /// last login failed; one not yet tried is not a failure).
-    pub fn watch_hops(mut self, hops: Vec<Arc<crate::transport::Hop>>) -> Health {
-        self.hops = hops;
+    /// `/readiness` also looks at these targets, as the proxy updates them.
+    pub fn follow(mut self, watched: watch::Receiver<Arc<Watched>>) -> Health {
+        self.watched = watched;
         self
     }
 
-    /// `/readiness` also says which of these instances has no valid
-    /// certificate (refresh-ahead instances; a lazy one fetches on demand).
-    pub fn watch_instances(mut self, instances: Vec<Arc<Slot>>) -> Health {
-        self.instances = instances;
-        self
-    }
-
-    /// `/readiness` also dials these (`--readiness-checks-upstream`).
-    pub fn check_upstreams(
-        mut self,
-        targets: Vec<(String, Option<Protocol>, Arc<Upstream>)>,
-    ) -> Health {
+    /// `/readiness` also dials every target (`--readiness-checks-upstream`).
+    pub fn check_upstreams(mut self) -> Health {
         self.upstream = Some(UpstreamCheck {
-            targets,
             last: Mutex::new(None),
         });
         self
@@ -110,7 +111,8 @@ impl Health {
                 return unavailable(format!("at the connection limit ({size} of {size})"));
             }
         }
-        for slot in &self.instances {
+        let watched = self.watched.borrow().clone();
+        for slot in &watched.instances {
             let instance = slot.instance();
             if let Some(why) = instance.not_ready() {
                 return unavailable(format!(
@@ -119,13 +121,13 @@ impl Health {
                 ));
             }
         }
-        for hop in &self.hops {
+        for hop in &watched.hops {
             if let Some(why) = hop.not_ready() {
                 return unavailable(why);
             }
         }
         if let Some(check) = &self.upstream {
-            if let Err(why) = check.run().await {
+            if let Err(why) = check.run(&watched.probes).await {
                 return unavailable(why);
             }
         }
@@ -136,7 +138,10 @@ impl Health {
 impl UpstreamCheck {
     /// Dials every target at once; the first failure in target order is the
     /// answer.
-    async fn run(&self) -> Result<(), String> {
+    async fn run(
+        &self,
+        targets: &[(String, Option<Protocol>, Arc<Upstream>)],
+    ) -> Result<(), String> {
         let mut last = self.last.lock().await;
         if let Some((at, result)) = last.as_ref() {
             if at.elapsed() < UPSTREAM_CHECK_REUSE {
@@ -144,7 +149,7 @@ impl UpstreamCheck {
             }
         }
         let mut probes = JoinSet::new();
-        for (index, (_, protocol, upstream)) in self.targets.iter().enumerate() {
+        for (index, (_, protocol, upstream)) in targets.iter().enumerate() {
             let (protocol, upstream) = (*protocol, upstream.clone());
             probes.spawn(async move { (index, upstream.probe(protocol).await) });
         }
@@ -160,7 +165,7 @@ impl UpstreamCheck {
         let result = match failures.into_iter().next() {
             None => Ok(()),
             Some((index, error)) => {
-                let name = self.targets.get(index).map_or("?", |t| t.0.as_str());
+                let name = targets.get(index).map_or("?", |t| t.0.as_str());
                 tracing::warn!(target = name, %error, "readiness: a target did not answer");
                 Err(format!("target {name}: {error}"))
             }
@@ -194,6 +199,18 @@ mod tests {
         assert_eq!(body(&health.startup()), (200, "ok"));
         assert_eq!(body(&health.readiness().await), (503, "draining"));
         assert_eq!(body(&health.liveness()), (200, "ok"));
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_targets_published_and_a_reload_keeps_it_ready() {
+        let lifecycle = Arc::new(Lifecycle::default());
+        lifecycle.advance(Phase::Serving);
+        let (publish, watched) = watch::channel(Arc::new(Watched::default()));
+        let health = Health::new(lifecycle, None).follow(watched);
+        assert_eq!(body(&health.readiness().await), (200, "ok"));
+        // A reload publishes the targets it serves; nothing else changes.
+        publish.send_replace(Arc::new(Watched::default()));
+        assert_eq!(body(&health.readiness().await), (200, "ok"));
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@
 mod histogram;
 mod hop;
 mod process;
+mod reload;
 mod target;
 mod text;
 
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 pub use histogram::Histogram;
 pub use hop::HopMetrics;
 pub use process::{parse_btime, parse_stat, Snapshot as ProcessSnapshot, Stat};
+pub use reload::ReloadMetrics;
 pub use target::{ExpiryProbe, OpenConnection, TargetMetrics};
 pub use text::CONTENT_TYPE;
 
@@ -59,6 +61,7 @@ impl RefusedReason {
 pub struct Registry {
     targets: Mutex<Vec<Arc<TargetMetrics>>>,
     hops: Mutex<Vec<Arc<HopMetrics>>>,
+    reloads: ReloadMetrics,
 }
 
 impl Default for Registry {
@@ -73,7 +76,13 @@ impl Registry {
         Registry {
             targets: Mutex::new(Vec::new()),
             hops: Mutex::new(Vec::new()),
+            reloads: ReloadMetrics::default(),
         }
+    }
+
+    /// The configuration reload counters.
+    pub fn reloads(&self) -> &ReloadMetrics {
+        &self.reloads
     }
 
     /// The metrics of hop `name` (`via=`, shown without credentials),
@@ -357,6 +366,7 @@ impl Registry {
                 }
             },
         );
+        self.reloads.render(exp);
     }
 }
 
