@@ -10,6 +10,12 @@
 //! session tickets (a second connection resumes), close_notify both ways,
 //! a tampered or unprotected record from the server ending the connection
 //! with a clear error, and no buffer held by an idle connection.
+//!
+//! And, with a server whose records the test seals itself
+//! (`support::tls_records`): records that arrive with the server's Finished
+//! (a ticket in pieces, a key update asking for keyhole's, data), handshake
+//! messages split across records (reassembled, or refused where TLS forbids
+//! them), and floods of records without data (cut off at temper's limits).
 
 mod support;
 
@@ -29,17 +35,32 @@ use keyhole::splice::Splice;
 use keyhole::tls::ktls::{self, Availability};
 use keyhole::tls::{handshake, KernelTls, TlsStream};
 use support::certs::TestPki;
+use support::tls_records::{
+    handshake_message, new_session_ticket, RawServer, Sealer, ALERT, HANDSHAKE, KEY_UPDATE,
+    NEW_SESSION_TICKET, USER_CANCELED,
+};
 
 /// A guard against hangs, not a timing assertion.
 const LIMIT: Duration = Duration::from_secs(60);
 
 struct Setup {
     acceptor: TlsAcceptor,
+    /// The acceptor's config, for servers the test drives itself.
+    server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     _pki: TestPki,
 }
 
 fn setup(version: &'static SupportedProtocolVersion, cipher: &str) -> Setup {
+    setup_with(version, cipher, |_| {})
+}
+
+/// [`setup`], with `tweak` applied to the server's config.
+fn setup_with(
+    version: &'static SupportedProtocolVersion,
+    cipher: &str,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Setup {
     let pki = TestPki::generate(&[]);
     let base = rustls::crypto::ring::default_provider();
     let suites: Vec<_> = base
@@ -58,12 +79,14 @@ fn setup(version: &'static SupportedProtocolVersion, cipher: &str) -> Setup {
         .collect::<Result<Vec<_>, _>>()
         .expect("server cert");
     let key = PrivateKeyDer::from_pem_file(&pki.server_key).expect("server key");
-    let server = ServerConfig::builder_with_provider(provider)
+    let mut server = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])
         .expect("versions")
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("server config");
+    tweak(&mut server);
+    let server = Arc::new(server);
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(&pki.ca).expect("ca") {
         roots.add(ca.expect("ca")).expect("add ca");
@@ -75,7 +98,8 @@ fn setup(version: &'static SupportedProtocolVersion, cipher: &str) -> Setup {
         .with_no_client_auth();
     client.enable_secret_extraction = true;
     Setup {
-        acceptor: TlsAcceptor::from(Arc::new(server)),
+        acceptor: TlsAcceptor::from(server.clone()),
+        server,
         client: Arc::new(client),
         _pki: pki,
     }
@@ -373,5 +397,316 @@ async fn a_tampered_record_ends_the_connection_with_a_clear_error() {
     assert!(
         text.contains("more than TLS allows") || text.contains("unprotected record"),
         "error the user sees: {text}"
+    );
+}
+
+/// A server whose records after its handshake the test writes (see
+/// `support::tls_records`): `inject`'s records arrive in the same write as
+/// the server's Finished, that is, in keyhole's last handshake read.
+async fn connect_raw(
+    setup: &Setup,
+    kernel_tls: KernelTls,
+    inject: impl FnOnce(&mut Sealer) -> Vec<u8> + Send + 'static,
+) -> (TlsStream, RawServer) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = setup.server.clone();
+    let server = tokio::spawn(async move { RawServer::accept(listener, &config, inject).await });
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let client = handshake::connect(setup.client.clone(), name, tcp, kernel_tls)
+        .await
+        .expect("keyhole's handshake");
+    let server = tokio::time::timeout(LIMIT, server)
+        .await
+        .expect("hang")
+        .expect("join");
+    (client, server)
+}
+
+async fn read_exactly(client: &mut TlsStream, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut got = vec![0u8; n];
+    tokio::time::timeout(LIMIT, client.read_exact(&mut got))
+        .await
+        .expect("hang")?;
+    Ok(got)
+}
+
+/// The error keyhole's next read ends with (the one the user sees).
+async fn read_error(client: &mut TlsStream) -> String {
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(LIMIT, client.read(&mut buf))
+        .await
+        .expect("hang")
+    {
+        Ok(n) => panic!("expected an error, read {n} bytes: {:?}", &buf[..n]),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Issue 15, point 2: a session ticket whose first record comes with the
+/// server's Finished (in keyhole's last handshake read) and whose rest
+/// comes later. rustls used to decrypt that first record in place and keep
+/// it, waiting for the rest; keyhole's record layer then got the plaintext
+/// as if it were a record and refused it as bad_record_mac. Now rustls
+/// never sees records after the Finished, and keyhole reassembles the
+/// ticket.
+#[tokio::test]
+async fn a_ticket_split_between_the_last_flight_and_later_records_is_read_whole() {
+    let setup = setup(&rustls::version::TLS13, "AES_256_GCM");
+    let ticket = new_session_ticket(&[0x5a; 48]);
+    let (first, rest) = ticket.split_at(20);
+    let (first, rest) = (first.to_vec(), rest.to_vec());
+    let (mut client, mut server) =
+        connect_raw(&setup, KernelTls::Off, move |tx| tx.seal(HANDSHAKE, &first)).await;
+    let mut later = server.tx.seal(HANDSHAKE, &rest[..10]);
+    later.extend(server.tx.seal(HANDSHAKE, &rest[10..]));
+    later.extend(server.tx.data(b"after the ticket"));
+    server.send(&later).await;
+    let got = read_exactly(&mut client, 16)
+        .await
+        .expect("the ticket is reassembled, the data read");
+    assert_eq!(got, b"after the ticket");
+    // Both directions still agree on the keys.
+    client.write_all(b"ping").await.expect("write");
+    client.flush().await.expect("flush");
+    assert_eq!(
+        server
+            .read_exact(4)
+            .await
+            .expect("the server reads keyhole"),
+        b"ping"
+    );
+}
+
+/// Issue 15, point 2: a KeyUpdate asking keyhole to rekey, sent right after
+/// the server's Finished. rustls used to process it during the handshake,
+/// queue its answer (a KeyUpdate under the old key) and rekey; the answer
+/// was dropped at the switch-over, so the server could not read keyhole's
+/// next record. Now keyhole's record layer reads the KeyUpdate and answers
+/// it before its next record.
+#[tokio::test]
+async fn a_key_update_requested_in_the_last_flight_is_answered() {
+    let setup = setup(&rustls::version::TLS13, "CHACHA20");
+    let (mut client, mut server) =
+        connect_raw(&setup, KernelTls::Off, |tx| tx.key_update(true)).await;
+    let data = server.tx.data(b"under the new key");
+    server.send(&data).await;
+    assert_eq!(
+        read_exactly(&mut client, 17)
+            .await
+            .expect("keyhole follows the server's key update"),
+        b"under the new key"
+    );
+    client.write_all(b"ping").await.expect("write");
+    client.flush().await.expect("flush");
+    assert_eq!(
+        server
+            .read_exact(4)
+            .await
+            .expect("keyhole announced its new key before using it"),
+        b"ping"
+    );
+}
+
+/// Application data right after the server's Finished (TLS 1.3 allows a
+/// server to send it before the client's Finished arrives): in keyhole's
+/// last handshake read, it is the record layer's first record, not a
+/// handshake failure.
+#[tokio::test]
+async fn data_right_after_the_servers_finished_is_read() {
+    let setup = setup(&rustls::version::TLS13, "AES_128_GCM");
+    let (mut client, _server) =
+        connect_raw(&setup, KernelTls::Off, |tx| tx.data(b"half a round trip")).await;
+    assert_eq!(
+        read_exactly(&mut client, 17).await.expect("read"),
+        b"half a round trip"
+    );
+}
+
+/// Issue 15, point 4: a server that sends records of at most 32 bytes
+/// (rustls's `max_fragment_size`) splits its session tickets across
+/// records; keyhole reassembles them, and the next connection resumes with
+/// one. With `--kernel-tls=auto` too (the kernel's records where this
+/// kernel has TLS).
+#[tokio::test]
+async fn session_tickets_split_across_records_are_reassembled() {
+    for kernel_tls in [KernelTls::Off, KernelTls::Auto] {
+        let setup = setup_with(&rustls::version::TLS13, "AES_128_GCM", |server| {
+            server.max_fragment_size = Some(32);
+        });
+        let (mut client, mut server) = connect_with(&setup, kernel_tls).await;
+        server.write_all(b"hello").await.expect("server write");
+        server.flush().await.expect("flush");
+        assert_eq!(
+            read_exactly(&mut client, 5)
+                .await
+                .unwrap_or_else(|e| panic!("{kernel_tls:?}: tickets in pieces: {e}")),
+            b"hello"
+        );
+        drop((client, server));
+        let (_client, server) = connect_with(&setup, kernel_tls).await;
+        assert_eq!(
+            server.get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{kernel_tls:?}: keyhole kept a ticket that came in pieces"
+        );
+    }
+}
+
+/// Issue 15, point 4: a KeyUpdate split across two records is followed
+/// like a whole one. With `--kernel-tls=auto` too (the kernel's records
+/// where this kernel has TLS).
+#[tokio::test]
+async fn a_key_update_split_across_records_is_followed() {
+    let setup = setup(&rustls::version::TLS13, "AES_128_GCM");
+    for kernel_tls in [KernelTls::Off, KernelTls::Auto] {
+        let (mut client, mut server) = connect_raw(&setup, kernel_tls, |_| Vec::new()).await;
+        let update = handshake_message(KEY_UPDATE, &[1]);
+        let mut records = server.tx.seal(HANDSHAKE, &update[..2]);
+        records.extend(server.tx.seal(HANDSHAKE, &update[2..]));
+        server.tx.rekey();
+        records.extend(server.tx.data(b"rekeyed"));
+        server.send(&records).await;
+        let got = read_exactly(&mut client, 7)
+            .await
+            .unwrap_or_else(|e| panic!("{kernel_tls:?}: {e}"));
+        assert_eq!(got, b"rekeyed", "{kernel_tls:?}");
+        client.write_all(b"pong").await.expect("write");
+        client.flush().await.expect("flush");
+        let got = server
+            .read_exact(4)
+            .await
+            .unwrap_or_else(|e| panic!("{kernel_tls:?}: the server reads keyhole: {e}"));
+        assert_eq!(got, b"pong", "{kernel_tls:?}");
+    }
+}
+
+/// Issue 15, point 4: what keyhole refuses while a handshake message is in
+/// pieces: data between its pieces (RFC 8446 section 5.1), a message larger
+/// than 64 KiB, and a key update that does not end its record. With
+/// `--kernel-tls=auto` too.
+#[tokio::test]
+async fn split_handshake_messages_are_refused_where_tls_forbids_them() {
+    let setup = setup(&rustls::version::TLS13, "AES_256_GCM");
+    let ticket = new_session_ticket(&[7; 40]);
+    for kernel_tls in [KernelTls::Off, KernelTls::Auto] {
+        let (mut client, mut server) = connect_raw(&setup, kernel_tls, |_| Vec::new()).await;
+        let mut records = server.tx.seal(HANDSHAKE, &ticket[..30]);
+        records.extend(server.tx.data(b"interleaved"));
+        records.extend(server.tx.seal(HANDSHAKE, &ticket[30..]));
+        server.send(&records).await;
+        let err = read_error(&mut client).await;
+        assert!(
+            err.contains(
+                "the server sent application data in the middle of a handshake message split \
+                 across records"
+            ),
+            "{kernel_tls:?}: error the user sees: {err}"
+        );
+
+        let (mut client, mut server) = connect_raw(&setup, kernel_tls, |_| Vec::new()).await;
+        // A header announcing 65536 bytes: refused before they arrive.
+        let record = server
+            .tx
+            .seal(HANDSHAKE, &[NEW_SESSION_TICKET, 1, 0, 0, 0, 0]);
+        server.send(&record).await;
+        let err = read_error(&mut client).await;
+        assert!(
+            err.contains("post-handshake TLS message (type 4) of 65536 bytes")
+                && err.contains("at most 65535"),
+            "{kernel_tls:?}: error the user sees: {err}"
+        );
+
+        let (mut client, mut server) = connect_raw(&setup, kernel_tls, |_| Vec::new()).await;
+        let mut both = handshake_message(KEY_UPDATE, &[0]);
+        both.extend(&ticket[..10]);
+        let record = server.tx.seal(HANDSHAKE, &both);
+        server.send(&record).await;
+        let err = read_error(&mut client).await;
+        assert!(
+            err.contains("data after a key update in the same record"),
+            "{kernel_tls:?}: error the user sees: {err}"
+        );
+    }
+}
+
+/// Issue 15, point 3, live: a server that sends only records without data
+/// is cut off with the limit's own words, right at the limit; so is a
+/// record with more than 2^14 bytes of plaintext (record_overflow). (Each
+/// flood is sent after keyhole has read the data before it: an error ends
+/// the read, data opened with it or not.)
+#[tokio::test]
+async fn a_server_flooding_records_without_data_is_cut_off_with_a_clear_error() {
+    let setup = setup(&rustls::version::TLS13, "AES_128_GCM");
+
+    // 32 empty records in a row are tolerated; data resets the count; 33 are not.
+    let (mut client, mut server) = connect_raw(&setup, KernelTls::Off, |_| Vec::new()).await;
+    let mut records = Vec::new();
+    for _ in 0..32 {
+        records.extend(server.tx.data(b""));
+    }
+    records.extend(server.tx.data(b"x"));
+    server.send(&records).await;
+    assert_eq!(read_exactly(&mut client, 1).await.expect("read"), b"x");
+    let mut records = Vec::new();
+    for _ in 0..33 {
+        records.extend(server.tx.data(b""));
+    }
+    server.send(&records).await;
+    let err = read_error(&mut client).await;
+    assert!(
+        err.contains("more than 32 empty TLS records in a row"),
+        "error the user sees: {err}"
+    );
+
+    // Warning alerts: four in the whole connection, data between them or not.
+    let (mut client, mut server) = connect_raw(&setup, KernelTls::Off, |_| Vec::new()).await;
+    let mut records = Vec::new();
+    for _ in 0..4 {
+        records.extend(server.tx.seal(ALERT, &USER_CANCELED));
+        records.extend(server.tx.data(b"y"));
+    }
+    server.send(&records).await;
+    assert_eq!(read_exactly(&mut client, 4).await.expect("read"), b"yyyy");
+    let alert = server.tx.seal(ALERT, &USER_CANCELED);
+    server.send(&alert).await;
+    let err = read_error(&mut client).await;
+    assert!(
+        err.contains("more than 4 TLS warning alerts"),
+        "error the user sees: {err}"
+    );
+
+    // Key updates: 32 between two records of data, not 33.
+    let (mut client, mut server) = connect_raw(&setup, KernelTls::Off, |_| Vec::new()).await;
+    let mut records = Vec::new();
+    for _ in 0..32 {
+        records.extend(server.tx.key_update(false));
+    }
+    records.extend(server.tx.data(b"z"));
+    server.send(&records).await;
+    assert_eq!(read_exactly(&mut client, 1).await.expect("read"), b"z");
+    let mut records = Vec::new();
+    for _ in 0..33 {
+        records.extend(server.tx.key_update(false));
+    }
+    server.send(&records).await;
+    let err = read_error(&mut client).await;
+    assert!(
+        err.contains("more than 32 TLS key updates without data between them"),
+        "error the user sees: {err}"
+    );
+
+    // 2^14 bytes of plaintext are fine; one more is record_overflow.
+    let (mut client, mut server) = connect_raw(&setup, KernelTls::Off, |_| Vec::new()).await;
+    let full = server.tx.data(&pattern(16 * 1024, 9));
+    server.send(&full).await;
+    assert!(read_exactly(&mut client, 16 * 1024).await.expect("read") == pattern(16 * 1024, 9));
+    let over = server.tx.data(&pattern(16 * 1024 + 1, 9));
+    server.send(&over).await;
+    let err = read_error(&mut client).await;
+    assert!(
+        err.contains("record_overflow"),
+        "error the user sees: {err}"
     );
 }

@@ -6,8 +6,37 @@
 //! `WriteTraffic` with nothing left to send, its kernel-connection API gives
 //! up the traffic secrets (and keeps what it needs for TLS 1.3 key updates
 //! and session tickets). Bytes the server sent after its last handshake
-//! record (TLS 1.3 session tickets, usually) are already in our buffer and
-//! go to the record layer first.
+//! record (TLS 1.3 session tickets, a key update, data) are already in our
+//! buffer and go to the record layer first.
+//!
+//! # An exact switch-over
+//!
+//! The handover must leave nothing behind in rustls, and rustls's
+//! unbuffered API holds more than its secrets once it has read past the
+//! handshake:
+//!
+//! - a handshake message split across records: rustls decrypts each record
+//!   in place in our buffer and keeps it there (not counted in `discard`)
+//!   until the message is whole. Handed over, those bytes are plaintext
+//!   where the record layer expects a record (a false bad_record_mac), and
+//!   rustls's receive sequence number has already counted them;
+//! - a KeyUpdate asking for ours: rustls seals its answer, keeps it aside to
+//!   go out before its next record, and rekeys; the secrets it gives up are
+//!   the new ones, and the answer is lost with the connection object;
+//! - application data: rustls copies it out of our buffer (`ReadTraffic`).
+//!
+//! So rustls is given the server's bytes one whole record at a time, and
+//! only while it asks for more to finish the handshake (`BlockedHandshake`):
+//! the record that completes the handshake (the server's Finished, which
+//! rustls requires to end its record) is the last it sees, and every byte
+//! after it reaches keyhole's record layer as the server sent it. There,
+//! post-handshake messages are handled whatever records they arrive in
+//! (see `stream`), and a KeyUpdate is answered by keyhole itself. The
+//! alternative, letting rustls read on until it is "clean", could not be
+//! checked from outside (its queued KeyUpdate answer is not visible), and
+//! would make keyhole take data out of rustls too. Should rustls still hold
+//! part of a message at the switch-over, keyhole refuses the connection
+//! rather than guess (`switch_over_refused`).
 
 use std::io;
 use std::sync::Arc;
@@ -20,6 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::net::Socket;
 
+use super::record::HEADER_LEN;
 use super::stream::TlsStream;
 use super::KernelTls;
 
@@ -53,11 +83,19 @@ pub async fn connect(
     let mut conn = UnbufferedClientConnection::new(config, server_name).map_err(tls_error)?;
     let mut incoming = vec![0u8; 16 * 1024];
     let mut received = 0;
+    // rustls sees `incoming[..visible]`. Records are given to it whole, one
+    // at a time, when it asks for more (see the module docs): when it does,
+    // it has processed everything up to `fed`, and what follows is as the
+    // server sent it. Past `fed` it sees at most the first bytes of one
+    // record, which it cannot process but checks the header of (so that a
+    // reply that is not TLS at all is refused in rustls's words).
+    let mut fed: usize = 0;
+    let mut visible: usize = 0;
     let mut outgoing = vec![0u8; 4 * 1024];
     let mut encoded = 0;
     loop {
         let UnbufferedStatus { discard, state } =
-            conn.process_tls_records(&mut incoming[..received]);
+            conn.process_tls_records(&mut incoming[..visible]);
         let next = match state {
             Err(e) => {
                 // rustls reads the rest of this buffer (after `discard`) to
@@ -106,10 +144,23 @@ pub async fn connect(
         };
         incoming.copy_within(discard..received, 0);
         received -= discard;
+        // rustls discards only what it has processed, all of it before `fed`
+        // (saturating all the same: bytes from the network never panic us).
+        fed = fed.saturating_sub(discard);
+        visible = visible.saturating_sub(discard);
         match next {
             Next::Write => {}
             Next::Done => break,
             Next::Read => {
+                if let Some(end) = next_record_end(&incoming[..received], fed) {
+                    fed = end;
+                    visible = end;
+                    continue;
+                }
+                if visible < received {
+                    visible = received;
+                    continue;
+                }
                 if received == incoming.len() {
                     if incoming.len() >= MAX_FLIGHT {
                         return Err(io::Error::new(
@@ -127,8 +178,35 @@ pub async fn connect(
             }
         }
     }
+    if fed > 0 {
+        // rustls finished the handshake still holding bytes of ours: part of
+        // a message (it checks that the Finished ends its record, so this
+        // should not happen). What it holds cannot be handed over.
+        return Err(switch_over_refused(fed));
+    }
     let (secrets, session) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
     TlsStream::new(socket, secrets, session, &incoming[..received], kernel_tls)
+}
+
+/// The end of the record that starts at `start` in `buffered`, once all of
+/// it has arrived (None: it has not).
+fn next_record_end(buffered: &[u8], start: usize) -> Option<usize> {
+    let header = buffered.get(start..start + HEADER_LEN)?;
+    let end = start + HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    (end <= buffered.len()).then_some(end)
+}
+
+/// The switch-over to keyhole's record layer, refused: rustls finished the
+/// handshake with `held` bytes of a message it had not finished reading.
+fn switch_over_refused(held: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "TLS handshake with the server finished with {held} bytes of an unfinished handshake \
+             message left in rustls; keyhole cannot hand them to its record layer, so it \
+             refuses the connection"
+        ),
+    )
 }
 
 /// After a failed handshake, sends the alert rustls queued (the server then
@@ -156,5 +234,24 @@ async fn send_alert(conn: &mut UnbufferedClientConnection, socket: &mut Socket, 
     }
     if len > 0 {
         let _ = socket.write_all(&out[..len]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_is_given_one_whole_record_at_a_time() {
+        let two = [22, 3, 3, 0, 2, 0xaa, 0xbb, 23, 3, 3, 0, 1, 0xcc];
+        assert_eq!(next_record_end(&two, 0), Some(7));
+        assert_eq!(next_record_end(&two, 7), Some(13));
+        // Not all of it yet: the header, part of the body, or nothing.
+        assert_eq!(next_record_end(&two[..12], 7), None);
+        assert_eq!(next_record_end(&two[..9], 7), None);
+        assert_eq!(next_record_end(&two, 13), None);
+        // Any length the header says; rustls judges the header itself.
+        assert_eq!(next_record_end(&[22, 3, 3, 0xff, 0xff], 0), None);
+        assert_eq!(next_record_end(&[22, 3, 3, 0, 0], 0), Some(5));
     }
 }

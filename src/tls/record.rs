@@ -190,6 +190,12 @@ impl RecordLayer {
                 .key
                 .open_in_place(nonce, Aad::from(header), &mut record[HEADER_LEN..])
                 .map_err(|_| RecordError::BadMac)?;
+            // RFC 8446 section 5.4: with its padding, at most 2^14 + 1 bytes.
+            // (Reported without the content type byte, as the plaintext the
+            // check below would have found in a record without padding.)
+            if inner.len() > MAX_PLAINTEXT + 1 {
+                return Err(RecordError::Overflow(inner.len() - 1));
+            }
             // The content type is the last non-zero byte; zeros after it are padding.
             let end = inner
                 .iter()
@@ -207,7 +213,7 @@ impl RecordLayer {
             nonce[..4].copy_from_slice(&keys.iv[..4]);
             nonce[4..].copy_from_slice(&record[HEADER_LEN..HEADER_LEN + EXPLICIT_NONCE_LEN]);
             let plain_len = body_len - EXPLICIT_NONCE_LEN - TAG_LEN;
-            let aad = tls12_aad(keys.seq, outer, plain_len);
+            let aad = tls12_aad(keys.seq, [outer, record[1], record[2]], plain_len);
             let start = HEADER_LEN + EXPLICIT_NONCE_LEN;
             keys.key
                 .open_in_place(
@@ -225,7 +231,7 @@ impl RecordLayer {
                 return Err(RecordError::BadMac);
             }
             let plain_len = body_len - TAG_LEN;
-            let aad = tls12_aad(keys.seq, outer, plain_len);
+            let aad = tls12_aad(keys.seq, [outer, record[1], record[2]], plain_len);
             let nonce = Nonce::assume_unique_for_key(keys.nonce());
             keys.key
                 .open_in_place(nonce, Aad::from(aad), &mut record[HEADER_LEN..])
@@ -279,7 +285,7 @@ impl RecordLayer {
             buf[plain.end + 1..plain.end + 1 + TAG_LEN].copy_from_slice(tag.as_ref());
             plain.end + 1 + TAG_LEN
         } else {
-            let aad = tls12_aad(keys.seq, content_type, n);
+            let aad = tls12_aad(keys.seq, [content_type, 3, 3], n);
             let body = if keys.is_gcm() {
                 buf[start + HEADER_LEN..plain.start].copy_from_slice(&nonce[4..]);
                 EXPLICIT_NONCE_LEN + n + TAG_LEN
@@ -308,12 +314,12 @@ fn header(content_type: u8, body: usize) -> [u8; HEADER_LEN] {
     [content_type, 3, 3, len[0], len[1]]
 }
 
-fn tls12_aad(seq: u64, content_type: u8, len: usize) -> [u8; 13] {
+/// `type_and_version`: as in the record's header (the version a peer sent
+/// is authenticated, not assumed).
+fn tls12_aad(seq: u64, type_and_version: [u8; 3], len: usize) -> [u8; 13] {
     let mut aad = [0u8; 13];
     aad[..8].copy_from_slice(&seq.to_be_bytes());
-    aad[8] = content_type;
-    aad[9] = 3;
-    aad[10] = 3;
+    aad[8..11].copy_from_slice(&type_and_version);
     aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
     aad
 }

@@ -13,7 +13,14 @@
 //! Post-handshake messages are handled here: TLS 1.3 session tickets go to
 //! rustls (so the next connection can resume), a key update from the server
 //! rekeys the receiving side (and, when asked, ours), and keyhole rekeys its
-//! own side before its keys reach the suite's confidentiality limit.
+//! own side before its keys reach the suite's confidentiality limit. A
+//! message split across records (TLS allows it; a server with a small
+//! record size does it to its tickets) is put back together first
+//! ([`Reassembly`], at most rustls's 64 KiB a message); records of another
+//! type between its pieces are refused, as RFC 8446 section 5.1 requires.
+//! This includes the records that arrived with the server's last handshake
+//! flight: rustls stops at its Finished (see `handshake`), so a message
+//! split across that read and later ones is this module's, whole.
 //!
 //! With `--kernel-tls=auto`, and where the kernel carries the negotiated
 //! suite, the records are the kernel's instead (kTLS, [`super::ktls`]): the
@@ -103,6 +110,8 @@ pub struct TlsStream {
     peer_closed: bool,
     /// Limits on records that carry no application data.
     temper: Temper,
+    /// A post-handshake message whose first records have arrived.
+    reassembly: Reassembly,
     key_update_due: bool,
     /// Whether shutting down sends close_notify before the FIN.
     close_notify: bool,
@@ -206,6 +215,7 @@ impl TlsStream {
             tx_type: content::APPLICATION_DATA,
             peer_closed: false,
             temper: Temper::default(),
+            reassembly: Reassembly::default(),
             key_update_due: false,
             close_notify: true,
             close_notify_sent: false,
@@ -305,8 +315,10 @@ impl TlsStream {
                         self.rx = None;
                         self.raw = 0..0;
                         return Poll::Ready(Err(if partial {
+                            // A truncation like a missing close_notify,
+                            // judged the same way by the splice.
                             io::Error::new(
-                                io::ErrorKind::InvalidData,
+                                io::ErrorKind::UnexpectedEof,
                                 "the server closed the connection in the middle of a TLS record",
                             )
                         } else {
@@ -357,7 +369,9 @@ impl TlsStream {
                 self.rx = None;
                 return Poll::Ready(Err(closed_without_notify()));
             }
-            match u8::from(content_type) {
+            let content_type = u8::from(content_type);
+            self.reassembly.check_between_pieces(content_type)?;
+            match content_type {
                 content::APPLICATION_DATA => {
                     self.temper.data(n).map_err(tempered)?;
                     // The first segment of an empty chunk: always taken.
@@ -370,6 +384,7 @@ impl TlsStream {
                     let update = on_handshake(
                         &mut self.session,
                         &mut self.temper,
+                        &mut self.reassembly,
                         self.records.is_tls13(),
                         &chunk.bytes()[..n],
                     )?;
@@ -413,6 +428,7 @@ impl TlsStream {
             self.raw.start += len;
             progressed = true;
             let payload = record.start + opened.payload.start..record.start + opened.payload.end;
+            self.reassembly.check_between_pieces(opened.content_type)?;
             match opened.content_type {
                 content::APPLICATION_DATA => {
                     self.temper.data(payload.len()).map_err(tempered)?;
@@ -425,6 +441,7 @@ impl TlsStream {
                     let update = on_handshake(
                         &mut self.session,
                         &mut self.temper,
+                        &mut self.reassembly,
                         records.is_tls13(),
                         &chunk.bytes()[payload],
                     )?;
@@ -595,25 +612,18 @@ fn on_alert(temper: &mut Temper, payload: &[u8]) -> io::Result<bool> {
     }
 }
 
-/// Handshake messages after the handshake. Some(requested) for a key update.
+/// The handshake messages in one record after the handshake, with what
+/// earlier records left of a message. Some(requested) for a key update.
 fn on_handshake(
     session: &mut KernelConnection<ClientConnectionData>,
     temper: &mut Temper,
+    reassembly: &mut Reassembly,
     tls13: bool,
-    mut messages: &[u8],
+    fragment: &[u8],
 ) -> io::Result<Option<bool>> {
     let mut update = None;
-    while !messages.is_empty() {
-        let [kind, a, b, c, rest @ ..] = messages else {
-            return Err(fragmented());
-        };
-        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        if rest.len() < len {
-            return Err(fragmented());
-        }
-        let (body, rest) = rest.split_at(len);
-        messages = rest;
-        match (*kind, tls13) {
+    reassembly.feed(fragment, |kind, body, ends_record| {
+        match (kind, tls13) {
             (HANDSHAKE_NEW_SESSION_TICKET, true) => {
                 // A ticket rustls cannot use costs a resumption, nothing more.
                 if let Err(e) = session.handle_new_session_ticket(body) {
@@ -622,8 +632,17 @@ fn on_handshake(
             }
             (HANDSHAKE_KEY_UPDATE, true) => {
                 temper.key_update().map_err(tempered)?;
+                // Records after a key update are under the new key: a
+                // message (or part of one) sharing its record would be
+                // under the old one (RFC 8446 section 5.1).
+                if !ends_record {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent data after a key update in the same record",
+                    ));
+                }
                 match body {
-                    [0] => update = Some(update.unwrap_or(false)),
+                    [0] => update = Some(false),
                     [1] => update = Some(true),
                     _ => {
                         return Err(io::Error::new(
@@ -642,16 +661,142 @@ fn on_handshake(
                 ))
             }
         }
-        if update.is_some() && !messages.is_empty() {
-            // Records after a key update are under the new key; a message
-            // sharing its record would be a protocol violation.
+        Ok(())
+    })?;
+    Ok(update)
+}
+
+/// The largest post-handshake message keyhole reassembles: the body of a
+/// handshake message, as rustls limits it during the handshake (a session
+/// ticket is a few hundred bytes).
+const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
+const HANDSHAKE_HEADER_LEN: usize = 4;
+
+/// Post-handshake handshake messages put back together across records.
+///
+/// TLS lets a sender split a handshake message over several records (a
+/// server with a small record size does it to its session tickets), and
+/// put several in one. The usual case, whole messages in one record, is
+/// read where the record was opened; only a message's first pieces are
+/// copied here, in a buffer the size of the message (as its header says),
+/// freed when the message is whole, and never larger than the header plus
+/// [`MAX_HANDSHAKE_MESSAGE`] (a header announcing more is refused at once).
+/// No other record may come between the pieces (RFC 8446 section 5.1):
+/// [`Reassembly::check_between_pieces`] refuses one.
+#[derive(Debug, Default)]
+struct Reassembly {
+    /// The first pieces of a message (empty: none pending).
+    partial: Vec<u8>,
+}
+
+impl Reassembly {
+    /// Whether a message is waiting for its next piece.
+    fn is_pending(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
+    /// A record of `content_type` arrives: refused when it is not the next
+    /// piece of a pending message.
+    fn check_between_pieces(&self, content_type: u8) -> io::Result<()> {
+        if !self.is_pending() || content_type == content::HANDSHAKE {
+            return Ok(());
+        }
+        let what = match content_type {
+            content::APPLICATION_DATA => "application data".to_owned(),
+            content::ALERT => "an alert".to_owned(),
+            other => format!("a record of type {other}"),
+        };
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the server sent {what} in the middle of a handshake message split across \
+                 records (TLS forbids it, RFC 8446 section 5.1)"
+            ),
+        ))
+    }
+
+    /// Takes one record's handshake bytes: calls `each(type, body,
+    /// ends_record)` for every message they complete, in order, and keeps
+    /// the first pieces of one they do not.
+    fn feed(
+        &mut self,
+        mut fragment: &[u8],
+        mut each: impl FnMut(u8, &[u8], bool) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if fragment.is_empty() {
+            // RFC 8446 section 5.1, RFC 5246 section 6.2.1; and each would
+            // cost a record's work for nothing.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "the server sent data after a key update in the same record",
+                "the server sent an empty TLS handshake record, which TLS forbids",
             ));
         }
+        // The rest of a pending message, from the front of this record.
+        while self.is_pending() && !fragment.is_empty() {
+            let want = match message_len(&self.partial)? {
+                Some(total) => {
+                    // Once, to the message's size: no doubling past it, and
+                    // no copy per piece.
+                    self.partial.reserve_exact(total - self.partial.len());
+                    total - self.partial.len()
+                }
+                None => HANDSHAKE_HEADER_LEN - self.partial.len(),
+            };
+            let (piece, rest) = fragment.split_at(want.min(fragment.len()));
+            self.partial.extend_from_slice(piece);
+            fragment = rest;
+            if message_len(&self.partial)? == Some(self.partial.len()) {
+                let message = std::mem::take(&mut self.partial);
+                each(
+                    message[0],
+                    &message[HANDSHAKE_HEADER_LEN..],
+                    fragment.is_empty(),
+                )?;
+            }
+        }
+        // Whole messages where they lie; the start of one that goes on.
+        while !fragment.is_empty() {
+            match message_len(fragment)? {
+                Some(total) if total <= fragment.len() => {
+                    let (message, rest) = fragment.split_at(total);
+                    fragment = rest;
+                    each(
+                        message[0],
+                        &message[HANDSHAKE_HEADER_LEN..],
+                        fragment.is_empty(),
+                    )?;
+                }
+                unfinished => {
+                    let mut partial =
+                        Vec::with_capacity(unfinished.unwrap_or(HANDSHAKE_HEADER_LEN));
+                    partial.extend_from_slice(fragment);
+                    self.partial = partial;
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
-    Ok(update)
+}
+
+/// The length (header included) of the handshake message at the start of
+/// `bytes`, once its header is there; an error for one keyhole will not
+/// buffer.
+fn message_len(bytes: &[u8]) -> io::Result<Option<usize>> {
+    let [kind, a, b, c, ..] = *bytes else {
+        return Ok(None);
+    };
+    let body = u32::from_be_bytes([0, a, b, c]) as usize;
+    if body > MAX_HANDSHAKE_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the server sent a post-handshake TLS message (type {kind}) of {body} bytes; \
+                 keyhole accepts at most {MAX_HANDSHAKE_MESSAGE}"
+            ),
+        ));
+    }
+    Ok(Some(HANDSHAKE_HEADER_LEN + body))
 }
 
 /// A limit of [`Temper`]'s, as the stream's error.
@@ -663,13 +808,6 @@ fn closed_without_notify() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "the server closed the connection without close_notify",
-    )
-}
-
-fn fragmented() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        "the server split a post-handshake TLS message across records, which keyhole does not reassemble",
     )
 }
 
@@ -813,5 +951,200 @@ impl Leg for TlsStream {
 
     fn poll_shutdown_leg(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completed message: type, body, whether it ended its record.
+    type Message = (u8, Vec<u8>, bool);
+
+    /// Feeds `records` one at a time; returns the messages completed.
+    fn reassemble(records: &[&[u8]]) -> io::Result<(Vec<Message>, Reassembly)> {
+        let mut reassembly = Reassembly::default();
+        let mut got = Vec::new();
+        for record in records {
+            reassembly.feed(record, |kind, body, ends| {
+                got.push((kind, body.to_vec(), ends));
+                Ok(())
+            })?;
+        }
+        Ok((got, reassembly))
+    }
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let len = (body.len() as u32).to_be_bytes();
+        [&[kind, len[1], len[2], len[3]][..], body].concat()
+    }
+
+    #[test]
+    fn whole_messages_are_read_where_they_lie_several_to_a_record() {
+        let ticket = message(HANDSHAKE_NEW_SESSION_TICKET, &[9; 40]);
+        let update = message(HANDSHAKE_KEY_UPDATE, &[1]);
+        let record = [ticket.clone(), ticket.clone(), update].concat();
+        let (got, reassembly) = reassemble(&[&record]).expect("whole");
+        assert_eq!(
+            got,
+            vec![
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![9; 40], false),
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![9; 40], false),
+                (HANDSHAKE_KEY_UPDATE, vec![1], true),
+            ]
+        );
+        assert!(!reassembly.is_pending());
+        // Nothing was copied: no buffer was ever made.
+        assert_eq!(reassembly.partial.capacity(), 0);
+    }
+
+    #[test]
+    fn a_message_split_anywhere_even_inside_its_header_is_put_back_together() {
+        let ticket = message(HANDSHAKE_NEW_SESSION_TICKET, &(0..200).collect::<Vec<u8>>());
+        for cuts in [vec![1], vec![3], vec![4], vec![5, 100], vec![2, 3, 150]] {
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for &cut in cuts.iter().chain([ticket.len()].iter()) {
+                pieces.push(&ticket[from..cut]);
+                from = cut;
+            }
+            let (got, reassembly) = reassemble(&pieces).expect("reassembled");
+            assert_eq!(
+                got,
+                vec![(HANDSHAKE_NEW_SESSION_TICKET, ticket[4..].to_vec(), true)],
+                "cut at {cuts:?}"
+            );
+            assert!(!reassembly.is_pending());
+            assert_eq!(reassembly.partial.capacity(), 0, "freed once whole");
+        }
+    }
+
+    #[test]
+    fn a_record_can_end_one_message_and_start_the_next() {
+        let a = message(HANDSHAKE_NEW_SESSION_TICKET, &[1; 30]);
+        let b = message(HANDSHAKE_NEW_SESSION_TICKET, &[2; 30]);
+        let c = message(HANDSHAKE_KEY_UPDATE, &[0]);
+        let stream = [a, b, c].concat();
+        // Byte by byte: every message ends its (one-byte) record.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        let (got, _) = reassemble(&bytes).expect("byte by byte");
+        assert_eq!(
+            got,
+            vec![
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![1; 30], true),
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![2; 30], true),
+                (HANDSHAKE_KEY_UPDATE, vec![0], true),
+            ]
+        );
+        // Cut in the middle of the first and of the second.
+        let (got, reassembly) =
+            reassemble(&[&stream[..10], &stream[10..50], &stream[50..]]).expect("in three");
+        assert_eq!(
+            got,
+            vec![
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![1; 30], false),
+                (HANDSHAKE_NEW_SESSION_TICKET, vec![2; 30], false),
+                (HANDSHAKE_KEY_UPDATE, vec![0], true),
+            ]
+        );
+        assert!(!reassembly.is_pending());
+        // A record that ends the first and starts the second leaves a piece pending.
+        let (_, reassembly) = reassemble(&[&stream[..10], &stream[10..40]]).expect("pending");
+        assert!(reassembly.is_pending());
+        assert_eq!(reassembly.partial, stream[34..40]);
+    }
+
+    #[test]
+    fn messages_over_64_kib_are_refused_from_their_header() {
+        let err = reassemble(&[&[HANDSHAKE_NEW_SESSION_TICKET, 1, 0, 0, 0]]).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "the server sent a post-handshake TLS message (type 4) of 65536 bytes; \
+             keyhole accepts at most 65535"
+        );
+        // The header itself in pieces: refused when it is whole.
+        let err = reassemble(&[&[HANDSHAKE_NEW_SESSION_TICKET, 0xff], &[0xff, 0xff]])
+            .expect_err("refused");
+        assert!(err.to_string().contains("16777215 bytes"), "{err}");
+        // 65535 bytes of body in 16 KiB records: accepted, and nothing more kept.
+        let big = message(
+            HANDSHAKE_NEW_SESSION_TICKET,
+            &vec![7; MAX_HANDSHAKE_MESSAGE],
+        );
+        let pieces: Vec<&[u8]> = big.chunks(16 * 1024).collect();
+        let (got, reassembly) = reassemble(&pieces).expect("at the limit");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.len(), MAX_HANDSHAKE_MESSAGE);
+        assert!(!reassembly.is_pending());
+    }
+
+    #[test]
+    fn empty_handshake_records_are_refused() {
+        let err = reassemble(&[&[]]).expect_err("refused");
+        assert!(
+            err.to_string().contains("empty TLS handshake record"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_records_between_the_pieces_of_a_message_are_refused() {
+        let mut reassembly = Reassembly::default();
+        // Nothing pending: anything may come.
+        for content_type in [
+            content::APPLICATION_DATA,
+            content::ALERT,
+            content::HANDSHAKE,
+        ] {
+            reassembly
+                .check_between_pieces(content_type)
+                .expect("no message pending");
+        }
+        reassembly
+            .feed(
+                &[HANDSHAKE_NEW_SESSION_TICKET, 0, 0, 10, 1, 2],
+                |_, _, _| panic!("not whole yet"),
+            )
+            .expect("first piece");
+        reassembly
+            .check_between_pieces(content::HANDSHAKE)
+            .expect("the next piece");
+        let err = reassembly
+            .check_between_pieces(content::APPLICATION_DATA)
+            .expect_err("data between pieces");
+        assert_eq!(
+            err.to_string(),
+            "the server sent application data in the middle of a handshake message split \
+             across records (TLS forbids it, RFC 8446 section 5.1)"
+        );
+        let err = reassembly
+            .check_between_pieces(content::ALERT)
+            .expect_err("an alert between pieces");
+        assert!(
+            err.to_string().contains("sent an alert in the middle"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_error_from_a_message_stops_the_record() {
+        let record = [
+            message(HANDSHAKE_KEY_UPDATE, &[0]),
+            message(HANDSHAKE_NEW_SESSION_TICKET, &[1; 8]),
+        ]
+        .concat();
+        let mut seen = 0;
+        let err = Reassembly::default()
+            .feed(&record, |_, _, ends_record| {
+                seen += 1;
+                if ends_record {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("key update before the end of its record"))
+                }
+            })
+            .expect_err("refused");
+        assert_eq!(seen, 1);
+        assert!(err.to_string().contains("key update"), "{err}");
     }
 }

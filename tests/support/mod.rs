@@ -149,6 +149,7 @@ pub mod clients;
 pub mod cloud;
 pub mod cloudsql;
 pub mod fake_rds;
+pub mod fault_proxy;
 pub mod http;
 pub mod keyhole;
 pub mod logs;
@@ -158,6 +159,7 @@ pub mod postgres;
 pub mod process;
 pub mod session;
 pub mod sigv4;
+pub mod tls_records;
 pub mod wire;
 
 use std::collections::HashSet;
