@@ -436,7 +436,11 @@ pub fn encode_error_response(out: &mut BytesMut, sqlstate: &str, message: &str) 
         (b'C', sqlstate),
         (b'M', message),
     ];
-    let body_len: usize = fields.iter().map(|(_, v)| 2 + v.len()).sum::<usize>() + 1;
+    let body_len: usize = fields
+        .iter()
+        .map(|(_, v)| 2 + v.bytes().filter(|&b| b != 0).count())
+        .sum::<usize>()
+        + 1;
     out.reserve(5 + body_len);
     out.put_u8(tag::ERROR_RESPONSE);
     out.put_u32(4 + body_len as u32);
