@@ -9,6 +9,8 @@
 //! synthetic upstream --listen ADDR --cert PEM --key PEM
 //! synthetic stream   --connect ADDR --bytes N [--tls --ca PEM --server-name NAME]
 //! synthetic idle     --connect ADDR --count N [--concurrency C] [--tls --ca PEM --server-name NAME]
+//! synthetic soak     --connect ADDR --count N [--concurrency C] --duration SECS --trickle SECS
+//!                    --churn PER_SEC [--tls --ca PEM --server-name NAME]
 //! ```
 //!
 //! `upstream` speaks just enough of the PostgreSQL protocol, over TLS only: SSLRequest
@@ -28,11 +30,23 @@
 //! `select 1` on each, prints `ready N`, and holds them until its standard input
 //! closes or it gets SIGTERM or SIGINT. If any connection fails it says how many were
 //! up and why, and exits 1.
+//!
+//! `soak` (scripts/soak.sh) opens N connections as `idle` does and prints `ready N
+//! seconds S`, then for SECS seconds: each held connection runs `select 1` once every
+//! --trickle seconds (their first queries spread evenly over the first period, so the
+//! queries trickle in instead of coming all at once), and --churn new connections a
+//! second are opened, logged in, run one query and are closed with Terminate. Every
+//! 10 s it prints `elapsed S held H queries Q churn C errors E`. A failed query on a
+//! held connection is reported on stderr and counted, and the connection is opened
+//! again (each failed attempt counted too, one a second); so is a failed churn
+//! connection. At the end it prints `done elapsed ...` with the totals, closes the
+//! held connections with Terminate, and exits 1 if there was any error.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use rustls::pki_types::pem::PemObject;
@@ -92,6 +106,26 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// Hold N connections for SECS seconds with a trickle of queries on each and a churn
+    /// of short connections beside them; a progress line every 10 s.
+    Soak {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        #[arg(long)]
+        count: usize,
+        /// How many connections may be opening at the same time (at the start).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds to hold them, counted from when all are open.
+        #[arg(long)]
+        duration: u64,
+        /// Each held connection runs `select 1` once every this many seconds.
+        #[arg(long)]
+        trickle: f64,
+        /// New connections a second, each logged in, one query, closed (0: none).
+        #[arg(long)]
+        churn: f64,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -128,6 +162,14 @@ fn main() {
                 count,
                 concurrency,
             } => idle(conn, count, concurrency).await,
+            Command::Soak {
+                conn,
+                count,
+                concurrency,
+                duration,
+                trickle,
+                churn,
+            } => soak(conn, count, concurrency, duration, trickle, churn).await,
         }
     });
     if let Err(err) = outcome {
@@ -580,13 +622,18 @@ async fn stream(args: ConnectArgs, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-async fn idle(args: ConnectArgs, count: usize, concurrency: usize) -> Result<()> {
-    let tls = Arc::new(tls_connector(&args)?);
-    let args = Arc::new(args);
+/// Opens `count` connections (at most `concurrency` opening at once), logs each in
+/// and runs `select 1` on it; fails with how many were up when one fails.
+async fn open_all(
+    args: &Arc<ConnectArgs>,
+    tls: &Arc<Option<(tokio_rustls::TlsConnector, ServerName<'static>)>>,
+    count: usize,
+    concurrency: usize,
+) -> Result<Vec<Conn>> {
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut opening = JoinSet::new();
     for _ in 0..count {
-        let (args, tls, gate) = (Arc::clone(&args), Arc::clone(&tls), Arc::clone(&gate));
+        let (args, tls, gate) = (Arc::clone(args), Arc::clone(tls), Arc::clone(&gate));
         opening.spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let mut conn = connect(&args, &tls).await?;
@@ -607,18 +654,209 @@ async fn idle(args: ConnectArgs, count: usize, concurrency: usize) -> Result<()>
             }
         }
     }
-    println!("ready {}", held.len());
-    wait_for_release().await?;
-    // Terminate on each, so that the other side sees a clean end.
+    Ok(held)
+}
+
+/// Terminate on each, so that the other side sees a clean end.
+async fn close_all(held: Vec<Conn>) {
     let mut closing = JoinSet::new();
-    for mut conn in held {
-        closing.spawn(async move {
-            let _ = conn.write_all(b"X\0\0\0\x04").await;
-            let _ = conn.shutdown().await;
-        });
+    for conn in held {
+        closing.spawn(terminate(conn));
     }
     while closing.join_next().await.is_some() {}
+}
+
+async fn terminate(mut conn: Conn) {
+    let _ = conn.write_all(b"X\0\0\0\x04").await;
+    let _ = conn.shutdown().await;
+}
+
+async fn idle(args: ConnectArgs, count: usize, concurrency: usize) -> Result<()> {
+    let tls = Arc::new(tls_connector(&args)?);
+    let held = open_all(&Arc::new(args), &tls, count, concurrency).await?;
+    println!("ready {}", held.len());
+    wait_for_release().await?;
+    close_all(held).await;
     Ok(())
+}
+
+/// What the soak's tasks share: how to connect, and the counts.
+struct Soak {
+    args: ConnectArgs,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    held: AtomicUsize,
+    queries: AtomicU64,
+    churned: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Soak {
+    fn line(&self, elapsed: Duration) -> String {
+        format!(
+            "elapsed {} held {} queries {} churn {} errors {}",
+            elapsed.as_secs(),
+            self.held.load(Ordering::Relaxed),
+            self.queries.load(Ordering::Relaxed),
+            self.churned.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed)
+        )
+    }
+
+    fn error(&self, what: &str, err: &BoxError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        eprintln!("synthetic soak: {what}: {err}");
+    }
+}
+
+/// How often the soak prints its progress line.
+const SOAK_REPORT: Duration = Duration::from_secs(10);
+
+async fn soak(
+    args: ConnectArgs,
+    count: usize,
+    concurrency: usize,
+    duration: u64,
+    trickle: f64,
+    churn: f64,
+) -> Result<()> {
+    if !(trickle.is_finite() && trickle > 0.0) {
+        return Err("--trickle: a number of seconds above 0".into());
+    }
+    if !(churn.is_finite() && churn >= 0.0) {
+        return Err("--churn: connections a second, 0 or more".into());
+    }
+    let tls = Arc::new(tls_connector(&args)?);
+    let args = Arc::new(args);
+    let opening = Instant::now();
+    let held = open_all(&args, &tls, count, concurrency).await?;
+    println!(
+        "ready {} seconds {:.1}",
+        held.len(),
+        opening.elapsed().as_secs_f64()
+    );
+    let soak = Arc::new(Soak {
+        args: ConnectArgs::clone(&args),
+        tls: Option::clone(&tls),
+        held: AtomicUsize::new(held.len()),
+        queries: AtomicU64::new(0),
+        churned: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let start = tokio::time::Instant::now();
+    let end = start + Duration::from_secs(duration);
+    let period = Duration::from_secs_f64(trickle);
+
+    // Connection i runs its first query i/N of a period after the start.
+    let mut holding = JoinSet::new();
+    for (i, conn) in held.into_iter().enumerate() {
+        let first = start + period.mul_f64(i as f64 / count.max(1) as f64);
+        holding.spawn(hold(Arc::clone(&soak), i, conn, first, period, end));
+    }
+    let churning = (churn > 0.0).then(|| {
+        let period = Duration::from_secs_f64(1.0 / churn);
+        tokio::spawn(churn_until(Arc::clone(&soak), start + period, period, end))
+    });
+
+    let mut report = tokio::time::interval_at(start + SOAK_REPORT, SOAK_REPORT);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let finished = tokio::time::sleep_until(end);
+    tokio::pin!(finished);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut finished => break,
+            now = report.tick() => println!("{}", soak.line(now - start)),
+        }
+    }
+    if let Some(churning) = churning {
+        churning.await?;
+    }
+    let mut kept = Vec::with_capacity(count);
+    while let Some(joined) = holding.join_next().await {
+        kept.extend(joined?);
+    }
+    println!("done {}", soak.line(start.elapsed()));
+    close_all(kept).await;
+    match soak.errors.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        errors => Err(format!("{errors} errors during the soak (stderr says which)").into()),
+    }
+}
+
+/// One held connection: `select 1` at `first`, then every `period` until `end`; when
+/// one fails, a new connection in its place. Returns the connection it holds at the end.
+async fn hold(
+    soak: Arc<Soak>,
+    slot: usize,
+    conn: Conn,
+    first: tokio::time::Instant,
+    period: Duration,
+    end: tokio::time::Instant,
+) -> Option<Conn> {
+    let mut conn = Some(conn);
+    let mut next = first;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        next += period;
+        let Some(live) = conn.as_mut() else { break };
+        match query(live, "select 1").await {
+            Ok(_) => {
+                soak.queries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(err) => {
+                soak.error(&format!("held connection {slot}"), &err);
+                soak.held.fetch_sub(1, Ordering::Relaxed);
+                conn = None;
+            }
+        }
+        // Open it again, trying once a second until the end.
+        while conn.is_none() && tokio::time::Instant::now() < end {
+            match connect(&soak.args, &soak.tls).await {
+                Ok(fresh) => {
+                    soak.held.fetch_add(1, Ordering::Relaxed);
+                    conn = Some(fresh);
+                }
+                Err(err) => {
+                    soak.error(&format!("re-opening held connection {slot}"), &err);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    conn
+}
+
+/// A new connection every `period` from `first` until `end`: logged in, `select 1`,
+/// Terminate. Returns when the last one is closed.
+async fn churn_until(
+    soak: Arc<Soak>,
+    first: tokio::time::Instant,
+    period: Duration,
+    end: tokio::time::Instant,
+) {
+    // (a tick that comes late is made up for at once: the rate holds over the run)
+    let mut tick = tokio::time::interval_at(first, period);
+    let mut running = JoinSet::new();
+    while tick.tick().await < end {
+        let soak = Arc::clone(&soak);
+        running.spawn(async move {
+            let outcome = async {
+                let mut conn = connect(&soak.args, &soak.tls).await?;
+                query(&mut conn, "select 1").await?;
+                terminate(conn).await;
+                Ok::<(), BoxError>(())
+            };
+            match outcome.await {
+                Ok(()) => {
+                    soak.churned.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => soak.error("churn connection", &err),
+            }
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
 }
 
 /// Until standard input reaches its end (or fails), or SIGTERM or SIGINT comes.
