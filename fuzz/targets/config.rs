@@ -50,7 +50,7 @@ pub fn run(data: &[u8]) {
         let Some(password) = password(line) else {
             continue;
         };
-        if shown.contains(password) && !known_parameter_echo(&shown) {
+        if shown.contains(password) {
             // The same input with this line's password masked: the
             // password must then be gone from what keyhole shows.
             let masked = format!(
@@ -65,14 +65,6 @@ pub fn run(data: &[u8]) {
             );
         }
     }
-}
-
-/// Known (reported, not fixed here): target errors for a parameter with no
-/// value or an unknown name quote it as written, so a hop URL written
-/// without `via=` (`postgres://db?socks5://me:PASSWORD@proxy:1080`) shows
-/// its password.
-fn known_parameter_echo(message: &str) -> bool {
-    message.contains("' has no value") || message.contains(": unknown parameter '")
 }
 
 /// keyhole's long flags, as its `--help` lists them.
@@ -139,11 +131,7 @@ fn password(line: &str) -> Option<&str> {
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (userinfo, _) = rest[..end].rsplit_once('@')?;
         let (_, password) = userinfo.split_once(':')?;
-        // Known (reported, not fixed here): `redact` ends a URL's
-        // authority at '&', so userinfo with a literal '&' (which `--via`
-        // and `ALL_PROXY` accept) is not masked in messages.
-        let known = userinfo.contains('&');
-        (scheme_ok && password.len() >= 6 && !known).then_some(password)
+        (scheme_ok && password.len() >= 6).then_some(password)
     })
 }
 
@@ -171,11 +159,7 @@ fn parsers(line: &str) {
     no_leak(line, "redact", redact);
 
     no_leak(line, "a target error", |l| {
-        let error = target::parse(l).err().unwrap_or_default();
-        if known_parameter_echo(&error) {
-            return String::new();
-        }
-        error
+        target::parse(l).err().unwrap_or_default()
     });
     if let Ok(url) = target::parse(line) {
         check_target(&url);

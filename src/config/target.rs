@@ -101,13 +101,16 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
     let port = port.unwrap_or(protocol.default_port());
     let mut params = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("target '{text}': parameter '{pair}' has no value"))?;
+        let (name, value) = pair.split_once('=').ok_or_else(|| {
+            // A hop URL written without `via=` lands here: never its password.
+            let pair = super::via::redact(pair);
+            format!("target '{text}': parameter '{pair}' has no value")
+        })?;
         let name = percent_decode(name).map_err(|e| format!("target '{text}': {e}"))?;
         if !TARGET_PARAMS.contains(&name.as_str()) {
             return Err(format!(
-                "target '{text}': unknown parameter '{name}' (known: {})",
+                "target '{text}': unknown parameter '{}' (known: {})",
+                super::via::redact(&name),
                 TARGET_PARAMS.join(", ")
             ));
         }

@@ -187,7 +187,11 @@ pub fn redact(text: &str) -> String {
     while let Some(start) = rest.find("://") {
         let (head, tail) = rest.split_at(start + 3);
         out.push_str(head);
-        let end = tail.find(['/', '?', '&', '#']).unwrap_or(tail.len());
+        // The authority ends at '/', '?' or '#' (RFC 3986); not at '&',
+        // which a password may hold. Inside a target's query a hop URL is
+        // followed by '&': masking past it, up to the last '@', is the safe
+        // side of the mistake.
+        let end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
         match tail[..end].rfind('@') {
             Some(at) => {
                 out.push_str("***");
@@ -329,6 +333,17 @@ mod tests {
             e.contains("USER:PASSWORD") && !e.contains("justauser"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_password_with_an_ampersand_is_masked_whole() {
+        assert_eq!(
+            redact("http://me:pa&ss@proxy:3128"),
+            "http://***@proxy:3128"
+        );
+        let err = crate::config::target::parse("postgres://db?socks5://me:pa&ss@proxy:1080")
+            .expect_err("a hop without via= is not a parameter");
+        assert!(!err.contains("pa&ss") && !err.contains("ss@"), "{err}");
     }
 
     #[test]
