@@ -41,15 +41,31 @@ pub fn run(data: &[u8]) {
     // Nothing keyhole says about the configuration shows a password in it.
     // Instance targets are left out: see `parsers`.
     let mut start = 0;
+    let mut flag_before = false;
     for line in text.split_inclusive('\n') {
         let at = start;
         start += line.len();
-        if name::is_instance_target(line.trim_end()) {
+        // The argument after a `--flag` (no `=`) is that flag's value: its
+        // text, which an error may quote. (Lines `load` does not pass on,
+        // variables and unknown flags, are not arguments.)
+        let trimmed = line.trim_end_matches('\n');
+        let unknown_flag = trimmed.starts_with('-')
+            && !known_flags()
+                .iter()
+                .any(|k| k == trimmed.split_once('=').map_or(trimmed, |(f, _)| f));
+        let value_of_flag = flag_before;
+        if !trimmed.starts_with("env ") && !unknown_flag {
+            flag_before = trimmed.starts_with("--") && !trimmed.contains('=');
+        }
+        if value_of_flag || name::is_instance_target(trimmed) {
             continue;
         }
         let Some(password) = password(line) else {
             continue;
         };
+        if text.matches(password).count() > 1 {
+            continue;
+        }
         if shown.contains(password) {
             // The same input with this line's password masked: the
             // password must then be gone from what keyhole shows.
@@ -142,6 +158,10 @@ fn no_leak(line: &str, what: &str, show: impl Fn(&str) -> String) {
     let Some(password) = password(line) else {
         return;
     };
+    // The same text twice (once where no password belongs): ambiguous.
+    if line.matches(password).count() > 1 {
+        return;
+    }
     let shown = show(line);
     if !shown.contains(password) {
         return;
