@@ -217,7 +217,9 @@ where
         Err(SessionError::Splice(e)) if e.side == crate::splice::Side::Client => {
             let settled = async {
                 let _ = server.shutdown().await;
-                let mut sink = [0u8; 8192];
+                // On the heap: an array here would sit in every session's
+                // future (8 KiB per connection), used or not.
+                let mut sink = vec![0u8; 8192];
                 while matches!(server.read(&mut sink).await, Ok(n) if n > 0) {}
             };
             tokio::time::timeout(CLIENT_GONE_GRACE, settled)
