@@ -44,6 +44,12 @@ keyhole_cargo_on_path
 locked=()
 [[ -f Cargo.lock ]] && locked=(--locked)
 
+# A one-shot CI run gains nothing from incremental compilation, and its working files took
+# 9 GB of a disk that ran out once.
+if [[ -n ${CI:-} ]]; then
+  export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+fi
+
 # Interactive runs keep cargo's colours even though the test step is piped.
 if [[ -t 1 ]]; then
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
@@ -109,6 +115,10 @@ keyhole_ensure_packages || fail
 if pg_bindir=$(keyhole_pg_bindir); then
   keyhole_log "PostgreSQL server binaries: $pg_bindir"
 fi
+
+# A full run builds about 6 GB (debug tests, clippy, the release bench binary); say up
+# front how much room there is, so "No space left on device" later is no mystery.
+keyhole_log "free disk for target/: $(df -h --output=avail . | tail -n 1 | tr -d ' ')"
 
 step toolchain "Rust toolchain"
 if ! command -v cargo >/dev/null 2>&1; then

@@ -44,6 +44,8 @@ const BAD_HANDSHAKE: u16 = 1043;
 const CANNOT_CONNECT: u16 = 1429;
 /// CR_SSL_CONNECTION_ERROR: TLS to the server failed or was refused.
 const TLS_ERROR: u16 = 3159;
+/// ER_NET_READ_ERROR: the server went away or stalled during the login.
+const SERVER_LOST: u16 = 1158;
 /// The SQLSTATE of keyhole's connection-level errors.
 const COMMUNICATION_ERROR: &str = "08S01";
 
@@ -965,6 +967,147 @@ fn a_silent_client_is_timed_out_with_an_err_packet() {
         who_tls_port(db),
         "a prompt client still gets in"
     );
+}
+
+/// A MySQL server for `localhost` under `pki` that greets offering TLS,
+/// reads keyhole's SSLRequest, completes TLS, reads the HandshakeResponse
+/// and then does what `after_response` does with the session. Returns its
+/// port.
+fn fake_tls_mysql<F, Fut>(rt: &Runtime, pki: &TestPki, after_response: F) -> u16
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    async fn read_packet<S: AsyncReadExt + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.ok()?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.ok()?;
+        Some(payload)
+    }
+    let acceptor = pki.tls_acceptor();
+    let after_response = std::sync::Arc::new(after_response);
+    support::serve_each(rt, move |mut socket| {
+        let acceptor = acceptor.clone();
+        let after_response = after_response.clone();
+        async move {
+            let greeting = packet(0, &greeting_payload(10, CLIENT_41 | CLIENT_SSL));
+            if socket.write_all(&greeting).await.is_err()
+                || read_packet(&mut socket).await.is_none()
+            {
+                return;
+            }
+            let Ok(mut tls) = acceptor.accept(socket).await else {
+                return;
+            };
+            if read_packet(&mut tls).await.is_some() {
+                after_response(tls).await;
+            }
+        }
+    })
+}
+
+/// keyhole with `--startup-timeout TIMEOUT` in front of a fake server that
+/// does `after_response`: a raw client sends its response, answers every
+/// packet keyhole passes on (any bytes will do for the fake), and must get
+/// keyhole's ERR saying the login did not finish in time.
+fn refused_at_the_login_deadline<F, Fut>(timeout: &str, after_response: F)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = support::runtime();
+    let pki = TestPki::generate(&["localhost"]);
+    let port = fake_tls_mysql(&rt, &pki, after_response);
+    let target = format!("mysql://127.0.0.1:{port}?server-name=localhost");
+    let keyhole = Keyhole::start(&[
+        "--ca-file",
+        path_arg(&pki.ca),
+        "--startup-timeout",
+        timeout,
+        &target,
+    ]);
+    let mut client = greeted(keyhole.port());
+    client
+        .write_all(&packet(1, &handshake_response(CLIENT_41, NATIVE_USER)))
+        .expect("send the handshake response");
+    let mut passed_on = 0;
+    let (seq, payload) = loop {
+        let (seq, payload) = read_packet(&mut client);
+        if payload.first() == Some(&0xff) {
+            break (seq, payload);
+        }
+        // An AuthMoreData from the fake: answer it as a client would.
+        passed_on += 1;
+        // At one packet in 100 ms: a minute, far past any deadline here.
+        assert!(passed_on < 600, "keyhole never cut the login");
+        client
+            .write_all(&packet(seq.wrapping_add(1), b"more"))
+            .expect("answer the server's packet");
+    };
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "keyhole sent more after its ERR: {rest:02x?}"
+    );
+    let err = ErrPacket {
+        seq,
+        code: u16::from_le_bytes([payload[1], payload[2]]),
+        state: String::from_utf8_lossy(&payload[4..9]).into_owned(),
+        message: String::from_utf8_lossy(&payload[9..]).into_owned(),
+    };
+    assert_eq!(
+        err,
+        ErrPacket::new(
+            seq,
+            SERVER_LOST,
+            COMMUNICATION_ERROR,
+            &format!(
+                "the server did not finish authentication within {timeout} (--startup-timeout)"
+            )
+        ),
+        "after {passed_on} packets passed on"
+    );
+    keyhole.wait_for_log("outcome=\"upstream_timeout\"", 1);
+}
+
+/// A server that completes TLS, reads the client's response and says
+/// nothing: the client is told so at `--startup-timeout`.
+#[test]
+fn a_server_that_goes_quiet_after_tls_is_reported() {
+    refused_at_the_login_deadline("1s", |mut tls| async move {
+        let mut sink = Vec::new();
+        let _ = tls.read_to_end(&mut sink).await;
+    });
+}
+
+/// A server (or anything before TLS is verified end to end) that keeps the
+/// authentication going with an AuthMoreData every 100 ms, each well within
+/// the step timeout, answered by the client each time: the login as a
+/// whole still ends at `--startup-timeout`.
+#[test]
+fn a_login_that_never_ends_is_cut_at_the_deadline() {
+    refused_at_the_login_deadline("2s", |mut tls| async move {
+        // The client's answers are read on the side; the next packet does
+        // not wait for them.
+        let (mut reader, mut writer) = tokio::io::split(&mut tls);
+        let drain = async {
+            let mut sink = [0u8; 256];
+            while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+        };
+        let trickle = async {
+            for seq in (3u8..=255).cycle().step_by(2) {
+                let more = packet(seq, &[0x01, 0x04]);
+                if writer.write_all(&more).await.is_err() || writer.flush().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::join!(drain, trickle);
+    });
 }
 
 #[test]

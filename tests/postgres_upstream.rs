@@ -13,8 +13,6 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -561,48 +559,32 @@ where
     F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&pki.server_cert)
-        .expect("server cert")
-        .collect::<Result<_, _>>()
-        .expect("pem");
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.server_key).expect("server key");
-    let config = rustls::ServerConfig::builder_with_provider(keyhole::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let port = listener.local_addr().expect("addr").port();
+    let acceptor = pki.tls_acceptor();
     let after_startup = std::sync::Arc::new(after_startup);
-    rt.spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let after_startup = after_startup.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 8];
-                if socket.read_exact(&mut request).await.is_err()
-                    || socket.write_all(b"S").await.is_err()
-                {
-                    return;
-                }
-                let Ok(mut tls) = acceptor.accept(socket).await else {
-                    return;
-                };
-                let mut len = [0u8; 4];
-                if tls.read_exact(&mut len).await.is_err() {
-                    return;
-                }
-                let mut startup = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
-                if tls.read_exact(&mut startup).await.is_err() {
-                    return;
-                }
-                after_startup(tls).await;
-            });
+    support::serve_each(rt, move |mut socket| {
+        let acceptor = acceptor.clone();
+        let after_startup = after_startup.clone();
+        async move {
+            let mut request = [0u8; 8];
+            if socket.read_exact(&mut request).await.is_err()
+                || socket.write_all(b"S").await.is_err()
+            {
+                return;
+            }
+            let Ok(mut tls) = acceptor.accept(socket).await else {
+                return;
+            };
+            let mut len = [0u8; 4];
+            if tls.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut startup = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+            if tls.read_exact(&mut startup).await.is_err() {
+                return;
+            }
+            after_startup(tls).await;
         }
-    });
-    port
+    })
 }
 
 /// Starts keyhole with `--startup-timeout TIMEOUT` in front of a fake

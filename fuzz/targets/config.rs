@@ -39,7 +39,6 @@ pub fn run(data: &[u8]) {
     }
     let shown = load(&text, true);
     // Nothing keyhole says about the configuration shows a password in it.
-    // Instance targets are left out: see `parsers`.
     let mut start = 0;
     let mut flag_before = false;
     for line in text.split_inclusive('\n') {
@@ -57,7 +56,7 @@ pub fn run(data: &[u8]) {
         if !trimmed.starts_with("env ") && !unknown_flag {
             flag_before = trimmed.starts_with("--") && !trimmed.contains('=');
         }
-        if value_of_flag || name::is_instance_target(trimmed) {
+        if value_of_flag {
             continue;
         }
         let Some(password) = password(line) else {
@@ -206,10 +205,6 @@ fn parsers(line: &str) {
             format!("{}:{}", name.project, name.instance)
         );
     }
-    // (Instance-target errors are not checked for passwords. Known, reported,
-    // not fixed here: they quote the target as written, so
-    // `cloudsql://user:PASSWORD@...` would show the password; Cloud SQL
-    // targets carry none, so only text keyhole refuses anyway is concerned.)
     if let Ok(parsed) = name::parse_target(line, |s| Ok(s.to_owned())) {
         match &parsed.name {
             Named::Instance(n) => {

@@ -148,6 +148,18 @@ pub fn parse_target(
         Some((_, rest)) => rest,
         None => head,
     };
+    // `cloudsql://me:PASSWORD@...`: no instance name holds an '@', and an
+    // error that quoted the target would show the password.
+    if let Some(at) = name.rfind('@') {
+        let scheme = &head[..head.len() - name.len()];
+        return Err(format!(
+            "target '{scheme}***{}': a target carries no user or password; clients send their own",
+            &name[at..]
+        ));
+    }
+    // Parameters may hold URLs with a user of their own (a mistyped `via=`).
+    let shown = crate::config::via::redact(text);
+    let text = shown.as_str();
     let name = name.strip_suffix('/').unwrap_or(name);
     let name = if name.contains(':') {
         Named::Instance(InstanceName::parse(name).map_err(|e| format!("target {e}"))?)
@@ -239,5 +251,29 @@ mod tests {
         assert_eq!(t.name, Named::Dns("prod-db.example.com".into()));
         let e = parse_target("cloudsql://localhost", plain).expect_err("one label");
         assert!(e.contains("neither an instance connection name"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_show_a_password() {
+        for (target, shown) in [
+            (
+                "cloudsql://me:hunter2@p:us-central1:i",
+                "target 'cloudsql://***@p:us-central1:i'",
+            ),
+            ("me:hunter2@p:us-central1:i", "target '***@p:us-central1:i'"),
+            (
+                "cloudsql://me:hunter2@db.example.com",
+                "target 'cloudsql://***@db.example.com'",
+            ),
+            (
+                "p:r:i?via=ssh://me:hunter2@bastion%zz",
+                "bad percent-encoding",
+            ),
+        ] {
+            let decode = crate::config::target::percent_decode_text;
+            let e = parse_target(target, decode).expect_err(target);
+            assert!(e.starts_with(shown) || e.contains(shown), "{target}: {e}");
+            assert!(!e.contains("hunter2"), "{target}: {e}");
+        }
     }
 }

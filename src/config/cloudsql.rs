@@ -197,12 +197,18 @@ pub(super) fn instance_target(
     let parsed =
         name::parse_target(text, super::target::percent_decode_text).map_err(super::invalid)?;
     let target_name = parsed.name.to_string();
-    let in_target =
-        |key: &str, e: String| super::invalid(format!("instance {target_name}: {key}: {e}"));
+    // The messages quote parameter values as written: never a URL's password.
+    let in_target = |key: &str, e: String| {
+        super::invalid(format!(
+            "instance {target_name}: {key}: {}",
+            super::via::redact(&e)
+        ))
+    };
     for (key, _) in &parsed.params {
         if !INSTANCE_PARAMS.contains(&key.as_str()) {
             return Err(super::invalid(format!(
-                "instance {target_name}: unknown parameter '{key}' (known: {})",
+                "instance {target_name}: unknown parameter '{}' (known: {})",
+                super::via::redact(key),
                 INSTANCE_PARAMS.join(", ")
             )));
         }
@@ -562,6 +568,23 @@ mod tests {
         assert!(err(&["P:r:i"]).contains("project 'P'"));
         // A flag cloud-sql-proxy has and keyhole does not is refused by name.
         assert!(err(&["--fuse", "/x", "p:r:i"]).contains("--fuse"));
+    }
+
+    #[test]
+    fn instance_target_errors_never_show_a_password() {
+        for (target, says) in [
+            ("cloudsql://me:hunter2@p:r:i", "carries no user or password"),
+            ("p:r:i?listen=ssh://me:hunter2@h", "listen:"),
+            ("p:r:i?address=http://me:hunter2@h", "not an IP address"),
+            (
+                "p:r:i?http://me:hunter2@h",
+                "unknown parameter 'http://***@h'",
+            ),
+        ] {
+            let e = err(&[target]);
+            assert!(e.contains(says), "{target}: {e}");
+            assert!(!e.contains("hunter2"), "{target}: {e}");
+        }
     }
 
     #[test]

@@ -193,7 +193,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
             let hex = text
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in '{text}'"))?;
+                .ok_or_else(|| format!("bad percent-encoding in '{}'", super::via::redact(text)))?;
             out.push(hex);
             i += 3;
         } else {

@@ -54,4 +54,23 @@ impl TestPki {
             _tmp: None,
         }
     }
+
+    /// A TLS acceptor presenting the server certificate, for the tests'
+    /// hand-made servers.
+    pub fn tls_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<_> = CertificateDer::pem_file_iter(&self.server_cert)
+            .expect("read the server certificate")
+            .collect::<Result<_, _>>()
+            .expect("parse the server certificate");
+        let key = PrivateKeyDer::from_pem_file(&self.server_key).expect("read the server key");
+        let config = rustls::ServerConfig::builder_with_provider(keyhole::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("a server TLS configuration");
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    }
 }

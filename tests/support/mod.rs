@@ -10,7 +10,8 @@
 //!   (never the same one twice in one process).
 //! - [`certs::TestPki`]: `TestPki::generate(names: &[&str]) -> TestPki` runs
 //!   `certs/generate.sh` into a fresh temporary directory (deleted on drop);
-//!   `TestPki::generate_in(dir, names)` writes into a directory you own. Fields
+//!   `TestPki::generate_in(dir, names)` writes into a directory you own;
+//!   `tls_acceptor()` presents the server certificate. Fields
 //!   `dir, ca, ca_key, server_cert, server_key, client_cert, client_key: PathBuf`.
 //! - [`postgres::PgCluster`]:
 //!   - `PgCluster::start(PgOptions { ssl, extra_conf, extra_hba }) -> PgCluster`
@@ -201,4 +202,27 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("build a tokio runtime")
+}
+
+/// Listens on a fresh port on 127.0.0.1 and runs `each` on every connection
+/// that comes, in a task of its own on `rt`: the skeleton of the tests'
+/// hand-made servers. Returns the port.
+pub fn serve_each<F, Fut>(rt: &tokio::runtime::Runtime, each: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a test server on 127.0.0.1");
+    let port = listener
+        .local_addr()
+        .expect("the test server's address")
+        .port();
+    rt.spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(each(socket));
+        }
+    });
+    port
 }
