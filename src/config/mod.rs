@@ -676,6 +676,17 @@ impl Config {
         };
         build(&layers, &targets)
     }
+
+    /// `keyhole ARGS` with an empty environment, for tests that need a
+    /// valid configuration.
+    #[cfg(test)]
+    pub(crate) fn from_test_args(args: &[&str]) -> Config {
+        Config::load(
+            std::iter::once("keyhole").chain(args.iter().copied()),
+            &HashMap::new(),
+        )
+        .expect("a valid configuration")
+    }
 }
 
 impl Config {

@@ -373,16 +373,11 @@ fn restart_only(running: &Config, mut fresh: Config) -> (Config, Vec<&'static st
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
 
     fn load(args: &[&str]) -> Config {
-        Config::load(
-            std::iter::once("keyhole").chain(args.iter().copied()),
-            &HashMap::new(),
-        )
-        .expect("a valid configuration")
+        Config::from_test_args(args)
     }
 
     #[test]

@@ -808,16 +808,11 @@ pub(super) fn start_hops(targets: &[Arc<Target>], before: &[Arc<Target>], lazy: 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
 
     fn load(args: &[&str]) -> Config {
-        Config::load(
-            std::iter::once("keyhole").chain(args.iter().copied()),
-            &HashMap::new(),
-        )
-        .expect("a valid configuration")
+        Config::from_test_args(args)
     }
 
     #[test]
