@@ -99,17 +99,19 @@ impl ServerLeg {
 
     /// Hands bytes either side sent past the last message keyhole read to
     /// the other side: they belong to the session and go before the splice.
+    /// Both read buffers are given back: the splice has its own, and an idle
+    /// session should hold no more than its sockets and its TLS state.
     pub(crate) async fn exchange_leftovers(
         &mut self,
         client: &mut ClientLeg,
     ) -> Result<(), SessionError> {
-        if !client.buf.is_empty() {
-            let pending = client.buf.split();
-            self.send(&pending).await?;
+        let from_client = std::mem::take(&mut client.buf);
+        if !from_client.is_empty() {
+            self.send(&from_client).await?;
         }
-        if !self.buf.is_empty() {
-            let pending = self.buf.split();
-            client.send(&pending).await?;
+        let from_server = std::mem::take(&mut self.buf);
+        if !from_server.is_empty() {
+            client.send(&from_server).await?;
         }
         Ok(())
     }

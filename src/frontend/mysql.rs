@@ -165,6 +165,10 @@ impl Session<'_> {
         send_server_packet(&mut server, response.seq.wrapping_add(delta), &payload).await?;
         self.relay_auth(&mut server, delta, token.as_ref(), &user)
             .await?;
+        // What the login needed is let go before the session, which may
+        // idle for hours: the response's bytes share the client's read
+        // buffer, and a token is a kilobyte or two.
+        drop((response, response_payload, payload, token));
 
         server.exchange_leftovers(&mut self.client).await?;
         // A MySQL client has no half-close: its EOF means it is gone. Passed

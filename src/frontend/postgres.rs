@@ -135,6 +135,10 @@ impl Session<'_> {
         let _registration = key
             .clone()
             .map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
+        // What the login needed is let go before the session, which may
+        // idle for hours: the startup packet's bytes share the client's read
+        // buffer, and a token is a kilobyte or two.
+        drop((startup, token));
 
         server.exchange_leftovers(&mut self.client).await?;
         let result = self.relay(&mut server, cut, report).await;
