@@ -92,7 +92,12 @@ impl Session<'_> {
         // A server over its limit, or refusing a host, says so instead of
         // greeting; so do we.
         admission.check(frontend.max_connections)?;
-        let greeted = frontend.upstream.greet_mysql().await?;
+        // The session future is allocated once, at the size of its largest
+        // state, and lives as long as the session. The login's deep futures
+        // (the dial and handshake to the server, TLS to the client, a KILL's
+        // own connection) are boxed, so what an idle session holds is the
+        // splice's state, not the handshake's.
+        let greeted = Box::pin(frontend.upstream.greet_mysql()).await?;
         let greeting = greeted.greeting.clone();
 
         // TLS on the local leg is keyhole's to offer; a Cloud SQL server's
@@ -118,7 +123,7 @@ impl Session<'_> {
             .map_err(SessionError::Handshake)?
         {
             ClientHello::SslRequest { .. } => {
-                self.accept_tls().await?;
+                Box::pin(self.accept_tls()).await?;
                 let full = tokio::time::timeout(timeout, self.read_packet())
                     .await
                     .map_err(waited("handshake response"))??;
@@ -144,10 +149,7 @@ impl Session<'_> {
         // Only now can keyhole ask the server for TLS: the SSLRequest must
         // carry the client's capabilities. The response goes out over the
         // verified session, flagged the way a TLS client flags it.
-        let stream = frontend
-            .upstream
-            .upgrade_mysql(greeted, &response.payload)
-            .await?;
+        let stream = Box::pin(frontend.upstream.upgrade_mysql(greeted, &response.payload)).await?;
         let mut server = ServerLeg::new(stream);
         let (payload, delta) = if frontend.upstream.is_tunnel() {
             // A Cloud SQL tunnel is the TLS: inside it the server sees a
@@ -207,10 +209,12 @@ impl Session<'_> {
         // same user's sessions, which is no more than anyone on the path can
         // do to that user's connections with a reset.
         let abandoned = match frontend.login.token(&user).await {
-            Ok(Some(token)) => match frontend
-                .upstream
-                .kill_query(greeting.connection_id, &user, &token)
-                .await
+            Ok(Some(token)) => match Box::pin(frontend.upstream.kill_query(
+                greeting.connection_id,
+                &user,
+                &token,
+            ))
+            .await
             {
                 Ok(()) => Abandoned::Cancelled,
                 Err(e) => Abandoned::CancelFailed(e.to_string()),

@@ -94,7 +94,13 @@ impl Session<'_> {
     ) -> Result<(), SessionError> {
         let frontend = self.frontend;
         let timeout = frontend.startup_timeout;
-        let opening = tokio::time::timeout(timeout, self.negotiate())
+        // The session future is allocated once, at the size of its largest
+        // state, and lives as long as the session. The login's deep futures
+        // (TLS to the client, the dial and handshake to the server, a
+        // cancel's own connection) are boxed, so what an idle session holds
+        // is the splice's state, not the handshake's (5.6 KiB per session
+        // before, in release builds).
+        let opening = tokio::time::timeout(timeout, Box::pin(self.negotiate()))
             .await
             .map_err(|_| SessionError::StartupTimeout {
                 what: "startup packet",
@@ -106,7 +112,7 @@ impl Session<'_> {
                     .cancels
                     .route(&key)
                     .ok_or(SessionError::UnknownCancelKey)?;
-                upstream.send_cancel(&key).await?;
+                Box::pin(upstream.send_cancel(&key)).await?;
                 report.cancel_forwarded = true;
                 return Ok(());
             }
@@ -125,7 +131,7 @@ impl Session<'_> {
         // Before dialling: without a token there is no point in a connection.
         let token = frontend.login.token(&user).await?;
 
-        let mut server = ServerLeg::new(frontend.upstream.connect_postgres().await?);
+        let mut server = ServerLeg::new(Box::pin(frontend.upstream.connect_postgres()).await?);
         let key = async {
             server.send(&startup.raw).await?;
             self.relay_auth(&mut server, token.as_ref(), &user).await
@@ -149,7 +155,7 @@ impl Session<'_> {
         // cancel it as the client would have, with the session's key.
         let abandoned = match &key {
             None => Abandoned::Left,
-            Some(key) => match frontend.upstream.send_cancel(key).await {
+            Some(key) => match Box::pin(frontend.upstream.send_cancel(key)).await {
                 Ok(()) => Abandoned::Cancelled,
                 Err(e) => Abandoned::CancelFailed(e.to_string()),
             },
