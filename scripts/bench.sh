@@ -121,9 +121,10 @@
 # cloudsql_fake examples, go build of goproxy into the temporary directory, the servers,
 # pgbench -i -s 10, sysbench prepare, the proxies, the fake Cloud SQL instance and the
 # connector, the hops (sshd, ssh -L, microsocks, tinyproxy) and keyhole through each,
-# the rounds, the report. Everything the run starts or writes is removed on exit, also
-# on Ctrl-C or failure (/run/sshd, sshd's privilege separation directory, is created
-# when missing and left).
+# the rounds, the report (scripts/lib/bench_report.py: the markdown, bench.json, and
+# bench.png through gnuplot). Everything the run starts or writes is removed on exit,
+# also on Ctrl-C or failure (/run/sshd, sshd's privilege separation directory, is
+# created when missing and left).
 #
 # Environment:
 #   BENCH_QUICK=1             quick mode (as --quick): BENCH_DURATION=3, BENCH_ROUNDS=1,
@@ -151,6 +152,10 @@
 #   BENCH_VIA_DURATION=SECONDS  length of each via= pgbench run (default: BENCH_DURATION;
 #                             1 in quick mode)
 #   BENCH_LOG_DIR=DIR         copy the servers', the proxies' and the tools' logs here
+#   BENCH_SAMPLES_DIR=DIR     copy the samples and the report's context here (DIR/results,
+#                             which must not exist yet, and DIR/context.json), to write the
+#                             report again from them: python3 scripts/lib/bench_report.py
+#                             --results DIR/results --context DIR/context.json [--out OUT]
 #   BENCH_KEYHOLE_FLAGS="..."  extra flags for keyhole (split on spaces), e.g.
 #                             "--kernel-tls auto" on a kernel with the TLS ULP
 #   KEYHOLE_BIN=PATH          use this keyhole binary instead of building one
@@ -172,8 +177,6 @@ cd "$repo_root"
 source "$repo_root/scripts/lib/packages.sh"
 # shellcheck source=scripts/lib/pg.sh
 source "$repo_root/scripts/lib/pg.sh"
-# shellcheck source=scripts/lib/bench_report.sh
-source "$repo_root/scripts/lib/bench_report.sh"
 
 usage() {
   sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
@@ -327,6 +330,11 @@ log_dir=${BENCH_LOG_DIR:-}
 if [[ -n $log_dir ]]; then
   [[ $log_dir == /* ]] || log_dir=$caller_dir/$log_dir
 fi
+samples_dir=${BENCH_SAMPLES_DIR:-}
+if [[ -n $samples_dir ]]; then
+  [[ $samples_dir == /* ]] || samples_dir=$caller_dir/$samples_dir
+  [[ ! -e $samples_dir/results ]] || keyhole_die "BENCH_SAMPLES_DIR: $samples_dir/results exists already"
+fi
 
 # Whatever libpq or MySQL client settings the caller has (PGSSLMODE, MYSQL_PWD...) must
 # not change what is measured: every tool gets exactly the settings given below.
@@ -342,7 +350,8 @@ KEYHOLE_BENCH_APT_PACKAGES=(
   "stunnel4    /usr/bin/stunnel4"
   # builds the Go TLS proxy from the peers folder
   "golang-go   go"
-  # the idle-connection helper for PostgreSQL (md5 login)
+  # the report (scripts/lib/bench_report.py) and the idle-connection helper for
+  # PostgreSQL (md5 login)
   "python3     python3"
   # the MySQL point-select workload
   "sysbench    sysbench"
@@ -445,6 +454,11 @@ cleanup() {
     if [[ -n $log_dir ]]; then
       mkdir -p "$log_dir" && cp "$tmp"/*.log "$tmp"/*.conf "$log_dir"/ 2>/dev/null
       keyhole_log "logs copied to $log_dir"
+    fi
+    if [[ -n $samples_dir && -d $tmp/results ]]; then
+      mkdir -p "$samples_dir" && cp -R "$tmp/results" "$samples_dir/results" &&
+        { [[ ! -f $tmp/context.json ]] || cp "$tmp/context.json" "$samples_dir/"; } &&
+        keyhole_log "samples copied to $samples_dir (results/, context.json)"
     fi
     rm -rf "$tmp"
   fi
@@ -1067,20 +1081,20 @@ run_idle() {
   keyhole_stop_pid "$helper_pid"
   helper_pid=""
   cat "$tmp/idle.err" >>"$tmp/idle_conns.log"
-  phases="client gone $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
+  phases="client gone $(printf '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
   # Let the proxy finish closing those connections: stopping it now would cut them.
   for ((i = 0; i < 300; i++)); do
     (($(open_sockets "${proxy_port[$inst]}") == 0)) && break
     sleep 0.1
   done
-  phases+=", proxy drained $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
+  phases+=", proxy drained $(printf '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
   # And a fresh one again: pgbouncer keeps its server connections pooled otherwise.
   stop_proxy "$inst"
   start_proxy "$inst" || {
     keyhole_warn "could not restart $inst; it is left out from here on"
     late_note[$path]="$inst could not be restarted in round $round; later rounds lack it"
   }
-  phases+=", restarted $(fmt '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
+  phases+=", restarted $(printf '%.1f s' "$(calc "$EPOCHREALTIME - $t2")")"
   for ((i = 0; i < 300; i++)); do
     (($(server_conns "$server") <= before)) && break
     sleep 0.1
@@ -1429,6 +1443,143 @@ for sock in socks:
 PY
 }
 
+# --- the report ------------------------------------------------------------------
+# scripts/lib/bench_report.py writes it (the markdown, bench.json, bench.png) from the
+# samples in $tmp/results and from $tmp/context.json, what this script knows that the
+# samples do not say: the settings, the paths and their notes, the servers each path is
+# measured against, the versions, the Cloud SQL and via= columns (write_context).
+
+# version_of NAME: the version of a server, client or proxy, one line.
+version_of() {
+  case $1 in
+  postgres) "$keyhole_pgbin/postgres" --version | head -n 1 ;;
+  mariadb) "$mariadbd_bin" --version 2>/dev/null | head -n 1 ;;
+  mariadb_client) mariadb --version 2>/dev/null | head -n 1 ;;
+  sysbench) sysbench --version 2>/dev/null | head -n 1 ;;
+  pgbench) pgbench --version | head -n 1 ;;
+  pgbouncer) "$pgbouncer_bin" --version 2>&1 | head -n 1 ;;
+  stunnel) "$stunnel_bin" -version 2>&1 | grep -m1 -E '^stunnel' ;;
+  goproxy) printf 'peers goproxy, %s' "$("$go_bin" version)" ;;
+  ssh) "$ssh_bin" -V 2>&1 | head -n 1 ;;
+  tinyproxy) "$tinyproxy_bin" -v 2>&1 | head -n 1 ;;
+  microsocks)
+    # (it has no --version)
+    dpkg-query -W -f='${Version}' microsocks 2>/dev/null || printf '?'
+    ;;
+  keyhole)
+    printf '%s' "$("$tmp/bin/keyhole" --version 2>/dev/null | head -n 1)"
+    if [[ -n ${KEYHOLE_BIN:-} ]]; then
+      printf ' (KEYHOLE_BIN)'
+    else
+      printf ' (built from %s)' "$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo '?')"
+    fi
+    ((${#keyhole_flags[@]} == 0)) || printf ', with %s' "${keyhole_flags[*]}"
+    ;;
+  esac
+}
+
+# json_str TEXT: TEXT as a JSON string (control characters other than newline and tab
+# are left out).
+json_str() {
+  local s=$1
+  s=${s//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/\\n}
+  s=${s//$'\t'/\\t}
+  s=${s//[[:cntrl:]]/}
+  printf '"%s"' "$s"
+}
+
+# json_strs TEXT...: a JSON array of strings.
+json_strs() {
+  local s sep=""
+  printf '['
+  for s in "$@"; do
+    printf '%s%s' "$sep" "$(json_str "$s")"
+    sep=", "
+  done
+  printf ']'
+}
+
+# json_map NAME: the associative array NAME as a JSON object of strings.
+json_map() {
+  local -n json_map_of=$1
+  local key sep=""
+  printf '{'
+  for key in "${!json_map_of[@]}"; do
+    printf '%s%s: %s' "$sep" "$(json_str "$key")" "$(json_str "${json_map_of[$key]}")"
+    sep=", "
+  done
+  printf '}'
+}
+
+# json_bool N: true unless N is 0 or empty.
+json_bool() {
+  if [[ ${1:-0} == 0 ]]; then printf false; else printf true; fi
+}
+
+# write_context FILE: the context of the report (its keys are the fields of Run,
+# CloudSqlGroup and ViaGroup in scripts/lib/bench_report.py).
+write_context() {
+  local p name mysql=0 list sep probe=(postgres pgbench)
+  [[ -z $my_pid ]] || mysql=1
+  ((!mysql)) || probe+=(mariadb mariadb_client sysbench)
+  for p in "${paths[@]}"; do
+    [[ $p == direct || -n ${skip_note[$p]:-} ]] || probe+=("$p")
+  done
+  ((${#via_keys[@]} == 0)) || probe+=(ssh microsocks tinyproxy)
+  {
+    printf '{\n  "quick": %s, "only": %s, "main": %s, "mysql": %s,\n' "$(json_bool "$quick")" \
+      "$(json_str "$only")" "$(json_bool "$run_main")" "$(json_bool "$mysql")"
+    printf '  "rounds": %d, "duration": %d, "pgbench_clients": [%s], "conn_clients": %d, "scale": %d,\n' \
+      "$rounds" "$duration" "$(
+        IFS=,
+        printf '%s' "${pgbench_clients[*]}"
+      )" "$conn_clients" "$scale"
+    printf '  "copy_bytes": %d, "stream_bytes": %d, "idle_conns": %d, "idle_large": %d,\n' \
+      "$copy_bytes" "$stream_bytes" "$idle_conns" "$idle_large"
+    printf '  "mysql_threads": %d, "mysql_table_size": %d, "mysql_bytes": %d, "first_runs": %d,\n' \
+      "$mysql_threads" "$mysql_table_size" "$my_bytes" "$first_runs"
+    printf '  "rounds_seconds": %d, "load_before": %s, "load_after": %s,\n' "$rounds_took" \
+      "$(json_str "$load_start")" "$(json_str "$load_end")"
+    printf '  "paths": %s,\n  "servers": {' "$(json_strs "${paths[@]}")"
+    sep=""
+    for p in "${paths[@]}"; do
+      read -r -a list <<<"$(servers_of "$p")"
+      printf '%s%s: %s' "$sep" "$(json_str "$p")" "$(json_strs "${list[@]}")"
+      sep=", "
+    done
+    printf '},\n  "skip_notes": %s,\n  "late_notes": %s,\n' "$(json_map skip_note)" "$(json_map late_note)"
+    printf '  "mysql_note": %s,\n  "fd_note": %s,\n' "$(json_str "$mysql_note")" "$(json_str "$fd_note")"
+    # (the versions of what ran; a probe that fails leaves its line empty or partial)
+    printf '  "versions": {'
+    sep=""
+    for name in "${probe[@]}"; do
+      printf '%s%s: %s' "$sep" "$(json_str "$name")" "$(json_str "$(version_of "$name")")"
+      sep=", "
+    done
+    printf '},\n'
+    printf '  "cloudsql": {"keys": %s, "note": %s, "notes": %s, "clients": %d,\n' \
+      "$(json_strs "${cs_keys[@]}")" "$(json_str "$cloudsql_note")" "$(json_strs "${cs_notes[@]}")" \
+      "$cs_clients"
+    printf '    "instance": %s, "api": %s, "proxy": %s, "cn": %s},\n' "$(json_str "$cs_instance")" \
+      "$(json_str "$cs_api")" "$(json_str "$cs_proxy")" "$(json_str "$cs_cn")"
+    printf '  "via": {"keys": %s, "note": %s, "clients": %d, "duration": %d, "pg_port": %d,\n' \
+      "$(json_strs "${via_keys[@]}")" "$(json_str "$via_note")" "$via_clients" "$via_duration" "$pg_port"
+    printf '    "commands": %s,\n    "bastion_command": %s}\n}\n' "$(json_map via_cmdline)" \
+      "$(json_str "$via_sshd_cmdline")"
+  } >"$1"
+}
+
+# report_write: the report, on stdout, or into $out_dir (bench.md, bench.json,
+# bench.png; then the tables go to stdout).
+report_write() {
+  local args=(--results "$tmp/results" --context "$tmp/context.json")
+  [[ -z $out_dir ]] || args+=(--out "$out_dir")
+  write_context "$tmp/context.json"
+  python3 "$repo_root/scripts/lib/bench_report.py" "${args[@]}"
+}
+
 # =================================================================================
 step "system packages"
 base_pkgs=(postgresql postgresql-client openssl procps ca-certificates)
@@ -1445,7 +1596,6 @@ for entry in "${KEYHOLE_BENCH_APT_PACKAGES[@]}"; do
   golang-go) [[ " ${paths[*]} " == *" goproxy "* && $run_main == 1 ]] || continue ;;
   sysbench) ((with_mysql)) || continue ;;
   gnuplot-nox) ((run_main)) || continue ;;
-  python3) ((run_main)) || continue ;;
   openssh-server | openssh-client | microsocks | tinyproxy) [[ -z $via_note ]] || continue ;;
   esac
   bench_pkgs+=("$pkg")
@@ -1493,9 +1643,9 @@ elif [[ -z $mariadbd_bin ]] || ! command -v mariadb-install-db >/dev/null 2>&1 |
   ! command -v mariadb >/dev/null 2>&1; then
   mysql_note="MySQL workloads skipped: MariaDB is not installed (mariadb-server, mariadb-client)"
 fi
+command -v python3 >/dev/null 2>&1 ||
+  keyhole_die "python3 not found: it writes the report (Debian package python3)"
 if ((run_main)); then
-  command -v python3 >/dev/null 2>&1 ||
-    keyhole_warn "python3 not found: no RSS per idle connection to PostgreSQL this run"
   command -v gnuplot >/dev/null 2>&1 ||
     keyhole_warn "gnuplot not found: no chart this run (Debian package gnuplot-nox)"
 fi
@@ -1991,12 +2141,10 @@ for ((round = 1; round <= rounds; round++)); do
         if usable "$p" my; then run_mysql_bulk "$p"; fi
       done
     fi
-    if command -v python3 >/dev/null 2>&1; then
-      step "round $round/$rounds: $idle_conns idle connections to PostgreSQL"
-      for p in "${order[@]}"; do
-        if [[ $p != direct ]] && usable "$p" pg; then run_idle "$p" pg "$idle_conns" rss_pg; fi
-      done
-    fi
+    step "round $round/$rounds: $idle_conns idle connections to PostgreSQL"
+    for p in "${order[@]}"; do
+      if [[ $p != direct ]] && usable "$p" pg; then run_idle "$p" pg "$idle_conns" rss_pg; fi
+    done
     step "round $round/$rounds: $idle_large idle connections to the synthetic upstream"
     for p in "${order[@]}"; do
       if [[ $p != direct ]] && usable "$p" syn; then run_idle "$p" syn "$idle_large" rss_syn; fi
