@@ -116,7 +116,7 @@ if pg_bindir=$(keyhole_pg_bindir); then
   keyhole_log "PostgreSQL server binaries: $pg_bindir"
 fi
 
-# A full run builds about 6 GB (debug tests, clippy, the release bench binary); say up
+# A full run builds 3.4 GB (debug tests, clippy, the release bench binary); say up
 # front how much room there is, so "No space left on device" later is no mystery.
 keyhole_log "free disk for target/: $(df -h --output=avail . | tail -n 1 | tr -d ' ')"
 
