@@ -1046,6 +1046,11 @@ where
             .write_all(&packet(seq.wrapping_add(1), b"more"))
             .expect("answer the server's packet");
     };
+    assert!(
+        payload.len() >= 9 && payload[3] == b'#',
+        "expected an ERR packet with a SQLSTATE, got {:?}",
+        String::from_utf8_lossy(&payload)
+    );
     let mut rest = Vec::new();
     let _ = client.read_to_end(&mut rest);
     assert!(
