@@ -40,7 +40,7 @@ use support::clients;
 use support::fault_proxy::{Fault, FaultProxy, Phase, Preamble};
 use support::keyhole::{listens_tcp, Keyhole};
 use support::logs::{closed_lines, field};
-use support::mariadb::{MariaDb, DATABASE, NATIVE_PASS, NATIVE_USER};
+use support::mariadb::{self, MariaDb};
 use support::postgres::{PgCluster, PgOptions, SCRAM_PASS, SCRAM_USER, TRUST_USER};
 use support::process::{clean_env, describe_output, output_with_timeout, Watchdog};
 use support::session::{connect, simple_query, wait_until};
@@ -1182,22 +1182,13 @@ fn client_resets_end_only_their_own_sessions() {
 // MySQL
 // ---------------------------------------------------------------------------
 
-/// mysql_async options for native_user through keyhole's `port` (TCP only:
-/// the driver would otherwise find the server's Unix socket, around keyhole).
-fn mysql_opts(port: u16) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some(NATIVE_USER))
-        .pass(Some(NATIVE_PASS))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
-
 fn mysql_connect(rt: &Runtime, port: u16) -> mysql_async::Conn {
     rt.block_on(async {
-        tokio::time::timeout(PATIENCE, mysql_async::Conn::new(mysql_opts(port))).await
+        tokio::time::timeout(
+            PATIENCE,
+            mysql_async::Conn::new(mariadb::native_driver_opts(port)),
+        )
+        .await
     })
     .expect("mysql_async connects in time")
     .expect("mysql_async connects through keyhole")

@@ -141,27 +141,13 @@ fn cli_line(err: &ErrPacket) -> String {
     }
 }
 
-/// mysql_async options for native_user through keyhole's `port`. Without
-/// `prefer_socket(false)` the driver would look up the server's Unix socket
-/// and reconnect there, around keyhole.
-fn driver_opts(port: u16) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some(NATIVE_USER))
-        .pass(Some(NATIVE_PASS))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
-
 /// A mysql_async session through keyhole's `port`.
 fn driver_connect(rt: &Runtime, port: u16) -> Result<mysql_async::Conn, mysql_async::Error> {
     // A guard against a hang, not a timing assertion.
     rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(120),
-            mysql_async::Conn::new(driver_opts(port)),
+            mysql_async::Conn::new(mariadb::native_driver_opts(port)),
         )
         .await
     })

@@ -197,6 +197,20 @@ pub struct Greeting {
     pub auth_plugin: Option<String>,
 }
 
+/// mysql_async options for native_user on `DATABASE` through `port` on
+/// 127.0.0.1. Without `prefer_socket(false)` the driver would look up the
+/// server's Unix socket and reconnect there, around keyhole.
+pub fn native_driver_opts(port: u16) -> mysql_async::Opts {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(NATIVE_USER))
+        .pass(Some(NATIVE_PASS))
+        .db_name(Some(DATABASE))
+        .prefer_socket(false)
+        .into()
+}
+
 /// Connects to 127.0.0.1:`port`, reads the server greeting and hangs up without
 /// answering it. Err if the server sends an error packet instead (too many
 /// connections, host blocked...) or something unparsable. The server logs the

@@ -56,6 +56,7 @@
 //!     when a password is given; no TLS option, so the client's defaults apply.
 //!     Every command has a time limit. `read_greeting(port) -> Greeting` reads a
 //!     server's greeting (capability flags, see `CLIENT_SSL`) and hangs up.
+//!     `native_driver_opts(port)`: mysql_async options for native_user over TCP.
 //! - [`keyhole::Keyhole`]: `Keyhole::start(args) -> Keyhole` picks a free port
 //!   and *prepends* `--port <port>` itself (callers never pass `--port` to
 //!   `start`/`start_on`), retrying on another port if that one was taken
