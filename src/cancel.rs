@@ -5,6 +5,13 @@
 //! unchanged, remembers which upstream each live session's key came from, and
 //! sends the cancel there over TLS. Keys of sessions that ended are gone, so
 //! a stale or guessed key reaches nobody.
+//!
+//! A pooled server connection (`pool=session`) serves one client after
+//! another, so its own key must not be the client's: a client that has left
+//! would still hold a key that cancels the next client's statements. Each
+//! pooled client gets a key of its own (the server's process id, a fresh
+//! random secret), and the registry translates it to the server's key while
+//! that client holds the connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,7 +21,9 @@ use crate::upstream::SharedUpstream;
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    routes: Mutex<HashMap<CancelKey, SharedUpstream>>,
+    /// The key a client presents → where to send the cancel, and the key
+    /// the server issued.
+    routes: Mutex<HashMap<CancelKey, (SharedUpstream, CancelKey)>>,
 }
 
 /// Removes its key from the registry when the session ends.
@@ -25,17 +34,29 @@ pub struct Registration {
 
 impl CancelRegistry {
     pub fn register(self: &Arc<Self>, key: CancelKey, upstream: SharedUpstream) -> Registration {
+        self.register_as(key.clone(), key, upstream)
+    }
+
+    /// Routes `client_key` (what the client was given) to `upstream` with
+    /// `server_key` (what the server issued) until the registration drops.
+    pub fn register_as(
+        self: &Arc<Self>,
+        client_key: CancelKey,
+        server_key: CancelKey,
+        upstream: SharedUpstream,
+    ) -> Registration {
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone(), upstream);
+            .insert(client_key.clone(), (upstream, server_key));
         Registration {
             registry: self.clone(),
-            key,
+            key: client_key,
         }
     }
 
-    pub fn route(&self, key: &CancelKey) -> Option<SharedUpstream> {
+    /// Where a cancel with `key` goes, and the key to send there.
+    pub fn route(&self, key: &CancelKey) -> Option<(SharedUpstream, CancelKey)> {
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -25,6 +25,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod splice;

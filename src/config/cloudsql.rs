@@ -34,6 +34,11 @@ pub const INSTANCE_PARAMS: &[&str] = &[
     "iam",
     "user",
     "via",
+    "password-file",
+    "pool",
+    "pool-size",
+    "pool-idle-timeout",
+    "pool-max-lifetime",
 ];
 
 /// A secret given as configuration (a token, inline credentials): never
@@ -333,6 +338,13 @@ pub(super) fn instance_target(
             "iam=gcp (the token as password) and auto-iam-authn (the token in the certificate) exclude each other".into(),
         ));
     }
+    let (pool, password_file) = super::pool_params(
+        &param,
+        None,
+        iam.is_some() || auto_iam_authn,
+        user.is_some(),
+    )
+    .map_err(|(key, e)| in_target(key, e))?;
     let allow = match param("allow") {
         Some(list) => crate::cidr::Cidr::parse_list(list).map_err(|e| in_target("allow", e))?,
         None => d.allow.clone().unwrap_or_default(),
@@ -369,6 +381,8 @@ pub(super) fn instance_target(
         }),
         pending: placement.pending,
         via,
+        pool,
+        password_file,
     })
 }
 

@@ -52,6 +52,15 @@ Target parameters (postgres://HOST[:PORT]?name=value&..., mysql://HOST[:PORT]?..
   user=NAME            database user for every client of this target
   iam-port=PORT        port the token is signed for, when keyhole dials a tunnel or relay
                        (the host signed for is server-name=)
+  password-file=PATH   with user=: keyhole logs in with the password in PATH (cleartext,
+                       md5 or SCRAM-SHA-256, as the server asks); clients send none
+  pool=session|none    keep server connections keyhole logged in to (iam=, auto-iam-authn,
+                       user= with password-file=) and hand them to the next client
+                       of the same user, database and startup parameters (Postgres)
+  pool-size=N          server connections at most, idle and in use (default 10)
+  pool-idle-timeout=D  close a pooled connection idle this long (default 5m)
+  pool-max-lifetime=D  never reuse a connection older than this (default 10m: under
+                       the 15-minute RDS token and the hour of a Cloud SQL certificate)
 
 Examples:
   keyhole --ca-file global-bundle.pem postgres://mydb.abc123.eu-west-1.rds.amazonaws.com
@@ -419,6 +428,29 @@ pub struct TargetConfig {
     pub pending: Option<cloudsql::Pending>,
     /// `via=`: the hop to the database's host, or direct.
     pub via: via::Via,
+    /// `pool=session`: server connections kept and reused.
+    pub pool: Option<PoolSettings>,
+    /// `password-file=`: keyhole logs in as `user=` with this file's password.
+    pub password_file: Option<PathBuf>,
+}
+
+/// `pool=session` and its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Server connections at most, idle and in use, over every user and database.
+    pub size: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection older than this is never handed out again.
+    pub max_lifetime: Duration,
+}
+
+impl PoolSettings {
+    pub const DEFAULT_SIZE: usize = 10;
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Below the 15 minutes of an RDS token and the hour of a Cloud SQL
+    /// ephemeral certificate, with room for the session that holds it.
+    pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(600);
 }
 
 /// Token login for a target (`iam=`).
@@ -703,6 +735,9 @@ impl Config {
         };
         for target in &self.targets {
             for path in target.tls_files() {
+                add(path);
+            }
+            if let Some(path) = &target.password_file {
                 add(path);
             }
         }
@@ -1337,6 +1372,9 @@ fn target_config(
                 .ok_or_else(|| in_target("iam-port", format!("'{p}' is not a port number")))
         })
         .transpose()?;
+    let (pool, password_file) =
+        pool_params(&param, Some(protocol), provider.is_some(), user.is_some())
+            .map_err(|(key, e)| in_target(key, e))?;
     let iam = match provider {
         None if param("region").is_some() || param("iam-port").is_some() => {
             return Err(invalid(format!(
@@ -1371,7 +1409,105 @@ fn target_config(
         cloudsql: None,
         pending: None,
         via,
+        pool,
+        password_file,
     })
+}
+
+/// `pool=session` settings (if pooled) and the password file (if any).
+pub(super) type PoolParams = (Option<PoolSettings>, Option<PathBuf>);
+
+/// `pool=`, its limits and `password-file=`, checked against how the target
+/// logs in: a pool holds only connections keyhole logged in to itself
+/// (`iam=`, `auto-iam-authn`, or `user=` with `password-file=`), since a
+/// connection a client authenticated belongs to that client. `protocol` is
+/// `None` for a Cloud SQL instance whose engine is not known yet. Errors
+/// name the parameter.
+pub(super) fn pool_params<'a>(
+    param: &dyn Fn(&str) -> Option<&'a str>,
+    protocol: Option<Protocol>,
+    token_login: bool,
+    fixed_user: bool,
+) -> Result<PoolParams, (&'static str, String)> {
+    let password_file = param("password-file")
+        .map(|p| parse_path(p).map_err(|e| ("password-file", e)))
+        .transpose()?;
+    if password_file.is_some() {
+        if !fixed_user {
+            return Err((
+                "password-file",
+                "password-file= needs user=: the password is that user's".into(),
+            ));
+        }
+        if token_login {
+            return Err((
+                "password-file",
+                "password-file= and token login (iam=, auto-iam-authn) exclude each other: keyhole logs in with one or the other".into(),
+            ));
+        }
+    }
+    let pooled = match param("pool") {
+        None | Some("none") | Some("") => false,
+        Some("session") => true,
+        Some(other) => {
+            return Err((
+                "pool",
+                format!("'{other}' is not a pool mode (session, or none)"),
+            ))
+        }
+    };
+    let limits = ["pool-size", "pool-idle-timeout", "pool-max-lifetime"];
+    if !pooled {
+        if let Some(key) = limits.into_iter().find(|k| param(k).is_some()) {
+            return Err((key, format!("{key}= applies only with pool=session")));
+        }
+        return Ok((None, password_file));
+    }
+    if protocol == Some(Protocol::Mysql) {
+        return Err((
+            "pool",
+            "pool=session is for Postgres targets so far; MySQL connections are not pooled".into(),
+        ));
+    }
+    if !token_login && password_file.is_none() {
+        return Err((
+            "pool",
+            "pool=session needs keyhole to log in itself (iam=aws, iam=gcp, auto-iam-authn, or user= with password-file=): a connection a client logged in to with its own password is that client's, never another's".into(),
+        ));
+    }
+    let size = match param("pool-size") {
+        None => PoolSettings::DEFAULT_SIZE,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=10_000).contains(&n))
+            .ok_or_else(|| {
+                (
+                    "pool-size",
+                    format!("'{n}' is not a number from 1 to 10000"),
+                )
+            })?,
+    };
+    let duration = |key: &'static str, default: Duration| match param(key) {
+        None => Ok(default),
+        Some(t) => duration::parse(t)
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err("must be more than 0".to_owned())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|e| (key, e)),
+    };
+    Ok((
+        Some(PoolSettings {
+            size,
+            idle_timeout: duration("pool-idle-timeout", PoolSettings::DEFAULT_IDLE_TIMEOUT)?,
+            max_lifetime: duration("pool-max-lifetime", PoolSettings::DEFAULT_MAX_LIFETIME)?,
+        }),
+        password_file,
+    ))
 }
 
 /// A second target on a listener another already has is a configuration

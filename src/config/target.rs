@@ -59,6 +59,11 @@ pub const TARGET_PARAMS: &[&str] = &[
     "user",
     "iam-port",
     "via",
+    "password-file",
+    "pool",
+    "pool-size",
+    "pool-idle-timeout",
+    "pool-max-lifetime",
 ];
 
 pub fn parse(raw: &str) -> Result<TargetUrl, String> {

@@ -96,6 +96,13 @@ pub enum SessionError {
         user: String,
         hint: &'static str,
     },
+    /// keyhole's own login (`password-file=`, or a pooled connection) met
+    /// a request it cannot answer, or the exchange failed.
+    #[error("keyhole could not log in to the server as \"{user}\": {reason}")]
+    OwnLogin { user: String, reason: String },
+    /// `pool=session`: no pooled connection to be had.
+    #[error("{0}")]
+    Pool(#[from] crate::pool::PoolError),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     /// The login as a whole ran past the startup timeout on the server's side.
@@ -186,6 +193,9 @@ impl SessionError {
             SessionError::NotAllowed => "not_allowed",
             SessionError::Credentials { .. } => "credentials",
             SessionError::TokenNotAsked { .. } => "token_not_asked",
+            SessionError::OwnLogin { .. } => "own_login",
+            SessionError::Pool(crate::pool::PoolError::Exhausted { .. }) => "pool_exhausted",
+            SessionError::Pool(crate::pool::PoolError::Closed) => "pool_closed",
             SessionError::Upstream(e) => e.label(),
             SessionError::UpstreamStalled(_) => "upstream_timeout",
             SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
@@ -240,10 +250,20 @@ impl SessionError {
                 mysql_code: code::CANNOT_CONNECT,
                 mysql_sqlstate: "08S01",
             },
-            SessionError::TokenNotAsked { .. } => Answer::Send {
+            SessionError::TokenNotAsked { .. } | SessionError::OwnLogin { .. } => Answer::Send {
                 sqlstate: sqlstate::INVALID_AUTHORIZATION,
                 mysql_code: code::ACCESS_DENIED,
                 mysql_sqlstate: "28000",
+            },
+            SessionError::Pool(crate::pool::PoolError::Exhausted { .. }) => Answer::Send {
+                sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
+                mysql_code: code::TOO_MANY_CONNECTIONS,
+                mysql_sqlstate: "08004",
+            },
+            SessionError::Pool(crate::pool::PoolError::Closed) => Answer::Send {
+                sqlstate: sqlstate::CANNOT_CONNECT_NOW,
+                mysql_code: code::CANNOT_CONNECT,
+                mysql_sqlstate: "08S01",
             },
             SessionError::Upstream(e) => Answer::Send {
                 sqlstate: sqlstate::UNABLE_TO_CONNECT,

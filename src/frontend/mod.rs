@@ -30,6 +30,9 @@ use crate::net::{Rewind, Socket};
 pub struct LoginPolicy {
     pub fixed_user: Option<String>,
     pub tokens: Option<Arc<TokenLogin>>,
+    /// `password-file=`: the password of `fixed_user`, which keyhole logs
+    /// in with itself (cleartext, md5 or SCRAM-SHA-256, as the server asks).
+    pub password: Option<crate::config::cloudsql::Secret>,
     pub protocol: Protocol,
     /// The target's counters (token injections and failures).
     pub metrics: Arc<TargetMetrics>,
@@ -60,6 +63,12 @@ impl LoginPolicy {
                 })
             }
         }
+    }
+
+    /// Whether keyhole answers the server's authentication itself (with a
+    /// password; token logins keep their own path unless pooled).
+    pub fn has_password(&self) -> bool {
+        self.password.is_some()
     }
 
     /// A token answered the server's password request.

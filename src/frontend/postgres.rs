@@ -21,6 +21,9 @@ use super::{
 use crate::cancel::CancelRegistry;
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
+use crate::pool::auth::{md5_password, Scram, SCRAM_SHA_256};
+use crate::pool::postgres::{self as pooled, LoginRecord, PgConn, PooledRelay, RelayEnd};
+use crate::pool::{CloseReason, Grant, Pool};
 use crate::protocol::farewell::Terminate;
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
@@ -46,7 +49,13 @@ pub struct PostgresFrontend {
     pub login: Arc<LoginPolicy>,
     /// splice(2) pipes, for plain legs both ways (a relay on this host).
     pub pipe: PipeConfig,
+    /// `pool=session`: server connections keyhole logged in to, reused.
+    pub pool: Option<Pool<PgConn>>,
 }
+
+/// How long a pooled connection's reset (`DISCARD ALL`) may take before the
+/// connection is closed instead.
+const RESET_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the client asked for once negotiation is over.
 enum Opening {
@@ -108,7 +117,7 @@ impl Session<'_> {
             })??;
         let startup = match opening {
             Opening::Cancel(key) => {
-                let upstream = frontend
+                let (upstream, key) = frontend
                     .cancels
                     .route(&key)
                     .ok_or(SessionError::UnknownCancelKey)?;
@@ -128,6 +137,9 @@ impl Session<'_> {
             report.user = Some(user.clone());
             startup.with_user(&user)
         };
+        if frontend.pool.is_some() || frontend.login.has_password() {
+            return self.run_own_login(startup, &user, cut, report).await;
+        }
         // Before dialling: without a token there is no point in a connection.
         let token = frontend.login.token(&user).await?;
 
@@ -161,6 +173,306 @@ impl Session<'_> {
             },
         };
         Err(SessionError::ClientGone(abandoned))
+    }
+
+    /// A session on a target where keyhole logs in itself (`pool=session`,
+    /// `password-file=`): a pooled connection for the client's key, or a
+    /// new login; the client is told the login as it stands after the
+    /// connection's last reset.
+    async fn run_own_login(
+        &mut self,
+        startup: StartupMessage,
+        user: &str,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let frontend = self.frontend;
+        let pooled = match &frontend.pool {
+            None => None,
+            Some(pool) => match pooled::session_key(&startup) {
+                Ok(key) => Some((pool, key)),
+                Err(why) => {
+                    tracing::info!(
+                        reason = why.why(),
+                        "not pooled: this session gets a connection of its own"
+                    );
+                    None
+                }
+            },
+        };
+        let Some((pool, key)) = pooled else {
+            // A connection of its own, logged in by keyhole, then spliced.
+            let (mut server, record) = self.open_logged_in(&startup, user).await?;
+            drop(startup);
+            let _registration = record
+                .server_key
+                .clone()
+                .map(|k| frontend.cancels.register(k, frontend.upstream.clone()));
+            self.client
+                .send(&record.replay(record.server_key.as_ref()))
+                .await?;
+            server.exchange_leftovers(&mut self.client).await?;
+            return self.relay(&mut server, cut, report).await;
+        };
+        let grant = pool.checkout(&key, frontend.startup_timeout).await?;
+        let mut lease = match grant {
+            Grant::Reuse(lease) => lease,
+            Grant::Open(slot) => {
+                let (server, record) = self.open_logged_in(&startup, user).await?;
+                if !server.buf.is_empty() {
+                    return Err(SessionError::UpstreamProtocol(
+                        "the server sent more after ReadyForQuery".into(),
+                    ));
+                }
+                slot.fill(
+                    PgConn {
+                        stream: server.stream,
+                        login: record,
+                    },
+                    key,
+                )
+            }
+        };
+        drop(startup);
+        tracing::debug!(
+            reused = lease.reused(),
+            age_secs = lease.age().as_secs(),
+            "pooled server connection"
+        );
+        let Some(conn) = lease.conn() else {
+            return Err(SessionError::UpstreamProtocol(
+                "internal: a lease without its connection".into(),
+            ));
+        };
+        let server_key = conn.login.server_key.clone();
+        let client_key = server_key
+            .as_ref()
+            .and_then(|k| pooled::client_key(k, &ring::rand::SystemRandom::new()));
+        let registration = match (&client_key, server_key.clone()) {
+            (Some(mine), Some(theirs)) => Some(frontend.cancels.register_as(
+                mine.clone(),
+                theirs,
+                frontend.upstream.clone(),
+            )),
+            _ => None,
+        };
+        if let Err(e) = self
+            .client
+            .send(&conn.login.replay(client_key.as_ref()))
+            .await
+        {
+            drop(registration);
+            let _ = lease.release(RESET_LIMIT).await;
+            return Err(e);
+        }
+        let leftover = std::mem::take(&mut self.client.buf);
+        let (end, moved) = {
+            let mut relay = PooledRelay::new(&mut self.client.stream, &mut conn.stream);
+            if let Err(what) = relay.preload(&leftover) {
+                return Err(SessionError::ClientMessage(pg::MessageError::BadLength {
+                    tag: 0,
+                    len: leftover.len(),
+                }))
+                .inspect_err(|_| tracing::debug!(what, "pooled session"));
+            }
+            drop(leftover);
+            let end = tokio::select! {
+                end = relay.run() => Some(end),
+                _ = cut.cancelled() => None,
+            };
+            (end, relay.moved())
+        };
+        report.transferred.client_to_server += moved.0;
+        report.transferred.server_to_client += moved.1;
+        // The key routes to this client's statements only while it holds
+        // the connection.
+        drop(registration);
+        let splice_error =
+            |side, source| SessionError::Splice(crate::splice::SpliceError { side, source });
+        match end {
+            Some(RelayEnd::Clean) => {
+                report.client_said_goodbye = true;
+                if let Some(reason) = lease.release(RESET_LIMIT).await {
+                    tracing::debug!(reason = reason.label(), "pooled server connection closed");
+                }
+                Ok(())
+            }
+            Some(RelayEnd::Dirty) => {
+                // Its last statements run to their end, as without keyhole:
+                // the server gets the Terminate after them.
+                report.client_said_goodbye = true;
+                lease.discard(CloseReason::NotReusable);
+                Ok(())
+            }
+            Some(RelayEnd::ClientGone { busy, error }) => {
+                lease.discard(CloseReason::NotReusable);
+                if busy {
+                    let abandoned = match &server_key {
+                        None => Abandoned::Left,
+                        Some(key) => match Box::pin(frontend.upstream.send_cancel(key)).await {
+                            Ok(()) => Abandoned::Cancelled,
+                            Err(e) => Abandoned::CancelFailed(e.to_string()),
+                        },
+                    };
+                    return Err(SessionError::ClientGone(abandoned));
+                }
+                match error {
+                    None => Ok(()),
+                    Some(e) => Err(splice_error(crate::splice::Side::Client, e)),
+                }
+            }
+            Some(RelayEnd::ServerGone(error)) => {
+                lease.discard(CloseReason::ServerClosed);
+                match error {
+                    None => Ok(()),
+                    Some(e) => Err(splice_error(crate::splice::Side::Server, e)),
+                }
+            }
+            Some(RelayEnd::Protocol(what)) => {
+                lease.discard(CloseReason::NotReusable);
+                Err(SessionError::UpstreamProtocol(format!(
+                    "the session's messages cannot be framed: {what}"
+                )))
+            }
+            None => {
+                lease.discard(CloseReason::Shutdown);
+                Err(SessionError::Cut)
+            }
+        }
+    }
+
+    /// Dials the server and logs in as keyhole (token or password), the
+    /// client seeing nothing of the exchange but the server's own error.
+    async fn open_logged_in(
+        &mut self,
+        startup: &StartupMessage,
+        user: &str,
+    ) -> Result<(ServerLeg, LoginRecord), SessionError> {
+        let frontend = self.frontend;
+        // Before dialling: without a token there is no point in a connection.
+        let token = frontend.login.token(user).await?;
+        let mut server = ServerLeg::new(Box::pin(frontend.upstream.connect_postgres()).await?);
+        let record = async {
+            server.send(&startup.raw).await?;
+            self.own_login(&mut server, token.as_ref(), user).await
+        }
+        .await
+        .map_err(|e| late_tls_failure(e, &frontend.upstream.server_name()))?;
+        Ok((server, record))
+    }
+
+    /// keyhole's own side of the authentication exchange, until
+    /// ReadyForQuery: a token or the password file's password answers a
+    /// cleartext request; the password also answers md5 and SCRAM-SHA-256.
+    async fn own_login(
+        &mut self,
+        server: &mut ServerLeg,
+        token: Option<&Token>,
+        user: &str,
+    ) -> Result<LoginRecord, SessionError> {
+        let timeout = self.frontend.startup_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let login = &*self.frontend.login;
+        let password = login.password.as_ref().map(|p| p.expose());
+        let refused = |reason: String| SessionError::OwnLogin {
+            user: user.to_owned(),
+            reason,
+        };
+        let mut record = LoginRecord::default();
+        let mut scram: Option<Scram> = None;
+        let mut out = BytesMut::with_capacity(256);
+        loop {
+            let msg = read_server_message_by(server, deadline, timeout).await?;
+            match msg.tag {
+                tag::AUTHENTICATION => {
+                    let code = auth_code(&msg)?;
+                    out.clear();
+                    match (code, token, password) {
+                        (auth::OK, _, _) => continue,
+                        (auth::CLEARTEXT_PASSWORD, Some(token), _) => {
+                            pg::encode_password_message(&mut out, token.expose());
+                            login.token_injected();
+                        }
+                        (auth::CLEARTEXT_PASSWORD, None, Some(password)) => {
+                            pg::encode_password_message(&mut out, password);
+                        }
+                        (auth::MD5_PASSWORD, None, Some(password)) => {
+                            let salt = msg.body.get(4..8).ok_or_else(|| {
+                                SessionError::UpstreamProtocol("MD5 request without a salt".into())
+                            })?;
+                            let answer = md5_password(user, password.as_bytes(), salt);
+                            pg::encode_password_message(&mut out, &answer);
+                        }
+                        (auth::SASL, None, Some(_)) => {
+                            let offered = msg.body.get(4..).unwrap_or_default();
+                            let scram_offered = offered
+                                .split(|&b| b == 0)
+                                .any(|m| m == SCRAM_SHA_256.as_bytes());
+                            if !scram_offered {
+                                return Err(refused(
+                                    "the server offers no SASL mechanism keyhole speaks (SCRAM-SHA-256)".into(),
+                                ));
+                            }
+                            let random = ring::rand::SystemRandom::new();
+                            let (exchange, first) =
+                                Scram::start(&random).map_err(|e| refused(e.to_string()))?;
+                            scram = Some(exchange);
+                            sasl_message(&mut out, Some(SCRAM_SHA_256), first.as_bytes());
+                        }
+                        (auth::SASL_CONTINUE, None, Some(password)) => {
+                            let exchange = scram.as_mut().ok_or_else(|| {
+                                SessionError::UpstreamProtocol("SASL continue before SASL".into())
+                            })?;
+                            let last = exchange
+                                .client_final(msg.body.get(4..).unwrap_or_default(), password.as_bytes())
+                                .map_err(|e| refused(e.to_string()))?;
+                            sasl_message(&mut out, None, last.as_bytes());
+                        }
+                        (auth::SASL_FINAL, None, Some(_)) => {
+                            let exchange = scram.as_ref().ok_or_else(|| {
+                                SessionError::UpstreamProtocol("SASL final before SASL".into())
+                            })?;
+                            exchange
+                                .verify_server_final(msg.body.get(4..).unwrap_or_default())
+                                .map_err(|e| refused(e.to_string()))?;
+                            continue;
+                        }
+                        (code, Some(_), _) => {
+                            return Err(login.token_not_asked(pg::auth_name(code).to_owned(), user))
+                        }
+                        (code, None, Some(_)) => {
+                            return Err(refused(format!(
+                                "the server asked for {}, which keyhole's password login does not answer (it answers cleartext, md5 and SCRAM-SHA-256)",
+                                pg::auth_name(code)
+                            )))
+                        }
+                        (code, None, None) => {
+                            return Err(refused(format!(
+                                "the server asked for {}, and pooled connections log in with keyhole's own credentials only: give the target iam=, auto-iam-authn, or user= with password-file=",
+                                pg::auth_name(code)
+                            )))
+                        }
+                    }
+                    server.send(&out).await?;
+                }
+                tag::ERROR_RESPONSE => {
+                    // The server's own words reach the client unchanged.
+                    out.clear();
+                    msg.encode(&mut out);
+                    self.client.send(&out).await?;
+                    let code = pg::error_fields(&msg)
+                        .into_iter()
+                        .find(|(f, _)| *f == b'C')
+                        .map(|(_, v)| v)
+                        .unwrap_or_default();
+                    return Err(SessionError::ServerRefused(format!("SQLSTATE {code}")));
+                }
+                tag::READY_FOR_QUERY => return Ok(record),
+                // ParameterStatus, BackendKeyData, NegotiateProtocolVersion;
+                // notices are not replayed.
+                _ => record.learn(&msg),
+            }
+        }
     }
 
     /// The session proper: bytes both ways until either side ends it.
@@ -291,16 +603,10 @@ impl Session<'_> {
                 self.client.send(&to_client).await?;
                 to_client.clear();
             }
-            let msg = tokio::time::timeout_at(deadline, read_server_message(server))
-                .await
-                .map_err(|_| SessionError::UpstreamStalled(timeout))??;
+            let msg = read_server_message_by(server, deadline, timeout).await?;
             match msg.tag {
                 tag::AUTHENTICATION => {
-                    let code = pg::auth_code(&msg).ok_or_else(|| {
-                        SessionError::UpstreamProtocol(
-                            "authentication request without a code".into(),
-                        )
-                    })?;
+                    let code = auth_code(&msg)?;
                     if let Some(token) = token {
                         if code == auth::CLEARTEXT_PASSWORD {
                             let mut out = BytesMut::with_capacity(6 + token.expose().len());
@@ -378,7 +684,42 @@ impl Session<'_> {
     }
 }
 
+/// SASLInitialResponse (with `mechanism`) or SASLResponse.
+fn sasl_message(out: &mut BytesMut, mechanism: Option<&str>, data: &[u8]) {
+    use bytes::BufMut;
+    let mut len = 4 + data.len();
+    if let Some(m) = mechanism {
+        len += m.len() + 1 + 4;
+    }
+    out.put_u8(tag::PASSWORD_MESSAGE);
+    out.put_u32(len as u32);
+    if let Some(m) = mechanism {
+        out.put_slice(m.as_bytes());
+        out.put_u8(0);
+        out.put_u32(data.len() as u32);
+    }
+    out.put_slice(data);
+}
+
 /// Reads one typed message from the server.
+/// The server's next login message, by the login's one deadline.
+async fn read_server_message_by(
+    server: &mut ServerLeg,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<Message, SessionError> {
+    tokio::time::timeout_at(deadline, read_server_message(server))
+        .await
+        .map_err(|_| SessionError::UpstreamStalled(timeout))?
+}
+
+/// An Authentication message's request code.
+fn auth_code(msg: &Message) -> Result<u32, SessionError> {
+    pg::auth_code(msg).ok_or_else(|| {
+        SessionError::UpstreamProtocol("authentication request without a code".into())
+    })
+}
+
 async fn read_server_message(server: &mut ServerLeg) -> Result<Message, SessionError> {
     loop {
         if let Some(msg) = pg::decode_message(&mut server.buf, pg::MAX_STARTUP_PHASE_MESSAGE_LEN)

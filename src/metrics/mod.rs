@@ -12,6 +12,7 @@
 
 mod histogram;
 mod hop;
+mod pool;
 mod process;
 mod reload;
 mod target;
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 pub use histogram::Histogram;
 pub use hop::HopMetrics;
+pub use pool::PoolMetrics;
 pub use process::{parse_btime, parse_stat, Snapshot as ProcessSnapshot, Stat};
 pub use reload::ReloadMetrics;
 pub use target::{ExpiryProbe, OpenConnection, TargetMetrics};
@@ -306,6 +308,84 @@ impl Registry {
                             &t.labels(),
                             Float(left),
                         );
+                    }
+                }
+            },
+        );
+        let pooled: Vec<&TargetMetrics> = targets
+            .iter()
+            .copied()
+            .filter(|t| t.pool().enabled())
+            .collect();
+        exp.family(
+            "keyhole_pool_connections",
+            "Server connections of a target's pool (pool=session), by state (idle or in_use).",
+            Kind::Gauge,
+            |s| {
+                for t in &pooled {
+                    let pool = t.pool();
+                    for (state, count) in [("idle", pool.idle()), ("in_use", pool.in_use())] {
+                        let labels = with(&t.labels(), "state", state);
+                        s.push("keyhole_pool_connections", &labels, count);
+                    }
+                }
+            },
+        );
+        exp.family(
+            "keyhole_pool_waits_total",
+            "Clients that found their target's pool full and waited for a connection.",
+            Kind::Counter,
+            |s| {
+                for t in &pooled {
+                    s.push("keyhole_pool_waits_total", &t.labels(), t.pool().waits());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_pool_wait_seconds",
+            "How long clients waited for a pooled connection (those that waited).",
+            Kind::Histogram,
+            |s| {
+                for t in &pooled {
+                    t.pool()
+                        .wait
+                        .render(s, "keyhole_pool_wait_seconds", &t.labels());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_pool_opened_total",
+            "Server connections the pool logged in to (each a login with keyhole's token or password).",
+            Kind::Counter,
+            |s| {
+                for t in &pooled {
+                    s.push("keyhole_pool_opened_total", &t.labels(), t.pool().opened_total());
+                }
+            },
+        );
+        exp.family(
+            "keyhole_pool_reused_total",
+            "Clients served with an idle pooled connection instead of a new login.",
+            Kind::Counter,
+            |s| {
+                for t in &pooled {
+                    s.push(
+                        "keyhole_pool_reused_total",
+                        &t.labels(),
+                        t.pool().reused_total(),
+                    );
+                }
+            },
+        );
+        exp.family(
+            "keyhole_pool_closed_total",
+            "Pooled server connections closed, by reason.",
+            Kind::Counter,
+            |s| {
+                for t in &pooled {
+                    for (reason, count) in t.pool().closed_counts() {
+                        let labels = with(&t.labels(), "reason", reason);
+                        s.push("keyhole_pool_closed_total", &labels, count);
                     }
                 }
             },

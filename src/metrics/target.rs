@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use super::histogram::Histogram;
+use super::pool::PoolMetrics;
 use super::RefusedReason;
 
 /// Answers "when does the soonest cached token expire?" at scrape time.
@@ -38,6 +39,8 @@ pub struct TargetMetrics {
     cloudsql_api_calls: Mutex<Vec<((&'static str, String), u64)>>,
     /// Cloud SQL instances: when the current client certificate expires.
     cloudsql_cert_expiry: Mutex<Option<SystemTime>>,
+    /// `pool=session`: the target's connection pool.
+    pool: Arc<PoolMetrics>,
 }
 
 impl TargetMetrics {
@@ -66,6 +69,11 @@ impl TargetMetrics {
         OpenConnection {
             metrics: Arc::clone(self),
         }
+    }
+
+    /// The counters of the target's connection pool (shown once enabled).
+    pub fn pool(&self) -> &Arc<PoolMetrics> {
+        &self.pool
     }
 
     /// Connections open now.

@@ -80,6 +80,13 @@ struct FrontendParts {
     tokens: Option<Arc<TokenLogin>>,
     metrics: Arc<TargetMetrics>,
     pipe: crate::splice::pipe::PipeConfig,
+    /// `password-file=`, as read when the target was built.
+    password: Option<config::cloudsql::Secret>,
+    /// `pool=session`, and what ends its pools when keyhole exits.
+    pool: Option<config::PoolSettings>,
+    pool_stop: CancellationToken,
+    /// For log lines.
+    name: String,
 }
 
 impl FrontendParts {
@@ -92,6 +99,7 @@ impl FrontendParts {
         let login = Arc::new(LoginPolicy {
             fixed_user: self.fixed_user.clone(),
             tokens: self.tokens.clone(),
+            password: self.password.clone(),
             protocol,
             metrics: self.metrics.clone(),
         });
@@ -104,14 +112,23 @@ impl FrontendParts {
                 max_connections: self.max_connections,
                 login,
                 pipe: self.pipe,
+                pool: self.pool.map(|settings| {
+                    self.metrics.pool().enable();
+                    tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
+                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_stop.clone())
+                }),
             }),
-            Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
+            Protocol::Mysql => Frontend::Mysql({
+                if self.pool.is_some() {
+                    tracing::warn!(target = %self.name, "pool=session is for Postgres so far: this MySQL instance's connections are not pooled");
+                }
+                MysqlFrontend {
                 upstream: self.upstream.clone(),
                 local_tls,
                 startup_timeout: self.startup_timeout,
                 max_connections: self.max_connections,
                 login,
-            }),
+            }}),
         })
     }
 }
@@ -216,6 +233,7 @@ impl Fingerprint {
     /// that a file that changes meanwhile shows as a change at the next reload.
     pub(super) fn of(config: &Config, target: &TargetConfig) -> Fingerprint {
         let mut files: Vec<PathBuf> = target.tls_files().into_iter().map(Into::into).collect();
+        files.extend(target.password_file.iter().cloned());
         if let Some(ck) = &config.listen_tls {
             files.extend([ck.cert.clone(), ck.key.clone()]);
         }
@@ -268,6 +286,8 @@ impl Fingerprint {
         differs("iam", now.iam != was.iam);
         differs("user", now.user != was.user);
         differs("via", now.via != was.via);
+        differs("pool", now.pool != was.pool);
+        differs("password-file", now.password_file != was.password_file);
         differs(
             "listen-cert/listen-key",
             self.listen_tls != before.listen_tls,
@@ -749,7 +769,22 @@ async fn prepare_target(
             }
         }
     };
+    let password = target
+        .password_file
+        .as_deref()
+        .map(read_password_file)
+        .transpose()
+        .map_err(fail)?;
+    if target.pool.is_some() && target.protocol == Some(Protocol::Mysql) {
+        return Err(fail(
+            "pool=session is for Postgres targets so far; this instance runs MySQL".into(),
+        ));
+    }
     let parts = FrontendParts {
+        password,
+        pool: target.pool,
+        pool_stop: cx.shared.refreshers.child_token(),
+        name: target.name.clone(),
         upstream,
         listen_tls: config.listen_tls.clone(),
         startup_timeout: config.startup_timeout,
@@ -783,6 +818,42 @@ async fn prepare_target(
             hop,
         },
     })
+}
+
+/// The password in `path` (`password-file=`): the file's text without its
+/// final line break. Read at start and at each reload that rebuilds the
+/// target. A file others may read is used, with a warning (Kubernetes
+/// mounts secrets 0644 unless told otherwise). No error shows the content.
+fn read_password_file(path: &std::path::Path) -> Result<config::cloudsql::Secret, String> {
+    let shown = path.display();
+    let text = std::fs::read(path).map_err(|e| format!("password-file {shown}: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(file = %shown, mode = format!("{mode:o}"), "password-file can be read by other users than its owner: chmod 600 it");
+            }
+        }
+    }
+    let mut text = String::from_utf8(text)
+        .map_err(|_| format!("password-file {shown}: the password is not UTF-8 text"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err(format!("password-file {shown} is empty"));
+    }
+    if text.contains(['\0', '\n']) {
+        return Err(format!(
+            "password-file {shown}: the password must be one line without NUL bytes"
+        ));
+    }
+    Ok(config::cloudsql::Secret::new(text))
 }
 
 /// Logs each hop `targets` go through that `before` did not, and (unless
