@@ -175,6 +175,175 @@ fn psql_logs_in_with_an_rds_token_signed_with_ecs_task_credentials() {
     );
 }
 
+/// The `keyhole_pool_*` lines of a scrape, shown when a pool count is off.
+fn pool_lines(port: u16) -> Vec<String> {
+    let (_, scrape) = support::http::get(port, "/metrics").expect("GET /metrics");
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("keyhole_pool_") && !l.contains("_bucket"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (up to 20 s) until the pool holds `idle` idle connections and none
+/// in use (a client's Terminate is answered before keyhole's reset ends).
+fn wait_pool_settled(port: u16, idle: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(port, "keyhole_pool_connections", "state=\"idle\"") != idle
+        || metric(port, "keyhole_pool_connections", "state=\"in_use\"") != 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not settle at {idle} idle: {:#?}",
+            pool_lines(port)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The point of `pool=session` on a token target: RDS limits IAM logins
+/// per second, and a burst of new connections (psql runs one after
+/// another, then `pgbench -C`, a new connection per transaction) must not
+/// mint and present one token each. The fake RDS counts the logins it
+/// checked; keyhole's metrics must say the same.
+#[test]
+fn a_pooled_token_target_logs_in_once_per_server_connection_not_once_per_client() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let auth = "Bearer task-auth-pool-51c2";
+    let ecs = FakeEcs::start("/v2/credentials/task", Some(auth));
+    let auth_file = home.path().join("ecs-auth-token");
+    std::fs::write(&auth_file, auth).expect("write auth token file");
+    let creds = ecs.credentials();
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres(
+        pg,
+        TokenCheck::aws_for(&creds, fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        PgAsk::Cleartext,
+    );
+    let pool_size = 2;
+    let target = format!(
+        "{}&iam=aws&pool=session&pool-size={pool_size}",
+        rds.keyhole_target()
+    );
+    let http_port = support::free_port();
+    let http = http_port.to_string();
+    let kh = keyhole(
+        &["--prometheus", "--http-port", &http, &target],
+        home.path(),
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &ecs.full_uri()),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                auth_file.to_str().expect("UTF-8"),
+            ),
+        ],
+    );
+    // psql runs one after another: each finds the connection the last one
+    // left (once keyhole has reset and parked it).
+    let mut psql_pids = Vec::new();
+    for _ in 0..3 {
+        let text = psql_ok(
+            kh.port(),
+            TRUST_USER,
+            "select current_user, pg_backend_pid()",
+        );
+        let (user, pid) = text.split_once('|').unwrap_or((&text, ""));
+        assert_eq!(user, TRUST_USER, "{text}");
+        psql_pids.push(pid.to_owned());
+        wait_pool_settled(http_port, 1.0);
+    }
+    assert!(
+        psql_pids.iter().all(|p| *p == psql_pids[0]),
+        "three psql runs, three server connections: {psql_pids:?}"
+    );
+    assert_eq!(rds.outcomes().len(), 1, "{:?}", rds.outcomes());
+
+    // Then a burst: two clients, a new connection for each of their 20
+    // transactions.
+    let dir = support::scratch_dir("keyhole-iam-pool-bench-");
+    let script = dir.path().join("select.sql");
+    std::fs::write(&script, "select current_user;\n").expect("write the pgbench script");
+    let port = kh.port().to_string();
+    let out = clients::pgbench(
+        &[
+            "-n",
+            "-C",
+            "-c",
+            "2",
+            "-t",
+            "20",
+            "-f",
+            script.to_str().expect("UTF-8"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            TRUST_USER,
+            "postgres",
+        ],
+        None,
+    );
+    let text = clients::expect_success(&out, "pgbench -C through a pooled token target");
+    assert!(
+        text.contains("number of transactions actually processed: 40/40"),
+        "{text}"
+    );
+    let all = "target=";
+    let pool = || pool_lines(http_port);
+    // Every session has checked out its connection by now; the last
+    // ones may still be in their reset.
+    let sessions = metric(http_port, "keyhole_connections_total", all);
+    let outcomes = rds.outcomes();
+    assert!(
+        outcomes.iter().all(|o| o.is_ok() && o.user == TRUST_USER),
+        "{outcomes:?}"
+    );
+    let logins = outcomes.len() as f64;
+    // psql's key (application_name=psql) and pgbench's differ: psql's one
+    // connection, then at most pool-size for pgbench's (psql's is closed
+    // to make room).
+    assert!(
+        logins <= 1.0 + f64::from(pool_size),
+        "{logins} IAM logins for {sessions} connections: {:#?}",
+        pool()
+    );
+    assert_eq!(
+        metric(http_port, "keyhole_pool_opened_total", all),
+        logins,
+        "{:#?}",
+        pool()
+    );
+    assert_eq!(
+        metric(http_port, "keyhole_token_injections_total", all),
+        logins
+    );
+    assert_eq!(
+        metric(http_port, "keyhole_pool_reused_total", all),
+        sessions - logins,
+        "every other connection reused one: {:#?}",
+        pool()
+    );
+    assert!(
+        sessions >= 43.0,
+        "3 psql runs, 40 pgbench connections: {sessions}"
+    );
+    assert_eq!(metric(http_port, "keyhole_token_failures_total", all), 0.0);
+    // One token (15 minutes) for every login, so one credential fetch.
+    assert_eq!(ecs.requests().len(), 1, "{:?}", ecs.requests());
+    wait_pool_settled(http_port, f64::from(pool_size));
+
+    let (_, scrape) = support::http::get(http_port, "/metrics").expect("GET /metrics");
+    assert_no_secret(
+        &scrape,
+        &[&creds.secret_access_key, &creds.session_token, auth],
+    );
+    assert_no_secret(
+        &kh.logs(),
+        &[&creds.secret_access_key, &creds.session_token, auth],
+    );
+}
+
 #[test]
 fn user_fixes_the_database_user_whatever_the_client_sends() {
     let home = support::scratch_dir("keyhole-iam-home");
@@ -597,6 +766,57 @@ fn psql_logs_in_with_a_cloud_sql_token_from_the_metadata_server() {
         .requests()
         .iter()
         .all(|r| r.header("metadata-flavor") == Some("Google")));
+    assert_no_secret(&kh.logs(), &[&token]);
+}
+
+/// `iam=gcp` with `pool=session`: psql runs one after another share one
+/// server connection, so one token login reaches the Cloud SQL front end.
+#[test]
+fn a_pooled_cloud_sql_token_target_logs_in_once_for_psql_runs_one_after_another() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let metadata = FakeGcpMetadata::start();
+    let token = metadata.access_token();
+    let pg = PgCluster::shared();
+    let rds = FakeRds::postgres_at(
+        "inst-abc.us-central1.sql.goog",
+        pg,
+        TokenCheck::Gcp {
+            accepted: vec![token.clone()],
+        },
+        PgAsk::Cleartext,
+    );
+    let target = format!("{}&iam=gcp&pool=session&pool-size=2", rds.keyhole_target());
+    let http_port = support::free_port();
+    let http = http_port.to_string();
+    let kh = keyhole(
+        &["--prometheus", "--http-port", &http, &target],
+        home.path(),
+        &[("GCE_METADATA_HOST", &metadata.host())],
+    );
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let text = psql_ok(
+            kh.port(),
+            TRUST_USER,
+            "select current_user, pg_backend_pid()",
+        );
+        let (user, pid) = text.split_once('|').unwrap_or((&text, ""));
+        assert_eq!(user, TRUST_USER, "{text}");
+        pids.push(pid.to_owned());
+        wait_pool_settled(http_port, 1.0);
+    }
+    assert!(pids.iter().all(|p| *p == pids[0]), "{pids:?}");
+    let outcomes = rds.outcomes();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    let all = "target=";
+    assert_eq!(
+        metric(http_port, "keyhole_token_injections_total", all),
+        1.0
+    );
+    assert_eq!(metric(http_port, "keyhole_pool_reused_total", all), 2.0);
+    let (_, scrape) = support::http::get(http_port, "/metrics").expect("GET /metrics");
+    assert_no_secret(&scrape, &[&token]);
     assert_no_secret(&kh.logs(), &[&token]);
 }
 

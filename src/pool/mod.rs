@@ -111,6 +111,10 @@ struct State<C: ServerConnection> {
     /// Connections counted against the size: idle, leased, being opened.
     open: usize,
     waiters: VecDeque<Waiter<C>>,
+    /// keyhole is draining: nothing is parked any more (a connection given
+    /// back goes to a waiter of its key or is closed), new clients may
+    /// still open connections within the size.
+    draining: bool,
     closed: bool,
 }
 
@@ -154,10 +158,13 @@ pub struct Lease<C: ServerConnection> {
 impl<C: ServerConnection> Pool<C> {
     /// A pool with `settings`, counting into `metrics`. Its reaper (idle
     /// timeout, maximum lifetime, dead connections) runs until the pool is
-    /// dropped or `stop` is cancelled (keyhole exits).
+    /// dropped or `stop` is cancelled (keyhole exits); at `drain` (keyhole
+    /// stops accepting and waits for its sessions), the idle connections
+    /// are closed at once and the others as their clients leave.
     pub fn new(
         settings: PoolSettings,
         metrics: Arc<PoolMetrics>,
+        drain: CancellationToken,
         stop: CancellationToken,
     ) -> Pool<C> {
         let inner = Arc::new(Inner {
@@ -167,6 +174,7 @@ impl<C: ServerConnection> Pool<C> {
                 idle: Vec::new(),
                 open: 0,
                 waiters: VecDeque::new(),
+                draining: false,
                 closed: false,
             }),
         });
@@ -174,7 +182,7 @@ impl<C: ServerConnection> Pool<C> {
         let reaper = own.clone();
         let weak = Arc::downgrade(&inner);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(reap(weak, settings, reaper));
+            runtime.spawn(reap(weak, settings, drain, reaper));
         }
         Pool {
             inner,
@@ -394,6 +402,9 @@ impl<C: ServerConnection> Inner<C> {
                 }
             }
         }
+        if state.draining {
+            return Some((conn, CloseReason::Shutdown));
+        }
         if !state.waiters.is_empty() {
             return Some((conn, CloseReason::Evicted));
         }
@@ -409,6 +420,30 @@ impl<C: ServerConnection> Inner<C> {
             born,
             since: Instant::now(),
         });
+    }
+
+    /// keyhole drains: idle connections are closed now (their room goes
+    /// to waiters, if any), and none is parked from now on.
+    fn drain(self: &Arc<Self>) {
+        let idle = {
+            let mut state = self.lock();
+            if state.closed || state.draining {
+                return;
+            }
+            state.draining = true;
+            std::mem::take(&mut state.idle)
+        };
+        let rooms = idle.len();
+        self.metrics.idle_changed(-(rooms as i64));
+        close_all(
+            idle.into_iter()
+                .map(|i| (i.conn, CloseReason::Shutdown))
+                .collect(),
+            &self.metrics,
+        );
+        for _ in 0..rooms {
+            self.room_freed();
+        }
     }
 
     /// The target went away or keyhole stops: idle connections are closed
@@ -553,12 +588,14 @@ fn close_all<C: ServerConnection>(conns: Vec<(C, CloseReason)>, metrics: &PoolMe
 async fn reap<C: ServerConnection>(
     pool: Weak<Inner<C>>,
     settings: PoolSettings,
+    drain: CancellationToken,
     stop: CancellationToken,
 ) {
     let every = (settings.idle_timeout.min(settings.max_lifetime) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(30));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drained = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
@@ -566,6 +603,14 @@ async fn reap<C: ServerConnection>(
                     inner.shut_down();
                 }
                 return;
+            }
+            _ = drain.cancelled(), if !drained => {
+                drained = true;
+                match pool.upgrade() {
+                    Some(inner) => inner.drain(),
+                    None => return,
+                }
+                continue;
             }
             _ = tick.tick() => {}
         }

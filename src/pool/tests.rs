@@ -42,7 +42,12 @@ fn settings(size: usize) -> PoolSettings {
 fn pool(size: usize) -> (Pool<Fake>, Arc<PoolMetrics>) {
     let metrics = Arc::new(PoolMetrics::default());
     (
-        Pool::new(settings(size), metrics.clone(), CancellationToken::new()),
+        Pool::new(
+            settings(size),
+            metrics.clone(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        ),
         metrics,
     )
 }
@@ -209,6 +214,7 @@ async fn idle_and_lifetime_limits_close_parked_connections() {
         },
         metrics.clone(),
         CancellationToken::new(),
+        CancellationToken::new(),
     );
     let lease = open(&pool, b"a", 1).await;
     assert_eq!(lease.release(WAIT).await, None);
@@ -227,6 +233,7 @@ async fn idle_and_lifetime_limits_close_parked_connections() {
             max_lifetime: Duration::from_millis(100),
         },
         metrics.clone(),
+        CancellationToken::new(),
         CancellationToken::new(),
     );
     let lease = open(&pool, b"a", 1).await;
@@ -248,4 +255,67 @@ async fn a_dropped_pool_closes_its_idle_connections_and_refuses_more() {
     assert_eq!(held.release(WAIT).await, Some(CloseReason::Shutdown));
     assert_eq!(metrics.idle(), 0);
     assert_eq!(metrics.in_use(), 0);
+}
+
+/// Waits (up to 5 s) until `done` holds.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn draining_closes_idle_connections_at_once_and_parks_nothing_more() {
+    let metrics = Arc::new(PoolMetrics::default());
+    let drain = CancellationToken::new();
+    let pool: Pool<Fake> = Pool::new(
+        settings(2),
+        metrics.clone(),
+        drain.clone(),
+        CancellationToken::new(),
+    );
+    let parked = open(&pool, b"a", 1).await;
+    let parked_closed = lease_closed(&parked);
+    let held = open(&pool, b"a", 2).await;
+    let held_closed = lease_closed(&held);
+    assert_eq!(parked.release(WAIT).await, None);
+    assert_eq!(pool.idle(), 1);
+
+    drain.cancel();
+    eventually("the idle connection is closed at the drain", || {
+        parked_closed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!((metrics.idle(), metrics.in_use()), (0, 1));
+    assert_eq!(metrics.closed_counts(), [("shutdown", 1)]);
+    assert_eq!(held_closed.load(Ordering::Relaxed), 0, "in use: left alone");
+
+    // A client accepted before the drain is still served (its room was the
+    // idle connection's), and a waiter of the key still gets a connection
+    // given back; the last one given back is closed, not parked.
+    let late = open(&pool, b"a", 3).await;
+    let late_closed = lease_closed(&late);
+    let pool = Arc::new(pool);
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { reuse(&pool, b"a").await }
+    });
+    eventually("the third client waits", || {
+        pool.inner.lock().waiters.len() == 1
+    })
+    .await;
+    assert_eq!(held.release(WAIT).await, None, "handed to the waiter");
+    let handed = waiting.await.expect("the waiter");
+    assert_eq!(handed.conn.as_ref().map(|c| c.id), Some(2));
+    assert_eq!(handed.release(WAIT).await, Some(CloseReason::Shutdown));
+    assert_eq!(late.release(WAIT).await, Some(CloseReason::Shutdown));
+    eventually("both closed", || {
+        held_closed.load(Ordering::Relaxed) == 1 && late_closed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(pool.idle(), 0);
+    assert_eq!((metrics.idle(), metrics.in_use()), (0, 0));
+    assert_eq!(pool.inner.lock().open, 0, "no room leaked");
 }

@@ -14,7 +14,8 @@
 //!
 //! Shutdown: the first stop request (SIGTERM, SIGINT, `/quitquitquit`)
 //! makes `/readiness` fail; new connections are still accepted for
-//! `--min-sigterm-delay`; then the listeners close and open connections may
+//! `--min-sigterm-delay`; then the listeners close (and pooled server
+//! connections no client holds are closed) and open connections may
 //! go on for `--max-sigterm-delay`; whatever is still open then is cut. A
 //! second request ends any wait. The exit code: 0 when every connection
 //! ended by itself, after `/quitquitquit`, or with `--exit-zero-on-sigterm`;
@@ -288,7 +289,14 @@ impl Proxy {
                 }
             }
         };
-        Ok(shutdown(&lifecycle, &serving, &running.config, received).await)
+        Ok(shutdown(
+            &lifecycle,
+            &serving,
+            &running.config,
+            &shared.pools_drain,
+            received,
+        )
+        .await)
     }
 }
 
@@ -297,6 +305,7 @@ async fn shutdown(
     lifecycle: &Lifecycle,
     serving: &Serving,
     config: &Config,
+    pools_drain: &CancellationToken,
     received: StopRequest,
 ) -> u8 {
     lifecycle.advance(Phase::Draining);
@@ -319,6 +328,9 @@ async fn shutdown(
     serving.stop_accepting.cancel();
     serving.accept_loops.close();
     serving.accept_loops.wait().await;
+    // No new client from here: pooled connections nobody holds are closed
+    // now (Terminate to the server), the others as their clients leave.
+    pools_drain.cancel();
     let connections = &serving.connections;
     connections.close();
     let open = connections.len();

@@ -82,8 +82,10 @@ struct FrontendParts {
     pipe: crate::splice::pipe::PipeConfig,
     /// `password-file=`, as read when the target was built.
     password: Option<config::cloudsql::Secret>,
-    /// `pool=session`, and what ends its pools when keyhole exits.
+    /// `pool=session`, what drains its pools when keyhole starts draining,
+    /// and what ends them when keyhole exits.
     pool: Option<config::PoolSettings>,
+    pool_drain: CancellationToken,
     pool_stop: CancellationToken,
     /// For log lines.
     name: String,
@@ -115,7 +117,7 @@ impl FrontendParts {
                 pool: self.pool.map(|settings| {
                     self.metrics.pool().enable();
                     tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
-                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_stop.clone())
+                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_drain.clone(), self.pool_stop.clone())
                 }),
             }),
             Protocol::Mysql => Frontend::Mysql({
@@ -401,6 +403,9 @@ pub(super) struct Shared {
     /// The parent of every instance's refresh token: ends them all when the
     /// proxy goes.
     pub(super) refreshers: CancellationToken,
+    /// Cancelled when the shutdown starts draining: every pool closes its
+    /// idle connections then, and parks none from then on.
+    pub(super) pools_drain: CancellationToken,
 }
 
 impl Shared {
@@ -410,6 +415,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             hops: HopPool::default(),
             refreshers: CancellationToken::new(),
+            pools_drain: CancellationToken::new(),
         }
     }
 }
@@ -783,6 +789,7 @@ async fn prepare_target(
     let parts = FrontendParts {
         password,
         pool: target.pool,
+        pool_drain: cx.shared.pools_drain.child_token(),
         pool_stop: cx.shared.refreshers.child_token(),
         name: target.name.clone(),
         upstream,
