@@ -68,6 +68,16 @@ impl AsyncWrite for UpstreamStream {
     ) -> Poll<io::Result<usize>> {
         delegate!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        delegate!(self, s => s.is_write_vectored())
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
