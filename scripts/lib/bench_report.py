@@ -9,13 +9,15 @@ Inputs:
   --results DIR   the samples. DIR/PATH.METRIC holds one value a line, one line per
                   round (PATH: direct, keyhole, pgbouncer, stunnel, goproxy; METRIC:
                   tps_s8, copy_out_cpu, ...), and DIR/PATH.METRIC.fail one reason a
-                  line, one line per failed round. DIR/cloudsql/KEY.METRIC and
-                  DIR/via/KEY.METRIC likewise for the Cloud SQL and via= groups.
+                  line, one line per failed round. DIR/cloudsql/KEY.METRIC,
+                  DIR/via/KEY.METRIC and DIR/latency/PATH.METRIC likewise for the
+                  Cloud SQL, via= and latency groups.
   --context FILE  what bench.sh knows and the samples do not say, as JSON (bench.sh's
                   write_context): the settings, the paths and why any was skipped, the
                   servers each path is measured against, the versions of the servers,
-                  clients and proxies, the notes, the Cloud SQL and via= columns. Its
-                  keys are the fields of Run, CloudSqlGroup and ViaGroup below.
+                  clients and proxies, the notes, the Cloud SQL, via= and latency
+                  columns, the MySQL-speaking proxies looked for. Its keys are the
+                  fields of Run, CloudSqlGroup, ViaGroup and LatencyGroup below.
   --out DIR       where the files go; without it the markdown report goes to stdout.
 
 Outputs, with --out DIR:
@@ -81,6 +83,28 @@ class ViaGroup:
 
 
 @dataclass
+class LatencyGroup:
+    """The latency workloads: every path over the latency relay (bench.sh's lat_*)."""
+
+    # the columns: loopback (direct without the relay), direct, then the proxies that ran
+    # over the relay; none: the group did not run
+    keys: list = field(default_factory=list)
+    note: str = ""  # why it did not run
+    clients: list = field(default_factory=list)  # pgbench -c, each
+    delay_ms: str = ""  # the relay's one-way delay, each way, as given
+    relay_port: int = 0
+    priority: str = ""  # the relay's scheduling
+    notes: list = field(default_factory=list)  # what went wrong while setting it up
+
+    def round_trip_ms(self):
+        """What the relay adds to a round trip, e.g. 1 (for 0.5 each way)."""
+        try:
+            return "%g" % (2 * float(self.delay_ms))
+        except ValueError:
+            return "?"
+
+
+@dataclass
 class Run:
     """What bench.sh knows about the run: its context file."""
 
@@ -97,7 +121,7 @@ class Run:
     stream_bytes: int
     idle_conns: int
     idle_large: int
-    mysql_threads: int
+    mysql_threads: list  # sysbench --threads, each (the last one has keyhole's target)
     mysql_table_size: int
     mysql_bytes: int
     first_runs: int
@@ -115,6 +139,11 @@ class Run:
     versions: dict
     cloudsql: CloudSqlGroup
     via: ViaGroup
+    latency: LatencyGroup = field(default_factory=LatencyGroup)
+    # the MySQL-speaking proxies looked for: PACKAGE: its installation candidate, or
+    # empty; and how they were looked for (or why they were not)
+    mysql_proxies: dict = field(default_factory=dict)
+    mysql_proxies_how: str = ""
 
     @classmethod
     def load(cls, path):
@@ -122,6 +151,10 @@ class Run:
             data = json.load(f)
         data["cloudsql"] = CloudSqlGroup(**data["cloudsql"])
         data["via"] = ViaGroup(**data["via"])
+        data["latency"] = LatencyGroup(**data.get("latency", {}))
+        # (a context from before the 1-thread MySQL run has one thread count)
+        if isinstance(data.get("mysql_threads"), int):
+            data["mysql_threads"] = [data["mysql_threads"]]
         return cls(**data)
 
     def ran(self, path):
@@ -308,10 +341,34 @@ class Metric:
     unit: str
     format: str  # of its value, e.g. %.0f
     kind: str  # ratio: also its ratio to the baseline; delta: its difference to it;
-    #            proxy: a proxy's own figure (direct has none); value: the value alone
+    #            proxy: a proxy's own figure (direct has none); cpu: a proxy's own figure
+    #            with its ratio to keyhole's; added: source's median minus the
+    #            baseline's, times scale (direct has none); value: the value alone
     target: Target | None = None
     server: str = ""  # main table: the server it is measured against (pg, syn, my)
     columns: tuple = ()  # Cloud SQL and via= tables: the columns that have the figure
+    source: str = ""  # added: the metric it is computed from
+    scale: float = 1.0  # added: the difference times this (ms to µs: 1000)
+
+
+# The kinds of rows that are a proxy's own: no direct figure.
+PROXY_KINDS = ("proxy", "cpu", "added")
+
+
+def pgbench_metrics(clients, server="pg"):
+    """pgbench -S -c C: TPS (keyhole's target at -c 8 in the main table), the proxy's CPU
+    per transaction, the latency, and at -c 1 the latency added per round trip."""
+    rows = [
+        Metric("tps_s%d" % clients, "pgbench -S -c %d" % clients, "TPS", "%.0f", "ratio",
+               Target.parse("ratio>=0.95" if clients == 8 and server == "pg" else ""), server),
+        Metric("cpu_tps_s%d" % clients, "pgbench -S -c %d: proxy CPU (× keyhole)" % clients, "µs/tx", "%.1f",
+               "cpu", None, server),
+        Metric("lat_tps_s%d" % clients, "pgbench -S -c %d latency" % clients, "ms", "%.3f", "ratio", None, server),
+    ]
+    if clients == 1:
+        rows.append(Metric("added_tps_s1", "pgbench -S -c 1: latency added per round trip", "µs", "%.0f",
+                           "added", None, server, source="lat_tps_s1", scale=1000.0))
+    return rows
 
 
 def main_metrics(run):
@@ -320,15 +377,13 @@ def main_metrics(run):
         return []
     rows = []
     for c in run.pgbench_clients:
-        rows += [
-            Metric("tps_s%d" % c, "pgbench -S -c %d" % c, "TPS", "%.0f", "ratio",
-                   Target.parse("ratio>=0.95" if c == 8 else ""), "pg"),
-            Metric("lat_tps_s%d" % c, "pgbench -S -c %d latency" % c, "ms", "%.3f", "ratio", None, "pg"),
-        ]
+        rows += pgbench_metrics(c)
     copy_size, stream_size = mb_text(run.copy_bytes), mb_text(run.stream_bytes)
     rows += [
         Metric("tps_c", "pgbench -S -C -c %d: new connections" % run.conn_clients, "per s", "%.0f",
                "ratio", Target.parse("ratio>=1.2"), "pg"),
+        Metric("cpu_tps_c", "pgbench -S -C: proxy CPU per new connection (× keyhole)", "µs/conn", "%.0f",
+               "cpu", None, "pg"),
         Metric("lat_tps_c", "pgbench -S -C latency (+ added per new connection)", "ms", "%.3f",
                "delta", None, "pg"),
         Metric("copy_out_mbs", "COPY out, " + copy_size, "MB/s", "%.0f", "ratio", None, "pg"),
@@ -343,10 +398,20 @@ def main_metrics(run):
                "proxy", Target.parse("held"), "syn"),
     ]
     if run.mysql:
+        for threads in run.mysql_threads:
+            # (the last thread count's samples are my_tps, my_lat, my_cpu; 1 thread's my_*_t1)
+            last = threads == run.mysql_threads[-1]
+            suffix = "" if last else "_t%d" % threads
+            name = "%d thread%s" % (threads, "" if threads == 1 else "s")
+            rows += [
+                Metric("my_tps" + suffix, "MySQL point selects (sysbench, %s)" % name, "TPS", "%.0f",
+                       "ratio", Target.parse("ratio>=0.95" if last else ""), "my"),
+                Metric("my_cpu" + suffix, "MySQL point selects, %s: proxy CPU (× keyhole)" % name, "µs/query",
+                       "%.1f", "cpu", None, "my"),
+                Metric("my_lat" + suffix, "MySQL point select latency, %s" % name, "ms", "%.3f", "ratio", None,
+                       "my"),
+            ]
         rows += [
-            Metric("my_tps", "MySQL point selects (sysbench, %d threads)" % run.mysql_threads, "TPS", "%.0f",
-                   "ratio", Target.parse("ratio>=0.95"), "my"),
-            Metric("my_lat", "MySQL point select latency", "ms", "%.3f", "ratio", None, "my"),
             Metric("my_bulk_mbs", "MySQL bulk read, " + mb_text(run.mysql_bytes), "MB/s", "%.0f", "ratio",
                    None, "my"),
             Metric("my_bulk_cpu", "MySQL bulk read: proxy CPU", "s/GB", "%.2f", "proxy", None, "my"),
@@ -373,6 +438,16 @@ def cloudsql_metrics(run):
         Metric("cs_first", "first connection through a fresh process (psql -c 'select 1', wall time)", "ms",
                "%.1f", "delta", columns=("direct@pg", "keyhole@pg", "keyhole", "keyhole-lazy")),
     ]
+
+
+def latency_metrics(run):
+    """The latency table's rows: pgbench -S over the relay; ratios are to direct over it."""
+    if not run.latency.keys:
+        return []
+    rows = []
+    for c in run.latency.clients:
+        rows += pgbench_metrics(c, "latency")
+    return rows
 
 
 def via_metrics(run):
@@ -427,6 +502,28 @@ class Table:
     def median(self, column, metric_id):
         return self.samples.median(self.file(column, metric_id))
 
+    def value(self, column, metric):
+        """The column's figure of the row: its median, or for an added row its
+        source's median minus the baseline's, scaled (None without both)."""
+        if metric.kind != "added":
+            return self.median(column, metric.id)
+        m, b = self.median(column, metric.source), self.median(self.baseline, metric.source)
+        return None if m is None or b is None else (m - b) * metric.scale
+
+    def round_values(self, column, metric):
+        """The column's samples of the row (an added row: one difference per round,
+        when both columns have every round)."""
+        if metric.kind != "added":
+            return self.samples.values(self.file(column, metric.id))
+        m = self.samples.values(self.file(column, metric.source))
+        b = self.samples.values(self.file(self.baseline, metric.source))
+        return [(x - y) * metric.scale for x, y in zip(m, b)] if len(m) == len(b) else []
+
+    def failures(self, column, metric):
+        """Why rounds of the row's workload failed on the column."""
+        name = self.file(column, metric.source if metric.kind == "added" else metric.id)
+        return self.samples.failures(name)
+
     def heading(self, column):
         return column
 
@@ -452,12 +549,19 @@ class Table:
     def cell(self, column, metric):
         if not self.shows(column, metric):
             return "-"
-        name = self.file(column, metric.id)
-        fails = "*" if self.samples.failures(name) else ""
-        m = self.samples.median(name)
+        fails = "*" if self.failures(column, metric) else ""
+        m = self.value(column, metric)
         if m is None:
             return "fail" if fails else "-"
         text = figure(m, metric.format)
+        if metric.kind == "added" and not text.startswith("-"):
+            text = "+" + text
+        if metric.kind == "cpu":
+            # (a proxy's CPU next to keyhole's on the same row)
+            base = self.median("keyhole", metric.id) if column != "keyhole" else None
+            if base is not None and base > 0:
+                text += " (%.2f×)" % (m / base)
+            return text + fails
         base = self.median(self.baseline, metric.id) if self.compared(column) else None
         if base is not None:
             if metric.kind == "ratio" and base > 0:
@@ -503,11 +607,10 @@ class Table:
             for column in self.columns:
                 if not self.has(column, metric):
                     continue
-                name = self.file(column, metric.id)
-                m = self.samples.median(name)
-                result = {"samples": [fixed(v, 6) for v in self.samples.values(name)], "median": fixed(m, 6)}
+                m = self.value(column, metric)
+                result = {"samples": [fixed(v, 6) for v in self.round_values(column, metric)], "median": fixed(m, 6)}
                 result.update(self.json_results(metric, column, m))
-                result["failures"] = self.samples.failures(name)
+                result["failures"] = self.failures(column, metric)
                 results[column] = result
             row["results"] = results
             rows.append(row)
@@ -525,7 +628,7 @@ class MainTable(Table):
     def has(self, column, metric):
         """The path is measured against the row's server, and has such a figure."""
         served = metric.server in self.run.servers.get(column, [])
-        return served and not (column == "direct" and metric.kind == "proxy")
+        return served and not (column == "direct" and metric.kind in PROXY_KINDS)
 
     def shows(self, column, metric):
         # (the table leaves out a path that did not run; bench.json has its empty results)
@@ -552,8 +655,50 @@ class MainTable(Table):
                 "kind": metric.kind}
 
     def json_results(self, metric, column, m):
-        d = self.median("direct", metric.id)
-        return {"ratio_to_direct": ratio(m, d) if metric.kind == "ratio" else None}
+        return proxy_ratios(self, metric, column, m)
+
+
+def proxy_ratios(table, metric, column, m):
+    """bench.json's ratios of a main or latency row: to direct; a CPU row's to keyhole."""
+    out = {"ratio_to_direct": ratio(m, table.median("direct", metric.id)) if metric.kind == "ratio" else None}
+    if metric.kind == "cpu":
+        out["ratio_to_keyhole"] = ratio(m, table.median("keyhole", metric.id)) if column != "keyhole" else None
+    return out
+
+
+class LatencyTable(Table):
+    """Every path over the latency relay; ratios to direct over the same relay. The
+    column loopback is direct without the relay: what the relay adds, for scale."""
+
+    subdir = "latency"
+    baseline = "direct"
+    extra = ()
+    headings = {"loopback": "direct, no relay", "direct": "direct over the relay"}
+
+    def __init__(self, run, samples):
+        super().__init__(run, samples, latency_metrics(run), run.latency.keys)
+
+    def heading(self, column):
+        return self.headings.get(column, column)
+
+    def has(self, column, metric):
+        return not (column in ("loopback", "direct") and metric.kind in PROXY_KINDS)
+
+    def compared(self, column):
+        return column not in ("loopback", "direct")
+
+    def relay_added_ms(self):
+        """What the relay added to direct's round trip: its -c 1 latency over the relay
+        minus without it, in ms (None without both)."""
+        m, b = self.median("direct", "lat_tps_s1"), self.median("loopback", "lat_tps_s1")
+        return None if m is None or b is None else m - b
+
+    def json_head(self, metric):
+        return {"id": metric.id, "server": "latency", "label": metric.label, "unit": metric.unit,
+                "kind": metric.kind}
+
+    def json_results(self, metric, column, m):
+        return proxy_ratios(self, metric, column, m)
 
 
 class CloudSqlTable(Table):
@@ -699,11 +844,13 @@ class Report:
     main: MainTable = field(init=False)
     cloudsql: CloudSqlTable = field(init=False)
     via: ViaTable = field(init=False)
+    latency: LatencyTable = field(init=False)
 
     def __post_init__(self):
         self.main = MainTable(self.run, self.samples)
         self.cloudsql = CloudSqlTable(self.run, self.samples)
         self.via = ViaTable(self.run, self.samples)
+        self.latency = LatencyTable(self.run, self.samples)
 
 
 def targets_line(report):
@@ -717,10 +864,81 @@ Medians over the rounds. Proxy cells: the value (ratio to direct), or for latenc
 `-C` the value (difference to direct in ms: what the proxy adds to each new connection).
 TPS: pgbench or sysbench transactions per second; latency: their average. MB/s: bytes
 moved per wall second (COPY out and the bulk reads to /dev/null, COPY in from a
-generator). Proxy CPU: user + system seconds of the proxy process per GB moved.
+generator). Proxy CPU (× keyhole): user + system microseconds of the proxy process per
+transaction, per new connection under `-C`, per query for MySQL (oltp_point_select
+sends one query per transaction), and in parentheses its ratio to keyhole's on the same
+row: above 1, the proxy spends more CPU than keyhole for the same work. Proxy CPU in
+s/GB: user + system seconds per GB moved. Latency added per round trip: at `-c 1`
+(one client, one query per transaction, so one round trip each) the proxy's average
+latency minus direct's, in µs: what the proxy adds to every request and its answer.
 RSS: growth of the proxy's VmRSS per idle connection (each logged in, one query run),
 on a freshly started proxy. `*`: some rounds failed (see the notes); `-`: not measured.
 """
+
+
+def mysql_markdown(report):
+    """Which paths the MySQL rows have, and why no other: the MySQL-speaking proxies
+    looked for and what was found."""
+    run = report.run
+    out = "\n## MySQL paths\n\n"
+    out += (
+        "The MySQL rows have direct and keyhole only. pgbouncer and goproxy speak PostgreSQL only; "
+        "stunnel (like haproxy) puts TLS around the connection from its first byte (its `protocol =` "
+        "options know pgsql but not MySQL), while MySQL's TLS starts inside the protocol (the server's "
+        "greeting in the clear, then the client's SSL request), so neither can stand in. "
+        "MySQL-speaking proxies that can verify the server's certificate were looked for in this "
+        "machine's package lists")
+    if run.mysql_proxies_how.startswith("not looked up"):
+        return out + ": %s.\n" % run.mysql_proxies_how
+    if not run.mysql_proxies:
+        # (a context from before they were looked up)
+        return out + "; what was found is not recorded for this run.\n"
+    if run.mysql_proxies_how:
+        out += " (%s)" % run.mysql_proxies_how
+    found = {pkg: version for pkg, version in run.mysql_proxies.items() if version}
+    out += ": " + ", ".join(
+        "%s (%s)" % (pkg, "candidate %s" % version if version else "not packaged")
+        for pkg, version in sorted(run.mysql_proxies.items())) + "."
+    if found:
+        out += (" %s could be installed, but this harness does not run %s yet: no MySQL path but keyhole's."
+                % (", ".join(sorted(found)), "it" if len(found) == 1 else "them"))
+    else:
+        out += " None is installable here, so no MySQL path but keyhole's."
+    return out + "\n"
+
+
+def latency_markdown(report):
+    run, table = report.run, report.latency
+    lat = run.latency
+    rtt = lat.round_trip_ms()
+    out = "\n## pgbench over a ~%s ms link\n\n" % rtt
+    out += (
+        "Every path with `latency_relay` (benches/latency_relay.rs, on 127.0.0.1:%d) between it and PostgreSQL: "
+        "the relay delivers each chunk of bytes %s ms after it read it, each way, in order and without a "
+        "bandwidth limit, so every round trip to the server takes about %s ms more (this kernel has no netem). "
+        "direct: pgbench → relay → PostgreSQL (TLS verify-full through the relay); a proxy: pgbench → proxy "
+        "(plain TCP on loopback) → relay → PostgreSQL, the proxy next to its client as a sidecar or a "
+        "developer's local proxy is, the slow link between it and the server. pgbench -S -c %s, -T %d, every "
+        "path in every round, in an order that rotates. The relay's scheduling: %s.\n\n" % (
+            lat.relay_port, lat.delay_ms, rtt, " and -c ".join(map(str, lat.clients)), run.duration,
+            lat.priority or "?"))
+    out += table.markdown()
+    added = table.relay_added_ms()
+    if added is not None:
+        out += ("\nThe relay added %.3f ms to each of direct's round trips this run (its `-c 1` latency over the relay "
+                "minus without it; %s ms asked for, the rest is the relay's own wake-ups and copies and the machine's "
+                "load).\n" % (added, rtt))
+    out += """
+Medians over the rounds. Cells: the value and, in parentheses, its ratio to direct over
+the same relay (direct without the relay is there for scale); proxy CPU (× keyhole):
+the proxy's user + system microseconds per transaction and its ratio to keyhole's;
+latency added per round trip: at `-c 1` the proxy's average latency minus direct's
+over the relay, in µs. Over a real link a proxy's own cost is a small part of each
+round trip: the ratios say how much of it is left; what a proxy adds per round trip
+should be about what it adds on loopback (the main table's row of the same name), not
+more.
+"""
+    return out
 
 
 def header_markdown(report):
@@ -744,13 +962,16 @@ def header_markdown(report):
         out += "- settings: --only %s: %d round(s), median kept, columns alternating; pgbench scale %d" % (
             run.only, run.rounds, run.scale)
     if run.mysql:
-        out += "; sysbench oltp_point_select %d threads, -T %d, %d rows; MySQL bulk read %d bytes" % (
-            run.mysql_threads, run.duration, run.mysql_table_size, run.mysql_bytes)
+        out += "; sysbench oltp_point_select %s threads, -T %d, %d rows; MySQL bulk read %d bytes" % (
+            " and ".join(map(str, run.mysql_threads)), run.duration, run.mysql_table_size, run.mysql_bytes)
     if cs.keys:
         out += "; Cloud SQL: pgbench -S -c %d and -S -C -c %d, %d first connections per column and round" % (
             cs.clients, run.conn_clients, run.first_runs)
     if via.keys:
         out += "; via=: pgbench -S -c %d and -S -C -c %d, -T %d" % (via.clients, via.clients, via.duration)
+    if run.latency.keys:
+        out += "; over the latency relay (%s ms each way): pgbench -S -c %s, -T %d" % (
+            run.latency.delay_ms, " and -c ".join(map(str, run.latency.clients)), run.duration)
     out += "\n- servers: %s, TLS only (hostssl, md5)" % run.version("postgres")
     if run.main:
         out += "; the synthetic upstream (benches/synthetic.rs)"
@@ -760,6 +981,8 @@ def header_markdown(report):
         out += "; a fake Cloud SQL instance in front of that PostgreSQL (benches/cloudsql_fake.rs)"
     if via.keys:
         out += "; sshd, microsocks and tinyproxy in front of it (via=)"
+    if run.latency.keys:
+        out += "; a latency relay in front of it (benches/latency_relay.rs)"
     out += "; all on this machine\n"
     out += "- clients: %s" % run.version("pgbench")
     if run.mysql:
@@ -893,6 +1116,12 @@ def notes(report):
         out.append(failure_note(samples, name, "Cloud SQL %s %s" % (key, metric)))
     if run.via.note:
         out.append(run.via.note)
+    if run.latency.note:
+        out.append(run.latency.note)
+    out += ["latency relay: " + note for note in run.latency.notes]
+    for name in samples.names("*.fail", "latency"):
+        key, metric = name[len("latency/"):-len(".fail")].split(".", 1)
+        out.append(failure_note(samples, name, "over the latency relay: %s %s" % (key, metric), run.rounds))
     for name in samples.names("*.fail", "via"):
         key, metric = name[len("via/"):-len(".fail")].split(".", 1)
         out.append(failure_note(samples, name, "via= %s %s" % (key, metric), run.rounds))
@@ -911,7 +1140,8 @@ def notes(report):
 
 def samples_markdown(report):
     run, samples = report.run, report.samples
-    out = "\n## Samples\n\nOne value per round; cpu_tps_*: the proxy's CPU microseconds per pgbench transaction."
+    out = ("\n## Samples\n\nOne value per round; cpu_tps_*: the proxy's CPU microseconds per pgbench transaction "
+           "(per connection under -C); my_cpu*: per sysbench query; *_t1: sysbench with 1 thread.")
     if run.cloudsql.keys:
         out += (
             " Cloud SQL (path `cloudsql KEY`): cs_tps_*, cs_cpu_* (the proxy's CPU µs per transaction or "
@@ -921,8 +1151,12 @@ def samples_markdown(report):
         out += (
             " via= (path `via KEY`): via_tps_*, via_lat_* (ms), via_cpu_* (keyhole and its ssh, CPU µs per "
             "transaction or connection), via_hop_* (the hop's), per round; via_login (ms), once.")
+    if run.latency.keys:
+        out += (" Over the latency relay (path `latency PATH`): the same names as in the main table; `latency "
+                "loopback` is direct without the relay.")
     out += "\n\n| path | metric | values |\n|---|---|---|\n"
-    groups = [("", "", run.paths), ("cloudsql", "cloudsql ", run.cloudsql.keys), ("via", "via ", run.via.keys)]
+    groups = [("", "", run.paths), ("cloudsql", "cloudsql ", run.cloudsql.keys), ("via", "via ", run.via.keys),
+              ("latency", "latency ", run.latency.keys)]
     for subdir, label, keys in groups:
         for key in keys:
             for name in samples.figures(key + ".*", subdir):
@@ -939,12 +1173,16 @@ def report_markdown(report):
         out += report.main.markdown()
         out += "\n" + targets_line(report)
         out += MAIN_LEGEND
+        if run.mysql:
+            out += mysql_markdown(report)
     else:
         out += "The main table was left out (--only %s).\n\n%s" % (run.only, targets_line(report))
     if run.cloudsql.keys:
         out += cloudsql_markdown(report)
     if run.via.keys:
         out += via_markdown(report)
+    if run.latency.keys:
+        out += latency_markdown(report)
     return out + notes(report) + samples_markdown(report)
 
 
@@ -1018,13 +1256,27 @@ def via_json(report):
     return out
 
 
+def latency_json(report):
+    lat = report.run.latency
+    out = {"ran": bool(lat.keys), "note": lat.note}
+    if lat.keys:
+        added = report.latency.relay_added_ms()
+        out.update({"baseline": report.latency.baseline, "columns": lat.keys, "clients": lat.clients,
+                    "loopback": "the column loopback is direct without the relay",
+                    "relay_added_ms_measured": fixed(added, 3),
+                    "delay_ms_each_way": Fixed(lat.delay_ms), "round_trip_added_ms": Fixed(lat.round_trip_ms()),
+                    "relay": "benches/latency_relay.rs", "relay_priority": lat.priority})
+    out["notes"] = lat.notes
+    return out
+
+
 def other_samples_json(report):
-    """The samples that are in no row: the proxies' CPU per transaction, the idle
-    connections' opening times, the Cloud SQL API requests and the fake's CPU under -C."""
+    """The samples that are in no row: the idle connections' opening times, the Cloud
+    SQL API requests and the fake's CPU under -C."""
     run, samples = report.run, report.samples
     out = {}
     for p in run.paths:
-        for name in samples.figures(p + ".cpu_tps_*") + samples.figures(p + ".open_*"):
+        for name in samples.figures(p + ".open_*"):
             out[name] = [fixed(v, 6) for v in samples.values(name)]
     for key in run.cloudsql.keys:
         names = samples.figures(key + ".cs_api_*", "cloudsql") + samples.figures(key + ".cs_fake_c", "cloudsql")
@@ -1046,10 +1298,13 @@ def report_json(report):
         "pgbench_clients": Fixed("[%s]" % ",".join(map(str, run.pgbench_clients))),
         "conn_clients": run.conn_clients, "scale": run.scale, "copy_bytes": run.copy_bytes,
         "stream_bytes": run.stream_bytes, "idle_conns": run.idle_conns, "idle_large": run.idle_large,
-        "mysql_threads": run.mysql_threads, "mysql_table_size": run.mysql_table_size,
+        "mysql_threads": Fixed("[%s]" % ",".join(map(str, run.mysql_threads))),
+        "mysql_table_size": run.mysql_table_size,
         "mysql_bulk_bytes": run.mysql_bytes, "cloudsql_clients": run.cloudsql.clients,
         "first_runs": run.first_runs, "via_duration_s": run.via.duration, "only": run.only,
         "rounds_seconds": run.rounds_seconds, "fd_note": run.fd_note,
+        "latency_clients": Fixed("[%s]" % ",".join(map(str, run.latency.clients))),
+        "latency_delay_ms": run.latency.delay_ms,
     }
     document = {
         "date": report.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -1062,8 +1317,10 @@ def report_json(report):
                   for p in run.paths},
         "cloudsql": cloudsql_json(report),
         "via": via_json(report),
-        # (the main rows, then the Cloud SQL ones)
-        "metrics": Lines(report.main.json_rows() + report.cloudsql.json_rows()),
+        "latency": latency_json(report),
+        "mysql_proxies": {"looked_up": run.mysql_proxies_how, "candidates": run.mysql_proxies},
+        # (the main rows, then the Cloud SQL ones, then those over the latency relay)
+        "metrics": Lines(report.main.json_rows() + report.cloudsql.json_rows() + report.latency.json_rows()),
         "other_samples": other_samples_json(report),
     }
     return "{\n" + ",\n".join("  %s: %s" % (json_text(k), json_text(v)) for k, v in document.items()) + "\n}\n"
@@ -1241,6 +1498,10 @@ def write_out(report, out_dir):
         log("")
         log("Hops, via= (ratios to keyhole direct):")
         sys.stdout.write(report.via.markdown())
+    if run.latency.keys:
+        log("")
+        log("Over a ~%s ms link, the latency relay (ratios to direct over it):" % run.latency.round_trip_ms())
+        sys.stdout.write(report.latency.markdown())
     log("")
     sys.stdout.write(targets_line(report))
     log("")
