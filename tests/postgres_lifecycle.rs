@@ -833,3 +833,43 @@ fn logs_are_json_on_request_and_never_show_a_password() {
         assert_eq!(users, [CLEAR_USER, MD5_USER, SCRAM_USER]);
     }
 }
+
+/// The names of a process's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn connections_run_on_the_data_threads_asked_for() {
+    let pg = PgCluster::shared();
+    let keyhole = Keyhole::for_cluster(pg, &["--data-threads", "3"]);
+    let ready = keyhole.wait_for_log("keyhole is ready", 1);
+    assert!(ready.contains("data_threads=3"), "{ready}");
+    let mut data: Vec<String> = thread_names(keyhole.pid())
+        .into_iter()
+        .filter(|n| n.starts_with("keyhole-data-"))
+        .collect();
+    data.sort();
+    assert_eq!(
+        data,
+        ["keyhole-data-0", "keyhole-data-1", "keyhole-data-2"],
+        "keyhole's threads: {:?}",
+        thread_names(keyhole.pid())
+    );
+    // Sessions at once, spread over the threads, each answered.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sessions: Vec<_> = (0..6)
+        .map(|i| connect(&rt, keyhole.port(), &format!("data_threads_{i}")))
+        .collect();
+    for (i, (client, _)) in sessions.iter().enumerate() {
+        let rows = simple_query(&rt, client, &format!("select {i}")).expect("query");
+        assert_eq!(rows, [i.to_string()]);
+    }
+}

@@ -126,6 +126,10 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<String>,
 
+    /// Threads that carry client connections (each connection stays on one). [default: half the cores keyhole may use, rounded up]
+    #[arg(long, value_name = "N")]
+    pub data_threads: Option<String>,
+
     /// After SIGTERM/SIGINT (and --min-sigterm-delay), how long open connections may go on before they are cut. [default: 0s]
     #[arg(long, value_name = "DURATION")]
     pub max_sigterm_delay: Option<String>,
@@ -324,6 +328,9 @@ pub struct Config {
     pub skipped: Vec<SkippedTarget>,
     /// `None`: no limit.
     pub max_connections: Option<NonZeroUsize>,
+    /// `--data-threads`; `None`: half the cores, rounded up (see
+    /// `proxy::workers`).
+    pub data_threads: Option<NonZeroUsize>,
     /// After a stop signal, keep accepting this long.
     pub min_sigterm_delay: Duration,
     /// Then wait this long for open connections.
@@ -982,6 +989,10 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
                 .map_err(|_| format!("'{t}' is not a number"))
         })?
         .and_then(NonZeroUsize::new);
+    let data_threads = layers.parse("data-threads", |t| {
+        t.parse::<NonZeroUsize>()
+            .map_err(|_| format!("'{t}' is not a number of threads (1 or more)"))
+    })?;
     let max_sigterm_delay = layers
         .parse("max-sigterm-delay", duration::parse)?
         .unwrap_or(Duration::ZERO);
@@ -1152,6 +1163,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         targets: built,
         skipped,
         max_connections,
+        data_threads,
         min_sigterm_delay,
         max_sigterm_delay,
         exit_zero_on_sigterm: flag("exit-zero-on-sigterm")?,
@@ -1733,6 +1745,28 @@ mod tests {
             .expect_err("unknown mode")
             .to_string();
         assert!(err.contains("'off' is not a TLS mode"), "{err}");
+    }
+
+    #[test]
+    fn data_threads_is_a_number_of_one_or_more() {
+        let c = load(&["--data-threads", "3", "postgres://db"], &[]).expect("valid");
+        assert_eq!(c.data_threads.map(NonZeroUsize::get), Some(3));
+        let c = load(&["postgres://db"], &[("KEYHOLE_DATA_THREADS", "1")]).expect("valid");
+        assert_eq!(c.data_threads.map(NonZeroUsize::get), Some(1));
+        assert_eq!(
+            load(&["postgres://db"], &[]).expect("valid").data_threads,
+            None
+        );
+        for bad in ["0", "two", "-1"] {
+            let flag = format!("--data-threads={bad}");
+            let err = load(&[flag.as_str(), "postgres://db"], &[])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("data-threads") && err.contains("is not a number of threads"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

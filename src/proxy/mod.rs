@@ -27,6 +27,7 @@ mod reload;
 mod serve;
 mod target;
 mod watch;
+mod workers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -240,7 +241,7 @@ impl Proxy {
         }
         drop(targets);
 
-        let serving = Serving::new(limit);
+        let serving = Serving::new(limit, config.data_threads);
         let listeners = bound
             .into_iter()
             .map(
@@ -266,7 +267,11 @@ impl Proxy {
             }
         }
         lifecycle.advance(Phase::Serving);
-        tracing::info!(targets = served.len(), "keyhole is ready");
+        tracing::info!(
+            targets = served.len(),
+            data_threads = serving.data_threads(),
+            "keyhole is ready"
+        );
         drop(served);
 
         let reloader = Reloader {

@@ -335,6 +335,7 @@ fn restart_only(running: &Config, mut fresh: Config) -> (Config, Vec<&'static st
         "max-connections",
         fresh.max_connections != running.max_connections,
     );
+    differs("data-threads", fresh.data_threads != running.data_threads);
     differs("log-format", fresh.log_format != running.log_format);
     differs("debug-logs", fresh.debug_logs != running.debug_logs);
     differs("http-address", fresh.http.address != running.http.address);
@@ -362,6 +363,7 @@ fn restart_only(running: &Config, mut fresh: Config) -> (Config, Vec<&'static st
             && fresh.admin_port != running.admin_port,
     );
     fresh.max_connections = running.max_connections;
+    fresh.data_threads = running.data_threads;
     fresh.log_format = running.log_format;
     fresh.debug_logs = running.debug_logs;
     fresh.http = running.http.clone();

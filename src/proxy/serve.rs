@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::target::Target;
+use super::workers::Workers;
 use crate::cidr;
 use crate::frontend::{Admission, SessionError, SessionReport};
 use crate::listener::{self, Endpoint, Listener, Peer};
@@ -36,10 +37,15 @@ pub(super) struct Serving {
     pub(super) stop_accepting: CancellationToken,
     /// Cuts every connection (shutdown, after the drain).
     pub(super) cut: CancellationToken,
+    /// The threads connections run on.
+    workers: Arc<Workers>,
 }
 
 impl Serving {
-    pub(super) fn new(limit: Option<Arc<Semaphore>>) -> Serving {
+    pub(super) fn new(
+        limit: Option<Arc<Semaphore>>,
+        data_threads: Option<std::num::NonZeroUsize>,
+    ) -> Serving {
         Serving {
             limit,
             ids: Arc::new(AtomicU64::new(0)),
@@ -47,7 +53,13 @@ impl Serving {
             accept_loops: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             cut: CancellationToken::new(),
+            workers: Arc::new(Workers::start(data_threads)),
         }
+    }
+
+    /// How many data threads connections are spread over.
+    pub(super) fn data_threads(&self) -> usize {
+        self.workers.threads()
     }
 }
 
@@ -86,6 +98,7 @@ impl Listening {
                 all: serving.connections.clone(),
                 own: connections.clone(),
                 cut: cut.clone(),
+                workers: serving.workers.clone(),
             },
             stop.clone(),
         ));
@@ -175,6 +188,7 @@ struct Admit {
     all: TaskTracker,
     own: TaskTracker,
     cut: CancellationToken,
+    workers: Arc<Workers>,
 }
 
 async fn accept_loop(
@@ -228,7 +242,11 @@ async fn accept_loop(
         let id = admit.ids.fetch_add(1, Ordering::Relaxed) + 1;
         let cut = admit.cut.clone();
         let open = target.metrics.opened();
-        admit.all.spawn(admit.own.track_future(async move {
+        // Counted by both trackers from now, not from when its data thread
+        // picks it up: a drain never misses a connection in transit.
+        let tracked = (admit.all.token(), admit.own.token());
+        let session = move |socket: net::Socket| async move {
+            let _tracked = tracked;
             let _permit = permit;
             let _open = open;
             // A DNS-named instance that moves closes the connections made
@@ -263,7 +281,10 @@ async fn accept_loop(
                 Some(&generation),
             )
             .await;
-        }));
+        };
+        admit
+            .workers
+            .dispatch(socket, Box::new(move |socket| Box::pin(session(socket))));
     }
 }
 
