@@ -1011,3 +1011,37 @@ fn a_client_hello_pipelined_behind_the_ssl_request_starts_tls() {
     let text = String::from_utf8_lossy(&payload[9..]);
     assert!(text.starts_with("invalid handshake response"), "{text}");
 }
+
+/// A `keyhole_upstream_tls_handshakes_total` sample for `kind`.
+fn handshakes(http_port: u16, kind: &str) -> f64 {
+    let (_, scrape) = support::http::get(http_port, "/metrics").expect("GET /metrics");
+    let prefix = "keyhole_upstream_tls_handshakes_total{";
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&format!("kind=\"{kind}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn the_next_connection_resumes_the_servers_tls_session() {
+    // MariaDB (OpenSSL) sends TLS 1.3 session tickets; keyhole keeps them
+    // per target, so only the first connection pays for a full handshake.
+    // (PostgreSQL turns tickets off: every handshake to it is full.)
+    let db = MariaDb::shared();
+    let http_port = support::free_port();
+    let http = http_port.to_string();
+    let keyhole = keyhole_for(db, &["--prometheus", "--http-port", &http]);
+    for _ in 0..3 {
+        let out = cli(keyhole.port(), NATIVE_USER, NATIVE_PASS, &[], "select 1");
+        expect_success(&out, "mariadb through keyhole");
+    }
+    let (full, resumed) = (handshakes(http_port, "full"), handshakes(http_port, "resumed"));
+    assert_eq!(
+        (full, resumed),
+        (1.0, 2.0),
+        "one full handshake, then resumed ones; keyhole log:\n{}",
+        keyhole.logs()
+    );
+    assert_eq!(handshakes(http_port, "full_after_retry"), 0.0);
+}

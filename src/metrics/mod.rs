@@ -230,6 +230,23 @@ impl Registry {
             },
         );
         exp.family(
+            "keyhole_upstream_tls_handshakes_total",
+            "TLS handshakes with the database, by kind: full, full_after_retry (the server asked for another key-exchange group), resumed (a session ticket).",
+            Kind::Counter,
+            |s| {
+                for t in &targets {
+                    for kind in crate::tls::Handshake::ALL {
+                        let labels = with(&t.labels(), "kind", kind.label());
+                        s.push(
+                            "keyhole_upstream_tls_handshakes_total",
+                            &labels,
+                            t.handshakes(kind),
+                        );
+                    }
+                }
+            },
+        );
+        exp.family(
             "keyhole_token_injections_total",
             "Tokens that answered a database's password request.",
             Kind::Counter,

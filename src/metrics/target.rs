@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use super::histogram::Histogram;
 use super::pool::PoolMetrics;
 use super::RefusedReason;
+use crate::tls::Handshake;
 
 /// Answers "when does the soonest cached token expire?" at scrape time.
 /// It runs on the scraping thread, so it must not block.
@@ -28,6 +29,8 @@ pub struct TargetMetrics {
     server_to_client: AtomicU64,
     pub(super) connect: Histogram,
     pub(super) tls_handshake: Histogram,
+    /// Handshakes by kind (full, full after a retry, resumed).
+    handshakes: [AtomicU64; 3],
     token_injections: AtomicU64,
     token_failures: AtomicU64,
     refreshes_ok: AtomicU64,
@@ -132,9 +135,15 @@ impl TargetMetrics {
         self.connect.observe(took);
     }
 
-    /// The TLS handshake with the database took `took`.
-    pub fn tls_handshake(&self, took: Duration) {
+    /// The TLS handshake with the database took `took` and went as `kind`.
+    pub fn tls_handshake(&self, took: Duration, kind: Handshake) {
         self.tls_handshake.observe(took);
+        self.handshakes[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handshakes with the database that went as `kind`.
+    pub fn handshakes(&self, kind: Handshake) -> u64 {
+        self.handshakes[kind as usize].load(Ordering::Relaxed)
     }
 
     /// A token answered a server's password request.

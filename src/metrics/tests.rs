@@ -110,6 +110,14 @@ keyhole_upstream_connect_seconds_count{{target=\"a\"}} 1
 # HELP keyhole_upstream_tls_handshake_seconds Time of the TLS handshake with the database.
 # TYPE keyhole_upstream_tls_handshake_seconds histogram
 {tls_a}{tls_b}\
+# HELP keyhole_upstream_tls_handshakes_total TLS handshakes with the database, by kind: full, full_after_retry (the server asked for another key-exchange group), resumed (a session ticket).
+# TYPE keyhole_upstream_tls_handshakes_total counter
+keyhole_upstream_tls_handshakes_total{{target=\"a\",kind=\"full\"}} 0
+keyhole_upstream_tls_handshakes_total{{target=\"a\",kind=\"full_after_retry\"}} 0
+keyhole_upstream_tls_handshakes_total{{target=\"a\",kind=\"resumed\"}} 0
+keyhole_upstream_tls_handshakes_total{{target=\"b\",kind=\"full\"}} 0
+keyhole_upstream_tls_handshakes_total{{target=\"b\",kind=\"full_after_retry\"}} 0
+keyhole_upstream_tls_handshakes_total{{target=\"b\",kind=\"resumed\"}} 0
 # HELP keyhole_token_injections_total Tokens that answered a database's password request.
 # TYPE keyhole_token_injections_total counter
 keyhole_token_injections_total{{target=\"a\"}} 1
@@ -216,7 +224,7 @@ fn the_scrape_is_valid_prometheus_text() {
         t.closed("ok");
         t.closed("upstream_connect");
         t.upstream_connected(Duration::from_micros(1700));
-        t.tls_handshake(Duration::from_secs(20));
+        t.tls_handshake(Duration::from_secs(20), crate::tls::Handshake::Resumed);
         t.token_refreshed(false);
         t.token_injected();
         t.watch_token_expiry(Arc::new(|| {

@@ -50,7 +50,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::net::Socket;
 
 use super::record::HEADER_LEN;
-use super::stream::TlsStream;
+use super::stream::{Handshake, TlsStream};
 use super::KernelTls;
 
 /// The largest handshake flight keyhole buffers (certificate chains are the
@@ -184,8 +184,16 @@ pub async fn connect(
         // should not happen). What it holds cannot be handed over.
         return Err(switch_over_refused(fed));
     }
+    let handshake = Handshake::of(conn.handshake_kind());
     let (secrets, session) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(socket, secrets, session, &incoming[..received], kernel_tls)
+    TlsStream::new(
+        socket,
+        secrets,
+        session,
+        &incoming[..received],
+        kernel_tls,
+        handshake,
+    )
 }
 
 /// The end of the record that starts at `start` in `buffered`, once all of

@@ -25,7 +25,7 @@ pub mod record;
 mod stream;
 mod temper;
 
-pub use stream::TlsStream;
+pub use stream::{Handshake, TlsStream};
 
 /// `--kernel-tls`: whether an upstream session's records may be handed to the
 /// kernel (kTLS) once rustls has finished the handshake.

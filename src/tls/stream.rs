@@ -116,6 +116,48 @@ pub struct TlsStream {
     /// Whether shutting down sends close_notify before the FIN.
     close_notify: bool,
     close_notify_sent: bool,
+    /// How the handshake went (for the metrics).
+    handshake: Handshake,
+}
+
+/// How a session's handshake went: what an operator reads to see whether
+/// the server lets connections resume, and whether the first key share
+/// keyhole sends is one the server takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// A full handshake.
+    Full,
+    /// A full handshake after a HelloRetryRequest: the server wanted
+    /// another key-exchange group than the one keyhole offered first
+    /// (rustls remembers the server's choice for the next connection).
+    FullAfterRetry,
+    /// Resumed with a session ticket (TLS 1.3 PSK) or a session id.
+    Resumed,
+}
+
+impl Handshake {
+    pub const ALL: [Handshake; 3] = [
+        Handshake::Full,
+        Handshake::FullAfterRetry,
+        Handshake::Resumed,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Handshake::Full => "full",
+            Handshake::FullAfterRetry => "full_after_retry",
+            Handshake::Resumed => "resumed",
+        }
+    }
+
+    pub(super) fn of(kind: Option<rustls::HandshakeKind>) -> Handshake {
+        match kind {
+            Some(rustls::HandshakeKind::Resumed) => Handshake::Resumed,
+            Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => Handshake::FullAfterRetry,
+            _ => Handshake::Full,
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -152,6 +194,7 @@ impl TlsStream {
         session: KernelConnection<ClientConnectionData>,
         leftover: &[u8],
         kernel_tls: KernelTls,
+        handshake: Handshake,
     ) -> io::Result<TlsStream> {
         let records = match (kernel_tls, &socket) {
             (KernelTls::Auto, Socket::Tcp(tcp)) if leftover.is_empty() => {
@@ -219,6 +262,7 @@ impl TlsStream {
             key_update_due: false,
             close_notify: true,
             close_notify_sent: false,
+            handshake,
         };
         if !leftover.is_empty() {
             let mut chunk = Chunk::take();
@@ -243,6 +287,11 @@ impl TlsStream {
 
     pub fn is_tls13(&self) -> bool {
         self.records.is_tls13()
+    }
+
+    /// How this session's handshake went.
+    pub fn handshake(&self) -> Handshake {
+        self.handshake
     }
 
     /// Whether the kernel seals and opens this stream's records (kTLS).

@@ -478,7 +478,8 @@ impl Upstream {
                         |why| format!("Cloud SQL server certificate refused: {why}"),
                     ),
                 })?;
-            self.metrics.tls_handshake(started.elapsed());
+            self.metrics
+                .tls_handshake(started.elapsed(), stream.handshake());
             Ok(UpstreamStream::Tls(Box::new(stream)))
         };
         let result = match tokio::time::timeout(after, handshake).await {
@@ -517,7 +518,8 @@ impl Upstream {
                 .map_err(|e| UpstreamError::Tls {
                     message: tls::describe_handshake_error(&e, server_name_text),
                 })?;
-        self.metrics.tls_handshake(started.elapsed());
+        self.metrics
+            .tls_handshake(started.elapsed(), stream.handshake());
         Ok(UpstreamStream::Tls(Box::new(stream)))
     }
 
