@@ -60,7 +60,18 @@
 #              sysbench asks for TLS but its client library does not verify)
 #   keyhole    target/release/keyhole --ca-file CA 'postgres://...?server-name=localhost'
 #              (mysql://... in front of MariaDB)
-#   pgbouncer  session pool mode, server_tls_sslmode = verify-full
+#   keyhole-pool  ("keyhole pool=session" in the report; main table, PostgreSQL only)
+#              the same keyhole and flags with --http-port PORT --prometheus and the
+#              target 'postgres://...?server-name=localhost&user=bench&password-file=
+#              TMP/keyhole-pool.password&pool=session&pool-size=N': keyhole logs in
+#              itself (the file, mode 0600, holds bench's password) and hands its
+#              server connections from client to client after DISCARD ALL; N is
+#              pgbouncer's default_pool_size (BENCH_IDLE_CONNS + 100). Its check (one
+#              connection, then a second once the first is back in the pool) fails the
+#              path unless /metrics then shows keyhole_pool_reused_total above 0
+#   pgbouncer  session pool mode, server_tls_sslmode = verify-full,
+#              default_pool_size = BENCH_IDLE_CONNS + 100 (BENCH_IDLE_LARGE + 100 in
+#              front of the synthetic upstream)
 #   stunnel    client = yes, protocol = pgsql, verifyChain, checkHost
 #   goproxy    the Go TLS proxy from the peers folder, built at run time
 # and, in the via= group only (keyhole direct is the keyhole path above):
@@ -69,12 +80,12 @@
 #              hand), with keyhole direct to 'postgres://127.0.0.1:PORT?server-name=localhost'
 #   via=socks5 keyhole '...&via=socks5://127.0.0.1:SOCKS'   (microsocks)
 #   via=http   keyhole '...&via=http://127.0.0.1:HTTP'      (tinyproxy)
-# and, in the latency group, every path above with the relay between it and PostgreSQL
-# (direct: pgbench -> relay -> PostgreSQL; a proxy: pgbench -> proxy -> relay ->
-# PostgreSQL, the proxy next to its client as a sidecar would be).
+# and, in the latency group, every path above but keyhole-pool with the relay between it
+# and PostgreSQL (direct: pgbench -> relay -> PostgreSQL; a proxy: pgbench -> proxy ->
+# relay -> PostgreSQL, the proxy next to its client as a sidecar would be).
 # Proxies are reached over plain TCP on 127.0.0.1. Each proxy runs once per server it
-# fronts (PostgreSQL, synthetic and the relay; only keyhole fronts MariaDB: no proxy
-# that speaks MySQL is packaged here, see MySQL below).
+# fronts (PostgreSQL, synthetic and the relay; keyhole-pool PostgreSQL only; only
+# keyhole fronts MariaDB: no proxy that speaks MySQL is packaged here, see MySQL below).
 #
 # Workloads, the same for every path, interleaved (every round runs each workload on
 # every path, in an order that rotates each round) and the median over rounds kept:
@@ -92,11 +103,13 @@
 #   COPY in       the same rows from a generator into COPY ... FROM STDIN, into an
 #                 UNLOGGED table truncated before each run: MB/s, proxy CPU s/GB
 #   synthetic     `synthetic stream`: BENCH_STREAM_MB MB of COPY data from the
-#                 synthetic upstream: MB/s, proxy CPU s/GB
+#                 synthetic upstream: MB/s, proxy CPU s/GB (not keyhole-pool)
 #   idle          BENCH_IDLE_CONNS connections to PostgreSQL and BENCH_IDLE_LARGE to the
 #                 synthetic upstream through a freshly started proxy, each logged in
-#                 and one query run (so pgbouncer holds a server connection for each),
-#                 then left idle: the proxy's VmRSS growth per connection
+#                 and one query run (so pgbouncer and keyhole-pool hold a server
+#                 connection for each), then left idle: the proxy's VmRSS growth per
+#                 connection (keyhole-pool's, a pooled session through its relay with
+#                 two 16 KiB buffers, is shown but not judged by keyhole's target)
 #   MySQL         sysbench oltp_point_select (one query per transaction), 1 and 8
 #                 threads: TPS, latency, the proxy's CPU per query (µs); a bulk read
 #                 (mariadb --quick, select repeat('x', 1000) from a sequence, about
@@ -137,7 +150,8 @@
 #                 direct without the relay, to show what the relay adds. The report's
 #                 table "over a ~1 ms link".
 # Targets for keyhole (shown with the results, and whether they are met): pgbench -S
-# -c 8 >= 0.95x direct; pgbench -C >= 1.2x direct; COPY out <= 0.6 proxy CPU s/GB;
+# -c 8 >= 0.95x direct; pgbench -C >= 1.2x direct; pgbench -C through keyhole
+# pool=session >= pgbouncer's rate (same run); COPY out <= 0.6 proxy CPU s/GB;
 # <= 16 KiB RSS per idle connection at 1,000; 10,000 idle connections held without an
 # error; MySQL point selects >= 0.95x direct; through the connector, keyhole's CPU per
 # transaction <= 1.1x its ordinary target's (the data path must cost the same); through
@@ -172,8 +186,9 @@
 #   BENCH_IDLE_LARGE=N        idle connections to the synthetic upstream (default 10000;
 #                             lowered, with a note, when the open-files hard limit cannot
 #                             be raised to 2 N + 256, e.g. without CAP_SYS_RESOURCE)
-#   BENCH_PATHS="..."         the paths to run (default: direct keyhole pgbouncer stunnel
-#                             goproxy); direct is always included, for the ratios
+#   BENCH_PATHS="..."         the paths to run (default: direct keyhole keyhole-pool
+#                             pgbouncer stunnel goproxy); direct is always included, for
+#                             the ratios
 #   BENCH_MYSQL=0             leave out MariaDB and the MySQL workloads
 #   BENCH_CLOUDSQL=0          leave out the Cloud SQL connector's workloads (they run
 #                             only when the keyhole path does)
@@ -200,7 +215,7 @@
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
-# With the defaults a run takes about 39 minutes on 2 cores (the via= group about 4 of
+# With the defaults a run takes about 41 minutes on 2 cores (the via= group about 4 of
 # them, the latency group about 4); --quick about 7.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME, awk and printf, whatever the caller's locale.
@@ -338,7 +353,7 @@ readonly mysql_bulk_sql="select repeat('x', 1000) from seq_1_to_$copy_rows"
 readonly stream_bytes=$((stream_mb * 1000000))
 if ((quick)); then mysql_table_size=10000; else mysql_table_size=100000; fi
 readonly mysql_table_size
-readonly all_paths=(direct keyhole pgbouncer stunnel goproxy)
+readonly all_paths=(direct keyhole keyhole-pool pgbouncer stunnel goproxy)
 paths=(direct)
 for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   case " ${all_paths[*]} " in
@@ -346,6 +361,19 @@ for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   *) keyhole_die "BENCH_PATHS: unknown path '$p' (known: ${all_paths[*]})" ;;
   esac
 done
+if ((!run_main)); then
+  # keyhole pool=session is a column of the main table only.
+  kept=()
+  for p in "${paths[@]}"; do
+    [[ $p == keyhole-pool ]] || kept+=("$p")
+  done
+  paths=("${kept[@]}")
+fi
+# The pool size of the pooled paths: pgbouncer's default_pool_size, and keyhole
+# pool=session's pool-size the same (like with like); SERVER pg or syn.
+pool_size_of() {
+  if [[ $1 == syn ]]; then printf '%d' $((idle_large + 100)); else printf '%d' $((idle_conns + 100)); fi
+}
 if ((!run_main && !run_latency)); then
   # Without the main table and the latency group (every path), the other groups need
   # keyhole (their baseline) and, for the Cloud SQL group, stunnel when it was asked
@@ -452,6 +480,8 @@ relay_pid=""
 # (the ssh -L tunnel), microsocks@via and tinyproxy@via:
 # keyhole@pg, pgbouncer@syn, keyhole@csl, keyhole@vssh, sshd@via...
 declare -A proxy_pid=() proxy_port=() skip_note=() late_note=() upstream_port=()
+# The HTTP port (/metrics) of an instance that serves one: keyhole-pool@pg.
+declare -A http_port=()
 
 # A summary of what the proxies' logs say went wrong: the interesting part of a run
 # that is about to be deleted.
@@ -461,11 +491,11 @@ log_summary() {
   local quiet_fake='^$|^(api|proxy|instance|call) '
   # (tinyproxy, run as a user of its own choosing, says it would rather have one)
   local tp_bad='^(ERROR|CRITICAL|WARNING) ' tp_quiet='SHOULD set a UserName'
-  for name in keyhole pgbouncer stunnel goproxy synthetic latency_relay cloudsql_fake sshd ssh tinyproxy; do
+  for name in keyhole keyhole-pool pgbouncer stunnel goproxy synthetic latency_relay cloudsql_fake sshd ssh tinyproxy; do
     for file in "$tmp/$name".*.log; do
       [[ -s $file ]] || continue
       case $name in
-      keyhole) count=$(grep -cE ' (WARN|ERROR) ' "$file" || true) ;;
+      keyhole | keyhole-pool) count=$(grep -cE ' (WARN|ERROR) ' "$file" || true) ;;
       pgbouncer) count=$(grep -cE ' (WARNING|ERROR|FATAL) ' "$file" || true) ;;
       stunnel) count=$(grep -cE 'LOG[0-4]\[' "$file" || true) ;;
       goproxy | synthetic | latency_relay) count=$(grep -cvE '^$|^listening ' "$file" || true) ;;
@@ -477,7 +507,7 @@ log_summary() {
       ((count > 0)) || continue
       keyhole_log "$(basename "$file"): $count warning/error lines; the first ones:"
       case $name in
-      keyhole) grep -E ' (WARN|ERROR) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      keyhole | keyhole-pool) grep -E ' (WARN|ERROR) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       pgbouncer) grep -E ' (WARNING|ERROR|FATAL) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       stunnel) grep -E 'LOG[0-4]\[' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       goproxy | synthetic | latency_relay) grep -vE '^$|^listening ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
@@ -546,7 +576,7 @@ open_sockets() {
 
 # new_port: a free port that none of this run's servers and proxies has.
 new_port() {
-  keyhole_free_port "${upstream_port[@]}" "${proxy_port[@]}"
+  keyhole_free_port "${upstream_port[@]}" "${proxy_port[@]}" "${http_port[@]}"
 }
 
 # --- measuring -------------------------------------------------------------------
@@ -727,6 +757,20 @@ proxy_command() {
       ;;
     esac
     ;;
+  keyhole-pool)
+    # keyhole as above, logging in itself (user= and password-file=) and keeping the
+    # server connections (pool=session, pool-size as pgbouncer's default_pool_size),
+    # with /metrics for check_path (keyhole_pool_reused_total).
+    cmd=(env)
+    while IFS= read -r var; do cmd+=(-u "$var"); done < <(keyhole_env_names '^KEYHOLE_')
+    for var in http_proxy https_proxy all_proxy no_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY NO_PROXY; do
+      cmd+=(-u "$var")
+    done
+    cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
+      --http-port "${http_port[$1]}" --prometheus "${keyhole_flags[@]}")
+    target="postgres://127.0.0.1:$up?server-name=localhost&user=bench&password-file=$tmp/keyhole-pool.password"
+    cmd+=("$target&pool=session&pool-size=$(pool_size_of "$server")")
+    ;;
   sshd)
     cmd=("$sshd_bin" -D -e -f "$via_dir/sshd_config")
     proxy_as_caller=1
@@ -753,6 +797,13 @@ write_proxy_config() {
   conns=$idle_conns
   [[ $server == syn ]] && conns=$idle_large
   case $name in
+  keyhole-pool)
+    # The password keyhole logs in with (the file's text without its final newline),
+    # readable by keyhole's user alone; and the port of its /metrics.
+    (umask 077 && printf 'bench\n' >"$tmp/keyhole-pool.password")
+    ((EUID != 0)) || chown "$keyhole_pg_user:" "$tmp/keyhole-pool.password"
+    [[ -n ${http_port[$1]:-} ]] || http_port[$1]=$(new_port) || keyhole_die "no free port found"
+    ;;
   pgbouncer)
     printf '"bench" "bench"\n' >"$tmp/pgbouncer.users"
     cat >"$tmp/pgbouncer.$server.conf" <<EOF
@@ -766,7 +817,7 @@ auth_type = trust
 auth_file = $tmp/pgbouncer.users
 pool_mode = session
 max_client_conn = $((conns + 100))
-default_pool_size = $((conns + 100))
+default_pool_size = $(pool_size_of "$server")
 server_tls_sslmode = verify-full
 server_tls_ca_file = $tmp/certs/ca.crt
 EOF
@@ -851,7 +902,49 @@ stop_proxy() {
   proxy_pid[$1]=""
 }
 
-# check_path PATH SERVER: one connection, which must reach the server over TLS.
+# http_metric INSTANCE NAME [LABEL]: the sum of the samples of metric NAME (those whose
+# labels include LABEL, e.g. state="idle") on the instance's /metrics; fails when
+# /metrics does not answer.
+http_metric() {
+  local text
+  # (python3, which the report needs anyway; no HTTP proxy of the caller's in between)
+  text=$(python3 -c 'import sys, urllib.request as u
+sys.stdout.write(u.build_opener(u.ProxyHandler({})).open(sys.argv[1], timeout=5).read().decode())' \
+    "http://127.0.0.1:${http_port[$1]}/metrics" 2>/dev/null) || return 1
+  awk -v n="$2" -v l="${3:-}" '(index($0, n " ") == 1 || index($0, n "{") == 1) && index($0, l) { sum += $NF }
+    END { printf "%d\n", sum }' <<<"$text"
+}
+
+# check_pooled PATH: keyhole pool=session reuses server connections: once the first
+# connection (check_path's) is back in the pool, a second one is handed it, and
+# keyhole_pool_reused_total on its /metrics is above 0.
+check_pooled() {
+  local inst=$1@pg out i idle="" reused opened
+  for ((i = 0; i < 50; i++)); do
+    idle=$(http_metric "$inst" keyhole_pool_connections 'state="idle"') && ((idle > 0)) && break
+    sleep 0.1
+  done
+  if [[ -z $idle ]]; then
+    printf 'its /metrics (127.0.0.1:%s, --prometheus) does not answer' "${http_port[$inst]}"
+    return 1
+  fi
+  path_env "$1"
+  if ! out=$(env "${conn_env[@]}" "$keyhole_psql" -X -At -v ON_ERROR_STOP=1 -c "select 1" 2>&1); then
+    printf 'the second connection failed: %s' "$(printf '%s\n' "$out" | head -n 3 | tr '\n' ' ')"
+    return 1
+  fi
+  reused=$(http_metric "$inst" keyhole_pool_reused_total) || reused=0
+  opened=$(http_metric "$inst" keyhole_pool_opened_total) || opened="?"
+  if ((reused == 0)); then
+    printf 'not pooled: keyhole_pool_reused_total is 0 after two connections (keyhole_pool_opened_total %s; idle in the pool after the first: %s)' \
+      "$opened" "$idle"
+    return 1
+  fi
+}
+
+# check_path PATH SERVER: one connection, which must reach the server over TLS; through
+# keyhole pool=session, also a second one, which must reuse the first one's server
+# connection (check_pooled).
 check_path() {
   local out
   case $2 in
@@ -867,6 +960,7 @@ check_path() {
       printf 'the server did not see TLS (pg_stat_ssl.ssl = %s)' "$out"
       return 1
     fi
+    [[ $1 != keyhole-pool ]] || check_pooled "$1" || return 1
     ;;
   syn)
     # The synthetic upstream speaks TLS only: a stream that arrives went through TLS.
@@ -924,17 +1018,19 @@ servers_of() {
   fi
   case $1 in
   direct | keyhole) printf 'pg syn my' ;;
+  keyhole-pool) printf 'pg' ;;
   *) printf 'pg syn' ;;
   esac
 }
 
 # proxy_servers PATH: the servers the path's proxy is started for: those of the main
 # table (without it, keyhole's PostgreSQL only, the other groups' baseline), and the
-# latency relay when the latency group runs.
+# latency relay when the latency group runs (but for keyhole pool=session, a column of
+# the main table only).
 proxy_servers() {
   local list=""
   if ((run_main)) || [[ $1 == keyhole ]]; then list=$(servers_of "$1"); fi
-  ((!run_latency)) || [[ -n $latency_note ]] || list+=" lat"
+  ((!run_latency)) || [[ -n $latency_note || $1 == keyhole-pool ]] || list+=" lat"
   printf '%s' "${list# }"
 }
 
@@ -1630,6 +1726,11 @@ version_of() {
     # (it has no --version)
     dpkg-query -W -f='${Version}' microsocks 2>/dev/null || printf '?'
     ;;
+  keyhole-pool)
+    # (the same binary and flags as the keyhole path; its pooled target)
+    proxy_command keyhole-pool@pg
+    printf '%s; %s' "$(version_of keyhole)" "$(shown_command)"
+    ;;
   keyhole)
     printf '%s' "$("$tmp/bin/keyhole" --version 2>/dev/null | head -n 1)"
     if [[ -n ${KEYHOLE_BIN:-} ]]; then
@@ -1709,7 +1810,7 @@ write_context() {
       )" "$mysql_table_size" "$my_bytes" "$first_runs"
     printf '  "rounds_seconds": %d, "load_before": %s, "load_after": %s,\n' "$rounds_took" \
       "$(json_str "$load_start")" "$(json_str "$load_end")"
-    printf '  "paths": %s,\n  "servers": {' "$(json_strs "${paths[@]}")"
+    printf '  "paths": %s, "pool_size": %d,\n  "servers": {' "$(json_strs "${paths[@]}")" "$(pool_size_of pg)"
     sep=""
     for p in "${paths[@]}"; do
       read -r -a list <<<"$(servers_of "$p")"
@@ -1938,7 +2039,9 @@ fi
 pg_port=$(new_port) || keyhole_die "no free port found"
 upstream_port[pg]=$pg_port
 step "TLS-only PostgreSQL on 127.0.0.1:$pg_port (running as $keyhole_pg_user)"
-keyhole_pg_start "$pg_port" bench md5 "max_connections = $((idle_conns + 150))" \
+# (the idle workload's connections, and beside them the server connections the pooled
+# paths, pgbouncer and keyhole pool=session, keep from their -c 64 runs)
+keyhole_pg_start "$pg_port" bench md5 "max_connections = $((idle_conns + 250))" \
   "shared_buffers = 256MB" "synchronous_commit = off" "full_page_writes = off" \
   "log_connections = off" "max_wal_size = 4GB"
 admin_sql -c "create role bench login password 'bench'" -c "create database bench owner bench"
@@ -2077,13 +2180,17 @@ for p in "${paths[@]}"; do
     fi
     if ! why=$(check_path "$p" "$server"); then
       [[ $server != lat ]] || lat_notes+=("$p: a connection through $inst failed: $why")
-      keyhole_warn "$inst: a connection through it failed: $why"
-      late_note[$p]="${late_note[$p]:+${late_note[$p]}; }$inst: connection failed: $why"
+      keyhole_warn "$inst: its check failed, it is left out: $why"
+      late_note[$p]="${late_note[$p]:+${late_note[$p]}; }$inst: check failed: $why"
       stop_proxy "$inst"
       continue
     fi
     [[ $server != lat ]] || lat_paths+=("$p")
-    keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}): the server sees TLS"
+    if [[ $p == keyhole-pool ]]; then
+      keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}, /metrics on 127.0.0.1:${http_port[$inst]}): the server sees TLS; a second connection reused the first one's server connection ($(http_metric "$inst" keyhole_pool_reused_total || echo '?') reused)"
+    else
+      keyhole_log "$inst on 127.0.0.1:${proxy_port[$inst]} (pid ${proxy_pid[$inst]}): the server sees TLS"
+    fi
   done
 done
 [[ -n $latency_note ]] || lat_paths=(loopback direct "${lat_paths[@]}")

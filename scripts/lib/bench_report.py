@@ -7,7 +7,8 @@ scripts/bench.sh runs it once the rounds are done:
 
 Inputs:
   --results DIR   the samples. DIR/PATH.METRIC holds one value a line, one line per
-                  round (PATH: direct, keyhole, pgbouncer, stunnel, goproxy; METRIC:
+                  round (PATH: direct, keyhole, keyhole-pool, pgbouncer, stunnel,
+                  goproxy; METRIC:
                   tps_s8, copy_out_cpu, ...), and DIR/PATH.METRIC.fail one reason a
                   line, one line per failed round. DIR/cloudsql/KEY.METRIC,
                   DIR/via/KEY.METRIC and DIR/latency/PATH.METRIC likewise for the
@@ -144,6 +145,9 @@ class Run:
     # empty; and how they were looked for (or why they were not)
     mysql_proxies: dict = field(default_factory=dict)
     mysql_proxies_how: str = ""
+    # the pool size of the pooled paths in front of PostgreSQL: pgbouncer's
+    # default_pool_size and keyhole pool=session's pool-size (0: not recorded)
+    pool_size: int = 0
 
     @classmethod
     def load(cls, path):
@@ -290,9 +294,10 @@ class Samples:
 
 @dataclass
 class Target:
-    """keyhole's target for a metric: ratio>=X, ratio<=X, max<=X, held, sshL>=X, sshL<=X."""
+    """keyhole's target for a metric: ratio>=X, ratio<=X, max<=X, held, sshL>=X, sshL<=X,
+    pgbouncer>=X (keyhole pool=session's figure over pgbouncer's, the same run)."""
 
-    kind: str  # ratio, max, held, sshL
+    kind: str  # ratio, max, held, sshL, pgbouncer
     op: str  # >=, <=, or empty (held)
     limit: str  # the number as written
 
@@ -300,7 +305,7 @@ class Target:
     def parse(cls, text):
         if not text:
             return None
-        found = re.fullmatch(r"(ratio|max|sshL)(>=|<=)(.+)", text)
+        found = re.fullmatch(r"(ratio|max|sshL|pgbouncer)(>=|<=)(.+)", text)
         if found:
             return cls(*found.groups())
         return cls(text, "", "")
@@ -317,6 +322,7 @@ class Target:
             ("held", ""): "10,000 held, no error",
             ("sshL", ">="): "via=ssh ≥ %s× ssh -L",
             ("sshL", "<="): "via=ssh ≤ %s× ssh -L",
+            ("pgbouncer", ">="): "pool=session ≥ %s× pgbouncer's rate (same run)",
         }.get((self.kind, self.op), "").replace("%s", self.limit)
 
     def holds(self, value):
@@ -343,7 +349,9 @@ class Metric:
     kind: str  # ratio: also its ratio to the baseline; delta: its difference to it;
     #            proxy: a proxy's own figure (direct has none); cpu: a proxy's own figure
     #            with its ratio to keyhole's; added: source's median minus the
-    #            baseline's, times scale (direct has none); value: the value alone
+    #            baseline's, times scale (direct has none); value: the value alone;
+    #            pool: keyhole pool=session's median of source over pgbouncer's (only
+    #            that column has it)
     target: Target | None = None
     server: str = ""  # main table: the server it is measured against (pg, syn, my)
     columns: tuple = ()  # Cloud SQL and via= tables: the columns that have the figure
@@ -352,7 +360,12 @@ class Metric:
 
 
 # The kinds of rows that are a proxy's own: no direct figure.
-PROXY_KINDS = ("proxy", "cpu", "added")
+PROXY_KINDS = ("proxy", "cpu", "added", "pool")
+# The kinds of rows computed from another row's samples (Metric.source).
+DERIVED_KINDS = ("added", "pool")
+# keyhole pool=session, the pooled keyhole in the main table, and the pooler it is
+# measured against.
+POOL_PATH, POOLER = "keyhole-pool", "pgbouncer"
 
 
 def pgbench_metrics(clients, server="pg"):
@@ -382,6 +395,12 @@ def main_metrics(run):
     rows += [
         Metric("tps_c", "pgbench -S -C -c %d: new connections" % run.conn_clients, "per s", "%.0f",
                "ratio", Target.parse("ratio>=1.2"), "pg"),
+    ]
+    if POOL_PATH in run.paths:
+        rows.append(Metric("pool_tps_c", "pgbench -S -C -c %d through keyhole pool=session: its rate over %s's"
+                           % (run.conn_clients, POOLER), "× " + POOLER, "%.2f", "pool",
+                           Target.parse("pgbouncer>=1"), "pg", source="tps_c"))
+    rows += [
         Metric("cpu_tps_c", "pgbench -S -C: proxy CPU per new connection (× keyhole)", "µs/conn", "%.0f",
                "cpu", None, "pg"),
         Metric("lat_tps_c", "pgbench -S -C latency (+ added per new connection)", "ms", "%.3f",
@@ -505,6 +524,9 @@ class Table:
     def value(self, column, metric):
         """The column's figure of the row: its median, or for an added row its
         source's median minus the baseline's, scaled (None without both)."""
+        if metric.kind == "pool":
+            m, b = self.median(column, metric.source), self.median(POOLER, metric.source)
+            return None if m is None or b is None or b <= 0 else m / b
         if metric.kind != "added":
             return self.median(column, metric.id)
         m, b = self.median(column, metric.source), self.median(self.baseline, metric.source)
@@ -513,15 +535,18 @@ class Table:
     def round_values(self, column, metric):
         """The column's samples of the row (an added row: one difference per round,
         when both columns have every round)."""
-        if metric.kind != "added":
+        if metric.kind not in DERIVED_KINDS:
             return self.samples.values(self.file(column, metric.id))
         m = self.samples.values(self.file(column, metric.source))
+        if metric.kind == "pool":
+            b = self.samples.values(self.file(POOLER, metric.source))
+            return [x / y for x, y in zip(m, b) if y > 0] if len(m) == len(b) else []
         b = self.samples.values(self.file(self.baseline, metric.source))
         return [(x - y) * metric.scale for x, y in zip(m, b)] if len(m) == len(b) else []
 
     def failures(self, column, metric):
         """Why rounds of the row's workload failed on the column."""
-        name = self.file(column, metric.source if metric.kind == "added" else metric.id)
+        name = self.file(column, metric.source if metric.kind in DERIVED_KINDS else metric.id)
         return self.samples.failures(name)
 
     def heading(self, column):
@@ -556,6 +581,8 @@ class Table:
         text = figure(m, metric.format)
         if metric.kind == "added" and not text.startswith("-"):
             text = "+" + text
+        if metric.kind == "pool":
+            return text + "×" + fails
         if metric.kind == "cpu":
             # (a proxy's CPU next to keyhole's on the same row)
             base = self.median("keyhole", metric.id) if column != "keyhole" else None
@@ -621,12 +648,21 @@ class MainTable(Table):
     """Every path to PostgreSQL, the synthetic upstream and MariaDB; ratios to direct."""
 
     baseline = "direct"
+    headings = {POOL_PATH: "keyhole pool=session"}
+    # keyhole pool=session's figures that keyhole's target on the row does not judge:
+    # a pooled session goes through a relay with two 16 KiB buffers, not the splice
+    unjudged = ("rss_pg",)
 
     def __init__(self, run, samples):
         super().__init__(run, samples, main_metrics(run), run.paths)
 
+    def heading(self, column):
+        return self.headings.get(column, column)
+
     def has(self, column, metric):
         """The path is measured against the row's server, and has such a figure."""
+        if metric.kind == "pool":
+            return column == POOL_PATH
         served = metric.server in self.run.servers.get(column, [])
         return served and not (column == "direct" and metric.kind in PROXY_KINDS)
 
@@ -634,8 +670,16 @@ class MainTable(Table):
         # (the table leaves out a path that did not run; bench.json has its empty results)
         return self.has(column, metric) and self.run.ran(column)
 
+    def cell(self, column, metric):
+        text = super().cell(column, metric)
+        if column == POOL_PATH and metric.id in self.unjudged and text != "-":
+            text += " †"
+        return text
+
     def target_met(self, metric):
         target = metric.target
+        if target.kind == "pgbouncer":
+            return ratio_met(target, self.median(POOL_PATH, metric.source), self.median(POOLER, metric.source))
         if target.kind == "ratio":
             return ratio_met(target, self.median("keyhole", metric.id), self.median("direct", metric.id))
         if target.kind == "max":
@@ -651,8 +695,11 @@ class MainTable(Table):
         return "-"
 
     def json_head(self, metric):
-        return {"id": metric.id, "server": metric.server, "label": metric.label, "unit": metric.unit,
+        head = {"id": metric.id, "server": metric.server, "label": metric.label, "unit": metric.unit,
                 "kind": metric.kind}
+        if metric.kind == "pool":
+            head["of"] = "%s.%s over %s.%s" % (POOL_PATH, metric.source, POOLER, metric.source)
+        return head
 
     def json_results(self, metric, column, m):
         return proxy_ratios(self, metric, column, m)
@@ -873,6 +920,19 @@ s/GB: user + system seconds per GB moved. Latency added per round trip: at `-c 1
 latency minus direct's, in µs: what the proxy adds to every request and its answer.
 RSS: growth of the proxy's VmRSS per idle connection (each logged in, one query run),
 on a freshly started proxy. `*`: some rounds failed (see the notes); `-`: not measured.
+"""
+
+POOL_LEGEND = """
+keyhole pool=session: the same keyhole logging in itself (user=bench, password-file=)
+with `pool=session&pool-size=%s`, pgbouncer's default_pool_size, in front of PostgreSQL
+only: each client is handed a server connection another client left (after DISCARD
+ALL) instead of a new TCP connection, TLS handshake and login, as pgbouncer's session
+pool does; its `-C` figure is pooling, to be read next to pgbouncer's (the row "its
+rate over pgbouncer's" and its target), not next to direct's. Its sessions go through
+a relay that reads each message's header, not the zero-copy splice. `†`: a pooled
+session holds two 16 KiB buffers, so its RSS per idle connection (each holding a server
+connection, as pgbouncer's) is shown but not judged by keyhole's target, which is the
+splice path's.
 """
 
 
@@ -1130,6 +1190,10 @@ def notes(report):
     if "pgbouncer" in run.paths:
         out.append("pgbouncer reuses its server connections (session pooling), so its -C figure measures pooling, "
                    "not proxying")
+    if POOL_PATH in run.paths:
+        out.append("keyhole pool=session reuses its server connections too (pool-size %s, pgbouncer's "
+                   "default_pool_size): its -C figure measures pooling, and its target is pgbouncer's rate in the "
+                   "same run" % (run.pool_size or "?"))
     if run.mysql:
         out.append("sysbench 1.0 asks for TLS on the direct path but its client library does not verify the "
                    "certificate; the other direct clients verify it")
@@ -1173,6 +1237,8 @@ def report_markdown(report):
         out += report.main.markdown()
         out += "\n" + targets_line(report)
         out += MAIN_LEGEND
+        if POOL_PATH in run.paths:
+            out += POOL_LEGEND % (run.pool_size or "?")
         if run.mysql:
             out += mysql_markdown(report)
     else:
@@ -1364,6 +1430,16 @@ def chart_rows(report, items):
     return lines
 
 
+# Each proxy's colour in the chart (the same in every run); others by their place.
+CHART_COLORS = {"keyhole": "#1f77b4", POOL_PATH: "#17becf", "pgbouncer": "#ff7f0e", "stunnel": "#2ca02c",
+                "goproxy": "#d62728"}
+SPARE_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def chart_color(path, index):
+    return CHART_COLORS.get(path, SPARE_COLORS[index % len(SPARE_COLORS)])
+
+
 def chart_paths(report):
     """The proxies in the chart: those that ran."""
     return [p for p in report.run.paths if p != "direct" and report.run.ran(p)]
@@ -1399,8 +1475,8 @@ def gnuplot_script(report, png, data):
         "set key top right opaque\nset grid ytics\nset xtics nomirror\nset ytics nomirror\n"
         'set multiplot title "%s"\n' % title
         + "n = %d\nw = 0.8 / n\n" % len(chart_paths(report))
-        + 'colors = "#1f77b4 #ff7f0e #2ca02c #d62728 #9467bd"\n'
-        'names = "%s"\n' % " ".join(chart_paths(report))
+        + 'colors = "%s"\n' % " ".join(chart_color(p, i) for i, p in enumerate(chart_paths(report)))
+        + 'names = "%s"\n' % " ".join(chart_paths(report))
         + "cap = 2.5\n"
         # Panel 1: ratios to direct (higher is better), capped; the cap shows the value.
         "set origin 0,0\nset size 0.52,0.95\n"
