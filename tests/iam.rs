@@ -422,6 +422,53 @@ fn mariadb_logs_in_with_an_rds_token_from_imdsv2_credentials_rds_and_aurora_styl
 }
 
 #[test]
+fn a_pooled_mariadb_target_logs_in_with_one_token_for_several_clients() {
+    let home = support::scratch_dir("keyhole-iam-home");
+    let my = MariaDb::shared();
+    fake_rds::ensure_mysql_iam_user(my);
+    let imds = FakeImds::start();
+    let creds = imds.credentials();
+    let rds = FakeRds::mysql(
+        my,
+        TokenCheck::aws_for(&creds, fake_rds::DEFAULT_ENDPOINT, 0, REGION),
+        SwitchData::WithScramble,
+    );
+    let target = format!("{}&iam=aws&pool=session", rds.keyhole_target());
+    let kh = keyhole(
+        &[&target],
+        home.path(),
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false"),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.url()),
+        ],
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let out = mariadb::mariadb(
+            kh.port(),
+            IAM_USER,
+            None,
+            "select connection_id(), current_user()",
+        );
+        seen.push(clients::expect_success(
+            &out,
+            "mariadb through a pooled iam target",
+        ));
+        // The reset and the return to the pool follow the client's COM_QUIT.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(seen[0].ends_with("iam_user@%"), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    let outcomes = rds.wait_for_outcomes(1, Duration::from_secs(10));
+    assert_eq!(outcomes.len(), 1, "one token login: {outcomes:?}");
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    assert_no_secret(
+        &kh.logs(),
+        &[&creds.secret_access_key, &creds.session_token],
+    );
+}
+
+#[test]
 fn the_aws_chain_finds_environment_profile_assume_role_and_web_identity_credentials() {
     let home = support::scratch_dir("keyhole-iam-home");
     let endpoint = "orders.abc123.eu-west-1.rds.amazonaws.com";

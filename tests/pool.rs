@@ -422,12 +422,12 @@ fn pool_session_without_keyhole_logging_in_is_refused_at_start() {
         );
     }
     let (status, log) = Keyhole::start_expect_exit(
-        &["--port", &port, "mysql://127.0.0.1?pool=session&iam=aws"],
+        &["--port", &port, "mysql://127.0.0.1?pool=session&user=app"],
         Duration::from_secs(20),
     );
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
-        log.contains("pool=session is for Postgres targets"),
+        log.contains("pool=session needs keyhole to log in itself"),
         "{log}"
     );
     let (status, log) = Keyhole::start_expect_exit(

@@ -338,13 +338,9 @@ pub(super) fn instance_target(
             "iam=gcp (the token as password) and auto-iam-authn (the token in the certificate) exclude each other".into(),
         ));
     }
-    let (pool, password_file) = super::pool_params(
-        &param,
-        None,
-        iam.is_some() || auto_iam_authn,
-        user.is_some(),
-    )
-    .map_err(|(key, e)| in_target(key, e))?;
+    let (pool, password_file) =
+        super::pool_params(&param, iam.is_some() || auto_iam_authn, user.is_some())
+            .map_err(|(key, e)| in_target(key, e))?;
     let allow = match param("allow") {
         Some(list) => crate::cidr::Cidr::parse_list(list).map_err(|e| in_target("allow", e))?,
         None => d.allow.clone().unwrap_or_default(),

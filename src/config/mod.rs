@@ -53,10 +53,12 @@ Target parameters (postgres://HOST[:PORT]?name=value&..., mysql://HOST[:PORT]?..
   iam-port=PORT        port the token is signed for, when keyhole dials a tunnel or relay
                        (the host signed for is server-name=)
   password-file=PATH   with user=: keyhole logs in with the password in PATH (cleartext,
-                       md5 or SCRAM-SHA-256, as the server asks); clients send none
+                       md5 or SCRAM-SHA-256; MySQL: mysql_native_password), as the
+                       server asks; clients send none
   pool=session|none    keep server connections keyhole logged in to (iam=, auto-iam-authn,
                        user= with password-file=) and hand them to the next client
-                       of the same user, database and startup parameters (Postgres)
+                       of the same user, database and startup parameters (Postgres;
+                       MySQL: character set and capabilities)
   pool-size=N          server connections at most, idle and in use (default 10)
   pool-idle-timeout=D  close a pooled connection idle this long (default 5m)
   pool-max-lifetime=D  never reuse a connection older than this (default 10m: under
@@ -1384,9 +1386,8 @@ fn target_config(
                 .ok_or_else(|| in_target("iam-port", format!("'{p}' is not a port number")))
         })
         .transpose()?;
-    let (pool, password_file) =
-        pool_params(&param, Some(protocol), provider.is_some(), user.is_some())
-            .map_err(|(key, e)| in_target(key, e))?;
+    let (pool, password_file) = pool_params(&param, provider.is_some(), user.is_some())
+        .map_err(|(key, e)| in_target(key, e))?;
     let iam = match provider {
         None if param("region").is_some() || param("iam-port").is_some() => {
             return Err(invalid(format!(
@@ -1432,12 +1433,10 @@ pub(super) type PoolParams = (Option<PoolSettings>, Option<PathBuf>);
 /// `pool=`, its limits and `password-file=`, checked against how the target
 /// logs in: a pool holds only connections keyhole logged in to itself
 /// (`iam=`, `auto-iam-authn`, or `user=` with `password-file=`), since a
-/// connection a client authenticated belongs to that client. `protocol` is
-/// `None` for a Cloud SQL instance whose engine is not known yet. Errors
-/// name the parameter.
+/// connection a client authenticated belongs to that client (Postgres and
+/// MySQL alike). Errors name the parameter.
 pub(super) fn pool_params<'a>(
     param: &dyn Fn(&str) -> Option<&'a str>,
-    protocol: Option<Protocol>,
     token_login: bool,
     fixed_user: bool,
 ) -> Result<PoolParams, (&'static str, String)> {
@@ -1474,12 +1473,6 @@ pub(super) fn pool_params<'a>(
             return Err((key, format!("{key}= applies only with pool=session")));
         }
         return Ok((None, password_file));
-    }
-    if protocol == Some(Protocol::Mysql) {
-        return Err((
-            "pool",
-            "pool=session is for Postgres targets so far; MySQL connections are not pooled".into(),
-        ));
     }
     if !token_login && password_file.is_none() {
         return Err((

@@ -31,7 +31,8 @@ pub struct LoginPolicy {
     pub fixed_user: Option<String>,
     pub tokens: Option<Arc<TokenLogin>>,
     /// `password-file=`: the password of `fixed_user`, which keyhole logs
-    /// in with itself (cleartext, md5 or SCRAM-SHA-256, as the server asks).
+    /// in with itself (cleartext, md5 or SCRAM-SHA-256; MySQL:
+    /// mysql_native_password or mysql_clear_password; as the server asks).
     pub password: Option<crate::config::cloudsql::Secret>,
     pub protocol: Protocol,
     /// The target's counters (token injections and failures).

@@ -15,8 +15,17 @@
 //!
 //! Every failure before the splice that the client can still read reaches it
 //! as an ERR packet with the sequence id it expects next.
+//!
+//! Where keyhole logs in itself (`pool=session`, `password-file=`), the
+//! session takes another path ([`Session::run_own_login`]): keyhole greets
+//! the client with a greeting of its own (the server's version and
+//! capabilities, the server connection's id, a fresh scramble), reads the
+//! client's HandshakeResponse without checking its password, logs in to the
+//! server with its own credentials (or takes a pooled connection), answers
+//! the client OK, and relays through the packet-framing relay of
+//! `pool::mysql`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -30,9 +39,12 @@ use super::{
 };
 use crate::credentials::Token;
 use crate::net::{Rewind, Socket};
+use crate::pool::mysql::{self as pooled, MyConn, PooledRelay, RelayEnd, Shape};
+use crate::pool::{CloseReason, Grant, Key, Lease, Pool, Slot};
 use crate::protocol::farewell::ComQuit;
 use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
 use crate::splice::Splice;
+use crate::upstream::mysql::Greeted;
 use crate::upstream::SharedUpstream;
 
 /// What one MySQL target needs to serve a client.
@@ -45,7 +57,16 @@ pub struct MysqlFrontend {
     pub max_connections: Option<usize>,
     /// Which user logs in, and with what.
     pub login: Arc<LoginPolicy>,
+    /// `pool=session`: server connections keyhole logged in to, reused.
+    pub pool: Option<Pool<MyConn>>,
+    /// The key of the last pooled client: the next client is greeted as
+    /// a connection of that key (see [`Session::run_own_login`]).
+    pub last_key: Mutex<Option<Key>>,
 }
+
+/// How long a pooled connection's reset (`COM_RESET_CONNECTION`, and the
+/// database put back) may take before the connection is closed instead.
+const RESET_LIMIT: Duration = Duration::from_secs(5);
 
 impl MysqlFrontend {
     /// Serves one client connection to its end.
@@ -92,6 +113,9 @@ impl Session<'_> {
         // A server over its limit, or refusing a host, says so instead of
         // greeting; so do we.
         admission.check(frontend.max_connections)?;
+        if frontend.pool.is_some() || frontend.login.has_password() {
+            return self.run_own_login(cut, report).await;
+        }
         // The session future is allocated once, at the size of its largest
         // state, and lives as long as the session. The login's deep futures
         // (the dial and handshake to the server, TLS to the client, a KILL's
@@ -109,33 +133,7 @@ impl Session<'_> {
         self.send_packet(0, &greeting.with_capabilities(advertised))
             .await?;
 
-        let timeout = frontend.startup_timeout;
-        let waited = |what| {
-            move |_| SessionError::StartupTimeout {
-                what,
-                waited: timeout,
-            }
-        };
-        let first = tokio::time::timeout(timeout, self.read_packet())
-            .await
-            .map_err(waited("handshake response"))??;
-        let (response, hello, delta) = match mysql::parse_client_hello(&first.payload)
-            .map_err(SessionError::Handshake)?
-        {
-            ClientHello::SslRequest { .. } => {
-                Box::pin(self.accept_tls()).await?;
-                let full = tokio::time::timeout(timeout, self.read_packet())
-                    .await
-                    .map_err(waited("handshake response"))??;
-                match mysql::parse_client_hello(&full.payload).map_err(SessionError::Handshake)? {
-                    ClientHello::SslRequest { .. } => {
-                        return Err(SessionError::RepeatedUpgrade("SSLRequest"))
-                    }
-                    ClientHello::Response(hello) => (full, hello, 0u8),
-                }
-            }
-            ClientHello::Response(hello) => (first, hello, 1u8),
-        };
+        let (response, hello, delta) = self.handshake_response().await?;
         let user = frontend.login.database_user(&hello.user);
         let response_payload = if user == hello.user {
             response.payload.clone()
@@ -329,6 +327,43 @@ impl Session<'_> {
         }
     }
 
+    /// The client's HandshakeResponse41, after its SSLRequest and TLS if it
+    /// asks for them; `delta` is how many sequence ids the server leg is
+    /// ahead (1 when keyhole will send an SSLRequest the client did not).
+    async fn handshake_response(
+        &mut self,
+    ) -> Result<(Packet, mysql::HandshakeResponse, u8), SessionError> {
+        let timeout = self.frontend.startup_timeout;
+        let waited = |what| {
+            move |_| SessionError::StartupTimeout {
+                what,
+                waited: timeout,
+            }
+        };
+        let first = tokio::time::timeout(timeout, self.read_packet())
+            .await
+            .map_err(waited("handshake response"))??;
+        Ok(
+            match mysql::parse_client_hello(&first.payload).map_err(SessionError::Handshake)? {
+                ClientHello::SslRequest { .. } => {
+                    Box::pin(self.accept_tls()).await?;
+                    let full = tokio::time::timeout(timeout, self.read_packet())
+                        .await
+                        .map_err(waited("handshake response"))??;
+                    match mysql::parse_client_hello(&full.payload)
+                        .map_err(SessionError::Handshake)?
+                    {
+                        ClientHello::SslRequest { .. } => {
+                            return Err(SessionError::RepeatedUpgrade("SSLRequest"))
+                        }
+                        ClientHello::Response(hello) => (full, hello, 0u8),
+                    }
+                }
+                ClientHello::Response(hello) => (first, hello, 1u8),
+            },
+        )
+    }
+
     async fn accept_tls(&mut self) -> Result<(), SessionError> {
         let acceptor = self
             .frontend
@@ -411,4 +446,432 @@ async fn read_server_packet(server: &mut ServerLeg) -> Result<Packet, SessionErr
         }
         server.read_more().await?;
     }
+}
+
+/// What a client on an own-login target is greeted from: a pooled
+/// connection, or a fresh server connection not logged in yet (with room in
+/// the pool for it, if pooled).
+enum Held {
+    Lease(Box<Lease<MyConn>>),
+    Open(Option<Slot<MyConn>>, Box<Greeted>),
+}
+
+/// The server connection a client on an own-login target gets.
+enum Ready {
+    Pooled(Lease<MyConn>),
+    Own(MyConn),
+}
+
+impl Ready {
+    fn conn(&mut self) -> Option<&mut MyConn> {
+        match self {
+            Ready::Pooled(lease) => lease.conn(),
+            Ready::Own(conn) => Some(conn),
+        }
+    }
+}
+
+impl Session<'_> {
+    /// A session on a target where keyhole logs in itself (`pool=session`,
+    /// `password-file=`). keyhole greets the client itself, before it knows
+    /// the client's key: with the greeting of a pooled connection of the
+    /// last client's key (most clients of a target are alike), or of a new
+    /// server connection. The client's password is not checked (the
+    /// listener is the credential). If the client's key is another, the
+    /// guessed connection goes back and the client gets one of its key,
+    /// whose connection id then differs from the greeting's.
+    async fn run_own_login(
+        &mut self,
+        cut: &CancellationToken,
+        report: &mut SessionReport,
+    ) -> Result<(), SessionError> {
+        let frontend = self.frontend;
+        let timeout = frontend.startup_timeout;
+        let held = match &frontend.pool {
+            Some(pool) => {
+                let guess = frontend
+                    .last_key
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                match pool
+                    .checkout(guess.as_deref().unwrap_or(&[]), timeout)
+                    .await?
+                {
+                    Grant::Reuse(lease) => Held::Lease(Box::new(lease)),
+                    Grant::Open(slot) => Held::Open(
+                        Some(slot),
+                        Box::new(Box::pin(frontend.upstream.greet_mysql()).await?),
+                    ),
+                }
+            }
+            None => Held::Open(
+                None,
+                Box::new(Box::pin(frontend.upstream.greet_mysql()).await?),
+            ),
+        };
+        let (greeting, connection_id) = match &held {
+            Held::Lease(lease) => {
+                let conn = lease_conn(lease)?;
+                (conn.greeting.clone(), conn.greeting.connection_id)
+            }
+            Held::Open(_, greeted) => (greeted.greeting.clone(), greeted.greeting.connection_id),
+        };
+        let mut scramble = [0u8; 20];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scramble)
+            .map_err(|_| SessionError::UpstreamProtocol("no random numbers".into()))?;
+        // Printable, never NUL (clients read the scramble's end at a NUL).
+        for b in &mut scramble {
+            *b = b'!' + *b % 90;
+        }
+        let offered = greeting.capabilities & !pooled::NEVER_OFFERED;
+        let offered = match frontend.local_tls {
+            Some(_) => offered | caps::SSL,
+            None => offered & !caps::SSL,
+        };
+        let hello_packet = greeting
+            .for_client(
+                connection_id,
+                &scramble,
+                offered,
+                greeting
+                    .mariadb_capabilities
+                    .map(|m| m & pooled::MARIADB_ALLOWED),
+            )
+            .ok_or_else(|| SessionError::UpstreamProtocol("the greeting is truncated".into()))?;
+        let answered = async {
+            self.send_packet(0, &hello_packet).await?;
+            let (response, hello, _) = self.handshake_response().await?;
+            if hello.capabilities & (caps::COMPRESS | caps::ZSTD_COMPRESSION) != 0 {
+                return Err(SessionError::Handshake(mysql::ResponseError::NotOffered(
+                    "compression",
+                )));
+            }
+            Ok::<_, SessionError>((response, hello))
+        }
+        .await;
+        let (response, hello) = match answered {
+            Ok(answered) => answered,
+            Err(e) => {
+                // Nothing was sent on a pooled connection: it goes back (a
+                // health check that connects and hangs up costs no login).
+                if let Held::Lease(lease) = held {
+                    let _ = lease.release(RESET_LIMIT).await;
+                }
+                return Err(e);
+            }
+        };
+        let user = frontend.login.database_user(&hello.user);
+        report.user = Some(user.clone());
+        report.database = hello.database.clone();
+        let p = &response.payload;
+        let charset = p.get(8).copied().unwrap_or(greeting.charset);
+        let client_mariadb = p
+            .get(28..32)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let shape = Shape::new(
+            &user,
+            hello.database.as_deref(),
+            charset,
+            hello.capabilities,
+            client_mariadb,
+            &greeting,
+        );
+        drop((response, hello));
+        let key = shape.key();
+        if frontend.pool.is_some() {
+            *frontend
+                .last_key
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(key.clone());
+        }
+        let mut ready = match held {
+            Held::Lease(lease) if *lease.key() == *key => Ready::Pooled(*lease),
+            Held::Lease(lease) => {
+                // Guessed wrong: that connection goes back, and this
+                // client's key is looked up.
+                let _ = lease.release(RESET_LIMIT).await;
+                let Some(pool) = &frontend.pool else {
+                    return Err(SessionError::UpstreamProtocol(
+                        "internal: a lease without a pool".into(),
+                    ));
+                };
+                match pool.checkout(&key, timeout).await? {
+                    Grant::Reuse(lease) => Ready::Pooled(lease),
+                    Grant::Open(slot) => {
+                        let greeted = Box::pin(frontend.upstream.greet_mysql()).await?;
+                        let conn = self.own_login(greeted, shape, &user).await?;
+                        Ready::Pooled(slot.fill(conn, key))
+                    }
+                }
+            }
+            Held::Open(slot, greeted) => {
+                let conn = self.own_login(*greeted, shape, &user).await?;
+                match slot {
+                    Some(slot) => Ready::Pooled(slot.fill(conn, key)),
+                    None => Ready::Own(conn),
+                }
+            }
+        };
+        if let Ready::Pooled(lease) = &ready {
+            tracing::debug!(
+                reused = lease.reused(),
+                age_secs = lease.age().as_secs(),
+                "pooled server connection"
+            );
+        }
+        let mut ok = mysql::ok_packet(mysql::status::AUTOCOMMIT).to_vec();
+        let tracked = ready
+            .conn()
+            .is_some_and(|c| c.shape.capabilities & caps::SESSION_TRACK != 0);
+        if tracked {
+            // With CLIENT_SESSION_TRACK the info string is length-encoded.
+            ok.push(0);
+        }
+        if let Err(e) = self.send_packet(self.next_seq, &ok).await {
+            if let Ready::Pooled(lease) = ready {
+                let _ = lease.release(RESET_LIMIT).await;
+            }
+            return Err(e);
+        }
+        let Some(conn) = ready.conn() else {
+            return Err(SessionError::UpstreamProtocol(
+                "internal: a lease without its connection".into(),
+            ));
+        };
+        let server_id = conn.greeting.connection_id;
+        let leftover = std::mem::take(&mut self.client.buf);
+        let (end, moved) = {
+            let mut relay = PooledRelay::new(
+                &mut self.client.stream,
+                &mut conn.stream,
+                conn.shape.capabilities,
+            );
+            if let Err(what) = relay.preload(&leftover) {
+                tracing::debug!(what, "pooled session");
+                return Err(SessionError::Handshake(mysql::ResponseError::Malformed(
+                    "too much sent behind the handshake response",
+                )));
+            }
+            drop(leftover);
+            let end = tokio::select! {
+                end = relay.run() => Some(end),
+                _ = cut.cancelled() => None,
+            };
+            (end, relay.moved())
+        };
+        report.transferred.client_to_server += moved.0;
+        report.transferred.server_to_client += moved.1;
+        let splice_error =
+            |side, source| SessionError::Splice(crate::splice::SpliceError { side, source });
+        let discard = |ready: Ready, reason: CloseReason, abrupt: bool| async move {
+            match ready {
+                Ready::Pooled(mut lease) => {
+                    if let Some(conn) = lease.conn() {
+                        conn.abrupt = abrupt;
+                    }
+                    lease.discard(reason);
+                }
+                Ready::Own(mut conn) => {
+                    conn.abrupt = abrupt;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        crate::pool::ServerConnection::close(conn),
+                    )
+                    .await;
+                }
+            }
+        };
+        match end {
+            Some(RelayEnd::Clean) => {
+                report.client_said_goodbye = true;
+                match ready {
+                    Ready::Pooled(lease) => {
+                        if let Some(reason) = lease.release(RESET_LIMIT).await {
+                            tracing::debug!(
+                                reason = reason.label(),
+                                "pooled server connection closed"
+                            );
+                        }
+                    }
+                    own => discard(own, CloseReason::NotReusable, false).await,
+                }
+                Ok(())
+            }
+            Some(RelayEnd::Dirty) => {
+                // Its last commands run to their end, as without keyhole:
+                // the server gets the COM_QUIT after them.
+                report.client_said_goodbye = true;
+                discard(ready, CloseReason::NotReusable, false).await;
+                Ok(())
+            }
+            Some(RelayEnd::ClientGone { busy, error }) => {
+                // A statement still running: the server must see the
+                // socket close, not a COM_QUIT queued behind it.
+                discard(ready, CloseReason::NotReusable, busy).await;
+                if busy {
+                    let abandoned = match frontend.login.token(&user).await {
+                        Ok(Some(token)) => {
+                            match Box::pin(frontend.upstream.kill_query(server_id, &user, &token))
+                                .await
+                            {
+                                Ok(()) => Abandoned::Cancelled,
+                                Err(e) => Abandoned::CancelFailed(e.to_string()),
+                            }
+                        }
+                        Ok(None) => Abandoned::Left,
+                        Err(e) => Abandoned::CancelFailed(e.to_string()),
+                    };
+                    return Err(SessionError::ClientGone(abandoned));
+                }
+                match error {
+                    None => Ok(()),
+                    Some(e) => Err(splice_error(crate::splice::Side::Client, e)),
+                }
+            }
+            Some(RelayEnd::ServerGone(error)) => {
+                discard(ready, CloseReason::ServerClosed, false).await;
+                match error {
+                    None => Ok(()),
+                    Some(e) => Err(splice_error(crate::splice::Side::Server, e)),
+                }
+            }
+            Some(RelayEnd::Protocol(what)) => {
+                discard(ready, CloseReason::NotReusable, false).await;
+                Err(SessionError::UpstreamProtocol(format!(
+                    "the session's packets cannot be framed: {what}"
+                )))
+            }
+            None => {
+                discard(ready, CloseReason::Shutdown, true).await;
+                Err(SessionError::Cut)
+            }
+        }
+    }
+
+    /// Logs in to a greeted server connection as keyhole, for `shape`: a
+    /// token answers `mysql_clear_password`, the password file's password
+    /// `mysql_native_password` and `mysql_clear_password`. The client sees
+    /// nothing of the exchange but the server's own refusal.
+    async fn own_login(
+        &mut self,
+        greeted: Greeted,
+        shape: Shape,
+        user: &str,
+    ) -> Result<MyConn, SessionError> {
+        let frontend = self.frontend;
+        let login = &*frontend.login;
+        let token = login.token(user).await?;
+        let password = login.password.as_ref().map(|p| p.expose());
+        let refused = |reason: String| SessionError::OwnLogin {
+            user: user.to_owned(),
+            reason,
+        };
+        let greeting = greeted.greeting.clone();
+        let scramble = greeting.scramble().ok_or_else(|| {
+            SessionError::UpstreamProtocol("a greeting without a scramble".into())
+        })?;
+        let auth = match (&token, password) {
+            // An empty answer: a token user's server switches to
+            // mysql_clear_password.
+            (Some(_), _) => Vec::new(),
+            (None, Some(password)) => mysql::native_password(password.as_bytes(), &scramble),
+            (None, None) => {
+                return Err(refused(
+                    "pooled connections log in with keyhole's own credentials only: give the target iam=, or user= with password-file=".into(),
+                ))
+            }
+        };
+        let payload = shape.login_payload(&greeting, &auth, mysql::NATIVE_PASSWORD_PLUGIN);
+        let tunnel = frontend.upstream.is_tunnel();
+        // Sequence ids: greeting, keyhole's SSLRequest, the login; inside
+        // a Cloud SQL tunnel there is no SSLRequest.
+        let (seq, payload) = if tunnel {
+            (greeted.seq().wrapping_add(1), payload.freeze())
+        } else {
+            (
+                greeted.seq().wrapping_add(2),
+                mysql::with_client_capabilities(&payload, caps::SSL),
+            )
+        };
+        let stream = Box::pin(frontend.upstream.upgrade_mysql(greeted, &payload)).await?;
+        let mut server = ServerLeg::new(stream);
+        send_server_packet(&mut server, seq, &payload).await?;
+        drop(payload);
+        let timeout = frontend.startup_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let packet = tokio::time::timeout_at(deadline, read_server_packet(&mut server))
+                .await
+                .map_err(|_| SessionError::UpstreamStalled(timeout))??;
+            match packet.payload.first() {
+                Some(&reply::OK) => break,
+                Some(&reply::ERR) => {
+                    // The server's own words reach the client unchanged.
+                    self.send_packet(self.next_seq, &packet.payload).await?;
+                    let code = mysql::parse_err(&packet.payload).map_or(0, |(code, _, _)| code);
+                    return Err(SessionError::ServerRefused(format!("MySQL error {code}")));
+                }
+                Some(&reply::AUTH_SWITCH) => {
+                    let plugin = mysql::auth_switch_plugin(&packet.payload).unwrap_or_default();
+                    let answer = match (plugin, &token, password) {
+                        (mysql::CLEAR_PASSWORD_PLUGIN, Some(token), _) => {
+                            login.token_injected();
+                            mysql::clear_password_reply(token.expose())
+                        }
+                        // Over verified TLS, as the server asks.
+                        (mysql::CLEAR_PASSWORD_PLUGIN, None, Some(password)) => {
+                            mysql::clear_password_reply(password)
+                        }
+                        (mysql::NATIVE_PASSWORD_PLUGIN, None, Some(password)) => {
+                            let data = mysql::auth_switch_data(&packet.payload);
+                            mysql::native_password(password.as_bytes(), data)
+                        }
+                        (plugin, Some(_), _) => {
+                            return Err(login.token_not_asked(
+                                format!(
+                                    "the {} authentication method",
+                                    String::from_utf8_lossy(plugin)
+                                ),
+                                user,
+                            ))
+                        }
+                        (plugin, None, _) => {
+                            return Err(refused(format!(
+                                "the server asked for the {} authentication method, which keyhole's password login does not answer (it answers mysql_native_password and mysql_clear_password): give the user mysql_native_password",
+                                String::from_utf8_lossy(plugin)
+                            )))
+                        }
+                    };
+                    send_server_packet(&mut server, packet.seq.wrapping_add(1), &answer).await?;
+                }
+                _ => {
+                    let what = "more data for its own authentication method".to_owned();
+                    return Err(match token {
+                        Some(_) => login.token_not_asked(what, user),
+                        None => refused(format!(
+                            "the server asked for {what}, which keyhole's password login does not answer (it answers mysql_native_password and mysql_clear_password)"
+                        )),
+                    });
+                }
+            }
+        }
+        if !server.buf.is_empty() {
+            return Err(SessionError::UpstreamProtocol(
+                "the server sent more after its OK".into(),
+            ));
+        }
+        Ok(MyConn {
+            stream: server.stream,
+            greeting,
+            shape,
+            abrupt: false,
+        })
+    }
+}
+
+fn lease_conn(lease: &Lease<MyConn>) -> Result<&MyConn, SessionError> {
+    lease.conn_ref().ok_or_else(|| {
+        SessionError::UpstreamProtocol("internal: a lease without its connection".into())
+    })
 }

@@ -21,6 +21,7 @@
 //! waiter that timed out with a grant in flight), so the count cannot leak.
 
 pub mod auth;
+pub mod mysql;
 pub mod postgres;
 
 use std::collections::VecDeque;
@@ -496,6 +497,15 @@ impl<C: ServerConnection> Drop for Slot<C> {
 impl<C: ServerConnection> Lease<C> {
     pub fn conn(&mut self) -> Option<&mut C> {
         self.conn.as_mut()
+    }
+
+    pub fn conn_ref(&self) -> Option<&C> {
+        self.conn.as_ref()
+    }
+
+    /// The key the connection serves.
+    pub fn key(&self) -> &[u8] {
+        &self.key
     }
 
     /// Whether the connection came from the pool (not opened for this client).

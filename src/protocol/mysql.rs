@@ -246,6 +246,158 @@ impl Greeting {
     }
 }
 
+impl Greeting {
+    /// Where the connection id sits in `raw`.
+    fn id_at(&self) -> usize {
+        self.caps_low_at - 13
+    }
+
+    /// Where the second part of the scramble sits in `raw` (after the
+    /// reserved bytes).
+    fn scramble2_at(&self) -> usize {
+        self.caps_low_at + 2 + 1 + 2 + 2 + 1 + 10
+    }
+
+    /// The server's 20-byte scramble (both parts), what
+    /// `mysql_native_password` hashes with. `None` for a greeting too
+    /// short to carry it.
+    pub fn scramble(&self) -> Option<[u8; 20]> {
+        let mut out = [0u8; 20];
+        let one = self.raw.get(self.id_at() + 4..self.id_at() + 12)?;
+        let at = self.scramble2_at();
+        let two = self.raw.get(at..at + 12)?;
+        out[..8].copy_from_slice(one);
+        out[8..].copy_from_slice(two);
+        Some(out)
+    }
+
+    /// The authentication plugin the greeting names, if any.
+    pub fn auth_plugin(&self) -> Option<&[u8]> {
+        if self.capabilities & caps::PLUGIN_AUTH == 0 {
+            return None;
+        }
+        let len = usize::from(*self.raw.get(self.caps_low_at + 7)?);
+        let at = self.scramble2_at() + 13usize.max(len.saturating_sub(8));
+        let rest = self.raw.get(at..)?;
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        Some(&rest[..end])
+    }
+
+    /// keyhole's own greeting to a client of a server connection it logged
+    /// in to itself: the server's greeting with `connection_id`, a fresh
+    /// `scramble`, `capabilities` and (MariaDB) `mariadb_capabilities`.
+    /// `None` if the greeting is too short to rewrite.
+    pub fn for_client(
+        &self,
+        connection_id: u32,
+        scramble: &[u8; 20],
+        capabilities: u32,
+        mariadb_capabilities: Option<u32>,
+    ) -> Option<Bytes> {
+        let mut out = BytesMut::from(&self.with_capabilities(capabilities)[..]);
+        let id_at = self.id_at();
+        out.get_mut(id_at..id_at + 4)?
+            .copy_from_slice(&connection_id.to_le_bytes());
+        out.get_mut(id_at + 4..id_at + 12)?
+            .copy_from_slice(&scramble[..8]);
+        let at = self.scramble2_at();
+        out.get_mut(at..at + 12)?.copy_from_slice(&scramble[8..]);
+        if let (Some(ext), true) = (mariadb_capabilities, self.mariadb_capabilities.is_some()) {
+            let reserved = self.caps_low_at + 8;
+            out.get_mut(reserved + 6..reserved + 10)?
+                .copy_from_slice(&ext.to_le_bytes());
+        }
+        Some(out.freeze())
+    }
+}
+
+/// The `mysql_native_password` answer to `scramble`:
+/// SHA1(password) XOR SHA1(scramble + SHA1(SHA1(password))); empty for an
+/// empty password.
+pub fn native_password(password: &[u8], scramble: &[u8]) -> Vec<u8> {
+    use ring::digest::{digest, Context, SHA1_FOR_LEGACY_USE_ONLY as SHA1};
+    if password.is_empty() {
+        return Vec::new();
+    }
+    let stage1 = digest(&SHA1, password);
+    let stage2 = digest(&SHA1, stage1.as_ref());
+    let mut ctx = Context::new(&SHA1);
+    ctx.update(scramble);
+    ctx.update(stage2.as_ref());
+    let mix = ctx.finish();
+    stage1
+        .as_ref()
+        .iter()
+        .zip(mix.as_ref())
+        .map(|(a, b)| a ^ b)
+        .collect()
+}
+
+/// The plugin data of an AuthSwitchRequest (after the plugin name's NUL),
+/// without the NUL some servers end it with.
+pub fn auth_switch_data(payload: &[u8]) -> &[u8] {
+    let rest = payload.get(1..).unwrap_or_default();
+    let data = match rest.iter().position(|&b| b == 0) {
+        Some(end) => &rest[end + 1..],
+        None => &[],
+    };
+    data.strip_suffix(&[0]).unwrap_or(data)
+}
+
+/// The plugin the server names first for `mysql_native_password`.
+pub const NATIVE_PASSWORD_PLUGIN: &[u8] = b"mysql_native_password";
+
+/// Server status flags (`SERVER_*`) of OK and EOF packets.
+pub mod status {
+    pub const IN_TRANS: u16 = 0x0001;
+    pub const AUTOCOMMIT: u16 = 0x0002;
+    pub const MORE_RESULTS_EXISTS: u16 = 0x0008;
+}
+
+/// The status flags of an OK packet payload (`0x00` or, as a result set's
+/// end with `CLIENT_DEPRECATE_EOF`, `0xFE`): after the header, two
+/// length-encoded integers.
+pub fn ok_status(payload: &[u8]) -> Option<u16> {
+    let mut rest = payload.get(1..)?;
+    take_lenenc_u64(&mut rest)?;
+    take_lenenc_u64(&mut rest)?;
+    let b = rest.get(..2)?;
+    Some(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// The status flags of a (pre-`DEPRECATE_EOF`) EOF packet payload.
+pub fn eof_status(payload: &[u8]) -> Option<u16> {
+    let b = payload.get(3..5)?;
+    Some(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// A length-encoded integer (`0xFB`, NULL, is refused).
+pub fn take_lenenc_u64(rest: &mut &[u8]) -> Option<u64> {
+    let (&first, tail) = rest.split_first()?;
+    let width = match first {
+        0..=0xfa => {
+            *rest = tail;
+            return Some(u64::from(first));
+        }
+        0xfc => 2,
+        0xfd => 3,
+        0xfe => 8,
+        _ => return None,
+    };
+    let b = tail.get(..width)?;
+    let mut bytes = [0u8; 8];
+    bytes[..width].copy_from_slice(b);
+    *rest = &tail[width..];
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// An OK packet payload with `status` (no affected rows, no insert id, no
+/// warnings).
+pub fn ok_packet(status: u16) -> [u8; 7] {
+    let s = status.to_le_bytes();
+    [reply::OK, 0, 0, s[0], s[1], 0, 0]
+}
+
 /// The SSLRequest payload keyhole sends for a client whose
 /// HandshakeResponse41 payload is `response`: the client's own first 32
 /// bytes (capabilities, max packet size, charset, and the filler where
@@ -287,6 +439,8 @@ pub enum ResponseError {
     Protocol40,
     #[error("the handshake response is truncated or malformed ({0})")]
     Malformed(&'static str),
+    #[error("the client asked for {0}, which keyhole did not offer")]
+    NotOffered(&'static str),
 }
 
 /// The client's first packet: an SSLRequest, or a whole HandshakeResponse41.

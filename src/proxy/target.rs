@@ -120,17 +120,19 @@ impl FrontendParts {
                     crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_drain.clone(), self.pool_stop.clone())
                 }),
             }),
-            Protocol::Mysql => Frontend::Mysql({
-                if self.pool.is_some() {
-                    tracing::warn!(target = %self.name, "pool=session is for Postgres so far: this MySQL instance's connections are not pooled");
-                }
-                MysqlFrontend {
+            Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
                 upstream: self.upstream.clone(),
                 local_tls,
                 startup_timeout: self.startup_timeout,
                 max_connections: self.max_connections,
                 login,
-            }}),
+                pool: self.pool.map(|settings| {
+                    self.metrics.pool().enable();
+                    tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
+                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_stop.clone())
+                }),
+                last_key: Default::default(),
+            }),
         })
     }
 }
@@ -781,11 +783,6 @@ async fn prepare_target(
         .map(read_password_file)
         .transpose()
         .map_err(fail)?;
-    if target.pool.is_some() && target.protocol == Some(Protocol::Mysql) {
-        return Err(fail(
-            "pool=session is for Postgres targets so far; this instance runs MySQL".into(),
-        ));
-    }
     let parts = FrontendParts {
         password,
         pool: target.pool,

@@ -45,6 +45,13 @@ enum Conn {
     Tunnel(UpstreamStream),
 }
 
+impl Greeted {
+    /// The greeting's sequence id (usually 0).
+    pub fn seq(&self) -> u8 {
+        self.seq
+    }
+}
+
 impl Upstream {
     /// Connects and reads the greeting; refuses a server without TLS.
     pub async fn greet_mysql(&self) -> Result<Greeted, UpstreamError> {
