@@ -167,6 +167,18 @@ fn render_options(out: &mut String, config: &Config) {
                 .max_connections
                 .map_or("0 (no limit)".into(), |n| n.to_string()),
         ),
+        (
+            "data-threads",
+            config.data_threads.map_or_else(
+                || {
+                    format!(
+                        "{} (half the cores, rounded up)",
+                        crate::proxy::default_data_threads()
+                    )
+                },
+                |n| n.to_string(),
+            ),
+        ),
         ("min-sigterm-delay", duration(config.min_sigterm_delay)),
         ("max-sigterm-delay", duration(config.max_sigterm_delay)),
         (

@@ -38,6 +38,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use target::{connectors, Deferred, Frontend, Target};
+pub use workers::default_threads as default_data_threads;
 
 use crate::config::{Config, ConfigError, Protocol};
 use crate::endpoints::health::Watched;

@@ -92,6 +92,20 @@ struct FrontendParts {
 }
 
 impl FrontendParts {
+    /// `pool=session`: the target's pool (its metrics switched on).
+    fn pool<C: crate::pool::ServerConnection>(&self) -> Option<crate::pool::Pool<C>> {
+        self.pool.map(|settings| {
+            self.metrics.pool().enable();
+            tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
+            crate::pool::Pool::new(
+                settings,
+                self.metrics.pool().clone(),
+                self.pool_drain.clone(),
+                self.pool_stop.clone(),
+            )
+        })
+    }
+
     fn build(&self, protocol: Protocol) -> Result<Frontend, TlsSetupError> {
         let local_tls = self
             .listen_tls
@@ -114,11 +128,7 @@ impl FrontendParts {
                 max_connections: self.max_connections,
                 login,
                 pipe: self.pipe,
-                pool: self.pool.map(|settings| {
-                    self.metrics.pool().enable();
-                    tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
-                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_drain.clone(), self.pool_stop.clone())
-                }),
+                pool: self.pool(),
             }),
             Protocol::Mysql => Frontend::Mysql(MysqlFrontend {
                 upstream: self.upstream.clone(),
@@ -126,11 +136,7 @@ impl FrontendParts {
                 startup_timeout: self.startup_timeout,
                 max_connections: self.max_connections,
                 login,
-                pool: self.pool.map(|settings| {
-                    self.metrics.pool().enable();
-                    tracing::info!(target = %self.name, pool_size = settings.size, idle_timeout_secs = settings.idle_timeout.as_secs_f64(), max_lifetime_secs = settings.max_lifetime.as_secs_f64(), "pool=session: keyhole keeps the server connections it logs in to and reuses them");
-                    crate::pool::Pool::new(settings, self.metrics.pool().clone(), self.pool_stop.clone())
-                }),
+                pool: self.pool(),
                 last_key: Default::default(),
             }),
         })

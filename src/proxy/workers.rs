@@ -152,7 +152,7 @@ impl Workers {
 
 /// Half the cores this process may use (its CPU affinity and cgroup quota),
 /// rounded up.
-pub(super) fn default_threads() -> usize {
+pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, NonZeroUsize::get)
         .div_ceil(2)
