@@ -1036,7 +1036,10 @@ fn the_next_connection_resumes_the_servers_tls_session() {
         let out = cli(keyhole.port(), NATIVE_USER, NATIVE_PASS, &[], "select 1");
         expect_success(&out, "mariadb through keyhole");
     }
-    let (full, resumed) = (handshakes(http_port, "full"), handshakes(http_port, "resumed"));
+    let (full, resumed) = (
+        handshakes(http_port, "full"),
+        handshakes(http_port, "resumed"),
+    );
     assert_eq!(
         (full, resumed),
         (1.0, 2.0),
