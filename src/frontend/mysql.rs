@@ -114,7 +114,9 @@ impl Session<'_> {
         // greeting; so do we.
         admission.check(frontend.max_connections)?;
         if frontend.pool.is_some() || frontend.login.has_password() {
-            return self.run_own_login(cut, report).await;
+            // Boxed: its states (the own login, the pooled relay) stay out of
+            // the session future every other session is allocated at.
+            return Box::pin(self.run_own_login(cut, report)).await;
         }
         // The session future is allocated once, at the size of its largest
         // state, and lives as long as the session. The login's deep futures

@@ -138,7 +138,9 @@ impl Session<'_> {
             startup.with_user(&user)
         };
         if frontend.pool.is_some() || frontend.login.has_password() {
-            return self.run_own_login(startup, &user, cut, report).await;
+            // Boxed: its states (the own login, the pooled relay) stay out of
+            // the session future every other session is allocated at.
+            return Box::pin(self.run_own_login(startup, &user, cut, report)).await;
         }
         // Before dialling: without a token there is no point in a connection.
         let token = frontend.login.token(&user).await?;
