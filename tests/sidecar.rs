@@ -1629,6 +1629,9 @@ fn metrics_follow_a_session_from_open_to_close() {
                 "result",
                 "version",
                 "le",
+                // TLS handshakes by kind; the pool's connections by state.
+                "kind",
+                "state",
             ];
             assert!(
                 s.labels.keys().all(|k| allowed.contains(&k.as_str())),
