@@ -650,5 +650,34 @@ async fn reap<C: ServerConnection>(
     }
 }
 
+/// A pooled relay's write step, the same for both protocols and both
+/// directions: writes `buf[*start..end]` to `to` (counting into `moved`),
+/// then flushes. Ready(Ok) once everything is out; a write of zero bytes is
+/// an error ([`io::ErrorKind::WriteZero`]).
+pub(crate) fn poll_write_out<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    to: &mut W,
+    cx: &mut std::task::Context<'_>,
+    buf: &[u8],
+    (start, end): (&mut usize, usize),
+    moved: &mut u64,
+    unflushed: &mut bool,
+) -> std::task::Poll<std::io::Result<()>> {
+    use std::task::{ready, Poll};
+    while *start < end {
+        let n = ready!(std::pin::Pin::new(&mut *to).poll_write(cx, &buf[*start..end]))?;
+        if n == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        *start += n;
+        *moved += n as u64;
+        *unflushed = true;
+    }
+    if *unflushed {
+        ready!(std::pin::Pin::new(&mut *to).poll_flush(cx))?;
+        *unflushed = false;
+    }
+    Poll::Ready(Ok(()))
+}
+
 #[cfg(test)]
 mod tests;

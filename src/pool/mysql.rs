@@ -32,7 +32,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pub use super::postgres::RelayEnd;
-use super::{Key, ServerConnection};
+use super::{poll_write_out, Key, ServerConnection};
 use crate::protocol::mysql::{self, caps, reply, status, Greeting};
 use crate::upstream::UpstreamStream;
 
@@ -701,28 +701,18 @@ where
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         loop {
             let up = &mut self.up;
-            while up.start < up.scanned {
-                match Pin::new(&mut *self.server).poll_write(cx, &up.buf[up.start..up.scanned]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(RelayEnd::ServerGone(Some(
-                            io::ErrorKind::WriteZero.into(),
-                        )))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        up.start += n;
-                        up.moved += n as u64;
-                        up.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            if up.unflushed {
-                match Pin::new(&mut *self.server).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => up.unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
+            let span = (&mut up.start, up.scanned);
+            match poll_write_out(
+                &mut *self.server,
+                cx,
+                &up.buf,
+                span,
+                &mut up.moved,
+                &mut up.unflushed,
+            ) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
+                Poll::Pending => return Poll::Pending,
             }
             if self.said_goodbye {
                 // Everything before the COM_QUIT has gone out; what the
@@ -762,28 +752,12 @@ where
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         loop {
             let down = &mut self.down;
-            while down.start < down.scanned {
-                match Pin::new(&mut *self.client)
-                    .poll_write(cx, &down.buf[down.start..down.scanned])
-                {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(self.client_gone(Some(io::ErrorKind::WriteZero.into())))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        down.start += n;
-                        down.moved += n as u64;
-                        down.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(self.client_gone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            if down.unflushed {
-                match Pin::new(&mut *self.client).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => down.unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(self.client_gone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
+            let span = (&mut down.start, down.scanned);
+            let (moved, unflushed) = (&mut down.moved, &mut down.unflushed);
+            match poll_write_out(&mut *self.client, cx, &down.buf, span, moved, unflushed) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(self.client_gone(Some(e))),
+                Poll::Pending => return Poll::Pending,
             }
             down.compact();
             if down.end == down.buf.len() {

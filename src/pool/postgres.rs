@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{Key, ServerConnection};
+use super::{poll_write_out, Key, ServerConnection};
 use crate::protocol::postgres::{self as pg, tag, CancelKey, StartupMessage};
 use crate::upstream::UpstreamStream;
 
@@ -506,28 +506,18 @@ where
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         loop {
             let up = &mut self.up;
-            while up.start < up.end {
-                match Pin::new(&mut *self.server).poll_write(cx, &up.buf[up.start..up.end]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(RelayEnd::ServerGone(Some(
-                            io::ErrorKind::WriteZero.into(),
-                        )))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        up.start += n;
-                        up.moved += n as u64;
-                        up.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            if up.unflushed {
-                match Pin::new(&mut *self.server).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => up.unflushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
-                    Poll::Pending => return Poll::Pending,
-                }
+            let span = (&mut up.start, up.end);
+            match poll_write_out(
+                &mut *self.server,
+                cx,
+                &up.buf,
+                span,
+                &mut up.moved,
+                &mut up.unflushed,
+            ) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(Some(e))),
+                Poll::Pending => return Poll::Pending,
             }
             if self.said_goodbye {
                 return Poll::Ready(if self.frames.idle() {
@@ -573,39 +563,17 @@ where
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         loop {
             let down = &mut self.down;
-            while down.start < down.end {
-                match Pin::new(&mut *self.client).poll_write(cx, &down.buf[down.start..down.end]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(RelayEnd::ClientGone {
-                            busy: self.frames.owed > 0,
-                            error: Some(io::ErrorKind::WriteZero.into()),
-                        })
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        down.start += n;
-                        down.moved += n as u64;
-                        down.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(RelayEnd::ClientGone {
-                            busy: self.frames.owed > 0,
-                            error: Some(e),
-                        })
-                    }
-                    Poll::Pending => return Poll::Pending,
+            let span = (&mut down.start, down.end);
+            let (moved, unflushed) = (&mut down.moved, &mut down.unflushed);
+            match poll_write_out(&mut *self.client, cx, &down.buf, span, moved, unflushed) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(RelayEnd::ClientGone {
+                        busy: self.frames.owed > 0,
+                        error: Some(e),
+                    })
                 }
-            }
-            if down.unflushed {
-                match Pin::new(&mut *self.client).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => down.unflushed = false,
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(RelayEnd::ClientGone {
-                            busy: self.frames.owed > 0,
-                            error: Some(e),
-                        })
-                    }
-                    Poll::Pending => return Poll::Pending,
-                }
+                Poll::Pending => return Poll::Pending,
             }
             down.start = 0;
             down.end = 0;
