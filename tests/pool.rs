@@ -63,13 +63,7 @@ impl Pooled {
 
     /// The sample of `name` whose labels contain `label` (0 when absent).
     fn metric(&self, name: &str, label: &str) -> f64 {
-        let (status, body) = support::http::get(self.http_port, "/metrics").expect("GET /metrics");
-        assert_eq!(status, 200, "{body}");
-        body.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        support::http::metric(self.http_port, name, label)
     }
 
     /// Waits (up to 20 s) until `name{label}` reaches `value`.

@@ -147,3 +147,15 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
         rest = rest.get(size + 2..).ok_or("truncated chunk end")?;
     }
 }
+
+/// The value of the first `/metrics` sample of `name` on 127.0.0.1:`port`
+/// whose labels contain `label` (0 when there is none).
+pub fn metric(port: u16, name: &str, label: &str) -> f64 {
+    let (status, body) = get(port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
