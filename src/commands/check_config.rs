@@ -255,6 +255,7 @@ fn render_options(out: &mut String, config: &Config) {
                     p.display().to_string()
                 }),
         ),
+        ("iap-endpoint", config.iap_endpoint.clone()),
         (
             "skip-failed-instance-config",
             config.skip_failed_targets.to_string(),
@@ -421,12 +422,22 @@ fn render_target(out: &mut String, t: &TargetConfig, login: Option<&str>) {
 fn render_path(line: &mut impl FnMut(&str, String), t: &TargetConfig, database: &str) {
     match &t.via {
         Via::Direct => line("path", format!("keyhole → {database} (direct)")),
+        via @ Via::Iap(_) => line(
+            "path",
+            format!(
+                "keyhole → iap {via} → the VM's port (it reaches {database}; TLS and token login run from keyhole, end to end)"
+            ),
+        ),
         via => line(
             "path",
             format!(
                 "keyhole → {} {via} → {database} (the {} resolves and dials the name; TLS and token login run from keyhole, end to end)",
                 via.kind(),
-                if matches!(via, Via::Ssh(_)) { "bastion" } else { "proxy" },
+                match via {
+                    Via::Ssh(_) => "bastion",
+                    Via::Ssm(_) => "instance's SSM agent",
+                    _ => "proxy",
+                },
             ),
         ),
     }

@@ -180,13 +180,17 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 
-    /// Reach the databases through a hop: ssh://[USER@]HOST[:PORT] (an SSH bastion), socks5://[USER:PASS@]HOST:PORT, http(s)://[USER:PASS@]HOST:PORT (HTTP CONNECT) or direct (target parameter via=). [default: direct, or ALL_PROXY when it is socks5://]
+    /// Reach the databases through a hop: ssh://[USER@]HOST[:PORT] (an SSH bastion), socks5://[USER:PASS@]HOST:PORT, http(s)://[USER:PASS@]HOST:PORT (HTTP CONNECT), iap://PROJECT/ZONE/VM (Google IAP), ssm://INSTANCE-ID (AWS Session Manager), a cloud tunnel then ssh:// (iap://p/z/vm,ssh://user@vm), or direct (target parameter via=). [default: direct, or ALL_PROXY when it is socks5://]
     #[arg(long, value_name = "URL")]
     pub via: Option<String>,
 
     /// The OpenSSH client configuration for ssh:// hops, instead of ~/.ssh/config.
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<String>,
+
+    /// The IAP TCP forwarding endpoint for iap:// hops. [default: wss://tunnel.cloudproxy.app]
+    #[arg(long, value_name = "URL")]
+    pub iap_endpoint: Option<String>,
 
     /// Address of the HTTP server for --health-check and --prometheus. [default: 127.0.0.1]
     #[arg(long, value_name = "ADDR")]
@@ -365,6 +369,8 @@ pub struct Config {
     pub debug_logs: bool,
     /// `--ssh-config`: the OpenSSH client configuration for `ssh://` hops.
     pub ssh_config: Option<PathBuf>,
+    /// `--iap-endpoint`: where `iap://` hops open their tunnels.
+    pub iap_endpoint: String,
     /// Why `ALL_PROXY` is not used, when it is set but not SOCKS5.
     pub all_proxy_ignored: Option<String>,
 }
@@ -1034,6 +1040,11 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
     let user = layers.parse("user", parse_user)?;
     let via = via::DefaultVia::from_env(layers.parse("via", via::Via::parse)?, &layers.env);
     let ssh_config = layers.parse("ssh-config", parse_path)?;
+    let iap_endpoint = layers
+        .parse("iap-endpoint", |t| {
+            crate::transport::wss::parse_url(t).map(|_| t.trim().trim_end_matches('/').to_owned())
+        })?
+        .unwrap_or_else(|| crate::transport::iap::DEFAULT_ENDPOINT.to_owned());
     let min_sigterm_delay = layers
         .parse("min-sigterm-delay", duration::parse)?
         .unwrap_or(Duration::ZERO);
@@ -1185,6 +1196,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         cloudsql: cloudsql_settings,
         debug_logs: flag("debug-logs")?,
         ssh_config,
+        iap_endpoint,
         all_proxy_ignored: defaults.via.ignored.clone(),
     })
 }

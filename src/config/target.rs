@@ -104,8 +104,20 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
     }
     let (host, port) = split_host_port(authority).map_err(|e| format!("target '{text}': {e}"))?;
     let port = port.unwrap_or(protocol.default_port());
-    let mut params = Vec::new();
+    let mut params: Vec<(String, String)> = Vec::new();
+    // A hop URL with parameters of its own (`via=ssm://i-1?region=R&document=D`)
+    // keeps those that follow it, up to the first parameter that is not its.
+    let mut hop_params: &[&str] = &[];
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let own = pair
+            .split_once('=')
+            .is_some_and(|(name, _)| hop_params.contains(&name));
+        if let (true, Some((_, via))) = (own, params.last_mut()) {
+            via.push('&');
+            via.push_str(pair);
+            continue;
+        }
+        hop_params = &[];
         let (name, value) = pair.split_once('=').ok_or_else(|| {
             // A hop URL written without `via=` lands here: never its password.
             let pair = super::via::redact(pair);
@@ -122,6 +134,7 @@ pub fn parse(raw: &str) -> Result<TargetUrl, String> {
         // A hop's URL is decoded once, by its own parser (its password may
         // hold an escaped '@' or '&').
         let value = if name == "via" {
+            hop_params = super::via::hop_params(value);
             value.to_owned()
         } else {
             percent_decode(value).map_err(|e| format!("target '{text}': {e}"))?

@@ -9,6 +9,12 @@
 //!   that resolves the database's name itself.
 //! - `http://[USER:PASS@]HOST:PORT`, `https://...`: an HTTP CONNECT proxy
 //!   (`https://`: TLS to the proxy, verified with the system roots).
+//! - `iap://PROJECT/ZONE/INSTANCE[?port=N&interface=nic0]`: Google IAP TCP
+//!   forwarding to a VM's port (a relay on the VM, or an SSH hop after it).
+//! - `ssm://INSTANCE-ID[?region=R&document=NAME]`: AWS Session Manager port
+//!   forwarding through an instance's SSM agent to the database.
+//! - `iap://...,ssh://USER@VM` and `ssm://i-...,ssh://USER@i-...`: an SSH
+//!   bastion reached through the cloud tunnel instead of a TCP connection.
 //! - `direct`: no hop (overrides a global `--via` for one target).
 //!
 //! A hop is shown by its scheme, host and port: never its password.
@@ -26,6 +32,59 @@ pub enum Via {
     Socks5(ProxyHop),
     /// HTTP CONNECT; `ProxyHop::tls` for an `https://` proxy.
     Http(ProxyHop),
+    /// Google IAP TCP forwarding.
+    Iap(IapHop),
+    /// AWS Systems Manager Session Manager port forwarding.
+    Ssm(SsmHop),
+}
+
+/// A cloud tunnel an SSH hop can run over (`iap://...,ssh://...`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Tunnel {
+    Iap(IapHop),
+    Ssm(SsmHop),
+}
+
+/// `iap://PROJECT/ZONE/INSTANCE[?port=N&interface=NIC]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IapHop {
+    pub project: String,
+    pub zone: String,
+    pub instance: String,
+    /// The VM's port IAP connects to; `None`: 22 under an SSH hop, else the
+    /// database's port (a relay on the VM listening where the database does).
+    pub port: Option<u16>,
+    pub interface: String,
+}
+
+/// `ssm://INSTANCE-ID[?region=R&document=NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SsmHop {
+    /// `i-0123456789abcdef0`, or a managed node's `mi-...`.
+    pub target: String,
+    /// `None`: the AWS configuration's region, else the database's RDS name.
+    pub region: Option<String>,
+    /// `None`: `AWS-StartPortForwardingSessionToRemoteHost`.
+    pub document: Option<String>,
+}
+
+/// The Session Manager document for port forwarding to another host.
+pub const SSM_DEFAULT_DOCUMENT: &str = "AWS-StartPortForwardingSessionToRemoteHost";
+/// What a hop's own parameters may be called, by scheme.
+const IAP_PARAMS: &[&str] = &["port", "interface"];
+const SSM_PARAMS: &[&str] = &["region", "document"];
+
+/// The parameters the hop URL at the start of `via` takes (the last hop of
+/// a chain), for a target's parser: `via=ssm://i-1?region=R&document=D`
+/// keeps `document=D` with the hop.
+pub fn hop_params(via: &str) -> &'static [&'static str] {
+    let last = via.rsplit(',').next().unwrap_or(via).trim_start();
+    let scheme = last.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("iap") if last.contains('?') => IAP_PARAMS,
+        Some("ssm") if last.contains('?') => SSM_PARAMS,
+        _ => &[],
+    }
 }
 
 /// `ssh://[USER@]HOST[:PORT]`: whatever is not given here comes from the
@@ -36,6 +95,8 @@ pub struct SshHop {
     pub user: Option<String>,
     pub host: String,
     pub port: Option<u16>,
+    /// The cloud tunnel the SSH connection runs over, if any.
+    pub over: Option<Tunnel>,
 }
 
 /// A SOCKS5 or HTTP proxy.
@@ -56,7 +117,16 @@ impl Via {
         if text.eq_ignore_ascii_case("direct") {
             return Ok(Via::Direct);
         }
+        if let Some((first, second)) = text.split_once(',') {
+            return Via::parse_chain(text, first, second);
+        }
         let shown = redact(text);
+        if let Some(hop) = Via::parse_cloud(text)? {
+            return Ok(match hop {
+                Tunnel::Iap(iap) => Via::Iap(iap),
+                Tunnel::Ssm(ssm) => Via::Ssm(ssm),
+            });
+        }
         let (scheme, rest) = text.split_once("://").ok_or_else(|| {
             format!("'{shown}' is not a hop (ssh://HOST, socks5://HOST:PORT, http://HOST:PORT or direct)")
         })?;
@@ -90,7 +160,12 @@ impl Via {
                     Some("") => return Err(format!("'{shown}': empty user")),
                     Some(u) => Some(decode(u)?),
                 };
-                Ok(Via::Ssh(SshHop { user, host, port }))
+                Ok(Via::Ssh(SshHop {
+                    user,
+                    host,
+                    port,
+                    over: None,
+                }))
             }
             scheme @ ("socks5" | "socks5h" | "http" | "https") => {
                 let port = port.ok_or_else(|| {
@@ -131,9 +206,144 @@ impl Via {
                 Err(format!("'{shown}': SOCKS4 is not supported; use socks5://"))
             }
             other => Err(format!(
-                "'{shown}': unknown hop scheme '{other}' (ssh, socks5, http, https or direct)"
+                "'{shown}': unknown hop scheme '{other}' (ssh, socks5, http, https, iap, ssm or direct)"
             )),
         }
+    }
+
+    /// `iap://...,ssh://...` or `ssm://...,ssh://...`: SSH over a cloud
+    /// tunnel, the one chain there is.
+    fn parse_chain(text: &str, first: &str, second: &str) -> Result<Via, String> {
+        let shown = redact(text);
+        let wrong = || {
+            format!(
+                "'{shown}': a chain is a cloud tunnel then an SSH bastion \
+                 (iap://PROJECT/ZONE/VM,ssh://USER@VM or ssm://INSTANCE,ssh://USER@INSTANCE)"
+            )
+        };
+        let Some(tunnel) = Via::parse_cloud(first.trim())? else {
+            return Err(wrong());
+        };
+        match Via::parse(second)? {
+            Via::Ssh(ssh) if ssh.over.is_none() => Ok(Via::Ssh(SshHop {
+                over: Some(tunnel),
+                ..ssh
+            })),
+            _ => Err(wrong()),
+        }
+    }
+
+    /// An `iap://` or `ssm://` URL; `None` for other schemes.
+    fn parse_cloud(text: &str) -> Result<Option<Tunnel>, String> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Ok(None);
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "iap" && scheme != "ssm" {
+            return Ok(None);
+        }
+        let shown = redact(text);
+        if rest.contains(['@', '#']) {
+            return Err(format!(
+                "'{shown}': an {scheme}:// hop takes no user or password: it signs in with your cloud credentials"
+            ));
+        }
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = path.strip_suffix('/').unwrap_or(path);
+        let mut params = Vec::new();
+        let known = if scheme == "iap" {
+            IAP_PARAMS
+        } else {
+            SSM_PARAMS
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("'{shown}': parameter '{pair}' has no value"))?;
+            let value = percent_decode_text(value)
+                .map_err(|e| format!("'{shown}': parameter '{name}': {e}"))?;
+            if !known.contains(&name) {
+                return Err(format!(
+                    "'{shown}': unknown parameter '{name}' (an {scheme}:// hop takes {})",
+                    known.join(", ")
+                ));
+            }
+            if value.is_empty() {
+                return Err(format!("'{shown}': parameter '{name}' is empty"));
+            }
+            if params.iter().any(|(n, _)| *n == name) {
+                return Err(format!("'{shown}': parameter '{name}' is given twice"));
+            }
+            params.push((name, value));
+        }
+        let param = |name: &str| {
+            params
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let name_ok = |part: &str| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        };
+        if scheme == "iap" {
+            let parts: Vec<&str> = path.split('/').collect();
+            let [project, zone, instance] = parts[..] else {
+                return Err(format!(
+                    "'{shown}': an iap:// hop is iap://PROJECT/ZONE/INSTANCE (the VM's project, zone and name)"
+                ));
+            };
+            if let Some(bad) = [project, zone, instance].into_iter().find(|p| !name_ok(p)) {
+                return Err(format!(
+                    "'{shown}': '{bad}' is not a project, zone or instance name"
+                ));
+            }
+            let port = match param("port") {
+                None => None,
+                Some(p) => Some(
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| format!("'{shown}': port '{p}' is not a TCP port"))?,
+                ),
+            };
+            let interface = param("interface").unwrap_or_else(|| "nic0".to_owned());
+            if !name_ok(&interface) {
+                return Err(format!(
+                    "'{shown}': '{interface}' is not a network interface name"
+                ));
+            }
+            return Ok(Some(Tunnel::Iap(IapHop {
+                project: project.to_owned(),
+                zone: zone.to_owned(),
+                instance: instance.to_owned(),
+                port,
+                interface,
+            })));
+        }
+        let target = path;
+        let is_instance = |t: &str| {
+            let id = t.strip_prefix("i-").or_else(|| t.strip_prefix("mi-"));
+            id.is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        if !is_instance(target) {
+            return Err(format!(
+                "'{shown}': an ssm:// hop names a managed instance: ssm://i-0123456789abcdef0 (or mi-...)"
+            ));
+        }
+        let region = param("region");
+        if let Some(r) = &region {
+            if !name_ok(r) || r.contains(['.', ':']) {
+                return Err(format!("'{shown}': '{r}' is not an AWS region"));
+            }
+        }
+        Ok(Some(Tunnel::Ssm(SsmHop {
+            target: target.to_owned(),
+            region,
+            document: param("document"),
+        })))
     }
 
     pub fn is_direct(&self) -> bool {
@@ -147,6 +357,40 @@ impl Via {
             Via::Ssh(_) => "ssh",
             Via::Socks5(_) => "socks5",
             Via::Http(_) => "http",
+            Via::Iap(_) => "iap",
+            Via::Ssm(_) => "ssm",
+        }
+    }
+}
+
+impl fmt::Display for Tunnel {
+    /// `iap://p/z/vm?port=22`, `ssm://i-0abc?region=eu-west-1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tunnel::Iap(hop) => {
+                write!(f, "iap://{}/{}/{}", hop.project, hop.zone, hop.instance)?;
+                let mut sep = '?';
+                if let Some(port) = hop.port {
+                    write!(f, "{sep}port={port}")?;
+                    sep = '&';
+                }
+                if hop.interface != "nic0" {
+                    write!(f, "{sep}interface={}", hop.interface)?;
+                }
+                Ok(())
+            }
+            Tunnel::Ssm(hop) => {
+                write!(f, "ssm://{}", hop.target)?;
+                let mut sep = '?';
+                if let Some(region) = &hop.region {
+                    write!(f, "{sep}region={region}")?;
+                    sep = '&';
+                }
+                if let Some(document) = &hop.document {
+                    write!(f, "{sep}document={document}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -157,7 +401,12 @@ impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Via::Direct => f.write_str("direct"),
+            Via::Iap(hop) => Tunnel::Iap(hop.clone()).fmt(f),
+            Via::Ssm(hop) => Tunnel::Ssm(hop.clone()).fmt(f),
             Via::Ssh(hop) => {
+                if let Some(over) = &hop.over {
+                    write!(f, "{over},")?;
+                }
                 f.write_str("ssh://")?;
                 if let Some(user) = &hop.user {
                     write!(f, "{user}@")?;
@@ -286,7 +535,8 @@ mod tests {
             Ok(Via::Ssh(SshHop {
                 user: Some("alice".into()),
                 host: "bastion.example.com".into(),
-                port: Some(2222)
+                port: Some(2222),
+                over: None,
             }))
         );
         assert_eq!(
@@ -294,7 +544,8 @@ mod tests {
             Ok(Via::Ssh(SshHop {
                 user: None,
                 host: "bastion".into(),
-                port: None
+                port: None,
+                over: None,
             }))
         );
         let Ok(Via::Socks5(hop)) = Via::parse("socks5h://u%40x:p%3Ass@10.0.0.1:1080") else {

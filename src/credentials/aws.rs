@@ -189,9 +189,9 @@ pub fn sign_token(
         .ok_or_else(|| "the signed URL lost its scheme".to_owned())
 }
 
-/// The chain's own words (it lists what it tried), with causes, mapped to
-/// keyhole's error. aws-config's messages carry no secrets.
-fn describe_chain_error(e: AwsError) -> CredentialsError {
+/// The chain's own words (it lists what it tried), with the causes it does
+/// not already repeat. aws-config's messages carry no secrets.
+pub fn chain_text(e: &AwsError) -> String {
     let mut reason = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -202,6 +202,12 @@ fn describe_chain_error(e: AwsError) -> CredentialsError {
         }
         cause = c.source();
     }
+    reason
+}
+
+/// [`chain_text`], mapped to keyhole's error.
+fn describe_chain_error(e: AwsError) -> CredentialsError {
+    let reason = chain_text(&e);
     match e {
         AwsError::CredentialsNotLoaded(_) => CredentialsError::Missing {
             provider: PROVIDER,

@@ -37,7 +37,7 @@ use crate::metrics::{self, TargetMetrics};
 use crate::net;
 use crate::protocol::postgres as pg;
 use crate::tls::{self, KernelTls, TlsSetupError};
-use crate::transport::{Hop, Transports};
+use crate::transport::{CloudSettings, Hop, Transports};
 use crate::upstream::Upstream;
 
 /// A target ready to serve: its settings and its session driver.
@@ -231,6 +231,7 @@ pub(super) struct Fingerprint {
     kernel_tls: KernelTls,
     max_connections: Option<NonZeroUsize>,
     ssh_config: Option<PathBuf>,
+    iap_endpoint: String,
     /// The connector's settings, for a Cloud SQL instance.
     cloudsql: Option<CloudSqlSettings>,
     /// Each file read for it (CA bundle, client and listen certificates
@@ -260,6 +261,7 @@ impl Fingerprint {
             kernel_tls: config.kernel_tls,
             max_connections: config.max_connections,
             ssh_config: config.ssh_config.clone(),
+            iap_endpoint: config.iap_endpoint.clone(),
             cloudsql: target.cloudsql.is_some().then(|| config.cloudsql.clone()),
             files: files
                 .into_iter()
@@ -317,6 +319,7 @@ impl Fingerprint {
             self.max_connections != before.max_connections,
         );
         differs("ssh-config", self.ssh_config != before.ssh_config);
+        differs("iap-endpoint", self.iap_endpoint != before.iap_endpoint);
         differs("Cloud SQL options", self.cloudsql != before.cloudsql);
         for (path, state) in &self.files {
             let old = before.files.iter().find(|(p, _)| p == path);
@@ -356,6 +359,7 @@ pub(super) struct InstanceHandle {
 pub(super) struct HopHandle {
     via: Via,
     ssh_config: Option<PathBuf>,
+    cloud: CloudSettings,
     pub(super) hop: Arc<Hop>,
     _transports: Transports,
 }
@@ -373,6 +377,7 @@ impl HopPool {
         &self,
         via: &Via,
         ssh_config: &Option<PathBuf>,
+        cloud: &CloudSettings,
     ) -> Result<Option<Arc<HopHandle>>, String> {
         if via.is_direct() {
             return Ok(None);
@@ -382,17 +387,18 @@ impl HopPool {
         let found = live
             .iter()
             .filter_map(Weak::upgrade)
-            .find(|h| h.via == *via && h.ssh_config == *ssh_config);
+            .find(|h| h.via == *via && h.ssh_config == *ssh_config && h.cloud == *cloud);
         if let Some(found) = found {
             return Ok(Some(found));
         }
-        let transports = Transports::new(ssh_config.clone());
+        let transports = Transports::new(ssh_config.clone(), cloud.clone());
         let Some(hop) = transports.hop(via)? else {
             return Ok(None);
         };
         let handle = Arc::new(HopHandle {
             via: via.clone(),
             ssh_config: ssh_config.clone(),
+            cloud: cloud.clone(),
             hop,
             _transports: transports,
         });
@@ -741,7 +747,14 @@ async fn prepare_target(
     let hop = cx
         .shared
         .hops
-        .get(&target.via, &config.ssh_config)
+        .get(
+            &target.via,
+            &config.ssh_config,
+            &CloudSettings {
+                env: cx.shared.env.clone(),
+                iap_endpoint: config.iap_endpoint.clone(),
+            },
+        )
         .map_err(fail)?;
     let through = hop.as_ref().map(|h| h.hop.clone());
     let upstream = match &instance {
@@ -941,20 +954,29 @@ mod tests {
     fn targets_naming_one_hop_share_it_until_the_last_one_goes() {
         let pool = HopPool::default();
         let via = |url: &str| Via::parse(url).expect("a hop URL");
-        assert!(pool.get(&Via::Direct, &None).expect("direct").is_none());
+        assert!(pool
+            .get(&Via::Direct, &None, &CloudSettings::default())
+            .expect("direct")
+            .is_none());
         let proxy = via("socks5://me:first@10.0.0.9:1080");
-        let a = pool.get(&proxy, &None).expect("a hop").expect("not direct");
-        let b = pool.get(&proxy, &None).expect("a hop").expect("not direct");
+        let a = pool
+            .get(&proxy, &None, &CloudSettings::default())
+            .expect("a hop")
+            .expect("not direct");
+        let b = pool
+            .get(&proxy, &None, &CloudSettings::default())
+            .expect("a hop")
+            .expect("not direct");
         assert!(Arc::ptr_eq(&a, &b), "one hop for both targets");
         let other_login = via("socks5://me:second@10.0.0.9:1080");
         let c = pool
-            .get(&other_login, &None)
+            .get(&other_login, &None, &CloudSettings::default())
             .expect("a hop")
             .expect("not direct");
         assert!(!Arc::ptr_eq(&a, &c), "another login is another hop");
         let ssh_config = Some(PathBuf::from("/etc/keyhole/ssh_config"));
         let d = pool
-            .get(&proxy, &ssh_config)
+            .get(&proxy, &ssh_config, &CloudSettings::default())
             .expect("a hop")
             .expect("not direct");
         assert!(!Arc::ptr_eq(&a, &d), "another --ssh-config is another hop");
@@ -965,7 +987,10 @@ mod tests {
             weak.upgrade().is_none(),
             "the pool does not keep a hop alive"
         );
-        let again = pool.get(&proxy, &None).expect("a hop").expect("not direct");
+        let again = pool
+            .get(&proxy, &None, &CloudSettings::default())
+            .expect("a hop")
+            .expect("not direct");
         assert!(!Arc::ptr_eq(&again, &c));
     }
 }

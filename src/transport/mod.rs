@@ -11,21 +11,31 @@
 //! - [`socks5`]: RFC 1928 with RFC 1929 user/password; the proxy resolves
 //!   the database's name.
 //! - [`http_connect`]: `CONNECT host:port`, over TLS for an `https://` proxy.
+//! - [`iap`]: Google IAP TCP forwarding to a VM's port, over a WebSocket.
+//! - [`ssm`]: AWS Session Manager port forwarding through an instance's agent.
+//!
+//! The cloud tunnels share [`wss`] (dialling `wss://`, the socket pair they
+//! hand back) and [`websocket`] (a small RFC 6455 client).
 //!
 //! Errors say which hop failed and why ([`HopError`]), once, in words a
 //! client can be shown: no password, no proxy credentials.
 
 pub mod http_connect;
+pub mod iap;
 pub mod socks5;
 pub mod ssh;
+pub mod ssm;
+pub mod websocket;
+pub mod wss;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::config::via::{ProxyHop, Via};
+use crate::config::via::{ProxyHop, Tunnel, Via};
 use crate::metrics::{self, HopMetrics};
 use crate::net::Socket;
 
@@ -41,6 +51,8 @@ enum Kind {
     Ssh(Arc<ssh::Bastion>),
     Socks5(ProxyHop),
     Http(http_connect::Proxy),
+    Iap(Arc<iap::Iap>),
+    Ssm(Arc<ssm::Ssm>),
 }
 
 /// Why a hop could not give a stream to the database, by hop.
@@ -78,6 +90,15 @@ pub enum HopError {
         expected: &'static str,
         reason: String,
     },
+    /// The cloud refused keyhole's credentials the permission it needs.
+    #[error("{hop}: permission denied: {reason}")]
+    Denied { hop: Arc<str>, reason: String },
+    /// No credentials for a cloud tunnel.
+    #[error("{hop}: no token for the tunnel: {reason}")]
+    Credentials { hop: Arc<str>, reason: String },
+    /// A cloud tunnel failed for another reason it gave.
+    #[error("{hop}: {reason}")]
+    Tunnel { hop: Arc<str>, reason: String },
 }
 
 impl HopError {
@@ -94,6 +115,9 @@ impl HopError {
             HopError::TargetUnreachable { .. } => "hop_target_unreachable",
             HopError::Timeout { .. } => "hop_timeout",
             HopError::Protocol { .. } => "hop_protocol",
+            HopError::Denied { .. } => "hop_denied",
+            HopError::Credentials { .. } => "hop_credentials",
+            HopError::Tunnel { .. } => "hop_tunnel",
         }
     }
 
@@ -116,6 +140,8 @@ impl Hop {
             Kind::Ssh(_) => "ssh",
             Kind::Socks5(_) => "socks5",
             Kind::Http(_) => "http",
+            Kind::Iap(_) => "iap",
+            Kind::Ssm(_) => "ssm",
         }
     }
 
@@ -131,6 +157,8 @@ impl Hop {
             Kind::Http(proxy) => {
                 within(&self.name, timeout, proxy.connect(&self.name, host, port)).await
             }
+            Kind::Iap(iap) => iap.open(iap.vm_port(port, false), timeout).await,
+            Kind::Ssm(ssm) => ssm.open(host, port, timeout).await,
         };
         match &result {
             Ok(_) => self.metrics.opened(),
@@ -197,10 +225,29 @@ async fn dial_proxy(name: &Arc<str>, host: &str, port: u16) -> Result<TcpStream,
     })))
 }
 
+/// What the cloud tunnels need from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudSettings {
+    /// The process environment: credential sources, endpoint variables.
+    pub env: HashMap<String, String>,
+    /// `--iap-endpoint`.
+    pub iap_endpoint: String,
+}
+
+impl Default for CloudSettings {
+    fn default() -> CloudSettings {
+        CloudSettings {
+            env: HashMap::new(),
+            iap_endpoint: iap::DEFAULT_ENDPOINT.to_owned(),
+        }
+    }
+}
+
 /// Every hop the targets name, built once: targets that name the same
 /// bastion share its one SSH connection.
 pub struct Transports {
     ssh_config: Option<PathBuf>,
+    cloud: CloudSettings,
     /// The private directory for the SSH control sockets, made on first use.
     control: Mutex<Option<Arc<ssh::ControlDir>>>,
     hops: Mutex<Vec<Arc<Hop>>>,
@@ -209,16 +256,18 @@ pub struct Transports {
 
 impl Transports {
     /// `ssh_config`: `--ssh-config`, else the user's `~/.ssh/config`.
-    pub fn new(ssh_config: Option<PathBuf>) -> Transports {
-        Transports::with_registry(ssh_config, metrics::global())
+    pub fn new(ssh_config: Option<PathBuf>, cloud: CloudSettings) -> Transports {
+        Transports::with_registry(ssh_config, cloud, metrics::global())
     }
 
     pub fn with_registry(
         ssh_config: Option<PathBuf>,
+        cloud: CloudSettings,
         registry: &'static metrics::Registry,
     ) -> Transports {
         Transports {
             ssh_config,
+            cloud,
             control: Mutex::new(None),
             hops: Mutex::new(Vec::new()),
             registry,
@@ -246,6 +295,24 @@ impl Transports {
             Via::Ssh(ssh_hop) => {
                 let dir = self.control_dir()?;
                 let index = hops.len();
+                let under = match &ssh_hop.over {
+                    None => None,
+                    Some(tunnel @ Tunnel::Iap(iap_hop)) => {
+                        Some(ssh::over::Under::Iap(Arc::new(iap::Iap::new(
+                            iap_hop.clone(),
+                            tunnel.to_string().into(),
+                            &self.cloud.iap_endpoint,
+                            self.cloud.env.clone(),
+                        )?)))
+                    }
+                    Some(tunnel @ Tunnel::Ssm(ssm_hop)) => {
+                        Some(ssh::over::Under::Ssm(Arc::new(ssm::Ssm::new(
+                            ssm_hop.clone(),
+                            tunnel.to_string().into(),
+                            self.cloud.env.clone(),
+                        ))))
+                    }
+                };
                 Kind::Ssh(Arc::new(ssh::Bastion::new(
                     ssh_hop.clone(),
                     name.clone(),
@@ -253,10 +320,22 @@ impl Transports {
                     dir,
                     index,
                     metrics.clone(),
+                    under,
                 )))
             }
             Via::Socks5(proxy) => Kind::Socks5(proxy.clone()),
             Via::Http(proxy) => Kind::Http(http_connect::Proxy::new(proxy.clone())?),
+            Via::Iap(iap_hop) => Kind::Iap(Arc::new(iap::Iap::new(
+                iap_hop.clone(),
+                name.clone(),
+                &self.cloud.iap_endpoint,
+                self.cloud.env.clone(),
+            )?)),
+            Via::Ssm(ssm_hop) => Kind::Ssm(Arc::new(ssm::Ssm::new(
+                ssm_hop.clone(),
+                name.clone(),
+                self.cloud.env.clone(),
+            ))),
         };
         let hop = Arc::new(Hop {
             name,
@@ -300,6 +379,7 @@ fn same_credentials(kind: &Kind, via: &Via) -> bool {
         (Kind::Ssh(_), Via::Ssh(_)) => true,
         (Kind::Socks5(a), Via::Socks5(b)) => a.credentials == b.credentials,
         (Kind::Http(a), Via::Http(b)) => a.hop().credentials == b.credentials,
+        (Kind::Iap(_), Via::Iap(_)) | (Kind::Ssm(_), Via::Ssm(_)) => true,
         _ => false,
     }
 }

@@ -21,7 +21,8 @@
 //! [`HopError`] that says what to do. keyhole never writes known_hosts.
 
 pub mod mux;
-mod sys;
+pub mod over;
+pub(crate) mod sys;
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
@@ -107,6 +108,8 @@ pub struct Bastion {
     stderr: Arc<Mutex<Tail>>,
     next_request: AtomicU32,
     metrics: Arc<HopMetrics>,
+    /// The cloud tunnel the master's connection runs over, if any.
+    over: Option<Arc<over::Bridge>>,
 }
 
 #[derive(Default)]
@@ -154,8 +157,15 @@ impl Bastion {
         dir: Arc<ControlDir>,
         index: usize,
         metrics: Arc<HopMetrics>,
+        under: Option<over::Under>,
     ) -> Bastion {
         let control_path = dir.path().join(index.to_string());
+        let over = under.map(|under| {
+            Arc::new(over::Bridge::new(
+                under,
+                dir.path().join(format!("{index}.tunnel")),
+            ))
+        });
         Bastion {
             hop,
             name,
@@ -167,6 +177,7 @@ impl Bastion {
             stderr: Arc::new(Mutex::new(Tail::default())),
             next_request: AtomicU32::new(1),
             metrics,
+            over,
         }
     }
 
@@ -263,8 +274,22 @@ impl Bastion {
     /// the login has succeeded) or its exit.
     async fn log_in(&self) -> Result<(), HopError> {
         let _ = std::fs::remove_file(&self.control_path);
+        let mut args = Vec::new();
+        if let Some(bridge) = &self.over {
+            bridge.listen().await?;
+            bridge.take_error();
+            let options = bridge.ssh_options().map_err(|reason| HopError::Ssh {
+                hop: self.name.clone(),
+                reason,
+            })?;
+            for option in options {
+                args.push("-o".to_owned());
+                args.push(option);
+            }
+        }
+        args.extend(self.master_args());
         let mut command = tokio::process::Command::new("ssh");
-        command.args(self.master_args());
+        command.args(args);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -295,6 +320,11 @@ impl Bastion {
             if let Ok(Some(status)) = child.try_wait() {
                 if let Some(reader) = reader {
                     let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
+                }
+                // Through a cloud tunnel, ssh saw only its connection
+                // close: the tunnel's own error says why.
+                if let Some(e) = self.over.as_ref().and_then(|b| b.take_error()) {
+                    return Err(e);
                 }
                 let said = self.stderr_since(first_line);
                 return Err(diagnose(&self.name, &said, status.code()));
@@ -665,12 +695,14 @@ mod tests {
                 user: Some("alice".into()),
                 host: "bastion".into(),
                 port: Some(2222),
+                over: None,
             },
             "ssh://alice@bastion:2222".into(),
             Some(PathBuf::from("/etc/keyhole/ssh_config")),
             dir.clone(),
             0,
             Arc::new(HopMetrics::new("ssh://alice@bastion:2222", "ssh")),
+            None,
         );
         let args = bastion.master_args();
         let joined = args.join(" ");
