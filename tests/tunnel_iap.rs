@@ -12,6 +12,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use support::bastion::SshBastion;
 use support::cloud::FakeGcpMetadata;
@@ -213,6 +214,44 @@ fn a_tunnel_resumes_after_reauthentication_without_losing_a_byte() {
         .map(|(_, v)| v.as_str());
     assert_eq!(sid, Some("fake-sid-1"));
     assert!(kh.logs().contains("resuming the tunnel"), "{}", kh.logs());
+}
+
+/// A connection left idle (a psql prompt) outlives the relay's idle
+/// timeout: keyhole repeats its acknowledgement while nothing moves.
+#[test]
+fn an_idle_tunnel_is_kept_alive() {
+    let (lab, _pg, target) = Lab::for_pg();
+    lab.iap.set_idle_close(Some(Duration::from_secs(20)));
+    let kh = lab.keyhole(&[&target]);
+    let port = kh.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user={TRUST_USER} dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        tokio::spawn(connection);
+        let one: i32 = client
+            .query_one("select 1", &[])
+            .await
+            .expect("first")
+            .get(0);
+        assert_eq!(one, 1);
+        tokio::time::sleep(Duration::from_secs(32)).await;
+        let two: i32 = client
+            .query_one("select 2", &[])
+            .await
+            .expect("after idling")
+            .get(0);
+        assert_eq!(two, 2);
+    });
+    assert_eq!(lab.iap.idle_closes(), 0);
+    assert_eq!(lab.iap.connects().len(), 1);
 }
 
 #[test]

@@ -159,6 +159,15 @@ fn psql_reaches_postgres_through_one_multiplexed_session() {
     let version = ssm.last_client_version().expect("a handshake");
     assert!(version.starts_with("1.2."), "{version}");
     assert!(ssm.errors().is_empty(), "{:?}", ssm.errors());
+    // At exit the shared session is terminated at the service.
+    let mut kh = kh;
+    kh.signal(libc::SIGTERM);
+    assert!(
+        kh.wait_exit(Duration::from_secs(15)).is_some(),
+        "keyhole exits"
+    );
+    let session = starts[0].outcome.clone().expect("a session id");
+    assert_eq!(ssm.terminated(), vec![session]);
     let logs = kh.logs();
     for (name, value) in ssm.env() {
         if name.contains("SECRET") || name.contains("SESSION_TOKEN") {

@@ -565,6 +565,97 @@ mod tests {
     }
 
     #[test]
+    fn cloud_tunnels_and_ssh_over_them_parse_and_show_as_written() {
+        let Ok(Via::Iap(iap)) = Via::parse("iap://lab-proj/europe-west1-b/vm-1") else {
+            panic!("iap")
+        };
+        assert_eq!(
+            (
+                iap.project.as_str(),
+                iap.zone.as_str(),
+                iap.instance.as_str()
+            ),
+            ("lab-proj", "europe-west1-b", "vm-1")
+        );
+        assert_eq!((iap.port, iap.interface.as_str()), (None, "nic0"));
+        let Ok(Via::Ssm(ssm)) =
+            Via::parse("ssm://i-0123456789abcdef0?region=eu-west-1&document=My-Doc")
+        else {
+            panic!("ssm")
+        };
+        assert_eq!(ssm.target, "i-0123456789abcdef0");
+        assert_eq!(ssm.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(ssm.document.as_deref(), Some("My-Doc"));
+        let Ok(Via::Ssh(ssh)) = Via::parse("iap://p/z/vm?port=2222,ssh://me@vm") else {
+            panic!("chain")
+        };
+        assert_eq!(ssh.user.as_deref(), Some("me"));
+        assert!(matches!(&ssh.over, Some(Tunnel::Iap(i)) if i.port == Some(2222)));
+        for text in [
+            "iap://p/z/vm",
+            "iap://p/z/vm?port=5432&interface=nic1",
+            "ssm://mi-0abc?region=us-east-1",
+            "ssm://i-0abc,ssh://ec2-user@i-0abc",
+            "iap://p/z/vm,ssh://vm:2222",
+        ] {
+            let via = Via::parse(text).expect(text);
+            assert_eq!(via.to_string(), text);
+            assert_eq!(Via::parse(&via.to_string()), Ok(via));
+        }
+        assert_eq!(Via::parse("ssm://i-0abc").map(|v| v.kind()), Ok("ssm"));
+        assert_eq!(Via::parse("iap://p/z/vm").map(|v| v.kind()), Ok("iap"));
+    }
+
+    #[test]
+    fn cloud_tunnel_mistakes_are_named() {
+        let err = |s: &str| Via::parse(s).expect_err(s);
+        assert!(err("iap://p/vm").contains("iap://PROJECT/ZONE/INSTANCE"));
+        assert!(err("iap://p/z/vm?port=0").contains("not a TCP port"));
+        assert!(err("iap://p/z/vm?zone=x").contains("unknown parameter 'zone'"));
+        assert!(err("ssm://bastion").contains("names a managed instance"));
+        assert!(err("ssm://i-0abc?region=eu west").contains("not an AWS region"));
+        assert!(err("ssm://i-0abc?region=a&region=b").contains("given twice"));
+        assert!(err("ssm://me@i-0abc").contains("takes no user or password"));
+        assert!(err("ssh://vm,iap://p/z/vm").contains("a cloud tunnel then an SSH bastion"));
+        assert!(err("iap://p/z/vm,socks5://proxy:1080").contains("a cloud tunnel then"));
+        assert!(err("iap://p/z/a,iap://p/z/b").contains("a cloud tunnel then"));
+    }
+
+    #[test]
+    fn a_targets_hop_keeps_its_own_parameters() {
+        let target = crate::config::target::parse(
+            "postgres://db:5432?via=ssm://i-0abc?region=eu-west-1&document=D&iam=aws&region=us-east-1",
+        )
+        .expect("valid");
+        let param = |name: &str| {
+            target
+                .params
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(param("via"), ["ssm://i-0abc?region=eu-west-1&document=D"]);
+        // After the first parameter that is not the hop's, `region` is the target's.
+        assert_eq!(param("region"), ["us-east-1"]);
+        assert_eq!(param("iam"), ["aws"]);
+        let target =
+            crate::config::target::parse("postgres://db?via=iap://p/z/vm?port=22&interface=nic1")
+                .expect("valid");
+        assert_eq!(
+            target.params,
+            [(
+                "via".to_owned(),
+                "iap://p/z/vm?port=22&interface=nic1".to_owned()
+            )]
+        );
+        // Without a '?' on the hop, its names are the target's as ever.
+        let err = crate::config::target::parse("postgres://db?via=iap://p/z/vm&port=22")
+            .expect_err("port is no target parameter");
+        assert!(err.contains("unknown parameter 'port'"), "{err}");
+    }
+
+    #[test]
     fn errors_say_what_is_wrong_and_never_show_the_password() {
         let err = |s: &str| Via::parse(s).expect_err(s);
         assert!(err("bastion").contains("not a hop"));

@@ -295,16 +295,34 @@ impl Proxy {
                 }
             }
         };
-        Ok(shutdown(
+        let hops: Vec<Arc<crate::transport::Hop>> = running
+            .targets()
+            .iter()
+            .filter_map(|t| t.hop().map(|h| h.hop.clone()))
+            .collect();
+        let code = shutdown(
             &lifecycle,
             &serving,
             &running.config,
             &shared.pools_drain,
             received,
         )
-        .await)
+        .await;
+        // Cloud sessions are ended at the service, not left to time out:
+        // every hop is told at once, then given a moment.
+        let closing: Vec<_> = hops.iter().map(|h| h.close()).collect();
+        let _ = tokio::time::timeout(HOPS_CLOSE, async {
+            for closed in closing {
+                closed.await;
+            }
+        })
+        .await;
+        Ok(code)
     }
 }
+
+/// How long the hops get to end their cloud sessions at exit.
+const HOPS_CLOSE: Duration = Duration::from_secs(3);
 
 /// The shutdown sequence (see the module docs); returns the exit code.
 async fn shutdown(

@@ -179,6 +179,23 @@ impl Hop {
         }
     }
 
+    /// Ends the hop's cloud sessions (Session Manager's, terminated at the
+    /// service) at once; the future is done when they have ended.
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let ssm = match &self.kind {
+            Kind::Ssm(ssm) => {
+                ssm.stop();
+                Some(ssm.clone())
+            }
+            _ => None,
+        };
+        async move {
+            if let Some(ssm) = ssm {
+                ssm.ended().await;
+            }
+        }
+    }
+
     /// An SSH bastion's login, started now (the first client needs none
     /// then); other hops have nothing to open ahead.
     pub fn warm_up(self: &Arc<Hop>) {

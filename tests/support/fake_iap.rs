@@ -18,7 +18,9 @@
 //! - Knobs: `set_close_before_connect(Some(code))` (close with that code
 //!   instead of connecting), `set_http_refusal(Some((status, body)))` (refuse
 //!   the upgrade), `set_reauth_after(Some(bytes))` (close the next stream
-//!   with 4004 after relaying that many bytes to the client, once).
+//!   with 4004 after relaying that many bytes to the client, once),
+//!   `set_idle_close(Some(d))` (close 4000 after `d` without a client
+//!   message; `idle_closes()` counts them).
 //! - Records: `connects()` (each `/v4/connect` query, as pairs), `reconnects()`,
 //!   `acks_received()` (the highest ack each stream got), `headers_seen()`.
 
@@ -45,6 +47,8 @@ struct State {
     close_before_connect: Option<u16>,
     http_refusal: Option<(u16, String)>,
     reauth_after: Option<u64>,
+    idle_close: Option<std::time::Duration>,
+    idle_closes: u64,
     connects: Vec<Vec<(String, String)>>,
     reconnects: Vec<Vec<(String, String)>>,
     headers: Vec<Vec<(String, String)>>,
@@ -140,6 +144,17 @@ impl FakeIap {
 
     pub fn set_reauth_after(&self, bytes: Option<u64>) {
         lock(&self.state).reauth_after = bytes;
+    }
+
+    /// Close a stream (4000) after this long without a message from the
+    /// client: an idle timeout, as front ends have.
+    pub fn set_idle_close(&self, after: Option<std::time::Duration>) {
+        lock(&self.state).idle_close = after;
+    }
+
+    /// Streams closed for idleness.
+    pub fn idle_closes(&self) -> u64 {
+        lock(&self.state).idle_closes
     }
 
     pub fn connects(&self) -> Vec<Vec<(String, String)>> {
@@ -363,8 +378,21 @@ async fn pump(
 ) {
     let mut buf = vec![0u8; MAX_DATA];
     let mut sent_to_client: u64 = 0;
+    let idle = lock(&state).idle_close;
+    let mut heard = tokio::time::Instant::now();
     loop {
+        let idle_at = idle.map(|d| heard + d);
         tokio::select! {
+            () = async {
+                match idle_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                lock(&state).idle_closes += 1;
+                let _ = ws.close(Some(close(4000, "idle"))).await;
+                return;
+            }
             read = s.vm.read(&mut buf) => match read {
                 Ok(0) | Err(_) => {
                     let _ = ws.close(Some(close(4010, "destination closed"))).await;
@@ -390,6 +418,7 @@ async fn pump(
             },
             message = ws.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
+                    heard = tokio::time::Instant::now();
                     let mut rest: &[u8] = &bytes;
                     while rest.len() >= 2 {
                         let tag = u16::from_be_bytes([rest[0], rest[1]]);

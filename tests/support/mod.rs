@@ -108,6 +108,16 @@
 //!   auth: Option<(user, pass)>)` (tinyproxy, CONNECT to any port; same
 //!   methods); `ssh_stdio_forward(config, alias, "host:port") -> Command`
 //!   (`ssh -F config -W host:port alias`).
+//! - [`fake_ssm`]: AWS Session Manager (the JSON 1.1 API and a fake agent on
+//!   the data channel, its own encoding of the messages and of smux):
+//!   `FakeSsm::start(creds)`, `env()` (endpoint, CA bundle, region, keys),
+//!   fault knobs (`set_faults`, `set_api_failure`, `close_channels`,
+//!   `route`), counters and records. Its module docs list the rest.
+//! - [`fake_iap`]: the Google IAP TCP forwarding relay: `FakeIap::start(token)`,
+//!   `endpoint()`, `ca()`, `add_vm(project, zone, instance, port, addr)`,
+//!   refusals (`set_close_before_connect`, `set_http_refusal`), 4004 and
+//!   reconnect (`set_reauth_after`), records (`connects`, `reconnects`,
+//!   `headers_seen`, `acks_received`).
 //! - [`process`]: `output_with_timeout`, `finish_with_timeout(child, what,
 //!   limit)`, `Watchdog`, `server_user`, `clean_env`.
 //! - [`logs`]: `text_fields(line)`, `closed_lines(log)` (the fields of each

@@ -54,8 +54,8 @@ pub const MAX_UNACKED: u64 = 1024 * 1024;
 /// [`ACK_DELAY`].
 const ACK_EVERY: u64 = 2 * frame::MAX_DATA as u64;
 const ACK_DELAY: Duration = Duration::from_secs(2);
-/// An idle stream sends its acknowledgement again this often.
-pub const KEEPALIVE: Duration = Duration::from_secs(30);
+/// An idle stream sends its acknowledgement again this often (10 bytes).
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Resumes tried after close code 4004, in a row.
 const MAX_RESUMES: u32 = 3;
 

@@ -45,6 +45,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use self::api::{SsmApi, SsmApiError};
 use self::channel::{Channel, ChannelConfig, Event, Incoming};
@@ -87,6 +89,9 @@ pub struct Ssm {
     tls: tokio::sync::OnceCell<Arc<ClientConfig>>,
     /// Live multiplexed sessions.
     sessions: Mutex<Vec<Arc<SessionHandle>>>,
+    /// Every session's task (and its TerminateSession), and their stop.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// A running session's task, as connections see it.
@@ -112,7 +117,20 @@ impl Ssm {
             apis: tokio::sync::Mutex::new(HashMap::new()),
             tls: tokio::sync::OnceCell::new(),
             sessions: Mutex::new(Vec::new()),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Ends every session (keyhole is exiting); see [`Ssm::ended`].
+    pub fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+    }
+
+    /// Done when every session has ended and been terminated.
+    pub async fn ended(&self) {
+        self.tasks.wait().await;
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -263,7 +281,7 @@ impl Ssm {
         match self.connect(&api, &session, host, port, deadline).await {
             Ok(handle) => Ok(handle),
             Err(e) => {
-                terminate_later(api, id);
+                self.tasks.spawn(terminate(api, id));
                 Err(e)
             }
         }
@@ -348,11 +366,11 @@ impl Ssm {
             pending: VecDeque::new(),
             pending_bytes: 0,
         };
-        let api = api.clone();
-        tokio::spawn(async move {
+        let (api, stop) = (api.clone(), self.stop.clone());
+        self.tasks.spawn(async move {
             let id = task.session_id.clone();
-            task.run(attach_rx).await;
-            terminate_later(api, id);
+            task.run(attach_rx, stop).await;
+            terminate(api, id).await;
         });
         Ok(handle)
     }
@@ -382,17 +400,15 @@ async fn attach(session: &SessionHandle, end: UnixStream) -> Result<(), NotJoine
     joined.await.map_err(|_| NotJoined::Lost)
 }
 
-fn terminate_later(api: Arc<SsmApi>, session_id: String) {
-    tokio::spawn(async move {
-        match api.terminate_session(&session_id).await {
-            Ok(()) => {
-                tracing::debug!(hop = api.hop(), session = %session_id, "Session Manager session terminated")
-            }
-            Err(e) => {
-                tracing::info!(hop = api.hop(), session = %session_id, error = %e, "TerminateSession failed; the service ends the session after its idle timeout")
-            }
+async fn terminate(api: Arc<SsmApi>, session_id: String) {
+    match api.terminate_session(&session_id).await {
+        Ok(()) => {
+            tracing::debug!(hop = api.hop(), session = %session_id, "Session Manager session terminated")
         }
-    });
+        Err(e) => {
+            tracing::info!(hop = api.hop(), session = %session_id, error = %e, "TerminateSession failed; the service ends the session after its idle timeout")
+        }
+    }
 }
 
 fn api_error(name: &Arc<str>, e: SsmApiError) -> HopError {
@@ -526,7 +542,7 @@ enum End {
 }
 
 impl SessionTask {
-    async fn run(mut self, mut attach: mpsc::Receiver<Attach>) {
+    async fn run(mut self, mut attach: mpsc::Receiver<Attach>, stop: CancellationToken) {
         let (local_tx, mut local_rx) = mpsc::channel::<FromLocal>(QUEUE);
         let mut idle_since = Some(Instant::now());
         let mut last_sent = Instant::now();
@@ -599,6 +615,7 @@ impl SessionTask {
                         self.queue(nop);
                     }
                 }
+                () = stop.cancelled() => break End::Idle,
                 () = sleep_until_opt(linger_until) => {
                     break if attached_once && self.mux.is_none() { End::ConnectionDone } else { End::Idle };
                 }
