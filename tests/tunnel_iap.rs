@@ -21,7 +21,7 @@ use support::keyhole::{Keyhole, Ready};
 use support::mariadb::{self, MariaDb, NATIVE_PASS, NATIVE_USER};
 use support::netns::Namespace;
 use support::postgres::{PgCluster, TRUST_USER};
-use support::{clients, scratch_dir};
+use support::{clients, scratch_dir, session};
 
 const PROJECT: &str = "lab-proj";
 const ZONE: &str = "europe-west1-b";
@@ -224,32 +224,12 @@ fn an_idle_tunnel_is_kept_alive() {
     lab.iap.set_idle_close(Some(Duration::from_secs(20)));
     let kh = lab.keyhole(&[&target]);
     let port = kh.port();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user={TRUST_USER} dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect");
-        tokio::spawn(connection);
-        let one: i32 = client
-            .query_one("select 1", &[])
-            .await
-            .expect("first")
-            .get(0);
-        assert_eq!(one, 1);
-        tokio::time::sleep(Duration::from_secs(32)).await;
-        let two: i32 = client
-            .query_one("select 2", &[])
-            .await
-            .expect("after idling")
-            .get(0);
-        assert_eq!(two, 2);
-    });
+    let rt = support::runtime();
+    let (client, _driver) = session::connect(&rt, port, "idle");
+    let first = session::simple_query(&rt, &client, "select 1").expect("first");
+    std::thread::sleep(Duration::from_secs(32));
+    let later = session::simple_query(&rt, &client, "select 2").expect("after idling");
+    assert_eq!((first, later), (vec!["1".to_owned()], vec!["2".to_owned()]));
     assert_eq!(lab.iap.idle_closes(), 0);
     assert_eq!(lab.iap.connects().len(), 1);
 }
