@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use support::bastion::SshBastion;
 use support::cloud::AwsCredentials;
+use support::fake_rds::{FakeRds, PgAsk, TokenCheck};
 use support::fake_ssm::{ApiFailure, CloseKind, FakeSsm, Faults};
 use support::keyhole::{Keyhole, Ready};
 use support::mariadb::{self, MariaDb, NATIVE_PASS, NATIVE_USER};
@@ -116,6 +117,15 @@ fn psql_reaches_postgres_through_one_multiplexed_session() {
     let pg = PgCluster::shared();
     let target = pg_target(pg, &format!("ssm://{INSTANCE}"));
     let kh = keyhole(&[&target], &ssm, home.path());
+    // A burst of first connections at once: they wait for one session and
+    // share it.
+    let port = kh.port();
+    let handles: Vec<_> = (0..6)
+        .map(|i| std::thread::spawn(move || select(port, &format!("select pg_sleep(0.2), {i}"))))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().expect("thread"), Ok(format!("|{i}")));
+    }
 
     assert_eq!(
         select(
@@ -131,15 +141,6 @@ fn psql_reaches_postgres_through_one_multiplexed_session() {
             Ok((i + 1).to_string())
         );
     }
-    // Connections at once, on the same session.
-    let port = kh.port();
-    let handles: Vec<_> = (0..6)
-        .map(|i| std::thread::spawn(move || select(port, &format!("select pg_sleep(0.2), {i}"))))
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.join().expect("thread"), Ok(format!("|{i}")));
-    }
-
     let starts = ssm.start_requests();
     assert_eq!(
         starts.len(),
@@ -383,4 +384,42 @@ fn an_ssh_bastion_runs_over_a_session_manager_session() {
     assert_eq!(starts.len(), 1, "{starts:?}");
     assert_eq!(starts[0].parameters["host"][0], "localhost");
     assert_eq!(starts[0].parameters["portNumber"][0], "22");
+}
+
+/// `iam=aws` through Session Manager: the token is signed on this side for
+/// the database's own name and port, which the instance resolves (here:
+/// `route`), never for an address keyhole dialled. A fake RDS in front of
+/// the real PostgreSQL checks it as RDS does.
+#[test]
+fn an_iam_token_through_session_manager_is_signed_for_the_databases_own_name() {
+    const DB: &str = "orders.abc123.us-east-1.rds.amazonaws.com";
+    const DB_PORT: u16 = 5432;
+    let home = scratch_dir("keyhole-ssm-home");
+    let creds = AwsCredentials::generate();
+    let ssm = FakeSsm::start(creds.clone());
+    let rds = FakeRds::postgres_at(
+        DB,
+        PgCluster::shared(),
+        TokenCheck::aws_for(&creds, DB, DB_PORT, ssm.region()),
+        PgAsk::Cleartext,
+    );
+    // From the instance, the RDS name leads to the fake.
+    ssm.route(
+        &format!("{DB}:{DB_PORT}"),
+        std::net::SocketAddr::from(([127, 0, 0, 1], rds.port())),
+    );
+    let target = format!(
+        "postgres://{DB}:{DB_PORT}?via=ssm://{INSTANCE}&iam=aws&ca-file={}",
+        utf8(&rds.pki().ca)
+    );
+    let kh = keyhole(&[&target], &ssm, home.path());
+    assert_eq!(
+        select(kh.port(), "select current_user").as_deref(),
+        Ok(TRUST_USER)
+    );
+    let outcomes = rds.wait_for_outcomes(1, Duration::from_secs(15));
+    assert_eq!(outcomes[0].result, Ok(()), "{outcomes:?}");
+    let starts = ssm.start_requests();
+    assert_eq!(starts[0].parameters["host"][0], DB);
+    assert_eq!(starts[0].parameters["portNumber"][0], DB_PORT.to_string());
 }

@@ -89,6 +89,11 @@ pub struct Ssm {
     tls: tokio::sync::OnceCell<Arc<ClientConfig>>,
     /// Live multiplexed sessions.
     sessions: Mutex<Vec<Arc<SessionHandle>>>,
+    /// One session start at a time while the agent may multiplex, so that a
+    /// burst of first connections shares one session.
+    starting: tokio::sync::Mutex<()>,
+    /// What the last handshake said: does the agent multiplex?
+    multiplexes: Mutex<Option<bool>>,
     /// Every session's task (and its TerminateSession), and their stop.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -117,6 +122,8 @@ impl Ssm {
             apis: tokio::sync::Mutex::new(HashMap::new()),
             tls: tokio::sync::OnceCell::new(),
             sessions: Mutex::new(Vec::new()),
+            starting: tokio::sync::Mutex::new(()),
+            multiplexes: Mutex::new(None),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -160,13 +167,55 @@ impl Ssm {
         timeout: Duration,
     ) -> Result<(), HopError> {
         let deadline = Instant::now() + timeout;
-        let mut end = end;
-        for _ in 0..2 {
-            let Some(session) = self.live_session(host, port) else {
-                break;
-            };
+        let end = match self.join_live(host, port, end).await? {
+            None => return Ok(()),
+            Some(end) => end,
+        };
+        let multiplexes = *self
+            .multiplexes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _one = match multiplexes {
+            Some(false) => None,
+            _ => Some(
+                tokio::time::timeout_at(deadline, self.starting.lock())
+                    .await
+                    .map_err(|_| HopError::Timeout {
+                        hop: self.name.clone(),
+                        after: timeout,
+                    })?,
+            ),
+        };
+        // The session another connection started meanwhile.
+        let end = match self.join_live(host, port, end).await? {
+            None => return Ok(()),
+            Some(end) => end,
+        };
+        let session = self.start(host, port, deadline).await?;
+        *self
+            .multiplexes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(session.multiplexed);
+        if session.multiplexed {
+            self.sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(session.clone());
+        }
+        attach(&session, end).await.map_err(|_| self.lost())
+    }
+
+    /// Joins a live session to `host:port`, if there is one; else hands
+    /// `end` back.
+    async fn join_live(
+        &self,
+        host: &str,
+        port: u16,
+        mut end: UnixStream,
+    ) -> Result<Option<UnixStream>, HopError> {
+        while let Some(session) = self.live_session(host, port) {
             match attach(&session, end).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(None),
                 // That session ended meanwhile: forget it, try the next.
                 Err(NotJoined::Back(back)) => {
                     end = back;
@@ -175,14 +224,7 @@ impl Ssm {
                 Err(NotJoined::Lost) => return Err(self.lost()),
             }
         }
-        let session = self.start(host, port, deadline).await?;
-        if session.multiplexed {
-            self.sessions
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(session.clone());
-        }
-        attach(&session, end).await.map_err(|_| self.lost())
+        Ok(Some(end))
     }
 
     fn lost(&self) -> HopError {
