@@ -384,6 +384,15 @@ fn an_ssh_bastion_runs_over_a_session_manager_session() {
     assert_eq!(starts.len(), 1, "{starts:?}");
     assert_eq!(starts[0].parameters["host"][0], "localhost");
     assert_eq!(starts[0].parameters["portNumber"][0], "22");
+    // The session under the SSH connection is terminated at exit too.
+    let mut kh = kh;
+    kh.signal(libc::SIGTERM);
+    assert!(
+        kh.wait_exit(Duration::from_secs(15)).is_some(),
+        "keyhole exits"
+    );
+    let session = starts[0].outcome.clone().expect("a session id");
+    assert_eq!(ssm.terminated(), vec![session]);
 }
 
 /// `iam=aws` through Session Manager: the token is signed on this side for

@@ -183,12 +183,13 @@ impl Hop {
     /// service) at once; the future is done when they have ended.
     pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let ssm = match &self.kind {
-            Kind::Ssm(ssm) => {
-                ssm.stop();
-                Some(ssm.clone())
-            }
+            Kind::Ssm(ssm) => Some(ssm.clone()),
+            Kind::Ssh(bastion) => bastion.session_manager(),
             _ => None,
         };
+        if let Some(ssm) = &ssm {
+            ssm.stop();
+        }
         async move {
             if let Some(ssm) = ssm {
                 ssm.ended().await;

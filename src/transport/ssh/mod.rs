@@ -537,6 +537,11 @@ impl Bastion {
         None
     }
 
+    /// The Session Manager hop under this bastion, if it runs over one.
+    pub(super) fn session_manager(&self) -> Option<Arc<crate::transport::ssm::Ssm>> {
+        self.over.as_ref().and_then(|b| b.session_manager())
+    }
+
     /// For `/readiness`: the last login's failure, while no master is up.
     pub(super) fn not_ready(&self) -> Option<String> {
         let state = self.state();

@@ -78,6 +78,14 @@ impl Bridge {
         &self.path
     }
 
+    /// The Session Manager hop, when that is the tunnel.
+    pub fn session_manager(&self) -> Option<Arc<Ssm>> {
+        match self.under.as_ref() {
+            Under::Ssm(ssm) => Some(ssm.clone()),
+            Under::Iap(_) => None,
+        }
+    }
+
     /// The tunnel's URL (`iap://p/z/vm`).
     pub fn name(&self) -> Arc<str> {
         self.under.name()
