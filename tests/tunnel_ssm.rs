@@ -110,6 +110,20 @@ fn assert_rows_arrive_exactly(pg: &PgCluster, kh: &Keyhole, rows: u32) {
     );
 }
 
+/// Stops keyhole (SIGTERM) and checks that the one session the fake
+/// started was terminated at the service on the way out.
+fn exits_terminating(mut kh: Keyhole, ssm: &FakeSsm) -> Keyhole {
+    kh.signal(libc::SIGTERM);
+    assert!(
+        kh.wait_exit(Duration::from_secs(15)).is_some(),
+        "keyhole exits"
+    );
+    let starts = ssm.start_requests();
+    let session = starts[0].outcome.clone().expect("a session id");
+    assert_eq!(ssm.terminated(), vec![session]);
+    kh
+}
+
 #[test]
 fn psql_reaches_postgres_through_one_multiplexed_session() {
     let home = scratch_dir("keyhole-ssm-home");
@@ -161,14 +175,7 @@ fn psql_reaches_postgres_through_one_multiplexed_session() {
     assert!(version.starts_with("1.2."), "{version}");
     assert!(ssm.errors().is_empty(), "{:?}", ssm.errors());
     // At exit the shared session is terminated at the service.
-    let mut kh = kh;
-    kh.signal(libc::SIGTERM);
-    assert!(
-        kh.wait_exit(Duration::from_secs(15)).is_some(),
-        "keyhole exits"
-    );
-    let session = starts[0].outcome.clone().expect("a session id");
-    assert_eq!(ssm.terminated(), vec![session]);
+    let kh = exits_terminating(kh, &ssm);
     let logs = kh.logs();
     for (name, value) in ssm.env() {
         if name.contains("SECRET") || name.contains("SESSION_TOKEN") {
@@ -385,14 +392,7 @@ fn an_ssh_bastion_runs_over_a_session_manager_session() {
     assert_eq!(starts[0].parameters["host"][0], "localhost");
     assert_eq!(starts[0].parameters["portNumber"][0], "22");
     // The session under the SSH connection is terminated at exit too.
-    let mut kh = kh;
-    kh.signal(libc::SIGTERM);
-    assert!(
-        kh.wait_exit(Duration::from_secs(15)).is_some(),
-        "keyhole exits"
-    );
-    let session = starts[0].outcome.clone().expect("a session id");
-    assert_eq!(ssm.terminated(), vec![session]);
+    exits_terminating(kh, &ssm);
 }
 
 /// `iam=aws` through Session Manager: the token is signed on this side for
