@@ -171,6 +171,11 @@ impl Instance {
         });
     }
 
+    /// The engine, if a refresh has told it already (no waiting, no call).
+    pub fn known_protocol(&self) -> Option<Protocol> {
+        lock(&self.state).current.as_ref().map(|c| c.protocol)
+    }
+
     /// The engine, once known: waits for the first refresh if needed
     /// (refresh ahead), or fetches (lazy), or returns the first error.
     pub async fn protocol(&self) -> Result<Protocol, ConnectorError> {

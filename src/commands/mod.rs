@@ -7,9 +7,11 @@
 //! - `shutdown`: ask a running keyhole to stop (preStop hooks, jobs).
 //! - `check-config`: validate a configuration and print it, without binding
 //!   or dialling anything.
+//! - `connect`: keyhole for one target and the right client pointed at it.
 //! - `tunnel-fd`: the ProxyCommand of keyhole's own ssh over a cloud tunnel.
 
 pub mod check_config;
+pub mod connect;
 pub mod shutdown;
 pub mod token;
 pub mod tunnel_fd;
@@ -33,6 +35,7 @@ pub fn dispatch(args: &[OsString]) -> Option<ExitCode> {
         Some("wait") => Some(wait::main(&args[1..])),
         Some("shutdown") => Some(shutdown::main(&args[1..])),
         Some("check-config") => Some(check_config::main(&args[1..])),
+        Some("connect") => Some(connect::main(&args[1..])),
         Some("tunnel-fd") => Some(tunnel_fd::main(&args[1..])),
         _ => None,
     }

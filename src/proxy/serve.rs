@@ -84,7 +84,18 @@ impl Listening {
         listener: Listener,
         target: Arc<Target>,
     ) -> Listening {
-        tracing::info!(target = %target.config.name, listen = %listener.describe(), "listening");
+        // A Cloud SQL instance's engine, if its first refresh has told it.
+        let protocol = target
+            .config
+            .protocol
+            .or_else(|| {
+                target
+                    .upstream()
+                    .slot()
+                    .and_then(|s| s.instance().known_protocol())
+            })
+            .map_or("unknown", |p| p.scheme());
+        tracing::info!(target = %target.config.name, listen = %listener.describe(), protocol, "listening");
         let (sender, current) = watch::channel(target);
         let stop = serving.stop_accepting.child_token();
         let cut = serving.cut.child_token();

@@ -1,0 +1,158 @@
+//! `keyhole connect TARGET [-- CLIENT-ARGS]`: keyhole and the right client
+//! in one command, against real PostgreSQL and MariaDB, with the real
+//! `psql` and `mariadb` clients; the exit code is the client's.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::cloudsql::{FakeSqlAdmin, InstanceSpec};
+use support::mariadb::{MariaDb, NATIVE_PASS, NATIVE_USER};
+use support::postgres::{PgCluster, SCRAM_PASS, SCRAM_USER, TRUST_USER};
+use support::process::{clean_env, output_with_timeout};
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// `keyhole connect ARGS` with a clean environment plus `env`.
+fn connect(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhole"));
+    clean_env(&mut cmd);
+    cmd.arg("connect").args(args).envs(env.iter().copied());
+    output_with_timeout(&mut cmd, std::time::Duration::from_secs(60))
+}
+
+/// `keyhole connect ARGS -- -N -B -e "select 6*7"` as native_user: the
+/// client must be mariadb (or mysql), answering 42.
+fn assert_mysql_client_answers(args: &[&str]) {
+    let mut all = args.to_vec();
+    all.extend(["--", "-N", "-B", "-e", "select 6*7"]);
+    let out = connect(&all, &[("MYSQL_PWD", NATIVE_PASS)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "42");
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn pg_target(pg: &PgCluster) -> String {
+    format!(
+        "postgres://localhost:{}?ca-file={}",
+        pg.port,
+        utf8(&pg.pki.ca)
+    )
+}
+
+#[test]
+fn psql_runs_against_keyhole_and_its_exit_code_is_connects() {
+    let pg = PgCluster::shared();
+    let target = pg_target(pg);
+    let out = connect(
+        &[
+            "--db-user",
+            TRUST_USER,
+            "--database",
+            "postgres",
+            &target,
+            "--",
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select current_user || ' ' || ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // keyhole's leg to the server is TLS; the client talked to keyhole.
+    assert_eq!(text(&out.stdout).trim(), format!("{TRUST_USER} true"));
+
+    // psql's own failure, and its exit code, are the command's.
+    let out = connect(
+        &[
+            "--db-user",
+            SCRAM_USER,
+            "--database",
+            "postgres",
+            &target,
+            "--",
+            "-X",
+            "-c",
+            "select 1/0",
+        ],
+        &[("PGPASSWORD", SCRAM_PASS)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("division by zero"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn mariadb_is_the_client_for_a_mysql_target() {
+    let db = MariaDb::shared();
+    let target = format!(
+        "mysql://localhost:{}?ca-file={}",
+        db.port(),
+        utf8(&db.pki().ca)
+    );
+    assert_mysql_client_answers(&["--db-user", NATIVE_USER, &target]);
+}
+
+/// `KEYHOLE_CLIENT` replaces the client: `echo` shows exactly what the
+/// client is given.
+#[test]
+fn the_client_is_given_keyholes_address_then_the_users_arguments() {
+    let pg = PgCluster::shared();
+    let out = connect(
+        &["--db-user", "alice", &pg_target(pg), "--", "--flag", "x y"],
+        &[("KEYHOLE_CLIENT", "echo")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let words: Vec<&str> = said.split_whitespace().collect();
+    assert_eq!(words[..3], ["-h", "127.0.0.1", "-p"], "{said}");
+    let port: u16 = words[3].parse().expect("a port");
+    assert_ne!(port, pg.port, "keyhole's port, not the server's");
+    assert_eq!(words[4..], ["-U", "alice", "--flag", "x", "y"], "{said}");
+}
+
+#[test]
+fn a_target_keyhole_refuses_ends_connect_with_keyholes_words() {
+    let out = connect(&["postgres://db.internal?tls-mode=nonsense"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("keyhole stopped before it listened") && said.contains("nonsense"),
+        "{said}"
+    );
+    let out = connect(&["--port", "5432", "postgres://db"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("chooses its own address"));
+}
+
+/// A Cloud SQL instance by its connection name: its engine is known only
+/// once keyhole asked the SQL Admin API, and `connect` picks the client
+/// from what keyhole says it listens for.
+#[test]
+fn a_cloud_sql_instance_gets_the_client_for_its_engine() {
+    let api = FakeSqlAdmin::start();
+    let instance = api.add_instance(InstanceSpec::mysql("my-main", MariaDb::shared()));
+    let token = api.admin_token();
+    let url = api.url();
+    let name = instance.connection_name();
+    assert_mysql_client_answers(&[
+        "--token",
+        &token,
+        "--sqladmin-api-endpoint",
+        &url,
+        "--db-user",
+        NATIVE_USER,
+        &name,
+    ]);
+}
