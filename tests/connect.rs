@@ -7,10 +7,12 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use std::time::Duration;
 use support::cloudsql::{FakeSqlAdmin, InstanceSpec};
 use support::mariadb::{MariaDb, NATIVE_PASS, NATIVE_USER};
 use support::postgres::{PgCluster, SCRAM_PASS, SCRAM_USER, TRUST_USER};
 use support::process::{clean_env, output_with_timeout};
+use support::session::wait_until;
 
 fn utf8(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
@@ -155,4 +157,53 @@ fn a_cloud_sql_instance_gets_the_client_for_its_engine() {
         NATIVE_USER,
         &name,
     ]);
+}
+
+/// The terminal's Ctrl-C goes to the whole foreground group: psql cancels
+/// its query (the cancel request goes through keyhole), `connect` lives on
+/// and exits with psql's code, and keyhole, in a group of its own, is not
+/// interrupted by it.
+#[test]
+fn ctrl_c_cancels_the_clients_query_and_connect_lives_on() {
+    use std::os::unix::process::CommandExt;
+    let pg = PgCluster::shared();
+    let target = pg_target(pg);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhole"));
+    clean_env(&mut cmd);
+    cmd.arg("connect")
+        .args(["--db-user", TRUST_USER, "--database", "postgres", &target])
+        .args([
+            "--",
+            "-X",
+            "-c",
+            "select pg_sleep(60) /* keyhole-connect-ctrl-c */",
+        ])
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("run keyhole connect");
+    let running = || {
+        pg.admin_sql(
+            "select count(*) from pg_stat_activity \
+             where query like '%keyhole-connect-ctrl-c%' and pid <> pg_backend_pid()",
+        )
+        .trim()
+            == "1"
+    };
+    wait_until("the query runs", Duration::from_secs(30), running, || {
+        String::new()
+    });
+    let group = libc::pid_t::try_from(child.id()).expect("a pid");
+    // SAFETY: kill(2) on the process group of our own child.
+    unsafe {
+        libc::kill(-group, libc::SIGINT);
+    }
+    let out = child.wait_with_output().expect("connect ends");
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("canceling statement due to user request"),
+        "{said}"
+    );
 }

@@ -12,7 +12,9 @@
 //! runs in the foreground with the terminal: `psql` for PostgreSQL,
 //! `mariadb` (else `mysql`) for MySQL, or `--client` / `$KEYHOLE_CLIENT`,
 //! pointed at keyhole with the user and database asked for, then
-//! CLIENT-ARGS. When the client ends, keyhole is stopped and `connect` exits
+//! CLIENT-ARGS; `connect` itself ignores the terminal's Ctrl-C meanwhile,
+//! and keyhole ends with `connect` however it ends (Linux: the parent-death
+//! signal). When the client ends, keyhole is stopped and `connect` exits
 //! with the client's exit code. keyhole's warnings and errors reach the
 //! terminal as they happen; if it stops before it listens, its last lines
 //! are shown and `connect` exits 2.
@@ -190,6 +192,8 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
         .stderr(Stdio::piped())
         // Not in the terminal's foreground group: Ctrl-C is the client's.
         .process_group(0);
+    // However `connect` ends (a closed terminal included), keyhole ends too.
+    crate::transport::ssh::sys::end_with_keyhole(&mut keyhole);
     let mut child = keyhole
         .spawn()
         .map_err(|e| (EXIT_FAILED, format!("cannot start keyhole: {e}")))?;
@@ -234,7 +238,11 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
             return Err((EXIT_USAGE, e));
         }
     };
-    let status = Command::new(&program).args(&args).status();
+    let client = Command::new(&program).args(&args).spawn();
+    // The client has the terminal now: Ctrl-C and Ctrl-\ are its (psql
+    // cancels the query); `connect` waits for it and stops keyhole after.
+    ignore_terminal_signals();
+    let status = client.and_then(|mut client| client.wait());
     stop(&mut child);
     match status {
         Ok(status) => Ok(ExitCode::from(exit_code(status))),
@@ -311,6 +319,17 @@ fn field(line: &str, name: &str) -> Option<String> {
     let value = &line[start..];
     let value = value.split_whitespace().next()?;
     Some(value.trim_matches('"').to_owned())
+}
+
+/// SIGINT and SIGQUIT from the terminal are the client's to act on.
+fn ignore_terminal_signals() {
+    for signal in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: setting a signal's disposition to SIG_IGN has no
+        // preconditions; the client was spawned before, with its defaults.
+        unsafe {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+    }
 }
 
 /// SIGTERM, then a bounded wait, then SIGKILL.

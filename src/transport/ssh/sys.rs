@@ -3,8 +3,8 @@
 //! - [`send_fd`]: a file descriptor over a Unix socket (`SCM_RIGHTS`), as
 //!   OpenSSH's `mm_send_fd` does: one byte of data carries one descriptor
 //!   (any Unix).
-//! - [`end_with_keyhole`]: on Linux the master gets `PR_SET_PDEATHSIG`, so
-//!   it ends however keyhole ends. Elsewhere (and in the portable build,
+//! - [`end_with_keyhole`]: on Linux the master (and `keyhole connect`'s
+//!   keyhole) gets `PR_SET_PDEATHSIG`, so it ends however its parent ends. Elsewhere (and in the portable build,
 //!   `--cfg keyhole_portable`) it ends at keyhole's shutdown
 //!   ([`super::Bastion::shutdown`]) or when its handle is dropped.
 
@@ -58,9 +58,11 @@ pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// Arranges for the master started by `command` to end with keyhole.
+/// Arranges for the process started by `command` (the ssh master, or
+/// `keyhole connect`'s keyhole) to end with its parent.
 #[cfg(all(target_os = "linux", not(keyhole_portable)))]
-pub fn end_with_keyhole(command: &mut tokio::process::Command) {
+pub fn end_with_keyhole(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs in the child
     // before exec.
     unsafe {
@@ -75,7 +77,7 @@ pub fn end_with_keyhole(command: &mut tokio::process::Command) {
 
 /// See the module docs: the master ends at shutdown or when dropped.
 #[cfg(not(all(target_os = "linux", not(keyhole_portable))))]
-pub fn end_with_keyhole(_command: &mut tokio::process::Command) {}
+pub fn end_with_keyhole(_command: &mut std::process::Command) {}
 
 #[cfg(test)]
 mod tests {
