@@ -293,11 +293,11 @@ fn iap_refusals_name_the_hop_and_the_reason() {
     iap.set_close_before_connect(None);
     iap.set_http_refusal(Some((
         403,
-        r#"{"error":{"code":403,"message":"IAP permission denied"}}"#,
+        r#"{"error":{"code":403,"status":"PERMISSION_DENIED","message":"IAP permission denied"}}"#,
     )));
     let said = failing("HTTP 403");
     assert!(
-        said.contains("HTTP 403") && said.contains("IAP permission denied"),
+        said.contains("HTTP 403 (PERMISSION_DENIED)") && !said.contains("IAP permission denied"),
         "{said}"
     );
 

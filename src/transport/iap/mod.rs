@@ -310,27 +310,15 @@ impl Iap {
     }
 }
 
-/// A short, printable excerpt of an error body (Google's JSON error, or
-/// text), for the message a user sees.
+/// Google's error codes in a refusal's body (`PERMISSION_DENIED`, a
+/// reason), as the other Google endpoints show them: never the prose, which
+/// the service writes and keyhole cannot vouch for in a log line.
 fn error_detail(body: &str) -> String {
-    let message = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.get("message"))
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| body.trim().to_owned());
-    let message: String = message
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
-    if message.is_empty() {
+    let codes = crate::credentials::gcp::google_error_codes(body.as_bytes());
+    if codes.is_empty() {
         String::new()
     } else {
-        format!(" ({message})")
+        format!(" ({})", codes.join(", "))
     }
 }
 
@@ -608,14 +596,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_bodies_are_shown_short_and_printable() {
-        assert_eq!(
-            error_detail(r#"{"error":{"code":403,"message":"Permission denied"}}"#),
-            " (Permission denied)"
-        );
+    fn refusals_show_googles_codes_and_never_its_prose() {
+        let body = r#"{"error":{"code":403,"status":"PERMISSION_DENIED","message":"secret-ish prose","details":[{"reason":"IAP_DENIED"}]}}"#;
+        assert_eq!(error_detail(body), " (PERMISSION_DENIED, IAP_DENIED)");
+        assert_eq!(error_detail("plain text with prose"), "");
         assert_eq!(error_detail("  \n"), "");
-        let long = "x".repeat(500);
-        assert_eq!(error_detail(&long).len(), 203);
-        assert_eq!(error_detail("a\u{1b}[31mb"), " (a[31mb)");
     }
 }
