@@ -582,11 +582,11 @@ fn second_sigterm_stops_waiting_for_open_sessions() {
 fn sigterm_without_connections_exits_0() {
     let pg = PgCluster::shared();
     let mut keyhole = Keyhole::for_cluster(pg, &["--max-sigterm-delay", "10m"]);
-    // "listening" is logged once the signal handlers are in place.
+    // The ready line is logged once the signal handlers are in place.
     wait_until(
-        "keyhole logs \"listening\"",
+        "keyhole logs its ready line",
         PATIENCE,
-        || keyhole.logs().contains("listening"),
+        || keyhole.logs().contains(" ready on "),
         || format!("keyhole log:\n{}", keyhole.logs()),
     );
     keyhole.signal(libc::SIGTERM);
@@ -780,8 +780,9 @@ fn logs_are_json_on_request_and_never_show_a_password() {
             }
         }
         assert!(
-            logs.lines()
-                .any(|l| l.contains("\"message\":\"listening\"")),
+            logs.lines().any(|l| l.contains("\"listen\":\"127.0.0.1:")
+                && l.contains("\"protocol\":\"postgres\"")
+                && l.contains(" ready on 127.0.0.1:")),
             "{logs}"
         );
         assert_eq!(closed.len(), 6, "{logs}");

@@ -22,6 +22,7 @@
 //! 128 + the signal otherwise. A stop request during a reload abandons the
 //! reload (nothing of it has been applied yet) and shuts down.
 
+mod announce;
 mod diff;
 mod reload;
 mod serve;
