@@ -274,6 +274,7 @@ impl Proxy {
             data_threads = serving.data_threads(),
             "keyhole is ready"
         );
+        crate::systemd::ready(&format!("serving {} target(s)", served.len()));
         drop(served);
 
         let reloader = Reloader {
@@ -334,6 +335,10 @@ async fn shutdown(
     received: StopRequest,
 ) -> u8 {
     lifecycle.advance(Phase::Draining);
+    crate::systemd::stopping(&format!(
+        "draining ({}): finishing open connections",
+        received.name()
+    ));
     let mut cut_short = false;
     if !config.min_sigterm_delay.is_zero() {
         tracing::info!(
