@@ -1393,3 +1393,93 @@ fn the_helpers_read_keyhole_syntax() {
     assert_eq!(inv.targets(), [t]);
     assert_eq!(inv.file_values(), ["ca.pem"]);
 }
+
+// ---------------------------------------------------------------------------
+// The Debian package's files (packaging/deb/)
+
+/// The service's example configuration, with every setting it shows
+/// switched on, is one keyhole accepts (`check-config`); and the unit starts
+/// keyhole with that file, as a notify service with a watchdog.
+#[test]
+fn the_packaged_configuration_and_unit_work_together() {
+    let example = read("packaging/deb/keyhole.toml");
+    let pki = TestPki::generate(&[]);
+    let root = support::scratch_dir("keyhole-deb-");
+    let ca = root.path().join("global-bundle.pem");
+    std::fs::copy(&pki.ca, &ca).expect("copy the CA");
+    // "# key = value", and the lines of the targets array, are settings;
+    // the other comments are prose.
+    let mut enabled = String::new();
+    let mut settings = 0;
+    for line in example.lines() {
+        let setting = line.strip_prefix("# ").filter(|rest| {
+            rest.starts_with("  \"")
+                || *rest == "]"
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        });
+        match setting {
+            Some(rest) => {
+                settings += 1;
+                enabled.push_str(&rest.replace(
+                    "/etc/keyhole/global-bundle.pem",
+                    ca.to_str().expect("UTF-8"),
+                ));
+            }
+            None => enabled.push_str(line),
+        }
+        enabled.push('\n');
+    }
+    assert!(settings >= 8, "the example shows its settings:\n{enabled}");
+    let config = root.path().join("keyhole.toml");
+    std::fs::write(&config, &enabled).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyhole"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env_clear()
+        .env("AWS_REGION", "eu-west-1")
+        .output()
+        .expect("run check-config");
+    assert!(
+        out.status.success(),
+        "the packaged example, enabled:\n{enabled}\n{}",
+        describe_output(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "mydb.abc123.eu-west-1.rds.amazonaws.com",
+        "db.internal",
+        "/run/keyhole",
+    ] {
+        assert!(
+            stdout.contains(name),
+            "check-config does not show {name}:\n{stdout}"
+        );
+    }
+
+    let unit = read("packaging/deb/keyhole.service");
+    let setting = |key: &str| -> Vec<&str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .collect()
+    };
+    assert_eq!(setting("Type"), ["notify"]);
+    assert_eq!(
+        setting("ExecStart"),
+        ["/usr/bin/keyhole --config /etc/keyhole/keyhole.toml"]
+    );
+    assert_eq!(setting("WatchdogSec").len(), 1, "a watchdog");
+    // The unit's paths are the package's.
+    let manifest = read("Cargo.toml");
+    for path in [
+        "etc/keyhole/keyhole.toml",
+        "lib/systemd/system/keyhole.service",
+        "usr/bin/",
+    ] {
+        assert!(
+            manifest.contains(&format!("\"{path}\"")),
+            "Cargo.toml's deb assets lack {path}"
+        );
+    }
+}
