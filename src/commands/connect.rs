@@ -2,13 +2,16 @@
 //! client, one command (what `gcloud sql connect` and `tsh db connect` do,
 //! with TLS verified end to end).
 //!
-//! keyhole runs as a child process for TARGET on a free port of 127.0.0.1,
-//! in its own process group (so the terminal's Ctrl-C reaches only the
-//! client, which uses it to cancel a query), with every option given here
-//! but `connect`'s own and `--run-connection-test` (the database is reached
+//! keyhole runs as a child process for TARGET on a Unix socket in a
+//! directory only the user can open (with a token login, whoever reaches
+//! keyhole is logged in as the user, and a loopback port is open to every
+//! local user) or, with `--tcp`, on a free port of 127.0.0.1. It runs in
+//! its own process group (so the terminal's Ctrl-C reaches only the client,
+//! which uses it to cancel a query), with every option given here but
+//! `connect`'s own, and `--run-connection-test` (the database is reached
 //! once first, so a target that cannot work fails here, and a Cloud SQL
-//! instance's engine is known). Once it logs that it listens (with the
-//! target's protocol), the client
+//! instance's engine is known). Once it logs its ready line (with the
+//! target's protocol and address), the client
 //! runs in the foreground with the terminal: `psql` for PostgreSQL,
 //! `mariadb` (else `mysql`) for MySQL, or `--client` / `$KEYHOLE_CLIENT`,
 //! pointed at keyhole with the user and database asked for, then
@@ -84,7 +87,7 @@ fn split(args: &[OsString]) -> Result<Options, String> {
             "--tcp" => options.tcp = true,
             "--port" | "--address" | "--unix-socket" | "-p" | "-a" | "-u" => {
                 return Err(format!(
-                    "{name}: keyhole connect chooses its own address (a free port on 127.0.0.1)"
+                    "{name}: keyhole connect chooses its own address (a Unix socket in a private directory, or with --tcp a free port on 127.0.0.1)"
                 ))
             }
             _ => options.keyhole.push(arg.clone()),
