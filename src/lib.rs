@@ -29,6 +29,7 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod splice;
+pub mod systemd;
 pub mod tls;
 pub mod transport;
 pub mod upstream;

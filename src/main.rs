@@ -9,6 +9,8 @@ use keyhole::proxy::Proxy;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before any thread starts: it reads and removes NOTIFY_SOCKET.
+    keyhole::systemd::init();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(code) = keyhole::commands::dispatch(&args) {
         return code;
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     };
     let env = keyhole::config::process_env();
     runtime.block_on(async {
+        keyhole::systemd::spawn_watchdog();
         let lifecycle = std::sync::Arc::new(keyhole::lifecycle::Lifecycle::default());
         // SIGHUP would end the process while it prepares (a Cloud SQL
         // instance may take seconds): from now on it asks for a reload,

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use std::time::Duration;
 use support::cloudsql::{FakeSqlAdmin, InstanceSpec};
+use support::keyhole::{Keyhole, Ready};
 use support::mariadb::{MariaDb, NATIVE_PASS, NATIVE_USER};
 use support::postgres::{PgCluster, SCRAM_PASS, SCRAM_USER, TRUST_USER};
 use support::process::{clean_env, output_with_timeout};
@@ -106,13 +107,62 @@ fn mariadb_is_the_client_for_a_mysql_target() {
     assert_mysql_client_answers(&["--db-user", NATIVE_USER, &target]);
 }
 
-/// `KEYHOLE_CLIENT` replaces the client: `echo` shows exactly what the
-/// client is given.
+/// `KEYHOLE_CLIENT` replaces the client: a script shows exactly what the
+/// client is given, and what it finds at the address it is given. By
+/// default that is a Unix socket in a directory only the user can open
+/// (with a token login, whoever reaches keyhole is logged in as the user),
+/// gone when `connect` ends.
 #[test]
-fn the_client_is_given_keyholes_address_then_the_users_arguments() {
+fn the_client_is_given_a_private_socket_then_the_users_arguments() {
     let pg = PgCluster::shared();
+    let scratch = support::scratch_dir("connect-client");
+    let client = scratch.path().join("client.sh");
+    std::fs::write(
+        &client,
+        "#!/bin/sh\nstat -c '%a' \"$2\"\nls -A \"$2\"\necho \"$@\"\n",
+    )
+    .expect("write the client");
+    std::fs::set_permissions(&client, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let out = connect(
         &["--db-user", "alice", &pg_target(pg), "--", "--flag", "x y"],
+        &[("KEYHOLE_CLIENT", utf8(&client))],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 3, "{said}");
+    assert_eq!(lines[0], "700", "the socket's directory is private: {said}");
+    assert_eq!(lines[1], ".s.PGSQL.5432", "{said}");
+    let words: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(words[0], "-h", "{said}");
+    assert_eq!(
+        words[2..],
+        ["-p", "5432", "-U", "alice", "--flag", "x", "y"],
+        "{said}"
+    );
+    assert!(
+        !Path::new(words[1]).exists(),
+        "{} is left behind after connect",
+        words[1]
+    );
+}
+
+/// `--tcp`: a free port of 127.0.0.1 instead, for clients that cannot use
+/// a socket.
+#[test]
+fn with_tcp_the_client_is_given_a_loopback_port() {
+    let pg = PgCluster::shared();
+    let out = connect(
+        &[
+            "--tcp",
+            "--db-user",
+            "alice",
+            &pg_target(pg),
+            "--",
+            "--flag",
+            "x y",
+        ],
         &[("KEYHOLE_CLIENT", "echo")],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -122,6 +172,57 @@ fn the_client_is_given_keyholes_address_then_the_users_arguments() {
     let port: u16 = words[3].parse().expect("a port");
     assert_ne!(port, pg.port, "keyhole's port, not the server's");
     assert_eq!(words[4..], ["-U", "alice", "--flag", "x", "y"], "{said}");
+    // The same for a MySQL client, which then really runs over TCP.
+    let db = MariaDb::shared();
+    let target = format!(
+        "mysql://localhost:{}?ca-file={}",
+        db.port(),
+        utf8(&db.pki().ca)
+    );
+    assert_mysql_client_answers(&["--tcp", "--db-user", NATIVE_USER, &target]);
+}
+
+/// keyhole's ready line gives a command a person can paste: run exactly
+/// that command (with a query added) and it reaches the database through
+/// keyhole, for a TCP listener and for a Unix socket.
+#[test]
+fn the_ready_line_gives_a_command_that_works() {
+    let pg = PgCluster::shared();
+    let target = format!("{}&user={TRUST_USER}", pg_target(pg));
+    let scratch = support::scratch_dir("ready-line");
+    let socket_dir = scratch.path().join("sockets");
+    for listen in [
+        vec!["--port", "0"],
+        vec!["--unix-socket", utf8(&socket_dir)],
+    ] {
+        let mut args = listen.clone();
+        args.push(&target);
+        let keyhole = Keyhole::spawn(&args, &[], Ready::Nothing);
+        let logs = keyhole.wait_for_log(" ready on ", 1);
+        let line = logs
+            .lines()
+            .find(|l| l.contains(" ready on "))
+            .unwrap_or_else(|| panic!("no ready line:\n{logs}"));
+        assert!(
+            line.contains(&format!("INFO postgres://localhost:{} ready on ", pg.port)),
+            "the target first: {line}"
+        );
+        let command = line
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.split_once(") "))
+            .map(|(command, _)| command)
+            .unwrap_or_else(|| panic!("no command in the ready line: {line}"));
+        assert!(command.starts_with("psql \"host="), "{line}");
+        assert!(command.contains(&format!("user={TRUST_USER}")), "{line}");
+        let mut sh = Command::new("sh");
+        clean_env(&mut sh);
+        sh.args(["-c", &format!("{command} -X -A -t -c 'select 6*7'")])
+            // The line names no database: the lab has none named as the user.
+            .env("PGDATABASE", "postgres");
+        let out = output_with_timeout(&mut sh, Duration::from_secs(30));
+        assert!(out.status.success(), "{command}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "42", "{command}");
+    }
 }
 
 #[test]

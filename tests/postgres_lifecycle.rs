@@ -582,11 +582,11 @@ fn second_sigterm_stops_waiting_for_open_sessions() {
 fn sigterm_without_connections_exits_0() {
     let pg = PgCluster::shared();
     let mut keyhole = Keyhole::for_cluster(pg, &["--max-sigterm-delay", "10m"]);
-    // "listening" is logged once the signal handlers are in place.
+    // The ready line is logged once the signal handlers are in place.
     wait_until(
-        "keyhole logs \"listening\"",
+        "keyhole logs its ready line",
         PATIENCE,
-        || keyhole.logs().contains("listening"),
+        || keyhole.logs().contains(" ready on "),
         || format!("keyhole log:\n{}", keyhole.logs()),
     );
     keyhole.signal(libc::SIGTERM);
@@ -780,8 +780,9 @@ fn logs_are_json_on_request_and_never_show_a_password() {
             }
         }
         assert!(
-            logs.lines()
-                .any(|l| l.contains("\"message\":\"listening\"")),
+            logs.lines().any(|l| l.contains("\"listen\":\"127.0.0.1:")
+                && l.contains("\"protocol\":\"postgres\"")
+                && l.contains(" ready on 127.0.0.1:")),
             "{logs}"
         );
         assert_eq!(closed.len(), 6, "{logs}");
@@ -872,4 +873,142 @@ fn connections_run_on_the_data_threads_asked_for() {
         let rows = simple_query(&rt, client, &format!("select {i}")).expect("query");
         assert_eq!(rows, [i.to_string()]);
     }
+}
+
+/// Datagrams keyhole sends to a `NOTIFY_SOCKET`, read until `until` is one
+/// of them (or the patience runs out); every datagram read is returned.
+fn notifications_until(
+    socket: &std::os::unix::net::UnixDatagram,
+    until: &str,
+    patience: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + patience;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = message.lines().any(|l| l == until);
+                got.push(message);
+                if done {
+                    return got;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("reading the notify socket: {e}"),
+        }
+    }
+    panic!("no {until} within {patience:?}; got {got:?}")
+}
+
+/// systemd's `Type=notify` and `WatchdogSec`, with a socket standing in for
+/// systemd (sd_notify(3)'s datagrams): READY=1 only once keyhole serves
+/// (after `--run-connection-test` passed, listener bound), the watchdog
+/// pinged at half its period, RELOADING=1 then READY=1 around a SIGHUP
+/// reload, STOPPING=1 when the drain starts.
+#[test]
+fn systemd_is_told_ready_reloading_stopping_and_fed_its_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let pg = PgCluster::shared();
+    let scratch = support::scratch_dir("notify");
+    let path = scratch.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let port = support::free_port();
+    let port_text = port.to_string();
+    let target = pg.keyhole_target();
+    let ca = pg.pki.ca.to_str().expect("UTF-8").to_owned();
+    let args = [
+        "--port",
+        &port_text,
+        "--ca-file",
+        &ca,
+        "--run-connection-test",
+        &target,
+    ];
+    let env = [
+        ("NOTIFY_SOCKET", path.to_str().expect("UTF-8")),
+        ("WATCHDOG_USEC", "400000"),
+    ];
+    let mut keyhole = Keyhole::spawn(&args, &env, Ready::Nothing);
+    let got = notifications_until(&socket, "READY=1", PATIENCE);
+    // The ready line, and so the bound listener, came first.
+    assert!(keyhole.logs().contains(" ready on "), "{}", keyhole.logs());
+    assert!(listens_tcp(keyhole.pid(), port), "READY=1 before listening");
+    let ready = got.last().expect("READY=1");
+    assert!(ready.contains("STATUS=serving 1 target(s)"), "{ready}");
+    assert!(
+        got.iter().all(|m| m == "WATCHDOG=1" || m == ready),
+        "only pings before READY=1: {got:?}"
+    );
+    // Pinged at half of 400 ms: several within a second and a half.
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        pings += notifications_until(&socket, "WATCHDOG=1", PATIENCE)
+            .iter()
+            .filter(|m| *m == "WATCHDOG=1")
+            .count();
+    }
+    assert!(
+        pings >= 4,
+        "{pings} watchdog pings in 1.5 s at a 400 ms WatchdogSec"
+    );
+
+    keyhole.signal(libc::SIGHUP);
+    let got = notifications_until(&socket, "READY=1", PATIENCE);
+    let reloading = got
+        .iter()
+        .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no RELOADING=1 before READY=1: {got:?}"));
+    assert!(reloading < got.len() - 1, "{got:?}");
+
+    keyhole.signal(libc::SIGTERM);
+    let got = notifications_until(&socket, "STOPPING=1", PATIENCE);
+    let stopping = got.last().expect("STOPPING=1");
+    assert!(stopping.contains("STATUS=draining (SIGTERM)"), "{stopping}");
+    let status = keyhole
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("keyhole still runs:\n{}", keyhole.logs()));
+    assert_eq!(status.code(), Some(0), "{}", keyhole.logs());
+}
+
+/// A connection test that fails never tells systemd READY=1: the unit
+/// fails to start, with keyhole's reason in its log.
+#[test]
+fn systemd_is_not_told_ready_when_the_connection_test_fails() {
+    use std::os::unix::net::UnixDatagram;
+    let scratch = support::scratch_dir("notify-fail");
+    let path = scratch.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let closed = support::free_port();
+    let target = format!("postgres://127.0.0.1:{closed}?tls-mode=disable");
+    let mut keyhole = Keyhole::spawn(
+        &["--port", "0", "--run-connection-test", &target],
+        &[("NOTIFY_SOCKET", path.to_str().expect("UTF-8"))],
+        Ready::Nothing,
+    );
+    let status = keyhole
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("keyhole still runs:\n{}", keyhole.logs()));
+    assert_ne!(status.code(), Some(0), "{}", keyhole.logs());
+    assert!(
+        keyhole.logs().contains("connection test"),
+        "{}",
+        keyhole.logs()
+    );
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        !got.iter().any(|m| m.contains("READY=1")),
+        "told ready: {got:?}"
+    );
 }

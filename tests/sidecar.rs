@@ -1094,7 +1094,7 @@ fn skip_failed_targets_exits_2_when_every_target_fails_its_configuration() {
             "{name} not reported as skipped:\n{output}"
         );
     }
-    assert!(!output.contains("listening"), "{output}");
+    assert!(!output.contains(" ready on "), "{output}");
 }
 
 /// When `--skip-failed-targets` has skipped every target at preparation

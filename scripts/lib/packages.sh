@@ -40,6 +40,11 @@ KEYHOLE_APT_PACKAGES=(
   "microsocks         microsocks"
   # TLS in front of a proxy, for the https:// hop test (tests/bastion.rs)
   "stunnel4           stunnel4"
+  # the shells whose completions `keyhole completions` writes, to check them (bash is here)
+  "zsh                zsh"
+  "fish               fish"
+  # groff: the man pages `keyhole man` writes are checked for warnings
+  "groff-base         groff"
 )
 
 keyhole_log() {

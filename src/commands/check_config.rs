@@ -25,6 +25,17 @@ use crate::config::{self, Cli, Config, ConfigError, IamProvider, Protocol, Targe
 use crate::credentials::{aws, gcp::GcpTokenSource};
 use crate::proxy;
 
+/// `check-config`'s command line: keyhole's own, described for completions
+/// and the man page.
+pub(crate) fn command() -> clap::Command {
+    Cli::command()
+        .name("check-config")
+        .about("Validate keyhole's arguments, environment and config file; print the configuration it would run with")
+        .disable_version_flag(true)
+        .after_help("")
+        .after_long_help("")
+}
+
 pub fn main(args: &[OsString]) -> ExitCode {
     // `keyhole check-config ARGS` reads ARGS as `keyhole ARGS` would.
     let mut argv: Vec<OsString> = vec!["keyhole".into()];

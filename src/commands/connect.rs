@@ -24,6 +24,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -36,7 +37,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// keyhole's lines kept to show when it stops before it listens.
 const KEPT_LINES: usize = 40;
 
-const USAGE: &str = "usage: keyhole connect [--client PROGRAM] [--db-user NAME] [--database NAME] [KEYHOLE OPTIONS] TARGET [-- CLIENT-ARGS...]";
+const USAGE: &str = "usage: keyhole connect [--client PROGRAM] [--db-user NAME] [--database NAME] [--tcp] [KEYHOLE OPTIONS] TARGET [-- CLIENT-ARGS...]";
 
 /// `connect`'s own options; everything else is keyhole's.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -44,6 +45,8 @@ struct Options {
     client: Option<OsString>,
     db_user: Option<String>,
     database: Option<String>,
+    /// `--tcp`: a free port of 127.0.0.1 rather than a private Unix socket.
+    tcp: bool,
     keyhole: Vec<OsString>,
     client_args: Vec<OsString>,
 }
@@ -78,7 +81,8 @@ fn split(args: &[OsString]) -> Result<Options, String> {
             "--client" => options.client = Some(value("--client")?.into()),
             "--db-user" => options.db_user = Some(value("--db-user")?),
             "--database" => options.database = Some(value("--database")?),
-            "--port" | "--address" | "--unix-socket" | "-p" | "-a" => {
+            "--tcp" => options.tcp = true,
+            "--port" | "--address" | "--unix-socket" | "-p" | "-a" | "-u" => {
                 return Err(format!(
                     "{name}: keyhole connect chooses its own address (a free port on 127.0.0.1)"
                 ))
@@ -89,10 +93,32 @@ fn split(args: &[OsString]) -> Result<Options, String> {
     Ok(options)
 }
 
-/// The client's program and its arguments for keyhole at 127.0.0.1:`port`.
+/// Where the client finds keyhole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// 127.0.0.1 and this port.
+    Tcp(u16),
+    /// This socket file.
+    Unix(PathBuf),
+}
+
+impl Reach {
+    /// From keyhole's `listen=`: an address, or a socket file's path.
+    fn from_listen(listen: &str) -> Result<Reach, String> {
+        if listen.starts_with('/') {
+            return Ok(Reach::Unix(PathBuf::from(listen)));
+        }
+        listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| Reach::Tcp(a.port()))
+            .map_err(|_| format!("keyhole said it listens on {listen:?}, which is neither an address nor a socket path"))
+    }
+}
+
+/// The client's program and its arguments for keyhole at `reach`.
 fn client_command(
     protocol: &str,
-    port: u16,
+    reach: &Reach,
     options: &Options,
     env_client: Option<OsString>,
 ) -> Result<(OsString, Vec<OsString>), String> {
@@ -114,8 +140,34 @@ fn client_command(
         "mysql" => ("-P", "-u", "-D"),
         _ => ("-p", "-U", "-d"),
     };
-    let mut args: Vec<OsString> = vec!["-h".into(), "127.0.0.1".into()];
-    args.extend([port_flag.into(), port.to_string().into()]);
+    let mut args: Vec<OsString> = Vec::new();
+    match reach {
+        Reach::Tcp(port) => {
+            args.extend(["-h".into(), "127.0.0.1".into()]);
+            args.extend([port_flag.into(), port.to_string().into()]);
+        }
+        // mysql and mariadb take the socket file itself.
+        Reach::Unix(path) if protocol == "mysql" => {
+            args.extend(["-S".into(), path.clone().into_os_string()]);
+        }
+        // libpq takes its directory and the port in the file's name
+        // (DIR/.s.PGSQL.PORT).
+        Reach::Unix(path) => {
+            let port = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(".s.PGSQL."))
+                .ok_or_else(|| {
+                    format!(
+                        "keyhole's socket {} is not where libpq looks (DIR/.s.PGSQL.PORT)",
+                        path.display()
+                    )
+                })?;
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            args.extend(["-h".into(), dir.as_os_str().to_owned()]);
+            args.extend([port_flag.into(), port.into()]);
+        }
+    }
     if let Some(user) = &options.db_user {
         args.extend([user_flag.into(), user.into()]);
     }
@@ -124,6 +176,53 @@ fn client_command(
     }
     args.extend(options.client_args.iter().cloned());
     Ok((program, args))
+}
+
+/// A directory only this user can open, for keyhole's socket; removed with
+/// everything in it when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// Under `$XDG_RUNTIME_DIR` (already private, cleaned at logout), else
+    /// the temporary directory. The name is short: a socket's path has a
+    /// limit of about 100 bytes, and a Cloud SQL instance's name goes in it.
+    fn create() -> Result<PrivateDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let pid = std::process::id();
+        let mut last = None;
+        for attempt in 0..100u32 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let dir = base.join(format!("keyhole-{pid}-{:x}", nanos ^ attempt));
+            // mode 0700 from the start: no moment where others may enter.
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(PrivateDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => {
+                    return Err(format!(
+                        "cannot create a private directory in {}: {e}",
+                        base.display()
+                    ))
+                }
+            }
+        }
+        Err(format!(
+            "cannot create a private directory in {}: {}",
+            base.display(),
+            last.map_or_else(String::new, |e| e.to_string())
+        ))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The first of `names` on PATH.
@@ -137,6 +236,65 @@ fn find_program(names: &[&str]) -> Option<OsString> {
     })
 }
 
+/// keyhole's options `connect` refuses: it chooses where keyhole listens.
+const OWN_ADDRESS: &[&str] = &["port", "address", "unix-socket"];
+
+/// `connect`'s command line as clap describes it, for `--help`, completions
+/// and the man page. [`split`] parses it (keyhole's options pass through
+/// untouched, so they are parsed once, by keyhole); a test checks the two
+/// agree on `connect`'s own options.
+pub(crate) fn command() -> clap::Command {
+    use clap::{Arg, ArgAction, CommandFactory};
+    let mut command = clap::Command::new("connect")
+        .about("Run keyhole for one target and psql or mariadb pointed at it; exit with the client's exit code")
+        .long_about(
+            "Runs keyhole for TARGET on a Unix socket in a private directory (--tcp: a free port of \
+             127.0.0.1) and the client for its protocol \
+             (psql, mariadb or mysql; --client or KEYHOLE_CLIENT to choose), pointed at it, then stops \
+             keyhole and exits with the client's exit code. Every other option is keyhole's own \
+             (keyhole --help); CLIENT-ARGS after -- go to the client.",
+        )
+        .override_usage(USAGE.trim_start_matches("usage: "))
+        .arg(
+            Arg::new("client")
+                .long("client")
+                .value_name("PROGRAM")
+                .help("The client to run. [default: KEYHOLE_CLIENT, else psql for Postgres, mariadb or mysql for MySQL]"),
+        )
+        .arg(
+            Arg::new("db-user")
+                .long("db-user")
+                .value_name("NAME")
+                .help("The database user the client logs in as (psql -U, mariadb -u)."),
+        )
+        .arg(
+            Arg::new("database")
+                .long("database")
+                .value_name("NAME")
+                .help("The database the client opens (psql -d, mariadb -D)."),
+        )
+        .arg(
+            Arg::new("tcp")
+                .long("tcp")
+                .action(ArgAction::SetTrue)
+                .help("Listen on a free port of 127.0.0.1 instead of a Unix socket in a private directory (which only your user can open: with a token login, whoever reaches keyhole is logged in as you)."),
+        );
+    for arg in crate::config::Cli::command().get_arguments() {
+        let refused = arg.get_long().is_some_and(|l| OWN_ADDRESS.contains(&l));
+        if refused || matches!(arg.get_id().as_str(), "help" | "version") {
+            continue;
+        }
+        command = command.arg(arg.clone());
+    }
+    command.arg(
+        Arg::new("client-args")
+            .value_name("CLIENT-ARGS")
+            .action(ArgAction::Append)
+            .last(true)
+            .help("Arguments for the client, after --."),
+    )
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -145,7 +303,8 @@ fn free_port() -> std::io::Result<u16> {
 pub fn main(args: &[OsString]) -> ExitCode {
     let rest = &args[1..];
     if rest.iter().any(|a| a == "--help" || a == "-h") && !rest.iter().any(|a| a == "--") {
-        println!("{USAGE}\n\nRuns keyhole for TARGET on a free port of 127.0.0.1 and the client for its protocol\n(psql, mariadb or mysql; --client or KEYHOLE_CLIENT to choose), pointed at it, then\nstops keyhole and exits with the client's exit code. KEYHOLE OPTIONS are keyhole's own\n(keyhole --help).");
+        let mut command = command().bin_name("keyhole connect");
+        let _ = command.print_long_help();
         return ExitCode::SUCCESS;
     }
     let options = match split(rest) {
@@ -165,7 +324,6 @@ pub fn main(args: &[OsString]) -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
-    let port = free_port().map_err(|e| (EXIT_FAILED, format!("no free port on 127.0.0.1: {e}")))?;
     let exe = std::env::current_exe().map_err(|e| {
         (
             EXIT_FAILED,
@@ -173,7 +331,17 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
         )
     })?;
     let mut keyhole = Command::new(&exe);
-    keyhole.args(["--address", "127.0.0.1", "--port", &port.to_string()]);
+    // Kept until keyhole has stopped: its socket is in it.
+    let mut _private: Option<PrivateDir> = None;
+    if options.tcp {
+        let port =
+            free_port().map_err(|e| (EXIT_FAILED, format!("no free port on 127.0.0.1: {e}")))?;
+        keyhole.args(["--address", "127.0.0.1", "--port", &port.to_string()]);
+    } else {
+        let dir = PrivateDir::create().map_err(|e| (EXIT_FAILED, e))?;
+        keyhole.arg("--unix-socket").arg(&dir.0);
+        _private = Some(dir);
+    }
     // The database is reached once before the client starts: a target that
     // cannot work says so here, and a Cloud SQL instance's engine is known.
     if !options.keyhole.iter().any(|a| a == "--run-connection-test") {
@@ -210,8 +378,8 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
             }
         }
     });
-    let protocol = match wait_listening(&mut child, &lines) {
-        Ok(protocol) => protocol,
+    let ready = match wait_listening(&mut child, &lines) {
+        Ok(ready) => ready,
         Err(said) => {
             let status = child.wait().ok().and_then(|s| s.code());
             stop(&mut child);
@@ -231,7 +399,9 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
         }
     });
     let env_client = std::env::var_os("KEYHOLE_CLIENT").filter(|c| !c.is_empty());
-    let (program, args) = match client_command(&protocol, port, options, env_client) {
+    let command = Reach::from_listen(&ready.listen)
+        .and_then(|reach| client_command(&ready.protocol, &reach, options, env_client));
+    let (program, args) = match command {
         Ok(command) => command,
         Err(e) => {
             stop(&mut child);
@@ -253,16 +423,23 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
     }
 }
 
-/// Reads keyhole's lines until it listens; returns the target's protocol.
+/// What keyhole's ready line says.
+#[derive(Debug, PartialEq, Eq)]
+struct Ready {
+    protocol: String,
+    listen: String,
+}
+
+/// Reads keyhole's lines until it listens; returns where and what.
 /// An error holds the lines it wrote before it stopped.
-fn wait_listening(child: &mut Child, lines: &mpsc::Receiver<String>) -> Result<String, String> {
+fn wait_listening(child: &mut Child, lines: &mpsc::Receiver<String>) -> Result<Ready, String> {
     let mut kept: VecDeque<String> = VecDeque::new();
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
     loop {
         match lines.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
-                if let Some(protocol) = listening(&line) {
-                    return Ok(protocol);
+                if let Some(ready) = listening(&line) {
+                    return Ok(ready);
                 }
                 if kept.len() == KEPT_LINES {
                     kept.pop_front();
@@ -296,21 +473,26 @@ fn said(what: &str, lines: &VecDeque<String>) -> String {
     text
 }
 
-/// The protocol in keyhole's "listening" line, text or JSON (the user's
-/// `--log-format` wins over the one asked for here).
-fn listening(line: &str) -> Option<String> {
+/// keyhole's ready line ([`crate::proxy`] logs one per listener, with the
+/// fields `listen` and `protocol`), text or JSON (the user's `--log-format`
+/// wins over the one asked for here).
+fn listening(line: &str) -> Option<Ready> {
     if line.trim_start().starts_with('{') {
         let value: serde_json::Value = serde_json::from_str(line).ok()?;
         let fields = value.get("fields").unwrap_or(&value);
-        if fields.get("message")?.as_str()? != "listening" {
-            return None;
-        }
-        return fields.get("protocol")?.as_str().map(str::to_owned);
+        let text = |name: &str| fields.get(name)?.as_str().map(str::to_owned);
+        return Some(Ready {
+            protocol: text("protocol")?,
+            listen: text("listen")?,
+        });
     }
-    if !line.contains(" listening ") {
+    if !line.contains(" INFO ") {
         return None;
     }
-    field(line, "protocol")
+    Some(Ready {
+        protocol: field(line, "protocol")?,
+        listen: field(line, "listen")?,
+    })
 }
 
 /// `name=value` (or `name="value"`) in a text log line.
@@ -400,7 +582,8 @@ mod tests {
             client_args: os(&["-c", "select 1"]),
             ..Options::default()
         };
-        let (program, args) = client_command("postgres", 6432, &o, None).expect("psql");
+        let (program, args) =
+            client_command("postgres", &Reach::Tcp(6432), &o, None).expect("psql");
         assert_eq!(program, "psql");
         assert_eq!(
             args,
@@ -417,7 +600,7 @@ mod tests {
                 "select 1"
             ])
         );
-        let (_, args) = client_command("mysql", 3307, &o, None).expect("mysql");
+        let (_, args) = client_command("mysql", &Reach::Tcp(3307), &o, None).expect("mysql");
         assert_eq!(
             args,
             os(&[
@@ -433,20 +616,117 @@ mod tests {
                 "select 1"
             ])
         );
-        let (program, _) =
-            client_command("postgres", 1, &Options::default(), Some("pgcli".into())).expect("env");
+        let (program, _) = client_command(
+            "postgres",
+            &Reach::Tcp(1),
+            &Options::default(),
+            Some("pgcli".into()),
+        )
+        .expect("env");
         assert_eq!(program, "pgcli");
     }
 
     #[test]
-    fn the_listening_line_gives_the_protocol() {
-        let line =
-            "2026-12-06T22:00:00Z  INFO listening target=p:r:i listen=127.0.0.1:5 protocol=mysql";
-        assert_eq!(listening(line).as_deref(), Some("mysql"));
-        let json = r#"{"timestamp":"x","level":"INFO","fields":{"message":"listening","target":"p:r:i","protocol":"postgres"}}"#;
-        assert_eq!(listening(json).as_deref(), Some("postgres"));
+    fn on_a_unix_socket_libpq_gets_the_directory_and_mariadb_the_file() {
+        let o = Options {
+            db_user: Some("alice".into()),
+            ..Options::default()
+        };
+        let pg = Reach::Unix("/run/user/1/keyhole-1-a/p:r:i/.s.PGSQL.5432".into());
+        let (_, args) = client_command("postgres", &pg, &o, None).expect("psql");
+        assert_eq!(
+            args,
+            os(&[
+                "-h",
+                "/run/user/1/keyhole-1-a/p:r:i",
+                "-p",
+                "5432",
+                "-U",
+                "alice"
+            ])
+        );
+        let my = Reach::Unix("/tmp/keyhole-1-a/mysql-3306.sock".into());
+        let (_, args) = client_command("mysql", &my, &o, None).expect("mariadb");
+        assert_eq!(
+            args,
+            os(&["-S", "/tmp/keyhole-1-a/mysql-3306.sock", "-u", "alice"])
+        );
+        let odd = Reach::Unix("/tmp/x/db.sock".into());
+        let err = client_command("postgres", &odd, &o, None).expect_err("not libpq's name");
+        assert!(err.contains("DIR/.s.PGSQL.PORT"), "{err}");
+    }
+
+    #[test]
+    fn the_private_directory_is_the_users_alone_and_goes_with_connect() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = PrivateDir::create().expect("created");
+        let path = dir.0.clone();
+        let mode = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        std::fs::write(path.join(".s.PGSQL.5432"), b"").expect("writable");
+        drop(dir);
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+
+    #[test]
+    fn the_ready_line_gives_the_protocol_and_the_address() {
+        let line = "2026-12-06T22:00:00Z  INFO mysql p:r:i ready on 127.0.0.1:5 (mariadb -h 127.0.0.1 -P 5) target=p:r:i listen=127.0.0.1:5 protocol=mysql";
+        let ready = listening(line).expect("ready");
+        assert_eq!(ready.protocol, "mysql");
+        assert_eq!(Reach::from_listen(&ready.listen), Ok(Reach::Tcp(5)));
+        let json = r#"{"timestamp":"x","level":"INFO","fields":{"message":"postgres p:r:i ready on /d/.s.PGSQL.5432","target":"p:r:i","listen":"/d/.s.PGSQL.5432","protocol":"postgres"}}"#;
+        assert_eq!(
+            listening(json),
+            Some(Ready {
+                protocol: "postgres".into(),
+                listen: "/d/.s.PGSQL.5432".into()
+            })
+        );
         assert_eq!(listening("2026  INFO keyhole is ready targets=1"), None);
-        assert_eq!(field(line, "listen").as_deref(), Some("127.0.0.1:5"));
+        assert_eq!(
+            listening("2026  WARN something listen=1 protocol=x"),
+            None,
+            "only the INFO ready line"
+        );
+        assert!(Reach::from_listen("tcp").is_err());
         assert_eq!(field(line, "nothing"), None);
+    }
+
+    /// Every option `split` takes is in the clap description (help,
+    /// completions, man page), and the other way round.
+    #[test]
+    fn the_described_options_are_the_parsed_ones() {
+        let keyhole: Vec<String> = <crate::config::Cli as clap::CommandFactory>::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect();
+        let own: Vec<String> = command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .filter(|l| !keyhole.contains(l))
+            .collect();
+        assert_eq!(own, ["client", "db-user", "database", "tcp"]);
+        for long in &own {
+            let flag = format!("--{long}");
+            let args = if long == "tcp" {
+                os(&[&flag, "postgres://db"])
+            } else {
+                os(&[&flag, "v", "postgres://db"])
+            };
+            let o = split(&args).expect("parsed");
+            assert_eq!(o.keyhole, os(&["postgres://db"]), "{flag} is connect's own");
+        }
+        for refused in OWN_ADDRESS {
+            assert!(
+                !command()
+                    .get_arguments()
+                    .any(|a| a.get_long() == Some(refused)),
+                "--{refused} is described but refused"
+            );
+            assert!(split(&os(&[&format!("--{refused}"), "x"])).is_err());
+        }
     }
 }

@@ -9,9 +9,11 @@
 //!   or dialling anything.
 //! - `connect`: keyhole for one target and the right client pointed at it.
 //! - `tunnel-fd`: the ProxyCommand of keyhole's own ssh over a cloud tunnel.
+//! - `completions`, `man`: shell completions and man pages, from [`cli`].
 
 pub mod check_config;
 pub mod connect;
+pub mod reference;
 pub mod shutdown;
 pub mod token;
 pub mod tunnel_fd;
@@ -37,6 +39,8 @@ pub fn dispatch(args: &[OsString]) -> Option<ExitCode> {
         Some("check-config") => Some(check_config::main(&args[1..])),
         Some("connect") => Some(connect::main(&args[1..])),
         Some("tunnel-fd") => Some(tunnel_fd::main(&args[1..])),
+        Some("completions") => Some(reference::completions(&args[1..])),
+        Some("man") => Some(reference::man(&args[1..])),
         _ => None,
     }
 }
@@ -70,4 +74,24 @@ fn runtime(command: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
 /// run inside keyhole's container finds the port keyhole was given.
 fn flag_or_env(flag: Option<String>, key: &str) -> Option<String> {
     flag.or_else(|| std::env::var(crate::config::env_name(key)).ok())
+}
+
+/// The whole command line as one clap tree: the proxy's options, then each
+/// command as a subcommand. The commands are dispatched by hand (above), so
+/// this tree only describes them, for `keyhole completions`, `keyhole man`
+/// and the flag reference's test; each command's own parser is the same
+/// definition (`connect`, which parses by hand, has a test that the two
+/// agree), so they cannot disagree.
+pub fn cli() -> clap::Command {
+    use clap::CommandFactory;
+    crate::config::Cli::command()
+        .disable_help_subcommand(true)
+        .subcommand(check_config::command())
+        .subcommand(connect::command())
+        .subcommand(wait::WaitCli::command().name("wait"))
+        .subcommand(shutdown::ShutdownCli::command().name("shutdown"))
+        .subcommand(token::TokenCli::command().name("token"))
+        .subcommand(reference::completions_command())
+        .subcommand(reference::man_command())
+    // `tunnel-fd` is left out: keyhole's own ssh runs it, not people.
 }

@@ -16,7 +16,7 @@ use crate::http::client::{send, Request, Url};
 /// Ask a running keyhole to shut down gracefully (needs --quitquitquit).
 #[derive(Parser, Debug)]
 #[command(name = "keyhole shutdown")]
-struct ShutdownCli {
+pub(crate) struct ShutdownCli {
     /// keyhole's --admin-port. [default: KEYHOLE_ADMIN_PORT, else 9091]
     #[arg(long, value_name = "PORT")]
     admin_port: Option<String>,

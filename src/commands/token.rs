@@ -14,7 +14,7 @@ use crate::credentials::{self, aws, SourceContext, TokenRequest};
 /// Print an IAM database token.
 #[derive(Parser, Debug)]
 #[command(name = "keyhole token")]
-struct TokenCli {
+pub(crate) struct TokenCli {
     #[command(subcommand)]
     provider: Provider,
 }

@@ -20,7 +20,7 @@ use crate::upstream::humanize;
 /// Wait until a running keyhole has started (its /startup answers 200; needs --health-check).
 #[derive(Parser, Debug)]
 #[command(name = "keyhole wait")]
-struct WaitCli {
+pub(crate) struct WaitCli {
     /// Give up after this long. [default: 30s]
     #[arg(long, value_name = "DURATION")]
     max: Option<String>,

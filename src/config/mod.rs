@@ -74,7 +74,10 @@ Commands (each with --help):
   keyhole check-config ARGS...   validate ARGS, the environment and the file; print the result
   keyhole wait [--max 30s]       exit 0 once a running keyhole's /startup answers 200
   keyhole shutdown               ask a running keyhole (--quitquitquit) to stop gracefully
-  keyhole token aws|gcp ...      print an IAM database token";
+  keyhole token aws|gcp ...      print an IAM database token
+  keyhole connect TARGET [-- ARGS]  keyhole for TARGET and psql/mariadb pointed at it
+  keyhole completions SHELL      shell completions (bash, zsh, fish, elvish, powershell)
+  keyhole man [--out-dir DIR]    the man pages (keyhole(1) on stdout, or every page into DIR)";
 
 /// keyhole: plain Postgres on localhost, verified TLS to the database.
 #[derive(Parser, Debug)]

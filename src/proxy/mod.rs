@@ -22,6 +22,7 @@
 //! 128 + the signal otherwise. A stop request during a reload abandons the
 //! reload (nothing of it has been applied yet) and shuts down.
 
+mod announce;
 mod diff;
 mod reload;
 mod serve;
@@ -273,6 +274,7 @@ impl Proxy {
             data_threads = serving.data_threads(),
             "keyhole is ready"
         );
+        crate::systemd::ready(&format!("serving {} target(s)", served.len()));
         drop(served);
 
         let reloader = Reloader {
@@ -333,6 +335,10 @@ async fn shutdown(
     received: StopRequest,
 ) -> u8 {
     lifecycle.advance(Phase::Draining);
+    crate::systemd::stopping(&format!(
+        "draining ({}): finishing open connections",
+        received.name()
+    ));
     let mut cut_short = false;
     if !config.min_sigterm_delay.is_zero() {
         tracing::info!(

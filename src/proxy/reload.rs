@@ -87,7 +87,9 @@ impl Reloader<'_> {
             .collect::<Vec<_>>()
             .join("; ");
         tracing::info!(cause = %cause, "reloading the configuration");
+        crate::systemd::reloading();
         let (result, observed) = self.attempt(running).await;
+        let refused = result.is_err();
         let reloads = metrics::global().reloads();
         match result {
             Ok(summary) => {
@@ -113,6 +115,12 @@ impl Reloader<'_> {
                 tracing::error!(cause = %cause, error = %e, "configuration reload refused: keeping the running configuration");
             }
         }
+        let serving = running.targets().len();
+        crate::systemd::ready(&if refused {
+            format!("serving {serving} target(s); the last reload was refused (see the log)")
+        } else {
+            format!("serving {serving} target(s)")
+        });
         self.baseline.send_replace(Baseline {
             enabled: running.config.watch,
             files: observed,

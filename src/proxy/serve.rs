@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::announce::{self, Bound};
 use super::target::Target;
 use super::workers::Workers;
 use crate::cidr;
@@ -85,17 +86,32 @@ impl Listening {
         target: Arc<Target>,
     ) -> Listening {
         // A Cloud SQL instance's engine, if its first refresh has told it.
-        let protocol = target
-            .config
-            .protocol
-            .or_else(|| {
-                target
-                    .upstream()
-                    .slot()
-                    .and_then(|s| s.instance().known_protocol())
-            })
-            .map_or("unknown", |p| p.scheme());
-        tracing::info!(target = %target.config.name, listen = %listener.describe(), protocol, "listening");
+        let protocol = target.config.protocol.or_else(|| {
+            target
+                .upstream()
+                .slot()
+                .and_then(|s| s.instance().known_protocol())
+        });
+        let bound = match (&listener, &endpoint) {
+            (Listener::Tcp(l), _) => l.local_addr().ok().map(Bound::Tcp),
+            (Listener::Unix(..), Endpoint::Unix(path)) => Some(Bound::Unix(path)),
+            (Listener::Unix(..), Endpoint::Tcp(_)) => None,
+        };
+        let line = bound.map(|at| {
+            announce::ready_line(
+                protocol,
+                &target.config.name,
+                at,
+                target.config.user.as_deref(),
+            )
+        });
+        tracing::info!(
+            target = %target.config.name,
+            listen = %listener.describe(),
+            protocol = protocol.map_or("unknown", |p| p.scheme()),
+            "{}",
+            line.as_deref().unwrap_or("ready")
+        );
         let (sender, current) = watch::channel(target);
         let stop = serving.stop_accepting.child_token();
         let cut = serving.cut.child_token();
