@@ -66,7 +66,15 @@ const FILE_OPTIONS: &[&str] = &[
 /// Target parameters whose value is a file keyhole reads.
 const FILE_PARAMS: &[&str] = &["ca-file", "client-cert", "client-key"];
 /// Subcommands that do not configure the proxy: such command lines are not checked.
-const OTHER_COMMANDS: &[&str] = &["token", "wait", "shutdown", "help"];
+const OTHER_COMMANDS: &[&str] = &[
+    "token",
+    "wait",
+    "shutdown",
+    "help",
+    "completions",
+    "man",
+    "tunnel-fd",
+];
 
 const DEFAULT_HTTP_PORT: u16 = 9090;
 const DEFAULT_ADMIN_PORT: u16 = 9091;
@@ -1356,7 +1364,17 @@ fn shell_words_split_as_sh_does() {
     assert!(shell_words("keyhole $TARGET").is_err());
     assert!(shell_words("keyhole \"$TARGET\"").is_err());
     assert!(shell_words("keyhole x &").is_err());
-    let connect = ["--db-user", "me", "--ca-file", "ca.pem", "--database=d", "postgres://db", "--", "-c", "x"];
+    let connect = [
+        "--db-user",
+        "me",
+        "--ca-file",
+        "ca.pem",
+        "--database=d",
+        "postgres://db",
+        "--",
+        "-c",
+        "x",
+    ];
     assert_eq!(
         connect_keyhole_args(&connect.map(str::to_owned)),
         ["--ca-file", "ca.pem", "postgres://db"]

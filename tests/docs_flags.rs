@@ -3,6 +3,15 @@
 //!
 //! - The proxy's flags (`keyhole::config::Cli`) are documented in
 //!   `docs/configuration.md`.
+//! - The commands' flags (`keyhole::commands::cli()`, the whole tree) are
+//!   documented in `docs/commands.md`, one section per command headed
+//!   `## keyhole NAME` (`## keyhole token aws` for a nested one). A command's
+//!   own flags go in a flag table of its section; the proxy's flags a command
+//!   also takes (`check-config`, `connect`: clap arguments identical to the
+//!   proxy's, help text included) are documented once, in
+//!   `docs/configuration.md`, and may be left out of the section. Every
+//!   command without subcommands, or with flags of its own, has a section;
+//!   hidden commands may have one or not.
 //! - Target parameters (`config::target::TARGET_PARAMS`, and
 //!   `config::cloudsql::INSTANCE_PARAMS` for Cloud SQL instances) are
 //!   documented in `docs/targets.md`.
@@ -112,7 +121,10 @@ fn table_rows(markdown: &str) -> Vec<Row> {
         let row = cells(trimmed);
         if !previous_was_table {
             header = Some(row[0].to_lowercase());
-        } else if !row.iter().all(|c| !c.is_empty() && c.chars().all(|c| "-: ".contains(c))) {
+        } else if !row
+            .iter()
+            .all(|c| !c.is_empty() && c.chars().all(|c| "-: ".contains(c)))
+        {
             rows.push(Row {
                 line: i + 1,
                 section: section.clone(),
@@ -220,19 +232,22 @@ fn clap_flags(command: &clap::Command) -> (BTreeMap<String, ClapFlag>, BTreeMap<
     (flags, accepted)
 }
 
-/// Compares `command`'s flags with those documented in `doc` (merged over
-/// the sections given, or all of the file's); `env` says whether each row
-/// must name the flag's `KEYHOLE_*` variable. Returns the problems.
+/// Compares the flags of `required` (each must be documented) and of
+/// `command` (the documented ones must exist there) with those documented in
+/// `doc`; `env` says whether each row must name the flag's `KEYHOLE_*`
+/// variable. Returns the problems.
 fn compare(
     what: &str,
+    required: &clap::Command,
     command: &clap::Command,
     file: &str,
     doc: &BTreeMap<String, DocFlag>,
     env: bool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
+    let (must, _) = clap_flags(required);
     let (flags, accepted) = clap_flags(command);
-    for (long, flag) in &flags {
+    for (long, flag) in &must {
         for name in &flag.required {
             match doc.get(name) {
                 None if flag.hidden => {}
@@ -301,13 +316,89 @@ fn every_proxy_flag_is_in_the_flag_reference_and_nothing_else_is() {
     const FILE: &str = "docs/configuration.md";
     let doc = documented_flags(&read(FILE));
     assert!(!doc.is_empty(), "{FILE}: no flag table found");
+    let proxy = Cli::command();
     fail_on(compare(
         "keyhole",
-        &Cli::command(),
+        &proxy,
+        &proxy,
         FILE,
         &all_sections(&doc),
         true,
     ));
+}
+
+/// Whether `arg` of a command is one of the proxy's flags, taken over as it
+/// is (same id, same help).
+fn is_proxy_flag(proxy: &clap::Command, arg: &clap::Arg) -> bool {
+    let help = |a: &clap::Arg| a.get_help().map(|h| h.to_string());
+    proxy.get_arguments().any(|p| {
+        p.get_id() == arg.get_id() && p.get_long() == arg.get_long() && help(p) == help(arg)
+    })
+}
+
+#[test]
+fn every_command_flag_is_in_the_command_reference_and_nothing_else_is() {
+    const FILE: &str = "docs/commands.md";
+    let text = read(FILE);
+    let doc = documented_flags(&text);
+    let sections: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|t| t.trim().to_owned())
+        .collect();
+    let proxy = Cli::command();
+    let mut problems = Vec::new();
+    let mut commands = BTreeSet::new();
+    let mut stack: Vec<(String, clap::Command)> = keyhole::commands::cli()
+        .get_subcommands()
+        .map(|c| (format!("keyhole {}", c.get_name()), c.clone()))
+        .collect();
+    assert!(
+        !stack.is_empty(),
+        "keyhole::commands::cli() has no commands"
+    );
+    while let Some((name, command)) = stack.pop() {
+        stack.extend(
+            command
+                .get_subcommands()
+                .map(|c| (format!("{name} {}", c.get_name()), c.clone())),
+        );
+        commands.insert(name.clone());
+        let own = clap::Command::new(name.clone()).args(
+            command
+                .get_arguments()
+                .filter(|a| !is_proxy_flag(&proxy, a))
+                .cloned(),
+        );
+        let has_own_flags = !clap_flags(&own).0.is_empty();
+        let leaf = command.get_subcommands().next().is_none();
+        if !sections.contains(&name) {
+            if !command.is_hide_set() && (leaf || has_own_flags) {
+                problems.push(format!(
+                    "{FILE}: `{name}` has no section: add `## {name}` (and a flag table for its flags)"
+                ));
+            }
+            continue;
+        }
+        let empty = BTreeMap::new();
+        let documented = doc.get(&name).unwrap_or(&empty);
+        problems.extend(compare(
+            &format!("`{name}`"),
+            &own,
+            &command,
+            FILE,
+            documented,
+            false,
+        ));
+    }
+    for section in doc.keys() {
+        if section.starts_with("keyhole ") && !commands.contains(section) {
+            problems.push(format!(
+                "{FILE}: section `{section}` documents flags, but keyhole::commands::cli() has no such command"
+            ));
+        }
+    }
+    fail_on(problems);
 }
 
 /// The target parameters a table of `section` documents.
@@ -333,12 +424,18 @@ fn every_target_parameter_is_documented_and_nothing_else_is() {
     let mut problems = Vec::new();
     for (what, known, cloudsql) in [
         ("a target URL", config::target::TARGET_PARAMS, false),
-        ("a Cloud SQL instance target", config::cloudsql::INSTANCE_PARAMS, true),
+        (
+            "a Cloud SQL instance target",
+            config::cloudsql::INSTANCE_PARAMS,
+            true,
+        ),
     ] {
         let doc = documented_params(&text, |s| s.contains("Cloud SQL") == cloudsql);
         for p in known {
             if !doc.contains_key(*p) {
-                problems.push(format!("{FILE}: parameter {p}= of {what} is not documented"));
+                problems.push(format!(
+                    "{FILE}: parameter {p}= of {what} is not documented"
+                ));
             }
         }
         for (p, line) in &doc {
@@ -374,7 +471,9 @@ fn keyhole_variables(text: &str) -> BTreeSet<String> {
 /// The text of every source, script and test file (this one left out).
 fn code_text() -> String {
     fn walk(dir: &Path, out: &mut String) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
