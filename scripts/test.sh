@@ -18,7 +18,11 @@
 #      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
 #      MariaDB; it fails if any workload failed or left a figure out. It checks that
 #      the harness works, not how fast anything is (no figure is compared).
-#   6. cargo test: doc tests first, then the library, binaries and integration tests,
+#   6. (full runs only) the Debian package: scripts/package-deb.sh builds it (cargo-deb is
+#      installed when missing; the release binary of step 5 is reused), then installs it
+#      into a throwaway root and checks it (--version, man pages, completions, conffiles,
+#      `systemd-analyze verify` of the unit)
+#   7. cargo test: doc tests first, then the library, binaries and integration tests,
 #      so the output closes on cargo test's own summary of the main suite.
 #
 # Environment:
@@ -55,7 +59,7 @@ if [[ -t 1 ]]; then
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
 fi
 
-readonly total_steps=6
+readonly total_steps=7
 step_no=0
 step_started=$SECONDS
 step_times=()
@@ -184,6 +188,14 @@ PY
     fail
   fi
   rm -rf "$bench_dir"
+fi
+
+if (($# == 0)); then
+  step package "Debian package: scripts/package-deb.sh, installed into a throwaway root"
+  package_args=()
+  [[ -x target/release/keyhole && ${KEYHOLE_SKIP_BENCH:-} != 1 ]] && package_args=(--no-build)
+  deb=$(scripts/package-deb.sh "${package_args[@]}" | tail -n 1) || fail
+  scripts/package-deb.sh --smoke "$deb" || fail
 fi
 
 if (($# > 0)); then

@@ -794,8 +794,8 @@ fn ecs_task_definition_is_consistent() {
     );
     assert_eq!(
         inv.option("log-format").as_deref(),
-        Some("json"),
-        "{what}: JSON logs"
+        Some("cloudwatch"),
+        "{what}: JSON logs with CloudWatch's names"
     );
 }
 

@@ -703,7 +703,7 @@ fn logs_are_json_on_request_and_never_show_a_password() {
 
     let ca = ca_arg(&pg);
     let target = pg.keyhole_target();
-    for format in ["text", "json"] {
+    for format in ["text", "json", "cloudwatch"] {
         let port = support::free_port();
         let port_arg = port.to_string();
         // Debug level: a password must not show up at any level.
@@ -771,9 +771,23 @@ fn logs_are_json_on_request_and_never_show_a_password() {
         for line in logs.lines() {
             let members = parse_json_object(line)
                 .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}\nlog:\n{logs}"));
+            // Cloud Logging's names, or CloudWatch's (as AWS Lambda's JSON logs).
+            let (level, time, levels) = if format == "json" {
+                ("severity", "time", ["DEBUG", "INFO", "WARNING", "ERROR"])
+            } else {
+                ("level", "timestamp", ["DEBUG", "INFO", "WARN", "ERROR"])
+            };
             assert!(
-                members.contains_key("timestamp") && members.contains_key("level"),
-                "{line}"
+                members.contains_key(time)
+                    && members
+                        .get(level)
+                        .is_some_and(|l| levels.contains(&l.as_str())),
+                "{format}: {line}"
+            );
+            assert_eq!(
+                line.contains("logging.googleapis.com/labels"),
+                format == "json" && members.contains_key("target"),
+                "{format}: {line}"
             );
             if members.get("message").map(String::as_str) == Some("connection closed") {
                 closed.push(members);

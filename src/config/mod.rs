@@ -155,7 +155,7 @@ pub struct Cli {
     #[arg(long, value_name = "auto|off")]
     pub kernel_tls: Option<String>,
 
-    /// Log lines as text or json. Levels from RUST_LOG (default: info).
+    /// Log lines as text, json (Cloud Logging's field names: severity, time, message, labels) or cloudwatch (JSON with level, timestamp, message). Levels from RUST_LOG (default: info).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
 
@@ -316,7 +316,7 @@ pub struct Cli {
     #[arg(long, value_name = "DOMAIN", help_heading = "Cloud SQL instances")]
     pub universe_domain: Option<String>,
 
-    /// cloud-sql-proxy's name for --log-format json.
+    /// cloud-sql-proxy's name for --log-format json (Cloud Logging's JSON).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Cloud SQL instances")]
     pub structured_logs: Option<String>,
 
@@ -526,7 +526,10 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
+    /// JSON named for Cloud Logging (`severity`, `time`, labels).
     Json,
+    /// JSON named for CloudWatch (`level`, `timestamp`).
+    CloudWatch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1028,7 +1031,10 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
         .parse("log-format", |t| match t {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("'{other}' is not a log format (text or json)")),
+            "cloudwatch" => Ok(LogFormat::CloudWatch),
+            other => Err(format!(
+                "'{other}' is not a log format (text, json or cloudwatch)"
+            )),
         })?
         .unwrap_or(if structured_logs {
             LogFormat::Json
@@ -1969,9 +1975,8 @@ mod tests {
             message(load(&["-p", "65535", "postgres://a", "postgres://b"], &[]))
                 .contains("out of range")
         );
-        assert!(
-            message(load(&["--log-format", "xml", "postgres://a"], &[])).contains("text or json")
-        );
+        assert!(message(load(&["--log-format", "xml", "postgres://a"], &[]))
+            .contains("text, json or cloudwatch"));
         // clap's own errors (exit code 2 like ours).
         assert!(matches!(
             load(&["--no-such-flag", "postgres://a"], &[]),
