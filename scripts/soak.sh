@@ -32,7 +32,7 @@
 #   plateau RSS   the samples of the held period (all connections open): the first, the
 #                 last and their mean
 #   per connection  (mean plateau RSS - RSS before the load) / connections held; target
-#                 (README, scripts/bench.sh): <= 16 KiB RSS per idle connection (stated
+#                 (docs/performance.md, scripts/bench.sh): <= 16 KiB RSS per idle connection (stated
 #                 at 1,000; here at SOAK_CONNS, with queries and churn on top)
 #   slope         least squares of RSS over the held period, in KiB per minute. "Flat"
 #                 when it moves RSS by less than 0.5% of the plateau in 10 minutes. At
@@ -126,7 +126,7 @@ fi
 # RSS may move by less than this share of the plateau in 10 minutes for "slope flat".
 readonly slope_limit=0.005
 limit_pct=$(awk -v l="$slope_limit" 'BEGIN { printf "%g", 100 * l }')
-# The README's target for RSS per idle connection, in KiB.
+# The target for RSS per idle connection (docs/performance.md), in KiB.
 readonly target_kib=16
 stamp=$(date +%Y%m%d)
 csv=$out_dir/soak-$stamp.csv

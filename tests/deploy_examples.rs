@@ -66,7 +66,15 @@ const FILE_OPTIONS: &[&str] = &[
 /// Target parameters whose value is a file keyhole reads.
 const FILE_PARAMS: &[&str] = &["ca-file", "client-cert", "client-key"];
 /// Subcommands that do not configure the proxy: such command lines are not checked.
-const OTHER_COMMANDS: &[&str] = &["token", "wait", "shutdown", "help"];
+const OTHER_COMMANDS: &[&str] = &[
+    "token",
+    "wait",
+    "shutdown",
+    "help",
+    "completions",
+    "man",
+    "tunnel-fd",
+];
 
 const DEFAULT_HTTP_PORT: u16 = 9090;
 const DEFAULT_ADMIN_PORT: u16 = 9091;
@@ -1153,8 +1161,17 @@ fn kubernetes_deployment_passes_check_config() {
 // ---------------------------------------------------------------------------
 // Command lines in the Markdown guides
 
-/// The guides whose ```sh blocks are checked.
-const GUIDES: &[&str] = &["deploy/README.md", "deploy/laptop/README.md"];
+/// The guides whose ```sh blocks are checked: the deployment guides, the
+/// README's recipes and the reference pages with proxy command lines.
+const GUIDES: &[&str] = &[
+    "deploy/README.md",
+    "deploy/laptop/README.md",
+    "README.md",
+    "docs/configuration.md",
+    "docs/commands.md",
+    "docs/deployment.md",
+    "docs/hops.md",
+];
 
 /// A shell word list, as sh would split it: single quotes, double quotes
 /// (with `\"`, `\\`, `\$`, `` \` `` escapes), backslash escapes, `#` comments.
@@ -1296,16 +1313,37 @@ fn guide_invocations(file: &str) -> Vec<Invocation> {
             continue;
         }
         let args = match args.first().map(String::as_str) {
-            Some("check-config") => &args[1..],
+            Some("check-config") => args[1..].to_vec(),
+            Some("connect") => connect_keyhole_args(&args[1..]),
             Some(sub) if OTHER_COMMANDS.contains(&sub) => continue,
-            _ => args,
+            _ => args.to_vec(),
         };
-        let mut inv = Invocation::new(&what, args.to_vec(), env, Files::WorkingDirectory);
+        let mut inv = Invocation::new(&what, args, env, Files::WorkingDirectory);
         // A laptop is no EC2 instance: without this, the AWS SDK's region lookup
         // would try the instance metadata address, which a laptop's own
         // configuration (AWS_PROFILE, ~/.aws/config) makes it skip.
         inv.platform_env = vec![("AWS_EC2_METADATA_DISABLED".to_owned(), "true".to_owned())];
         out.push(inv);
+    }
+    out
+}
+
+/// The proxy's arguments in a `keyhole connect` command line: all but
+/// connect's own options and what follows `--` (the client's).
+fn connect_keyhole_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--" => break,
+            "--client" | "--db-user" | "--database" => {
+                rest.next();
+            }
+            a if ["--client=", "--db-user=", "--database="]
+                .iter()
+                .any(|p| a.starts_with(p)) => {}
+            _ => out.push(arg.clone()),
+        }
     }
     out
 }
@@ -1326,6 +1364,21 @@ fn shell_words_split_as_sh_does() {
     assert!(shell_words("keyhole $TARGET").is_err());
     assert!(shell_words("keyhole \"$TARGET\"").is_err());
     assert!(shell_words("keyhole x &").is_err());
+    let connect = [
+        "--db-user",
+        "me",
+        "--ca-file",
+        "ca.pem",
+        "--database=d",
+        "postgres://db",
+        "--",
+        "-c",
+        "x",
+    ];
+    assert_eq!(
+        connect_keyhole_args(&connect.map(str::to_owned)),
+        ["--ca-file", "ca.pem", "postgres://db"]
+    );
     let joined = sh_lines("```sh\nkeyhole a \\\n  b\n```\n```toml\nkeyhole = 1\n```\n");
     assert_eq!(joined, [(2, "keyhole a   b".to_owned())]);
 }

@@ -277,7 +277,7 @@ fn psql_verifies_keyholes_local_certificate() {
     // SCRAM over a TLS client leg: libpq (channel_binding=prefer) tells the
     // server it could bind but was not offered to; the server takes that as
     // a downgrade and refuses. The flag is signed, so no proxy may rewrite
-    // it: such clients set channel_binding=disable (see the README).
+    // it: such clients set channel_binding=disable (see docs/clients.md).
     let out = clients::psql_conninfo(&conninfo(SCRAM_USER, ""), Some(SCRAM_PASS), "select 1");
     assert!(
         clients::stderr(&out).contains("channel binding"),

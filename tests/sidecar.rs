@@ -1314,7 +1314,7 @@ fn check_config_errors_are_one_line_and_exit_2() {
 // ---------------------------------------------------------------------------
 // 11. Metrics
 //
-// The Prometheus names and labels are those the README lists.
+// The Prometheus names and labels are those docs/operations.md lists.
 // ---------------------------------------------------------------------------
 
 /// One sample of the text exposition format.

@@ -31,7 +31,7 @@ pub use stream::{Handshake, TlsStream};
 /// kernel (kTLS) once rustls has finished the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelTls {
-    /// keyhole's own record layer always (the default; see the README).
+    /// keyhole's own record layer always (the default; see docs/architecture.md).
     #[default]
     Off,
     /// The kernel's where it offers the negotiated suite, keyhole's otherwise.
