@@ -46,7 +46,8 @@ smoke() {
     usr/share/bash-completion/completions/keyhole \
     usr/share/zsh/vendor-completions/_keyhole \
     usr/share/fish/vendor_completions.d/keyhole.fish \
-    lib/systemd/system/keyhole.service etc/keyhole/keyhole.toml etc/default/keyhole; do
+    lib/systemd/system/keyhole.service etc/keyhole/keyhole.toml etc/default/keyhole \
+    usr/share/doc/keyhole/README.md usr/share/doc/keyhole/docs/configuration.md; do
     [[ -s $root/$file ]] || {
       echo "the package lacks /$file" >&2
       return 1

@@ -1536,3 +1536,143 @@ fn the_packaged_configuration_and_unit_work_together() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// The Dockerfile against the build the README and docs/install.md give
+
+/// The Dockerfile's instructions, continuation lines joined, comments left
+/// out: (INSTRUCTION, arguments).
+fn dockerfile_instructions() -> Vec<(String, String)> {
+    let text = read("Dockerfile");
+    let mut joined = String::new();
+    let mut instructions = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || (line.is_empty() && joined.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                joined.push_str(part);
+                joined.push(' ');
+            }
+            None => {
+                joined.push_str(line);
+                let (op, rest) = joined.trim().split_once(' ').unwrap_or((joined.trim(), ""));
+                instructions.push((op.to_ascii_uppercase(), rest.trim().to_owned()));
+                joined.clear();
+            }
+        }
+    }
+    instructions
+}
+
+/// Shell commands of RUN instructions (split at `&&`), spaces normalized.
+fn dockerfile_commands() -> Vec<String> {
+    dockerfile_instructions()
+        .into_iter()
+        .filter(|(op, _)| op == "RUN")
+        .flat_map(|(_, run)| {
+            run.split("&&")
+                .map(|c| c.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The lines of a document's ```sh blocks, comments after `#` cut off.
+fn shell_lines(relative: &str) -> Vec<String> {
+    let text = read(relative);
+    let mut lines = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            inside = !inside && line.trim() == "```sh";
+            continue;
+        }
+        if inside {
+            let command = line.split(" #").next().unwrap_or("").trim();
+            if !command.is_empty() {
+                lines.push(command.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+        }
+    }
+    lines
+}
+
+/// The image is built with the commands a person is told to run: the
+/// `cargo build` of the README's Install section and of docs/install.md is
+/// the Dockerfile's (dependencies layer and real build alike), the binary
+/// it copies is the one those commands make, and what the docs say of the
+/// image (user, entrypoint, base) is what the Dockerfile sets.
+#[test]
+fn the_dockerfile_builds_as_the_readme_says() {
+    let readme: Vec<String> = shell_lines("README.md")
+        .into_iter()
+        .filter(|l| l.starts_with("cargo build"))
+        .collect();
+    let install: Vec<String> = shell_lines("docs/install.md")
+        .into_iter()
+        .filter(|l| l.starts_with("cargo build"))
+        .collect();
+    assert!(!readme.is_empty(), "README.md gives no cargo build command");
+    assert_eq!(
+        readme[0], install[0],
+        "README.md and docs/install.md build differently"
+    );
+    let docker: Vec<String> = dockerfile_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("cargo build"))
+        .collect();
+    assert_eq!(docker.len(), 2, "the dependency layer and the real build: {docker:?}");
+    for command in &docker {
+        assert_eq!(
+            command, &readme[0],
+            "the Dockerfile builds with `{command}`, the README says `{}`",
+            readme[0]
+        );
+    }
+    let commands = dockerfile_commands();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.starts_with("./target/release/keyhole --version")),
+        "the Dockerfile checks the binary it built: {commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.starts_with("install") && c.contains("target/release/keyhole")),
+        "the Dockerfile copies target/release/keyhole: {commands:?}"
+    );
+    let readme_text = read("README.md");
+    assert!(
+        readme_text.contains("the binary is target/release/keyhole"),
+        "README.md names the binary cargo build makes"
+    );
+    let instructions = dockerfile_instructions();
+    let user: Vec<&str> = instructions
+        .iter()
+        .filter(|(op, _)| op == "USER")
+        .map(|(_, a)| a.as_str())
+        .collect();
+    assert_eq!(user, ["65532:65532"]);
+    let entry = entrypoint_binary();
+    for doc in ["README.md", "docs/install.md"] {
+        let text = read(doc);
+        assert!(text.contains("65532"), "{doc} does not name the image's user");
+        assert!(text.contains(&entry), "{doc} does not name the entrypoint {entry}");
+    }
+    let runtime = instructions
+        .iter()
+        .find_map(|(op, a)| {
+            (op == "ARG")
+                .then(|| a.strip_prefix("RUNTIME_IMAGE="))
+                .flatten()
+        })
+        .expect("ARG RUNTIME_IMAGE");
+    assert!(
+        read("docs/install.md").contains(runtime),
+        "docs/install.md does not name the base image {runtime}"
+    );
+}
