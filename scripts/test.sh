@@ -13,13 +13,16 @@
 #      (the list lives in scripts/lib/packages.sh)
 #   2. the rustfmt and clippy components
 #   3. cargo fmt --all -- --check
-#   4. cargo clippy --all-targets --locked -- -D warnings
+#   4. cargo clippy --all-targets --locked -- -D warnings, then the same with
+#      --features otel (the OpenTelemetry export, off in the default build)
 #   5. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
 #      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
 #      MariaDB; it fails if any workload failed or left a figure out. It checks that
 #      the harness works, not how fast anything is (no figure is compared).
-#   6. cargo test: doc tests first, then the library, binaries and integration tests,
-#      so the output closes on cargo test's own summary of the main suite.
+#   6. cargo test: doc tests first, then the OpenTelemetry test with its feature
+#      (cargo test --features otel --test otel, and the library's unit tests with it),
+#      then the library, binaries and integration tests, so the output closes on
+#      cargo test's own summary of the main suite.
 #
 # Environment:
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
@@ -145,8 +148,9 @@ cargo clippy --version
 step fmt "cargo fmt --all -- --check"
 cargo fmt --all -- --check || fail
 
-step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings"
+step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings (without and with --features otel)"
 cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
+cargo clippy --all-targets --features otel "${locked[@]}" -- -D warnings || fail
 
 if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
   step bench "benchmark harness, small: scripts/bench.sh --quick (direct and keyhole)"
@@ -195,6 +199,10 @@ else
   if has_lib_target; then
     cargo test "${locked[@]}" --doc || fail
   fi
+  # The feature rebuilds only keyhole itself (it adds no dependency): its unit
+  # tests, and the export end to end against the test's OTLP receiver.
+  cargo test "${locked[@]}" --features otel --lib telemetry:: || fail
+  cargo test "${locked[@]}" --features otel --test otel || fail
   status=0
   cargo test "${locked[@]}" --tests 2>&1 | hold_closing_summary || status=$?
 fi
