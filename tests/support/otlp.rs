@@ -201,10 +201,10 @@ fn flatten(attrs: &[KeyValue]) -> HashMap<String, String> {
         .iter()
         .map(|kv| {
             let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(any_value::Value::StringValue(s)) => s.clone(),
-                Some(any_value::Value::IntValue(i)) => i.to_string(),
-                Some(any_value::Value::BoolValue(b)) => b.to_string(),
-                Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+                Some(any_value::Value::Str(s)) => s.clone(),
+                Some(any_value::Value::Int(i)) => i.to_string(),
+                Some(any_value::Value::Bool(b)) => b.to_string(),
+                Some(any_value::Value::Double(d)) => d.to_string(),
                 None => String::new(),
             };
             (kv.key.clone(), v)
@@ -301,13 +301,13 @@ pub mod any_value {
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Value {
         #[prost(string, tag = "1")]
-        StringValue(String),
+        Str(String),
         #[prost(bool, tag = "2")]
-        BoolValue(bool),
+        Bool(bool),
         #[prost(int64, tag = "3")]
-        IntValue(i64),
+        Int(i64),
         #[prost(double, tag = "4")]
-        DoubleValue(f64),
+        Double(f64),
     }
 }
 

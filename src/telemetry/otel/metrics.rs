@@ -60,13 +60,13 @@ pub fn from_exposition(text: &str) -> Vec<Metric> {
             continue;
         };
         match (&mut metric.data, kind) {
-            (Data::Sum(points) | Data::Gauge(points), Kind::Counter | Kind::Gauge) => {
-                if name == *family {
-                    points.push(NumberPoint {
-                        attributes: attributes(labels),
-                        value: number(value),
-                    });
-                }
+            (Data::Sum(points) | Data::Gauge(points), Kind::Counter | Kind::Gauge)
+                if name == *family =>
+            {
+                points.push(NumberPoint {
+                    attributes: attributes(labels),
+                    value: number(value),
+                });
             }
             (Data::Histogram(points), Kind::Histogram) => {
                 histogram_sample(points, family, &name, labels, value)
@@ -117,7 +117,7 @@ fn histogram_sample(
     points: &mut Vec<HistogramPoint>,
     family: &str,
     name: &str,
-    mut labels: Vec<(String, String)>,
+    mut labels: Labels,
     value: &str,
 ) {
     let Some(suffix) = name.strip_prefix(family) else {
@@ -167,15 +167,18 @@ fn number(value: &str) -> Number {
     }
 }
 
-fn attributes(labels: Vec<(String, String)>) -> Vec<KeyValue> {
+fn attributes(labels: Labels) -> Vec<KeyValue> {
     labels
         .into_iter()
         .map(|(k, v)| KeyValue::str(&k, v))
         .collect()
 }
 
+/// A sample line's labels: (name, unescaped value).
+type Labels = Vec<(String, String)>;
+
 /// `name{k="v",...} value` or `name value`.
-fn sample(line: &str) -> Option<(String, Vec<(String, String)>, &str)> {
+fn sample(line: &str) -> Option<(String, Labels, &str)> {
     let name_end = line.find(['{', ' '])?;
     let name = line[..name_end].to_owned();
     let mut rest = &line[name_end..];

@@ -289,10 +289,9 @@ mod tests {
 
     #[tokio::test]
     async fn phases_become_child_spans() {
-        let Some(conn) = Connection::start(
-            Sampler::AlwaysOn,
-            || vec![KeyValue::str("keyhole.target", "t")],
-        ) else {
+        let Some(conn) = Connection::start(Sampler::AlwaysOn, || {
+            vec![KeyValue::str("keyhole.target", "t")]
+        }) else {
             panic!("always_on keeps every trace");
         };
         // Outside the scope: no recorder, nothing happens.
