@@ -6,7 +6,7 @@
 //! with the values `/metrics` shows; the configured headers sent and never
 //! logged; a collector that refuses or is down costs one warning and no
 //! connection; a graceful shutdown sends the last spans; grpc is refused at
-//! startup.
+//! startup; a MySQL connection (MariaDB) has the same phases.
 
 #![cfg(feature = "otel")]
 
@@ -18,6 +18,7 @@ use std::time::Duration;
 use support::clients;
 use support::keyhole::{Keyhole, Ready};
 use support::logs::{closed_lines, field};
+use support::mariadb::{self, MariaDb, NATIVE_PASS, NATIVE_USER};
 use support::otlp::{FlatSpan, Receiver};
 use support::postgres::{PgCluster, MD5_PASS, MD5_USER};
 use support::session::wait_until;
@@ -434,4 +435,60 @@ fn bad_otel_settings_stop_keyhole_at_startup_with_one_line() {
         );
         assert_eq!(logs.trim_end().lines().count(), 1, "one line: {logs}");
     }
+}
+
+#[test]
+fn a_mysql_connection_is_traced_with_its_phases() {
+    let db = MariaDb::shared();
+    let receiver = Receiver::start();
+    let endpoint = receiver.endpoint();
+    let port = support::free_port();
+    let port_s = port.to_string();
+    let ca = db.pki().ca.to_str().expect("UTF-8 path").to_owned();
+    let target = db.keyhole_target();
+    let keyhole = Keyhole::spawn(
+        &["--port", &port_s, "--ca-file", &ca, &target],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                &format!("{endpoint}/v1/traces"),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        Ready::Tcp(port),
+    );
+    let out = mariadb::mariadb(port, NATIVE_USER, Some(NATIVE_PASS), "select 42");
+    assert_eq!(
+        clients::expect_success(&out, "a MySQL query through keyhole"),
+        "42"
+    );
+    let logs = keyhole.wait_for_log(" connection closed ", 1);
+    wait_until(
+        "the MySQL connection's spans",
+        Duration::from_secs(20),
+        || roots(&receiver.spans()).len() == 1,
+        || keyhole.logs(),
+    );
+    let spans = receiver.spans();
+    let root = roots(&spans)[0];
+    let line = &closed_lines(&logs)[0];
+    assert_eq!(root.attributes["db.system.name"], "mysql");
+    assert_eq!(root.attributes["keyhole.outcome"], field(line, "outcome"));
+    assert_eq!(
+        root.attributes["keyhole.bytes.server_to_client"],
+        field(line, "bytes_to_client")
+    );
+    let names: Vec<&str> = children(&spans, root)
+        .iter()
+        .map(|k| k.span.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "keyhole.dial",
+            "keyhole.tls",
+            "keyhole.login",
+            "keyhole.splice"
+        ]
+    );
 }
