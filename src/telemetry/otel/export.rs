@@ -308,3 +308,49 @@ impl Sender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::proto::{SpanKind, StatusCode};
+    use super::*;
+
+    fn span() -> Span {
+        Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            name: "s".into(),
+            kind: SpanKind::Internal,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            attributes: Vec::new(),
+            status: StatusCode::Unset,
+            status_message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let (queue, mut spans) = mpsc::channel(2);
+        let tracer = Tracer {
+            sampler: Sampler::AlwaysOn,
+            queue,
+        };
+        let before = SPANS_DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        tracer.submit(vec![span(), span(), span(), span(), span()]);
+        assert_eq!(
+            SPANS_DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before,
+            3,
+            "two fit, three are dropped"
+        );
+        assert!(spans.try_recv().is_ok() && spans.try_recv().is_ok());
+        assert!(spans.try_recv().is_err());
+        let dropped = own_metrics()
+            .into_iter()
+            .find(|m| m.name == "keyhole_otel_spans_dropped_total");
+        assert!(
+            matches!(dropped.map(|m| m.data), Some(Data::Sum(points)) if points.len() == 2),
+            "both reasons are exported"
+        );
+    }
+}
