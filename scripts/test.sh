@@ -13,7 +13,9 @@
 #      (the list lives in scripts/lib/packages.sh)
 #   2. the rustfmt and clippy components
 #   3. cargo fmt --all -- --check
-#   4. cargo clippy --all-targets --locked -- -D warnings
+#   4. cargo clippy --all-targets --locked -- -D warnings, then with --features otel
+#      (the OpenTelemetry export, off in the default build) every target the feature
+#      changes: the library (with and without cfg(test)), the binary, tests/otel.rs
 #   5. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
 #      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
 #      MariaDB; it fails if any workload failed or left a figure out. It checks that
@@ -22,8 +24,10 @@
 #      installed when missing; the release binary of step 5 is reused), then installs it
 #      into a throwaway root and checks it (--version, man pages, completions, conffiles,
 #      `systemd-analyze verify` of the unit)
-#   7. cargo test: doc tests first, then the library, binaries and integration tests,
-#      so the output closes on cargo test's own summary of the main suite.
+#   7. cargo test: doc tests first, then the OpenTelemetry test with its feature
+#      (cargo test --features otel --test otel, and the library's unit tests with it),
+#      then the library, binaries and integration tests, so the output closes on
+#      cargo test's own summary of the main suite.
 #
 # Environment:
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
@@ -149,8 +153,13 @@ cargo clippy --version
 step fmt "cargo fmt --all -- --check"
 cargo fmt --all -- --check || fail
 
-step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings"
+step clippy "cargo clippy --all-targets ${locked[*]} -- -D warnings (without and with --features otel)"
 cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
+# Not --all-targets: the ~30 other test crates and the benches are the same with the
+# feature (their harness gains only tests/support/otlp.rs, which tests/otel.rs checks),
+# and checking them again cost CI minutes for nothing.
+cargo clippy --lib --bins --test otel --features otel "${locked[@]}" -- -D warnings || fail
+cargo clippy --lib --profile test --features otel "${locked[@]}" -- -D warnings || fail
 
 if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
   step bench "benchmark harness, small: scripts/bench.sh --quick (direct and keyhole)"
@@ -207,6 +216,10 @@ else
   if has_lib_target; then
     cargo test "${locked[@]}" --doc || fail
   fi
+  # The feature rebuilds only keyhole itself (it adds no dependency): its unit
+  # tests, and the export end to end against the test's OTLP receiver.
+  cargo test "${locked[@]}" --features otel --lib telemetry:: || fail
+  cargo test "${locked[@]}" --features otel --test otel || fail
   status=0
   cargo test "${locked[@]}" --tests 2>&1 | hold_closing_summary || status=$?
 fi

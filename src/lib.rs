@@ -7,7 +7,8 @@
 //! verified TLS connection, and [`splice`] carries everything after.
 //! [`proxy`] ties these together, runs the lifecycle ([`lifecycle`]) and
 //! reloads the configuration live (SIGHUP, `--watch`);
-//! [`endpoints`] serve health checks, [`metrics`] and the admin port to operators.
+//! [`endpoints`] serve health checks, [`metrics`] and the admin port to operators;
+//! [`telemetry`] exports traces and metrics over OpenTelemetry (cargo feature `otel`).
 
 pub mod backend;
 pub mod cancel;
@@ -30,6 +31,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod splice;
 pub mod systemd;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod upstream;

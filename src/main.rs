@@ -28,6 +28,19 @@ fn main() -> ExitCode {
     };
     keyhole::tls::install_crypto_provider();
     keyhole::logging::init(config.log_format, config.debug_logs);
+    let env = keyhole::config::process_env();
+    // Bad OTEL_* settings are bad configuration: one line, exit 2, before
+    // anything is served.
+    #[cfg(feature = "otel")]
+    let otel = match keyhole::telemetry::otel::Config::from_env(&env) {
+        Ok(otel) => otel,
+        Err(e) => {
+            eprintln!("keyhole: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    #[cfg(not(feature = "otel"))]
+    keyhole::telemetry::note_unsupported(&env);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -38,9 +51,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let env = keyhole::config::process_env();
     runtime.block_on(async {
         keyhole::systemd::spawn_watchdog();
+        #[cfg(feature = "otel")]
+        let otel = otel.map(|otel| keyhole::telemetry::otel::start(otel, &env));
         let lifecycle = std::sync::Arc::new(keyhole::lifecycle::Lifecycle::default());
         // SIGHUP would end the process while it prepares (a Cloud SQL
         // instance may take seconds): from now on it asks for a reload,
@@ -55,7 +69,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        match proxy.run(lifecycle).await {
+        let ran = proxy.run(lifecycle).await;
+        // Every connection has ended: their last spans and the metrics'
+        // final values go out now, within a bounded time.
+        #[cfg(feature = "otel")]
+        if let Some(otel) = otel {
+            otel.shutdown(keyhole::telemetry::otel::FLUSH_WITHIN).await;
+        }
+        match ran {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 tracing::error!("{e}");

@@ -202,6 +202,9 @@ async fn relay_until_cut(
     cut: &tokio_util::sync::CancellationToken,
     report: &mut SessionReport,
 ) -> Result<(), SessionError> {
+    // The trace's splice phase starts here (the login has ended).
+    #[cfg(feature = "otel")]
+    crate::telemetry::otel::mark(crate::telemetry::otel::Phase::Splice, Duration::ZERO, None);
     let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let relayed = std::future::poll_fn(|cx| {
         if let Poll::Ready(result) = Pin::new(&mut relay).poll(cx) {

@@ -643,6 +643,9 @@ impl Session<'_> {
         };
         let server_id = conn.greeting.connection_id;
         let leftover = std::mem::take(&mut self.client.buf);
+        // A pooled session's relay is its own: the trace's splice starts here.
+        #[cfg(feature = "otel")]
+        crate::telemetry::otel::mark(crate::telemetry::otel::Phase::Splice, Duration::ZERO, None);
         let (end, moved) = {
             let mut relay = PooledRelay::new(
                 &mut self.client.stream,

@@ -270,6 +270,13 @@ impl Session<'_> {
         let leftover = std::mem::take(&mut self.client.buf);
         let (end, moved) = {
             let mut relay = PooledRelay::new(&mut self.client.stream, &mut conn.stream);
+            // A pooled session's relay is its own: the trace's splice starts here.
+            #[cfg(feature = "otel")]
+            crate::telemetry::otel::mark(
+                crate::telemetry::otel::Phase::Splice,
+                Duration::ZERO,
+                None,
+            );
             if let Err(what) = relay.preload(&leftover) {
                 return Err(SessionError::ClientMessage(pg::MessageError::BadLength {
                     tag: 0,

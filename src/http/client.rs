@@ -272,7 +272,7 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
 pub struct Request {
     method: Method,
     url: Url,
-    headers: Vec<(&'static str, String)>,
+    headers: Vec<(std::borrow::Cow<'static, str>, String)>,
     body: Option<(&'static str, Vec<u8>)>,
 }
 
@@ -296,7 +296,15 @@ impl Request {
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Request {
-        self.headers.push((name, value.into()));
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// [`Request::header`] with a name known only at run time (the
+    /// operator's `OTEL_EXPORTER_OTLP_HEADERS`).
+    #[cfg(feature = "otel")]
+    pub fn header_owned(mut self, name: String, value: String) -> Request {
+        self.headers.push((name.into(), value));
         self
     }
 
@@ -633,7 +641,7 @@ fn build(request: Request) -> Result<hyper::Request<Body>, HttpErrorKind> {
         .header(HOST, request.url.authority())
         .header(USER_AGENT, concat!("keyhole/", env!("CARGO_PKG_VERSION")));
     for (name, value) in request.headers {
-        builder = builder.header(name, value);
+        builder = builder.header(&*name, value);
     }
     let body = match request.body {
         Some((content_type, body)) => {

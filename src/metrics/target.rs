@@ -133,12 +133,19 @@ impl TargetMetrics {
     /// The TCP connection to the database took `took`.
     pub fn upstream_connected(&self, took: Duration) {
         self.connect.observe(took);
+        // Every dial of a session passes here, in the session's task: the
+        // connection's trace takes its dial phase from it.
+        #[cfg(feature = "otel")]
+        crate::telemetry::otel::mark(crate::telemetry::otel::Phase::Dial, took, None);
     }
 
     /// The TLS handshake with the database took `took` and went as `kind`.
     pub fn tls_handshake(&self, took: Duration, kind: Handshake) {
         self.tls_handshake.observe(took);
         self.handshakes[kind as usize].fetch_add(1, Ordering::Relaxed);
+        // As for the dial: the trace's TLS phase.
+        #[cfg(feature = "otel")]
+        crate::telemetry::otel::mark(crate::telemetry::otel::Phase::Tls, took, Some(kind.label()));
     }
 
     /// Handshakes with the database that went as `kind`.

@@ -328,10 +328,12 @@ async fn serve_connection(
     let name = target.config.name.as_str();
     tracing::info!(conn = id, client = %peer, target = name, "connection opened");
     let mut report = SessionReport::default();
-    let result = target
-        .frontend
-        .serve(socket, admission, cut, &mut report)
-        .await;
+    let serving = target.frontend.serve(socket, admission, cut, &mut report);
+    #[cfg(feature = "otel")]
+    let trace = otel_connection(id, &peer, target);
+    #[cfg(feature = "otel")]
+    let serving = crate::telemetry::otel::within(trace.as_ref(), serving);
+    let result = serving.await;
     let moved = generation.is_some_and(CancellationToken::is_cancelled);
     let (outcome, error) = match &result {
         Ok(()) if report.cancel_forwarded => ("cancel_forwarded", None),
@@ -347,6 +349,17 @@ async fn serve_connection(
         .metrics
         .add_transferred(unmetered.client_to_server, unmetered.server_to_client);
     target.metrics.closed(outcome);
+    #[cfg(feature = "otel")]
+    crate::telemetry::otel::closed(
+        trace,
+        outcome,
+        error.as_deref(),
+        (
+            report.transferred.client_to_server,
+            report.transferred.server_to_client,
+        ),
+        report.database.as_deref(),
+    );
     let fields = (
         report.user.as_deref().unwrap_or("-"),
         report.database.as_deref().unwrap_or("-"),
@@ -366,4 +379,22 @@ async fn serve_connection(
             outcome, error, "connection closed"
         ),
     }
+}
+
+/// A connection's OpenTelemetry trace, if one is being exported and the
+/// sampler keeps it.
+#[cfg(feature = "otel")]
+fn otel_connection(
+    id: u64,
+    peer: &Peer,
+    target: &Target,
+) -> Option<crate::telemetry::otel::ConnectionTrace> {
+    let upstream = target.upstream();
+    crate::telemetry::otel::connection(id, peer, &target.config, || {
+        let protocol = target
+            .config
+            .protocol
+            .or_else(|| upstream.slot().and_then(|s| s.instance().known_protocol()));
+        (protocol, upstream.address())
+    })
 }

@@ -86,7 +86,16 @@ impl Keyhole {
     /// `timeout` (a configuration error, `--help`, ...). Returns its exit status
     /// and everything it printed. Panics, after killing it, if it keeps running.
     pub fn start_expect_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-        let mut keyhole = Keyhole::launch(args, &[]);
+        Keyhole::start_expect_exit_with(args, &[], timeout)
+    }
+
+    /// [`Keyhole::start_expect_exit`] with the extra environment `env`.
+    pub fn start_expect_exit_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> (ExitStatus, String) {
+        let mut keyhole = Keyhole::launch(args, env);
         match keyhole.wait_exit(timeout) {
             Some(status) => (status, keyhole.logs()),
             None => panic!(

@@ -64,7 +64,8 @@
 //!   Ready)` passes the arguments verbatim, adds `env` (e.g. `KEYHOLE_*`
 //!   settings) and waits for whatever [`keyhole::Ready`] says (`Tcp(port)`,
 //!   `Unix(path)`, `Nothing`); `Keyhole::start_expect_exit(args, timeout) ->
-//!   (ExitStatus, String)` for configuration errors. Readiness means "this
+//!   (ExitStatus, String)` for configuration errors (`start_expect_exit_with(args,
+//!   env, timeout)` with extra environment). Readiness means "this
 //!   process has a listening socket there" (read from /proc, no probe
 //!   connection). Methods: `port()` (the first target's port), `pid()`,
 //!   `logs()`, `log_path()`, `signal(libc::SIGTERM)`, `wait_exit(timeout) ->
@@ -125,6 +126,9 @@
 //! - [`session`]: a tokio-postgres session through keyhole as scram_user:
 //!   `connect(rt, port, app)`, `simple_query(rt, client, sql)`; and
 //!   `wait_until(what, limit, done, context)`, `exit_code(status)`.
+//! - [`otlp`] (feature `otel` only): an OTLP/HTTP receiver that decodes what
+//!   keyhole exports with prost: `Receiver::start()`, `endpoint()`,
+//!   `set_status(503)`, `stop()`, `requests()`, `spans()`, `last_metrics()`.
 //! - [`http`]: a blocking HTTP/1.1 client for keyhole's endpoints (one
 //!   request per connection, `Connection: close`): `get(port, path)` and
 //!   `post(port, path)` on 127.0.0.1 return `Result<(status, body), String>`,
@@ -169,6 +173,8 @@ pub mod keyhole;
 pub mod logs;
 pub mod mariadb;
 pub mod netns;
+#[cfg(feature = "otel")]
+pub mod otlp;
 pub mod postgres;
 pub mod process;
 pub mod session;
