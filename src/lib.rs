@@ -8,6 +8,7 @@
 //! [`proxy`] ties these together, runs the lifecycle ([`lifecycle`]) and
 //! reloads the configuration live (SIGHUP, `--watch`);
 //! [`endpoints`] serve health checks, [`metrics`] and the admin port to operators.
+//! The clouds' parts are Cargo features (`aws`, `gcp`): [`features`] lists them.
 
 pub mod backend;
 pub mod cancel;
@@ -18,6 +19,7 @@ pub mod commands;
 pub mod config;
 pub mod credentials;
 pub mod endpoints;
+pub mod features;
 pub mod frontend;
 pub mod http;
 pub mod lifecycle;

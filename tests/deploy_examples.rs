@@ -21,6 +21,9 @@
 //! HTTP port, probe paths are keyhole's endpoints, the shutdown delays fit the
 //! platform's grace period, the app waits for keyhole.
 
+// Tests the examples, which use both clouds: they need the default build (both cloud features).
+#![cfg(all(feature = "aws", feature = "gcp"))]
+
 mod support;
 
 use std::collections::BTreeSet;

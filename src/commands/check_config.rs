@@ -21,8 +21,11 @@ use clap::CommandFactory;
 use super::EXIT_USAGE;
 use crate::config::cloudsql::{AdminCredentials, Pending};
 use crate::config::via::Via;
-use crate::config::{self, Cli, Config, ConfigError, IamProvider, Protocol, TargetConfig, TlsMode};
-use crate::credentials::{aws, gcp::GcpTokenSource};
+use crate::config::{self, Cli, Config, ConfigError, Protocol, TargetConfig, TlsMode};
+#[cfg(feature = "aws")]
+use crate::credentials::aws;
+#[cfg(feature = "gcp")]
+use crate::credentials::gcp::GcpTokenSource;
 use crate::proxy;
 
 pub fn main(args: &[OsString]) -> ExitCode {
@@ -492,9 +495,12 @@ fn token_login(
     let Some(iam) = &t.iam else {
         return Ok(None);
     };
-    let endpoint = config::host_port(&iam.endpoint_host, iam.endpoint_port);
+    // A provider this build lacks was refused with the configuration.
+    crate::features::check_iam(iam.provider)?;
     match iam.provider {
-        IamProvider::Aws => {
+        #[cfg(feature = "aws")]
+        config::IamProvider::Aws => {
+            let endpoint = config::host_port(&iam.endpoint_host, iam.endpoint_port);
             let region = match (&iam.region, aws::region_from_host(&iam.endpoint_host)) {
                 (Some(r), _) => format!("{r} (region=)"),
                 (None, Some(r)) => format!("{r} (from the host name)"),
@@ -511,17 +517,24 @@ fn token_login(
                 aws_source(env)
             )))
         }
-        IamProvider::Gcp => {
+        #[cfg(feature = "gcp")]
+        config::IamProvider::Gcp => {
             let source = GcpTokenSource::discover(env, timeout).map_err(|e| e.to_string())?;
             Ok(Some(format!(
                 "Cloud SQL IAM login token, credentials from {}",
                 source.describe()
             )))
         }
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = (env, timeout);
+            Ok(None)
+        }
     }
 }
 
 /// The first source of the AWS chain the environment points at.
+#[cfg(feature = "aws")]
 fn aws_source(env: &HashMap<String, String>) -> &'static str {
     let set = |k: &str| env.get(k).is_some_and(|v| !v.is_empty());
     if set("AWS_ACCESS_KEY_ID") {
