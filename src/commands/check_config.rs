@@ -705,6 +705,8 @@ mod tests {
         );
     }
 
+    // Its configuration has iam=aws: the `aws` feature's.
+    #[cfg(feature = "aws")]
     #[test]
     fn credentials_in_the_environment_are_masked() {
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
@@ -788,6 +790,8 @@ mod tests {
         }
     }
 
+    // Its configuration has a Cloud SQL instance target: the `gcp` feature's.
+    #[cfg(feature = "gcp")]
     #[test]
     fn the_impersonation_chain_and_its_endpoint_are_shown() {
         let line = |report: &str, key: &str| {

@@ -1581,6 +1581,8 @@ mod tests {
         Config::load(std::iter::once("keyhole").chain(args.iter().copied()), &env)
     }
 
+    // iam=aws: the `aws` feature's.
+    #[cfg(feature = "aws")]
     #[test]
     fn token_login_signs_for_the_server_name_and_takes_flags_env_and_params() {
         let c = load(
