@@ -86,12 +86,12 @@ async fn run(provider: Provider) -> Result<String, (u8, String)> {
     let mut context = SourceContext::new(crate::config::process_env(), Duration::from_secs(30));
     // Both subcommands exist in every build, so that one this build lacks
     // is refused with the feature's name (crate::features).
+    // "keyhole token: aws needs keyhole built with the "aws" feature (this build has: gcp)".
     let needs = match provider {
-        Provider::Aws { .. } => IamProvider::Aws,
-        Provider::Gcp { .. } => IamProvider::Gcp,
+        Provider::Aws { .. } => "aws",
+        Provider::Gcp { .. } => "gcp",
     };
-    crate::features::check_iam(needs)
-        .map_err(|e| usage(format!("keyhole token {}: {e}", needs.name())))?;
+    crate::features::require(needs, needs).map_err(usage)?;
     match provider {
         #[cfg(not(feature = "aws"))]
         Provider::Aws { .. } => Err(usage("internal: no AWS in this build".into())),
