@@ -16,22 +16,26 @@
 #   4. cargo clippy --all-targets --locked -- -D warnings, then with --features otel
 #      (the OpenTelemetry export, off in the default build) every target the feature
 #      changes: the library (with and without cfg(test)), the binary, tests/otel.rs
-#   5. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
+#   5. the dependency policy and the slim builds: cargo deny check (deny.toml: advisories,
+#      licenses, duplicate versions, sources; cargo-deny is installed first if missing),
+#      then clippy on each other feature combination (no cloud, aws alone, gcp alone)
+#      and, under each, the unit tests that a target needing a missing feature is refused
+#   6. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
 #      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
 #      MariaDB; it fails if any workload failed or left a figure out. It checks that
 #      the harness works, not how fast anything is (no figure is compared).
-#   6. (full runs only) the Debian package: scripts/package-deb.sh builds it (cargo-deb is
-#      installed when missing; the release binary of step 5 is reused), then installs it
+#   7. (full runs only) the Debian package: scripts/package-deb.sh builds it (cargo-deb is
+#      installed when missing; the release binary of step 6 is reused), then installs it
 #      into a throwaway root and checks it (--version, man pages, completions, conffiles,
 #      `systemd-analyze verify` of the unit)
-#   7. cargo test: doc tests first, then the OpenTelemetry test with its feature
+#   8. cargo test: doc tests first, then the OpenTelemetry test with its feature
 #      (cargo test --features otel --test otel, and the library's unit tests with it),
 #      then the library, binaries and integration tests, so the output closes on
 #      cargo test's own summary of the main suite.
 #
 # Environment:
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
-#   KEYHOLE_SKIP_BENCH=1      leave out step 5
+#   KEYHOLE_SKIP_BENCH=1      leave out step 6
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
 set -euo pipefail
 
@@ -63,7 +67,7 @@ if [[ -t 1 ]]; then
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
 fi
 
-readonly total_steps=7
+readonly total_steps=8
 step_no=0
 step_started=$SECONDS
 step_times=()
@@ -160,6 +164,42 @@ cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
 # and checking them again cost CI minutes for nothing.
 cargo clippy --lib --bins --test otel --features otel "${locked[@]}" -- -D warnings || fail
 cargo clippy --lib --profile test --features otel "${locked[@]}" -- -D warnings || fail
+
+step deps "dependency policy (cargo deny) and the slim builds (feature combinations)"
+# cargo-deny is not a rustup component: a fresh machine compiles it once (about 5.5 minutes
+# of CPU, so 3 to 5 minutes on 2 idle cores), later runs find it in ~/.cargo/bin.
+if ! cargo deny --version >/dev/null 2>&1; then
+  keyhole_log "cargo-deny not found: cargo install --locked cargo-deny"
+  deny_started=$SECONDS
+  cargo install --locked cargo-deny || fail
+  keyhole_log "cargo-deny installed in $(keyhole_duration $((SECONDS - deny_started)))"
+fi
+cargo deny --version
+# The advisory check needs RustSec's database (github.com) and the crates.io index (for
+# yanked versions). Fetched first, so that a network that is down is told apart from an
+# advisory: then the checks that need no network still run, and the run says what it
+# left out. An advisory that applies fails the run like any other check.
+deny_started=$SECONDS
+if cargo deny fetch; then
+  keyhole_log "cargo deny check: advisories, licenses, bans, sources (policy: deny.toml)"
+  cargo deny --offline check --hide-inclusion-graph || fail
+else
+  keyhole_warn "cargo deny could not fetch RustSec's advisory database (github.com) or the crates.io index: is the network down? The advisories check is LEFT OUT of this run; licenses, bans and sources are checked"
+  cargo deny --offline check --hide-inclusion-graph bans licenses sources || fail
+fi
+keyhole_log "cargo deny: $(keyhole_duration $((SECONDS - deny_started)))"
+# Each optional part is a Cargo feature (README, "Build features"): the builds without
+# one must compile and lint clean as well, tests included, and refuse a configuration
+# that needs what they lack (the feature_refusal unit tests, which exist only there).
+# In this order, each build reuses most of the one before: gcp alone is the build without
+# a cloud plus rsa, aws alone nearly the default build.
+for features in "" "gcp" "aws"; do
+  combination=(--no-default-features)
+  [[ -n $features ]] && combination+=(--features "$features")
+  keyhole_log "features: ${features:-none}: clippy --all-targets, then cargo test --lib feature_refusal"
+  cargo clippy --all-targets "${locked[@]}" "${combination[@]}" -- -D warnings || fail
+  cargo test --lib "${locked[@]}" "${combination[@]}" feature_refusal || fail
+done
 
 if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
   step bench "benchmark harness, small: scripts/bench.sh --quick (direct and keyhole)"

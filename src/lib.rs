@@ -9,6 +9,7 @@
 //! reloads the configuration live (SIGHUP, `--watch`);
 //! [`endpoints`] serve health checks, [`metrics`] and the admin port to operators;
 //! [`telemetry`] exports traces and metrics over OpenTelemetry (cargo feature `otel`).
+//! The clouds' parts are Cargo features (`aws`, `gcp`): [`features`] lists them.
 
 pub mod backend;
 pub mod cancel;
@@ -19,6 +20,7 @@ pub mod commands;
 pub mod config;
 pub mod credentials;
 pub mod endpoints;
+pub mod features;
 pub mod frontend;
 pub mod http;
 pub mod lifecycle;

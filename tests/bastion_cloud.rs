@@ -16,6 +16,9 @@
 //! Where network namespaces cannot be made, each test says so loudly and is
 //! skipped.
 
+// Tests IAP and Session Manager under SSH: they need the default build (both cloud features).
+#![cfg(all(feature = "aws", feature = "gcp"))]
+
 mod support;
 
 use std::cell::RefCell;

@@ -8,6 +8,9 @@
 //!
 //! keyhole runs with `RUST_LOG=debug`, and no log may hold a token.
 
+// Tests the Cloud SQL connector: only in builds with the "gcp" feature.
+#![cfg(feature = "gcp")]
+
 mod support;
 
 use std::sync::OnceLock;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use std::time::Duration;
+#[cfg(feature = "gcp")]
 use support::cloudsql::{FakeSqlAdmin, InstanceSpec};
 use support::keyhole::{Keyhole, Ready};
 use support::mariadb::{MariaDb, NATIVE_PASS, NATIVE_USER};
@@ -242,6 +243,7 @@ fn a_target_keyhole_refuses_ends_connect_with_keyholes_words() {
 /// A Cloud SQL instance by its connection name: its engine is known only
 /// once keyhole asked the SQL Admin API, and `connect` picks the client
 /// from what keyhole says it listens for.
+#[cfg(feature = "gcp")]
 #[test]
 fn a_cloud_sql_instance_gets_the_client_for_its_engine() {
     let api = FakeSqlAdmin::start();

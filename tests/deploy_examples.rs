@@ -21,6 +21,9 @@
 //! HTTP port, probe paths are keyhole's endpoints, the shutdown delays fit the
 //! platform's grace period, the app waits for keyhole.
 
+// Tests the examples, which use both clouds: they need the default build (both cloud features).
+#![cfg(all(feature = "aws", feature = "gcp"))]
+
 mod support;
 
 use std::collections::BTreeSet;
@@ -1624,7 +1627,11 @@ fn the_dockerfile_builds_as_the_readme_says() {
         .into_iter()
         .filter(|c| c.starts_with("cargo build"))
         .collect();
-    assert_eq!(docker.len(), 2, "the dependency layer and the real build: {docker:?}");
+    assert_eq!(
+        docker.len(),
+        2,
+        "the dependency layer and the real build: {docker:?}"
+    );
     for command in &docker {
         assert_eq!(
             command, &readme[0],
@@ -1660,8 +1667,14 @@ fn the_dockerfile_builds_as_the_readme_says() {
     let entry = entrypoint_binary();
     for doc in ["README.md", "docs/install.md"] {
         let text = read(doc);
-        assert!(text.contains("65532"), "{doc} does not name the image's user");
-        assert!(text.contains(&entry), "{doc} does not name the entrypoint {entry}");
+        assert!(
+            text.contains("65532"),
+            "{doc} does not name the image's user"
+        );
+        assert!(
+            text.contains(&entry),
+            "{doc} does not name the entrypoint {entry}"
+        );
     }
     let runtime = instructions
         .iter()

@@ -10,6 +10,9 @@
 //! No log line may carry a secret: keyhole runs with `RUST_LOG=trace` in
 //! these tests and its whole log is searched for every secret in play.
 
+// Tests both clouds' token sources: they need the default build (both cloud features).
+#![cfg(all(feature = "aws", feature = "gcp"))]
+
 mod support;
 
 use std::path::Path;

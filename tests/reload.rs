@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use support::certs::TestPki;
 use support::clients;
+#[cfg(feature = "gcp")]
 use support::cloudsql::{self as fake, ApiMethod, FakeSqlAdmin, InstanceSpec};
 use support::keyhole::{listens_tcp, listens_unix, Keyhole, Ready};
 use support::logs::{closed_lines, field};
@@ -622,6 +623,8 @@ fn assert_not_closed(keyhole: &Keyhole, conn: &str) {
     );
 }
 
+// Cloud SQL instance targets need the "gcp" feature.
+#[cfg(feature = "gcp")]
 #[test]
 fn a_cloud_sql_instance_kept_by_a_reload_keeps_its_certificate_and_a_removed_one_closes() {
     let pg = PgCluster::start(fake::pg_options(&[]));

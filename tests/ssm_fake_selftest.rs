@@ -5,6 +5,9 @@
 //! without the fault knobs. The last tests drive keyhole's own
 //! `transport::ssm::api` against the fake.
 
+// Tests the AWS SDK's credentials against the fake: only in builds with the "aws" feature.
+#![cfg(feature = "aws")]
+
 mod support;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

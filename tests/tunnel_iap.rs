@@ -8,6 +8,9 @@
 //! on the VM listening where the database does would be): the database's
 //! TLS still starts in keyhole and is verified against its name.
 
+// Tests the IAP tunnel: only in builds with the "gcp" feature.
+#![cfg(feature = "gcp")]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -8,6 +8,9 @@
 //! The database's TLS still starts in keyhole, verified against its name;
 //! the tunnel carries ciphertext.
 
+// Tests the Session Manager tunnel: only in builds with the "aws" feature.
+#![cfg(feature = "aws")]
+
 mod support;
 
 use std::path::Path;

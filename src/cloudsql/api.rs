@@ -249,7 +249,7 @@ impl AdminApi {
     fn refused(&self, name: &InstanceName, response: &Response) -> ApiError {
         let instance = name.to_string();
         // Google's status and reason codes; its prose is not shown.
-        let codes = crate::credentials::gcp::google_error_codes(&response.body);
+        let codes = crate::http::client::google_error_codes(&response.body);
         let shown = if codes.is_empty() {
             String::new()
         } else {
@@ -448,9 +448,9 @@ mod tests {
             "errors": [{"message": "m", "domain": "global", "reason": "notAuthorized"}],
             "status": "PERMISSION_DENIED"}});
         assert_eq!(
-            crate::credentials::gcp::google_error_codes(body.to_string().as_bytes()),
+            crate::http::client::google_error_codes(body.to_string().as_bytes()),
             ["PERMISSION_DENIED", "notAuthorized"]
         );
-        assert!(crate::credentials::gcp::google_error_codes(b"<html>").is_empty());
+        assert!(crate::http::client::google_error_codes(b"<html>").is_empty());
     }
 }

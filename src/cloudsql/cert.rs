@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, SecretDocument};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -62,8 +61,8 @@ pub enum CertError {
 /// The `rsa` crate only generates it; every signature is made by rustls with
 /// ring, from the PKCS#8 form [`EphemeralKey::private_key`] hands out.
 pub struct EphemeralKey {
-    /// PKCS#8 PrivateKeyInfo; wiped when dropped.
-    pkcs8: SecretDocument,
+    /// PKCS#8 PrivateKeyInfo DER; wiped when dropped.
+    pkcs8: zeroize::Zeroizing<Vec<u8>>,
     /// SubjectPublicKeyInfo (PKIX) DER.
     spki: Vec<u8>,
 }
@@ -72,21 +71,14 @@ impl EphemeralKey {
     /// Generates a fresh key. This is CPU work (0.1–1 s): call it from
     /// `tokio::task::spawn_blocking`, never on a runtime thread.
     pub fn generate() -> Result<EphemeralKey, CertError> {
-        let failed = |e: &dyn fmt::Display| CertError::KeyGeneration(e.to_string());
-        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, RSA_BITS)
-            .map_err(|e| failed(&e))?;
-        let pkcs8 = key.to_pkcs8_der().map_err(|e| failed(&e))?;
-        let spki = key
-            .to_public_key()
-            .to_public_key_der()
-            .map_err(|e| failed(&e))?
-            .into_vec();
+        // The `rsa` crate is the `gcp` feature's (super::google).
+        let (pkcs8, spki) = super::google::rsa_key(RSA_BITS).map_err(CertError::KeyGeneration)?;
         Ok(EphemeralKey { pkcs8, spki })
     }
 
     /// The private key for rustls (a copy; rustls takes ownership).
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.as_bytes().to_vec()))
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.to_vec()))
     }
 
     /// The public key as `generateEphemeralCert` takes it: the PKIX
@@ -460,7 +452,8 @@ pub fn client_config(
     Ok(config)
 }
 
-#[cfg(test)]
+// The tests need a client key, which `rsa` makes: the `gcp` feature's.
+#[cfg(all(test, feature = "gcp"))]
 mod tests {
     use super::*;
     use rcgen::{

@@ -7,13 +7,21 @@
 //! signed for a key it generated itself ([`cert`]), and dials the
 //! instance's server-side proxy on port 3307 with TLS 1.3 from the first
 //! byte, verifying the server with the instance's own rule (SAN, then CN).
-//! [`instance`] keeps all of that fresh. The database protocol then starts
+//! [`instance`] keeps all of that fresh; `google.rs` (the `gcp` feature)
+//! gives the connector its credentials and its key. The database protocol then starts
 //! plain inside the tunnel: the frontends learn only "the upstream leg is
 //! already TLS".
 
 pub mod api;
 pub mod cert;
 pub mod dns;
+// What the connector needs from Google's side, its credentials and its RSA
+// key, comes with the `gcp` Cargo feature (crate::features). Without it a
+// stand-in refuses both, so that the connector's model, which the proxy
+// routes through, needs no cfg: the configuration has refused instance
+// targets before a connector is built.
+#[cfg_attr(not(feature = "gcp"), path = "without_google.rs")]
+mod google;
 pub mod instance;
 pub mod name;
 pub mod slot;
@@ -24,18 +32,12 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
+pub use google::build;
 pub use instance::{ConnectInfo, Dial, Instance};
 pub use name::InstanceName;
 pub use slot::Slot;
 
-use crate::config::cloudsql::{AdminCredentials, CloudSqlSettings};
-use crate::credentials::gcp::{GcpTokenSource, ADMIN_SCOPE, LOGIN_SCOPE};
-use crate::credentials::impersonate::{
-    BaseCredentials, Chain, ImpersonatedTokenSource, CLOUD_PLATFORM_SCOPE,
-};
-use crate::credentials::{
-    CredentialsError, SourceContext, Token, TokenCache, TokenFuture, TokenRequest, TokenSource,
-};
+use crate::credentials::{CredentialsError, Token, TokenCache, TokenRequest};
 use api::{AdminApi, ApiError};
 use cert::{CertError, EphemeralKey};
 
@@ -163,112 +165,5 @@ impl Connector {
             .get(&request)
             .await
             .map_err(ConnectorError::LoginToken)
-    }
-}
-
-/// Builds the connector from its settings: the Admin API's credentials
-/// (`--token`, `--credentials-file`, `--json-credentials`, or Application
-/// Default Credentials, each possibly the base of
-/// `--impersonate-service-account`) and, when an instance logs in with IAM
-/// automatically, the login token's source. Errors are configuration
-/// errors.
-pub async fn build(
-    settings: &CloudSqlSettings,
-    sources: &mut SourceContext,
-    auto_iam: bool,
-) -> Result<Arc<Connector>, String> {
-    let timeout = sources.timeout;
-    let source = |scope: &'static str| -> Result<Arc<dyn TokenSource>, String> {
-        let gcp = match &settings.credentials {
-            AdminCredentials::Token(token) => {
-                return Ok(Arc::new(StaticToken {
-                    token: token.expose().to_owned(),
-                    what: "--token",
-                }))
-            }
-            AdminCredentials::Default => GcpTokenSource::discover_for(&sources.env, scope, timeout),
-            AdminCredentials::File(path) => GcpTokenSource::from_file(path, scope, timeout),
-            AdminCredentials::Json(json) => {
-                GcpTokenSource::from_json(json.expose(), scope, timeout)
-            }
-        };
-        gcp.map(|s| Arc::new(s) as Arc<dyn TokenSource>)
-            .map_err(|e| e.to_string())
-    };
-    // With --impersonate-service-account, as cloud-sql-proxy: those
-    // credentials (scope cloud-platform), or --token, are the base that acts
-    // as the chain's target, for the Admin API and for IAM login alike.
-    let base = match Chain::from_flag(&settings.impersonate) {
-        Some(chain) => Some((chain, BaseCredentials::new(source(CLOUD_PLATFORM_SCOPE)?))),
-        None => None,
-    };
-    let impersonated = |scope: &'static str| -> Result<Option<Arc<TokenCache>>, String> {
-        let Some((chain, base)) = &base else {
-            return Ok(None);
-        };
-        let source = ImpersonatedTokenSource::new(
-            base.clone(),
-            chain.clone(),
-            &settings.iam_credentials_endpoint,
-            scope,
-            timeout,
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(Some(TokenCache::new(Arc::new(source), timeout)))
-    };
-    let admin = match impersonated(ADMIN_SCOPE)? {
-        Some(cache) => cache,
-        None => TokenCache::new(source(ADMIN_SCOPE)?, timeout),
-    };
-    let login = if !auto_iam {
-        None
-    } else if let Some(cache) = impersonated(LOGIN_SCOPE)? {
-        Some(cache)
-    } else if let AdminCredentials::Token(_) = settings.credentials {
-        let token = settings.login_token.as_ref().ok_or(
-            "--auto-iam-authn with --token needs --login-token (an OAuth2 token for IAM database login)",
-        )?;
-        Some(TokenCache::new(
-            Arc::new(StaticToken {
-                token: token.expose().to_owned(),
-                what: "--login-token",
-            }),
-            timeout,
-        ))
-    } else {
-        Some(TokenCache::new(source(LOGIN_SCOPE)?, timeout))
-    };
-    let api = AdminApi::new(
-        &settings.api_endpoint,
-        admin,
-        settings.quota_project.clone(),
-        timeout,
-    )?;
-    Ok(Arc::new(Connector::new(api, login)))
-}
-
-/// A token given on the command line (`--token`, `--login-token`): used as
-/// is. Its expiry is unknown; an hour is assumed, as cloud-sql-proxy does,
-/// and the caller is trusted to restart keyhole with a new one.
-struct StaticToken {
-    token: String,
-    what: &'static str,
-}
-
-impl TokenSource for StaticToken {
-    fn provider(&self) -> &'static str {
-        "gcp"
-    }
-
-    fn describe(&self) -> String {
-        format!("the token given with {}", self.what)
-    }
-
-    fn fetch<'a>(&'a self, _request: &'a TokenRequest) -> TokenFuture<'a> {
-        let token = Token::new(
-            self.token.as_str(),
-            std::time::SystemTime::now() + Duration::from_secs(3600),
-        );
-        Box::pin(async move { Ok(token) })
     }
 }

@@ -21,8 +21,11 @@ use clap::CommandFactory;
 use super::EXIT_USAGE;
 use crate::config::cloudsql::{AdminCredentials, Pending};
 use crate::config::via::Via;
-use crate::config::{self, Cli, Config, ConfigError, IamProvider, Protocol, TargetConfig, TlsMode};
-use crate::credentials::{aws, gcp::GcpTokenSource};
+use crate::config::{self, Cli, Config, ConfigError, Protocol, TargetConfig, TlsMode};
+#[cfg(feature = "aws")]
+use crate::credentials::aws;
+#[cfg(feature = "gcp")]
+use crate::credentials::gcp::GcpTokenSource;
 use crate::proxy;
 
 /// `check-config`'s command line: keyhole's own, described for completions
@@ -503,9 +506,12 @@ fn token_login(
     let Some(iam) = &t.iam else {
         return Ok(None);
     };
-    let endpoint = config::host_port(&iam.endpoint_host, iam.endpoint_port);
+    // A provider this build lacks was refused with the configuration.
+    crate::features::check_iam(iam.provider)?;
     match iam.provider {
-        IamProvider::Aws => {
+        #[cfg(feature = "aws")]
+        config::IamProvider::Aws => {
+            let endpoint = config::host_port(&iam.endpoint_host, iam.endpoint_port);
             let region = match (&iam.region, aws::region_from_host(&iam.endpoint_host)) {
                 (Some(r), _) => format!("{r} (region=)"),
                 (None, Some(r)) => format!("{r} (from the host name)"),
@@ -522,17 +528,24 @@ fn token_login(
                 aws_source(env)
             )))
         }
-        IamProvider::Gcp => {
+        #[cfg(feature = "gcp")]
+        config::IamProvider::Gcp => {
             let source = GcpTokenSource::discover(env, timeout).map_err(|e| e.to_string())?;
             Ok(Some(format!(
                 "Cloud SQL IAM login token, credentials from {}",
                 source.describe()
             )))
         }
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = (env, timeout);
+            Ok(None)
+        }
     }
 }
 
 /// The first source of the AWS chain the environment points at.
+#[cfg(feature = "aws")]
 fn aws_source(env: &HashMap<String, String>) -> &'static str {
     let set = |k: &str| env.get(k).is_some_and(|v| !v.is_empty());
     if set("AWS_ACCESS_KEY_ID") {
@@ -703,6 +716,8 @@ mod tests {
         );
     }
 
+    // Its configuration has iam=aws: the `aws` feature's.
+    #[cfg(feature = "aws")]
     #[test]
     fn credentials_in_the_environment_are_masked() {
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
@@ -786,6 +801,8 @@ mod tests {
         }
     }
 
+    // Its configuration has a Cloud SQL instance target: the `gcp` feature's.
+    #[cfg(feature = "gcp")]
     #[test]
     fn the_impersonation_chain_and_its_endpoint_are_shown() {
         let line = |report: &str, key: &str| {

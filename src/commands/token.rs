@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 use crate::config::{target, IamProvider, Protocol};
-use crate::credentials::{self, aws, SourceContext, TokenRequest};
+#[cfg(feature = "aws")]
+use crate::credentials::aws;
+use crate::credentials::{self, SourceContext, TokenRequest};
 
 /// Print an IAM database token.
 #[derive(Parser, Debug)]
@@ -82,7 +84,18 @@ async fn run(provider: Provider) -> Result<String, (u8, String)> {
     let usage = |m: String| (EXIT_USAGE, m);
     let failed = |m: String| (EXIT_FAILED, m);
     let mut context = SourceContext::new(crate::config::process_env(), Duration::from_secs(30));
+    // Both subcommands exist in every build, so that one this build lacks
+    // is refused with the feature's name (crate::features).
+    // "keyhole token: aws needs keyhole built with the "aws" feature (this build has: gcp)".
+    let needs = match provider {
+        Provider::Aws { .. } => "aws",
+        Provider::Gcp { .. } => "gcp",
+    };
+    crate::features::require(needs, needs).map_err(usage)?;
     match provider {
+        #[cfg(not(feature = "aws"))]
+        Provider::Aws { .. } => Err(usage("internal: no AWS in this build".into())),
+        #[cfg(feature = "aws")]
         Provider::Aws {
             endpoint,
             user,
@@ -138,6 +151,8 @@ async fn run(provider: Provider) -> Result<String, (u8, String)> {
 }
 
 /// `HOST:PORT` or a target URL (whose port defaults by protocol).
+// Only `keyhole token aws` reads these two (the `aws` feature).
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 fn parse_endpoint(text: &str) -> Result<(String, u16), String> {
     if text.contains("://") {
         let url = target::parse(text)?;
@@ -158,6 +173,7 @@ fn parse_endpoint(text: &str) -> Result<(String, u16), String> {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC) as a time.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 fn parse_utc(text: &str) -> Result<SystemTime, String> {
     let bad = || format!("'{text}' is not a UTC time like 2024-08-26T22:00:00Z");
     let b = text.as_bytes();

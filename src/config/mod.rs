@@ -1127,6 +1127,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
                 &instance_defaults,
             )
             .and_then(|target| {
+                check_features(&target)?;
                 check_distinct_listener(&target, &built)?;
                 Ok(target)
             });
@@ -1159,6 +1160,7 @@ fn build(layers: &Layers, targets: &[String]) -> Result<Config, ConfigError> {
                 }
             };
             let target = target_config(url, port, &defaults)?;
+            check_features(&target)?;
             check_distinct_listener(&target, &built)?;
             Ok(target)
         });
@@ -1536,6 +1538,13 @@ pub(super) fn pool_params<'a>(
     ))
 }
 
+/// A target that needs a part this build lacks (a Cargo feature, see
+/// [`crate::features`]) is a configuration error of that target.
+fn check_features(target: &TargetConfig) -> Result<(), ConfigError> {
+    crate::features::check_target(target)
+        .map_err(|e| invalid(format!("target {}: {e}", target.name)))
+}
+
 /// A second target on a listener another already has is a configuration
 /// error (of the second one, so `--skip-failed-targets` keeps the first).
 fn check_distinct_listener(
@@ -1581,6 +1590,8 @@ mod tests {
         Config::load(std::iter::once("keyhole").chain(args.iter().copied()), &env)
     }
 
+    // iam=aws: the `aws` feature's.
+    #[cfg(feature = "aws")]
     #[test]
     fn token_login_signs_for_the_server_name_and_takes_flags_env_and_params() {
         let c = load(
@@ -1982,5 +1993,99 @@ mod tests {
             load(&["--no-such-flag", "postgres://a"], &[]),
             Err(ConfigError::Cli(_))
         ));
+    }
+
+    /// The refusal of a target that needs `feature`, in this build: a
+    /// configuration error (exit 2) naming the feature and what the build has.
+    #[cfg(not(all(feature = "aws", feature = "gcp")))]
+    fn refused_for_feature(args: &[&str], env: &[(&str, &str)], what: &str, feature: &str) {
+        let result = load(args, env);
+        assert!(matches!(result, Err(ConfigError::Invalid(_))), "{args:?}");
+        let m = message(result);
+        let expected = format!(
+            "{what} needs keyhole built with the \"{feature}\" feature (this build has: {})",
+            crate::features::enabled()
+        );
+        assert!(m.contains(&expected), "{args:?}: {m}");
+        assert!(!m.contains('\n'), "one line: {m}");
+    }
+
+    // scripts/test.sh runs these under `--no-default-features` and each
+    // feature alone (`cargo test --lib ... feature_refusal`).
+    #[cfg(not(feature = "aws"))]
+    #[test]
+    fn feature_refusal_of_iam_aws_and_ssm_without_aws() {
+        let refused = |args: &[&str], env: &[(&str, &str)], what: &str| {
+            refused_for_feature(args, env, what, "aws")
+        };
+        refused(&["postgres://db?iam=aws"], &[], "iam=aws");
+        refused(&["--iam", "aws", "mysql://db"], &[], "iam=aws");
+        refused(&["postgres://db"], &[("KEYHOLE_IAM", "aws")], "iam=aws");
+        refused(&["postgres://db?via=ssm://i-0abc"], &[], "via=ssm://");
+        refused(
+            &["--via", "ssm://i-0abc", "postgres://db"],
+            &[],
+            "via=ssm://",
+        );
+        refused(
+            &["postgres://db?via=ssm://i-0abc,ssh://ec2-user@i-0abc"],
+            &[],
+            "via=ssm://",
+        );
+        // --skip-failed-targets leaves out only the target that needs it.
+        let config = load(
+            &[
+                "--skip-failed-targets",
+                "postgres://a?iam=aws",
+                "postgres://b",
+            ],
+            &[],
+        )
+        .expect("one target left");
+        assert_eq!(config.targets.len(), 1);
+        assert!(config.skipped[0].reason.contains("\"aws\" feature"));
+    }
+
+    #[cfg(not(feature = "gcp"))]
+    #[test]
+    fn feature_refusal_of_iam_gcp_cloud_sql_and_iap_without_gcp() {
+        let refused = |args: &[&str], env: &[(&str, &str)], what: &str| {
+            refused_for_feature(args, env, what, "gcp")
+        };
+        refused(&["postgres://db?iam=gcp"], &[], "iam=gcp");
+        refused(&["--iam", "gcp", "postgres://db"], &[], "iam=gcp");
+        refused(
+            &["my-project:europe-west1:db"],
+            &[],
+            "a Cloud SQL instance target",
+        );
+        refused(
+            &["my-project:europe-west1:db?port=5432"],
+            &[],
+            "a Cloud SQL instance target",
+        );
+        refused(&["postgres://db?via=iap://p/z/vm"], &[], "via=iap://");
+        refused(
+            &["postgres://db"],
+            &[("KEYHOLE_VIA", "iap://p/z/vm")],
+            "via=iap://",
+        );
+        refused(
+            &["postgres://db?via=iap://p/z/vm,ssh://me@vm"],
+            &[],
+            "via=iap://",
+        );
+    }
+
+    /// Every build accepts what needs no optional part.
+    #[test]
+    fn feature_refusal_spares_what_needs_no_feature() {
+        for args in [
+            &["postgres://db"][..],
+            &["mysql://db?via=ssh://me@bastion"],
+            &["postgres://db?via=socks5://proxy:1080"],
+        ] {
+            load(args, &[]).expect("no feature needed");
+        }
     }
 }

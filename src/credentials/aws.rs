@@ -41,7 +41,12 @@ pub async fn load_config() -> SdkConfig {
             tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https();
-    aws_config::defaults(BehaviorVersion::latest())
+    // Pinned, not `latest()`: a new behavior version changes the SDK's defaults (retries,
+    // timeouts, the HTTP stack), and keyhole's behavior changes only when we decide, with an
+    // aws-config update that moves this pin on purpose. v2026_01_12 is the newest in
+    // aws-config 1.13 (what `latest()` gave there, so pinning it changed nothing): retries
+    // on, a 3.1 s connect timeout for the credential providers' clients.
+    aws_config::defaults(BehaviorVersion::v2026_01_12())
         .http_client(https)
         .load()
         .await

@@ -602,37 +602,9 @@ fn rsa_key(pem: &str) -> Result<RsaKeyPair, &'static str> {
         .map_err(|_| "has a private_key that is not an RSA key ring can sign with")
 }
 
-/// Google's error body `{"error": {"status", "details": [{"reason"}],
-/// "errors": [{"reason"}]}}`: the `status` and each `reason` that is a short
-/// identifier. The message is the service's prose and is not shown.
-pub(crate) fn google_error_codes(body: &[u8]) -> Vec<String> {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let identifier = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .filter(|s| {
-                !s.is_empty()
-                    && s.len() <= 64
-                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            })
-            .map(str::to_owned)
-    };
-    let mut codes: Vec<String> = identifier(value.pointer("/error/status"))
-        .into_iter()
-        .collect();
-    let reasons = ["/error/details", "/error/errors"]
-        .iter()
-        .filter_map(|pointer| value.pointer(pointer).and_then(Value::as_array))
-        .flatten()
-        .filter_map(|entry| identifier(entry.get("reason")));
-    for reason in reasons {
-        if !codes.contains(&reason) {
-            codes.push(reason);
-        }
-    }
-    codes
-}
+// Google's error bodies are read the same by every Google endpoint keyhole
+// calls, the Admin API included (which is in every build).
+pub(crate) use crate::http::client::google_error_codes;
 
 /// The OAuth2 `error` field (RFC 6749 §5.2) when it is a short ASCII code
 /// like `invalid_grant`; the rest of the body is never shown.

@@ -1103,6 +1103,38 @@ pub(crate) mod testing {
     }
 }
 
+/// Google's error body `{"error": {"status", "details": [{"reason"}],
+/// "errors": [{"reason"}]}}`: the `status` and each `reason` that is a short
+/// identifier. The message is the service's prose and is not shown.
+pub(crate) fn google_error_codes(body: &[u8]) -> Vec<String> {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let identifier = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .filter(|s| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+            .map(str::to_owned)
+    };
+    let mut codes: Vec<String> = identifier(value.pointer("/error/status"))
+        .into_iter()
+        .collect();
+    let reasons = ["/error/details", "/error/errors"]
+        .iter()
+        .filter_map(|pointer| value.pointer(pointer).and_then(serde_json::Value::as_array))
+        .flatten()
+        .filter_map(|entry| identifier(entry.get("reason")));
+    for reason in reasons {
+        if !codes.contains(&reason) {
+            codes.push(reason);
+        }
+    }
+    codes
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;

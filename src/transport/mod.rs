@@ -21,9 +21,15 @@
 //! client can be shown: no password, no proxy credentials.
 
 pub mod http_connect;
+// Each cloud tunnel comes with its cloud's Cargo feature (crate::features).
+// Without it, a stand-in of the same shape from without/ takes its place and
+// opens nothing, so that no code below needs a cfg: the configuration has
+// refused `iap://` or `ssm://` before a hop is built.
+#[cfg_attr(not(feature = "gcp"), path = "without/iap.rs")]
 pub mod iap;
 pub mod socks5;
 pub mod ssh;
+#[cfg_attr(not(feature = "aws"), path = "without/ssm.rs")]
 pub mod ssm;
 pub mod websocket;
 pub mod wss;
