@@ -28,6 +28,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod platform;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
