@@ -24,7 +24,7 @@ pub const GCP: bool = cfg!(feature = "gcp");
 
 /// The features this build has, for messages: `aws, gcp`, or `none`.
 pub fn enabled() -> String {
-    let names: Vec<&str> = [("aws", AWS), ("gcp", GCP)]
+    let names: Vec<&str> = [("aws", AWS), ("gcp", GCP), ("otel", cfg!(feature = "otel"))]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
         .collect();

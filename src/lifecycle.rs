@@ -14,7 +14,6 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, Mutex};
 
 /// The process's phase, as `/startup` and `/readiness` report it.
@@ -42,18 +41,15 @@ impl StopRequest {
     /// as a shell reports a process killed by it; 0 for a requested quit.
     pub fn exit_code_when_cut(self) -> u8 {
         match self {
-            StopRequest::Terminate => 128 + libc::SIGTERM as u8,
-            StopRequest::Interrupt => 128 + libc::SIGINT as u8,
+            StopRequest::Terminate => 128 + crate::platform::signals::SIGTERM,
+            StopRequest::Interrupt => 128 + crate::platform::signals::SIGINT,
             StopRequest::Quit => 0,
         }
     }
 
+    /// What the log calls it (the signal, or the Windows console event).
     pub fn name(self) -> &'static str {
-        match self {
-            StopRequest::Terminate => "SIGTERM",
-            StopRequest::Interrupt => "SIGINT",
-            StopRequest::Quit => "quitquitquit",
-        }
+        crate::platform::signals::name(self)
     }
 }
 
@@ -170,39 +166,32 @@ impl Lifecycle {
         if self.hangup_forwarded.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        #[cfg(unix)]
-        {
-            let mut hangup = match signal(SignalKind::hangup()) {
-                Ok(hangup) => hangup,
-                Err(e) => {
-                    self.hangup_forwarded.store(false, Ordering::Release);
-                    return Err(e);
-                }
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                while hangup.recv().await.is_some() {
-                    me.request_reload(ReloadCause::Hangup);
-                }
-            });
-        }
+        let mut hangup = match crate::platform::signals::ReloadSignal::listen() {
+            Ok(Some(hangup)) => hangup,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.hangup_forwarded.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                me.request_reload(ReloadCause::Hangup);
+            }
+        });
         Ok(())
     }
 
-    /// Turns SIGTERM and SIGINT into stop requests, for the life of the
-    /// runtime. Installed before any port opens: a supervisor may signal as
+    /// Turns SIGTERM and SIGINT (on Windows Ctrl-C, Ctrl-Break and console
+    /// close: [`crate::platform::signals`]) into stop requests, for the life
+    /// of the runtime. Installed before any port opens: a supervisor may signal as
     /// soon as one does.
     pub fn forward_signals(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let mut signals = crate::platform::signals::StopSignals::listen()?;
         let me = self.clone();
         tokio::spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    Some(()) = term.recv() => StopRequest::Terminate,
-                    Some(()) = int.recv() => StopRequest::Interrupt,
-                    else => return,
-                };
+            while let Some(request) = signals.recv().await {
                 me.request_stop(request);
             }
         });

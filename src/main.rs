@@ -11,6 +11,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     // Before any thread starts: it reads and removes NOTIFY_SOCKET.
     keyhole::systemd::init();
+    keyhole::platform::process::note_start();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(code) = keyhole::commands::dispatch(&args) {
         return code;

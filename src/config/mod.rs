@@ -81,7 +81,7 @@ Commands (each with --help):
 
 /// keyhole: plain Postgres on localhost, verified TLS to the database.
 #[derive(Parser, Debug)]
-#[command(name = "keyhole", version, about, after_long_help = ENV_HELP, after_help = "See --help for environment variables, target parameters and examples.")]
+#[command(name = "keyhole", version = crate::platform::version(), about, after_long_help = ENV_HELP, after_help = "See --help for environment variables, target parameters and examples.")]
 pub struct Cli {
     /// Databases to proxy, each as postgres://HOST[:PORT][?PARAMS] or mysql://HOST[:PORT][?PARAMS].
     #[arg(value_name = "TARGET")]
@@ -1540,8 +1540,11 @@ pub(super) fn pool_params<'a>(
 
 /// A target that needs a part this build lacks (a Cargo feature, see
 /// [`crate::features`]) is a configuration error of that target.
+/// So is one that asks for what this operating system lacks
+/// ([`crate::platform::check_target`]: Unix sockets and SSH hops on Windows).
 fn check_features(target: &TargetConfig) -> Result<(), ConfigError> {
     crate::features::check_target(target)
+        .and_then(|()| crate::platform::check_target(target))
         .map_err(|e| invalid(format!("target {}: {e}", target.name)))
 }
 

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 pub use histogram::Histogram;
 pub use hop::HopMetrics;
 pub use pool::PoolMetrics;
-pub use process::{parse_btime, parse_stat, Snapshot as ProcessSnapshot, Stat};
+pub use process::Snapshot as ProcessSnapshot;
 pub use reload::ReloadMetrics;
 pub use target::{ExpiryProbe, OpenConnection, TargetMetrics};
 pub use text::CONTENT_TYPE;

@@ -404,6 +404,9 @@ async fn shutdown(
 /// Probes, once, what the configuration needs of the platform (and that
 /// `before`, the running configuration, did not need yet).
 fn probe_platform(config: &Config, before: Option<&Config>) {
+    if before.is_none() {
+        crate::platform::log_data_path();
+    }
     let auto = crate::tls::KernelTls::Auto;
     if config.kernel_tls == auto && before.is_none_or(|b| b.kernel_tls != auto) {
         match crate::tls::ktls::availability() {

@@ -182,9 +182,13 @@ impl SpliceSocket for Socket {
 }
 
 /// Whether splice(2) works here: probed once per process on a loopback
-/// pair (true on Linux; false on systems without splice(2)). When false,
-/// use the buffered [`super::Splice`].
+/// pair (true on Linux; false, without a probe, in a build without the
+/// Linux-only calls: see [`crate::platform`]). When false, use the buffered
+/// [`super::Splice`].
 pub fn supported() -> bool {
+    if !cfg!(linux_native) {
+        return false;
+    }
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
     *SUPPORTED.get_or_init(|| match probe() {
         Ok(()) => true,
@@ -934,7 +938,7 @@ impl Drop for Flow {
 }
 
 /// The system calls, with EINTR retried.
-#[cfg(any(target_os = "linux", target_os = "android"))]
+#[cfg(linux_native)]
 mod sys {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -1018,7 +1022,7 @@ mod sys {
 
 /// No splice(2) here: pipes cannot be made, so every direction takes the
 /// userspace copy (and [`supported`] says false).
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[cfg(not(linux_native))]
 mod sys {
     use std::io;
     use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
@@ -1659,10 +1663,19 @@ mod tests {
         }
     }
 
-    #[cfg(target_os = "linux")]
+    #[cfg(linux_native)]
     #[test]
     fn splice_is_supported_on_linux() {
         assert!(supported());
         assert!(supported(), "the probe's answer is kept");
+    }
+
+    #[cfg(not(linux_native))]
+    #[test]
+    fn the_portable_build_never_splices() {
+        assert!(!supported());
+        assert!(
+            matches!(Pipe::new(&PipeConfig::default()), Err(e) if e.raw_os_error() == Some(libc::ENOSYS))
+        );
     }
 }

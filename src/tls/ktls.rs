@@ -44,10 +44,10 @@ const TLS_TX: i32 = 1;
 /// `TLS_RX`: socket option (level `SOL_TLS`) that sets the receive keys.
 const TLS_RX: i32 = 2;
 /// `TLS_SET_RECORD_TYPE`: cmsg type (level `SOL_TLS`) naming a sent record's content type.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+#[cfg_attr(not(linux_native), allow(dead_code))]
 const TLS_SET_RECORD_TYPE: i32 = 1;
 /// `TLS_GET_RECORD_TYPE`: cmsg type (level `SOL_TLS`) naming a received record's content type.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+#[cfg_attr(not(linux_native), allow(dead_code))]
 const TLS_GET_RECORD_TYPE: i32 = 2;
 /// `TLS_1_2_VERSION`: `TLS_VERSION_NUMBER(TLS_1_2)`, major 3 minor 3.
 const TLS_1_2_VERSION: u16 = 0x0303;
@@ -429,9 +429,11 @@ fn ulp_missing(source: &io::Error) -> String {
 }
 
 fn probe() -> Availability {
-    if !cfg!(target_os = "linux") {
+    if !cfg!(linux_native) {
         return Availability::Unavailable {
-            reason: "kernel TLS is a Linux feature and this is not Linux".to_string(),
+            reason: "this build has the portable data path (kernel TLS is Linux-only; \
+                     `--cfg keyhole_portable` leaves it out on Linux too)"
+                .to_string(),
         };
     }
     let listener = match std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) {
@@ -705,7 +707,7 @@ fn gcm_salt_and_iv(version: TlsVersion, seq: u64, iv: &[u8; 12]) -> ([u8; 4], [u
 }
 
 /// The system calls, Linux only.
-#[cfg(target_os = "linux")]
+#[cfg(linux_native)]
 mod sys {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd};
@@ -846,7 +848,7 @@ mod sys {
 }
 
 /// Stand-ins where there is no kernel TLS: every call fails as unsupported.
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(linux_native))]
 mod sys {
     use std::io;
     use std::os::fd::BorrowedFd;

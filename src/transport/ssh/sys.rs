@@ -60,7 +60,7 @@ pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Arranges for the process started by `command` (the ssh master, or
 /// `keyhole connect`'s keyhole) to end with its parent.
-#[cfg(all(target_os = "linux", not(keyhole_portable)))]
+#[cfg(linux_native)]
 pub fn end_with_keyhole(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs in the child
@@ -76,7 +76,7 @@ pub fn end_with_keyhole(command: &mut std::process::Command) {
 }
 
 /// See the module docs: the master ends at shutdown or when dropped.
-#[cfg(not(all(target_os = "linux", not(keyhole_portable))))]
+#[cfg(not(linux_native))]
 pub fn end_with_keyhole(_command: &mut std::process::Command) {}
 
 #[cfg(test)]
