@@ -1537,16 +1537,42 @@ fn metrics_follow_a_session_from_open_to_close() {
             .any(|s| s.name == "keyhole_build_info" && s.labels.contains_key("version")),
         "{before:#?}"
     );
-    for positive in [
-        "process_resident_memory_bytes",
-        "process_virtual_memory_bytes",
-        "process_open_fds",
-        "process_max_fds",
-        "process_start_time_seconds",
-    ] {
+    // What the platform reports (`/proc` on Linux); the rest is left out of
+    // the scrape, never reported as zero (src/platform/process.rs).
+    let (reported, absent): (&[&str], &[&str]) = if cfg!(linux_native) {
+        (
+            &[
+                "process_resident_memory_bytes",
+                "process_virtual_memory_bytes",
+                "process_open_fds",
+                "process_max_fds",
+                "process_start_time_seconds",
+            ],
+            &[],
+        )
+    } else {
+        (
+            &[
+                "process_open_fds",
+                "process_max_fds",
+                "process_start_time_seconds",
+            ],
+            &[
+                "process_resident_memory_bytes",
+                "process_virtual_memory_bytes",
+            ],
+        )
+    };
+    for positive in reported {
         assert!(
             metric(&before, positive, &[]).is_some_and(|v| v > 0.0),
             "{positive} is not > 0 in {before:#?}"
+        );
+    }
+    for missing in absent {
+        assert!(
+            !before.iter().any(|s| s.name == *missing),
+            "{missing} should be left out in {before:#?}"
         );
     }
     assert!(metric(&before, "process_cpu_seconds_total", &[]).is_some_and(|v| v >= 0.0));

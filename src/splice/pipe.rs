@@ -1020,10 +1020,15 @@ mod sys {
     }
 }
 
+// Without the Linux-only calls (src/platform/) the stand-ins answer for
+// `sys`, under their own name, so a symbol table tells which a build has.
+#[cfg(not(linux_native))]
+use unsupported as sys;
+
 /// No splice(2) here: pipes cannot be made, so every direction takes the
 /// userspace copy (and [`supported`] says false).
 #[cfg(not(linux_native))]
-mod sys {
+mod unsupported {
     use std::io;
     use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 

@@ -847,9 +847,14 @@ mod sys {
     }
 }
 
+// Without the Linux-only calls (src/platform/) the stand-ins answer for
+// `sys`, under their own name, so a symbol table tells which a build has.
+#[cfg(not(linux_native))]
+use unsupported as sys;
+
 /// Stand-ins where there is no kernel TLS: every call fails as unsupported.
 #[cfg(not(linux_native))]
-mod sys {
+mod unsupported {
     use std::io;
     use std::os::fd::BorrowedFd;
 
