@@ -28,7 +28,11 @@
 #      installed when missing; the release binary of step 6 is reused), then installs it
 #      into a throwaway root and checks it (--version, man pages, completions, conffiles,
 #      `systemd-analyze verify` of the unit)
-#   8. cargo test: doc tests first, then the OpenTelemetry test with its feature
+#   8. (full runs only) the portable build: RUSTFLAGS="--cfg keyhole_portable" (the data
+#      path, process metrics and calls macOS and Windows get; src/platform/) in its own
+#      target directory (target/portable, so the two builds do not evict each other):
+#      clippy on every target, then the whole test suite (lib, bins, integration tests)
+#   9. cargo test: doc tests first, then the OpenTelemetry test with its feature
 #      (cargo test --features otel --test otel, and the library's unit tests with it),
 #      then the library, binaries and integration tests, so the output closes on
 #      cargo test's own summary of the main suite.
@@ -67,7 +71,7 @@ if [[ -t 1 ]]; then
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-always}
 fi
 
-readonly total_steps=8
+readonly total_steps=9
 step_no=0
 step_started=$SECONDS
 step_times=()
@@ -245,6 +249,15 @@ if (($# == 0)); then
   [[ -x target/release/keyhole && ${KEYHOLE_SKIP_BENCH:-} != 1 ]] && package_args=(--no-build)
   deb=$(scripts/package-deb.sh "${package_args[@]}" | tail -n 1) || fail
   scripts/package-deb.sh --smoke "$deb" || fail
+fi
+
+if (($# == 0)); then
+  step portable "the portable build (--cfg keyhole_portable): clippy, then the whole test suite"
+  # RUSTFLAGS rebuilds every crate: its own target directory keeps both builds.
+  portable=(env RUSTFLAGS="${RUSTFLAGS:-} --cfg keyhole_portable"
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/portable")
+  "${portable[@]}" cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
+  "${portable[@]}" cargo test "${locked[@]}" --tests || fail
 fi
 
 if (($# > 0)); then

@@ -11,6 +11,13 @@
 //! [`telemetry`] exports traces and metrics over OpenTelemetry (cargo feature `otel`).
 //! The clouds' parts are Cargo features (`aws`, `gcp`): [`features`] lists them.
 
+// Unix-only APIs (clippy.toml) are allowed on Unix (Cargo.toml's [lints]); the
+// Windows-shaped check denies them outside the Unix code.
+#![cfg_attr(
+    keyhole_windows_shape,
+    deny(clippy::disallowed_types, clippy::disallowed_methods)
+)]
+
 pub mod backend;
 pub mod cancel;
 pub mod cidr;
@@ -33,6 +40,8 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod splice;
+// sd_notify needs a Unix datagram socket; elsewhere the calls do nothing.
+#[cfg_attr(not(keyhole_unix), path = "platform/no_systemd.rs")]
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;

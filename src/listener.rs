@@ -4,10 +4,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
+#[cfg(keyhole_unix)]
+use tokio::net::UnixListener;
 
 use crate::net::Socket;
 
@@ -64,6 +65,7 @@ impl Endpoint {
 pub enum Listener {
     Tcp(TcpListener),
     /// Removes its socket file when dropped.
+    #[cfg(keyhole_unix)]
     Unix(UnixListener, UnixSocketFile),
 }
 
@@ -105,6 +107,9 @@ impl Listener {
             Some(socket2::Protocol::TCP),
         )
         .map_err(err)?;
+        // Rebinding past TIME_WAIT needs SO_REUSEADDR on Unix; on Windows it
+        // would let another process bind the same port, and is not needed.
+        #[cfg(not(windows))]
         socket.set_reuse_address(true).map_err(err)?;
         if addr.is_ipv6() {
             // [::] means IPv6 only here; bind 0.0.0.0 for IPv4.
@@ -118,7 +123,9 @@ impl Listener {
     }
 
     /// Binds `path`, replacing a stale socket file that nobody listens on.
+    #[cfg(keyhole_unix)]
     pub fn bind_unix(path: &Path) -> Result<Listener, BindError> {
+        use std::os::unix::fs::FileTypeExt;
         let err = |source| BindError {
             what: path.display().to_string(),
             source,
@@ -145,12 +152,26 @@ impl Listener {
         Ok(Listener::Unix(listener, UnixSocketFile(path.to_owned())))
     }
 
+    /// Without Unix sockets: refused (the configuration refuses such a
+    /// target first, naming its option: [`crate::platform::check_target`]).
+    #[cfg(not(keyhole_unix))]
+    pub fn bind_unix(path: &Path) -> Result<Listener, BindError> {
+        Err(BindError {
+            what: path.display().to_string(),
+            source: io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this system has no Unix-socket listeners",
+            ),
+        })
+    }
+
     pub async fn accept(&self) -> io::Result<(Socket, Peer)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
                 Ok((Socket::Tcp(s), Peer::Tcp(addr)))
             }
+            #[cfg(keyhole_unix)]
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
                 Ok((Socket::Unix(s), Peer::Unix))
@@ -164,6 +185,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp".into()),
+            #[cfg(keyhole_unix)]
             Listener::Unix(_, file) => file.0.display().to_string(),
         }
     }
@@ -171,9 +193,17 @@ impl Listener {
 
 /// Whether an accept error is about this process's resources (back off and
 /// go on) rather than one connection (go on at once).
+#[cfg(keyhole_unix)]
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Whether an accept error is about this process's resources: Winsock's
+/// WSAEMFILE (10024) and WSAENOBUFS (10055), or memory.
+#[cfg(not(keyhole_unix))]
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(10024 | 10055)) || e.kind() == io::ErrorKind::OutOfMemory
 }

@@ -1,5 +1,12 @@
 //! The `keyhole` binary: configuration, logging, runtime, exit code.
 
+// Unix-only APIs (clippy.toml) are allowed on Unix (Cargo.toml's [lints]); the
+// Windows-shaped check denies them outside the Unix code.
+#![cfg_attr(
+    keyhole_windows_shape,
+    deny(clippy::disallowed_types, clippy::disallowed_methods)
+)]
+
 use std::process::ExitCode;
 
 use keyhole::config::{Config, ConfigError};

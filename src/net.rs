@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
+#[cfg(keyhole_unix)]
+use tokio::net::UnixStream;
 
 /// Idle time before the first TCP keepalive probe on upstream connections;
 /// well under the 350 s after which AWS NAT gateways drop idle flows.
@@ -16,11 +18,64 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// A stream socket: an accepted client connection, or the way to a
-/// database (TCP, or the local end of an SSH channel).
+/// database (TCP, or the local end of a hop's channel).
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
+    #[cfg(keyhole_unix)]
     Unix(UnixStream),
+    /// Without Unix sockets (Windows): a tunnel's end in memory ([`pair`]).
+    #[cfg(not(keyhole_unix))]
+    Memory(tokio::io::DuplexStream),
+}
+
+/// The end of a [`pair`] that a hop's task relays.
+#[cfg(keyhole_unix)]
+pub type TunnelEnd = UnixStream;
+/// The end of a [`pair`] that a hop's task relays.
+#[cfg(not(keyhole_unix))]
+pub type TunnelEnd = tokio::io::DuplexStream;
+
+/// The halves of a [`TunnelEnd`], for a task that reads and writes it at once.
+#[cfg(keyhole_unix)]
+pub type TunnelRead = tokio::net::unix::OwnedReadHalf;
+#[cfg(keyhole_unix)]
+pub type TunnelWrite = tokio::net::unix::OwnedWriteHalf;
+#[cfg(not(keyhole_unix))]
+pub type TunnelRead = tokio::io::ReadHalf<TunnelEnd>;
+#[cfg(not(keyhole_unix))]
+pub type TunnelWrite = tokio::io::WriteHalf<TunnelEnd>;
+
+/// Splits a tunnel's end into its halves.
+pub fn split_end(end: TunnelEnd) -> (TunnelRead, TunnelWrite) {
+    #[cfg(keyhole_unix)]
+    {
+        end.into_split()
+    }
+    #[cfg(not(keyhole_unix))]
+    {
+        tokio::io::split(end)
+    }
+}
+
+/// Room in each direction of an in-memory [`pair`].
+#[cfg(not(keyhole_unix))]
+const MEMORY_PAIR_BUFFER: usize = 256 * 1024;
+
+/// A connected pair: the [`Socket`] keyhole's upstream uses, and the end a
+/// tunnel's task relays (a Unix socket pair, which the splice can take;
+/// without Unix sockets, a pipe in memory).
+pub fn pair() -> io::Result<(Socket, TunnelEnd)> {
+    #[cfg(keyhole_unix)]
+    {
+        let (ours, tunnel) = UnixStream::pair()?;
+        Ok((Socket::Unix(ours), tunnel))
+    }
+    #[cfg(not(keyhole_unix))]
+    {
+        let (ours, tunnel) = tokio::io::duplex(MEMORY_PAIR_BUFFER);
+        Ok((Socket::Memory(ours), tunnel))
+    }
 }
 
 impl Socket {
@@ -40,6 +95,7 @@ impl Socket {
                             socket2::SockRef::from(s).peek(&mut byte)
                         })
                     }
+                    #[cfg(keyhole_unix)]
                     Socket::Unix(s) => {
                         if s.readable().await.is_err() {
                             return true;
@@ -48,6 +104,10 @@ impl Socket {
                             socket2::SockRef::from(s).peek(&mut byte)
                         })
                     }
+                    // A tunnel's end, never an accepted client: nothing to
+                    // peek at without taking it.
+                    #[cfg(not(keyhole_unix))]
+                    Socket::Memory(_) => return false,
                 };
                 match result {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -57,6 +117,28 @@ impl Socket {
             }
         };
         tokio::time::timeout(limit, peeked).await.unwrap_or(false)
+    }
+}
+
+impl Socket {
+    /// Reads what is already there without waiting: `WouldBlock` when
+    /// nothing is.
+    pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.try_read(buf),
+            #[cfg(keyhole_unix)]
+            Socket::Unix(s) => s.try_read(buf),
+            #[cfg(not(keyhole_unix))]
+            Socket::Memory(s) => {
+                let mut read = ReadBuf::new(buf);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match Pin::new(s).poll_read(&mut cx, &mut read) {
+                    Poll::Ready(Ok(())) => Ok(read.filled().len()),
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
     }
 }
 
@@ -91,7 +173,13 @@ macro_rules! delegate {
                 let $s = Pin::new($s);
                 $e
             }
+            #[cfg(keyhole_unix)]
             Socket::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            #[cfg(not(keyhole_unix))]
+            Socket::Memory($s) => {
                 let $s = Pin::new($s);
                 $e
             }
@@ -105,12 +193,14 @@ impl From<TcpStream> for Socket {
     }
 }
 
+#[cfg(keyhole_unix)]
 impl From<UnixStream> for Socket {
     fn from(unix: UnixStream) -> Socket {
         Socket::Unix(unix)
     }
 }
 
+#[cfg(keyhole_unix)]
 impl std::os::fd::AsFd for Socket {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {

@@ -5,11 +5,13 @@
 //! descriptor to ssh on its standard output and exits. Not for people.
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
+#[cfg(keyhole_unix)]
 pub fn main(args: &[OsString]) -> ExitCode {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
     let [_, socket] = args else {
         eprintln!("usage: keyhole tunnel-fd SOCKET (run by keyhole's own ssh, not by people)");
         return ExitCode::from(super::EXIT_USAGE);
@@ -32,4 +34,11 @@ pub fn main(args: &[OsString]) -> ExitCode {
             ExitCode::from(super::EXIT_FAILED)
         }
     }
+}
+
+/// SSH hops need Unix (src/platform/): there is nothing to pass here.
+#[cfg(not(keyhole_unix))]
+pub fn main(_args: &[OsString]) -> ExitCode {
+    eprintln!("keyhole tunnel-fd: SSH hops need a Unix system");
+    ExitCode::from(super::EXIT_FAILED)
 }

@@ -28,7 +28,7 @@ use crate::protocol::farewell::Terminate;
 use crate::protocol::postgres::{
     self as pg, auth, tag, CancelKey, Message, StartupMessage, StartupPacket,
 };
-use crate::splice::pipe::{self, PipeConfig, PipeSplice};
+use crate::splice::PipeConfig;
 use crate::splice::Splice;
 use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
 
@@ -494,12 +494,16 @@ impl Session<'_> {
         let metrics = &*self.frontend.login.metrics;
         // Plain on both sides (a relay on this host): the kernel moves the
         // bytes, socket to pipe to socket, and they never enter keyhole.
+        // (splice(2) needs file descriptors: Unix only, and it works on Linux.)
+        #[cfg(keyhole_unix)]
         if let (ClientStream::Plain(client), UpstreamStream::Plain(relay)) =
             (&mut self.client.stream, &mut server.stream)
         {
-            if pipe::supported() {
+            if crate::splice::zero_copy_supported() {
                 tracing::debug!(data_path = "splice(2)", "both legs plain");
-                let splice = PipeSplice::new(client, relay, &self.frontend.pipe).metered(metrics);
+                let splice =
+                    crate::splice::pipe::PipeSplice::new(client, relay, &self.frontend.pipe)
+                        .metered(metrics);
                 return relay_until_cut(splice, cut, report).await;
             }
         }

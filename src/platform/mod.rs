@@ -87,7 +87,7 @@ pub fn log_data_path() {
 
 /// Whether listeners (and `keyhole connect`) can use Unix sockets: every
 /// Unix, macOS included. Windows refuses a Unix-socket option at start.
-pub const UNIX_SOCKETS: bool = cfg!(unix);
+pub const UNIX_SOCKETS: bool = cfg!(keyhole_unix);
 
 /// What a target may ask of the operating system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Capabilities {
     /// This system's.
     pub const THIS: Capabilities = Capabilities {
         unix_sockets: UNIX_SOCKETS,
-        ssh_hops: cfg!(unix),
+        ssh_hops: cfg!(keyhole_unix),
     };
     /// Windows', for tests on any system.
     pub const WINDOWS: Capabilities = Capabilities {
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(check_target_on(&tcp, Capabilities::WINDOWS), Ok(()));
     }
 
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     #[test]
     fn every_unix_keeps_unix_sockets_and_ssh_hops() {
         assert_eq!(

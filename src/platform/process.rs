@@ -113,7 +113,7 @@ mod imp {
     }
 }
 
-#[cfg(all(unix, not(linux_native)))]
+#[cfg(all(keyhole_unix, not(linux_native)))]
 mod imp {
     use super::Snapshot;
 
@@ -138,7 +138,7 @@ mod imp {
     }
 }
 
-#[cfg(not(unix))]
+#[cfg(not(keyhole_unix))]
 mod imp {
     use super::Snapshot;
 
@@ -152,14 +152,14 @@ mod imp {
 
 /// Entries of a directory of descriptors (`/proc/self/fd`, `/dev/fd`), the
 /// handle reading it included, as other Prometheus clients count.
-#[cfg(unix)]
+#[cfg(keyhole_unix)]
 fn count_entries(dir: &str) -> Option<u64> {
     let entries = std::fs::read_dir(dir).ok()?;
     Some(entries.filter(|e| e.is_ok()).count() as u64)
 }
 
 /// The soft limit on open files.
-#[cfg(unix)]
+#[cfg(keyhole_unix)]
 fn max_fds() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(parse_btime("cpu 1 2 3\n"), None);
     }
 
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     #[test]
     fn the_live_process_reads_plausibly() {
         note_start();

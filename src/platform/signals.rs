@@ -32,7 +32,7 @@ pub fn name(request: StopRequest) -> &'static str {
 
 pub use imp::{ReloadSignal, StopSignals};
 
-#[cfg(unix)]
+#[cfg(keyhole_unix)]
 mod imp {
     use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -80,16 +80,22 @@ mod imp {
     }
 }
 
-#[cfg(windows)]
+#[cfg(not(keyhole_unix))]
 mod imp {
+    #[cfg(windows)]
     use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close, CtrlBreak, CtrlC, CtrlClose};
 
     use crate::lifecycle::StopRequest;
 
     /// The console events that ask for a stop, listened to from creation on.
+    /// (Built on Linux only for the Windows-shaped check, `--cfg
+    /// keyhole_windows_shape`: there, Ctrl-C alone.)
     pub struct StopSignals {
+        #[cfg(windows)]
         c: CtrlC,
+        #[cfg(windows)]
         brk: CtrlBreak,
+        #[cfg(windows)]
         close: CtrlClose,
     }
 
@@ -97,24 +103,37 @@ mod imp {
         /// Starts listening (inside a tokio runtime).
         pub fn listen() -> std::io::Result<StopSignals> {
             Ok(StopSignals {
+                #[cfg(windows)]
                 c: ctrl_c()?,
+                #[cfg(windows)]
                 brk: ctrl_break()?,
+                #[cfg(windows)]
                 close: ctrl_close()?,
             })
         }
 
         /// The next stop request; `None` once no event can arrive.
         pub async fn recv(&mut self) -> Option<StopRequest> {
-            tokio::select! {
-                Some(()) = self.c.recv() => Some(StopRequest::Interrupt),
-                Some(()) = self.brk.recv() => Some(StopRequest::Terminate),
-                Some(()) = self.close.recv() => Some(StopRequest::Terminate),
-                else => None,
+            #[cfg(windows)]
+            {
+                tokio::select! {
+                    Some(()) = self.c.recv() => Some(StopRequest::Interrupt),
+                    Some(()) = self.brk.recv() => Some(StopRequest::Terminate),
+                    Some(()) = self.close.recv() => Some(StopRequest::Terminate),
+                    else => None,
+                }
+            }
+            #[cfg(not(windows))]
+            {
+                tokio::signal::ctrl_c()
+                    .await
+                    .ok()
+                    .map(|()| StopRequest::Interrupt)
             }
         }
     }
 
-    /// Windows has no reload signal: this is never made.
+    /// There is no reload signal: this is never made.
     pub enum ReloadSignal {}
 
     impl ReloadSignal {
@@ -140,7 +159,7 @@ mod tests {
         assert_eq!(StopRequest::Quit.exit_code_when_cut(), 0);
     }
 
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     #[test]
     fn the_log_names_the_unix_signals() {
         assert_eq!(name(StopRequest::Terminate), "SIGTERM");

@@ -425,7 +425,7 @@ fn probe_platform(config: &Config, before: Option<&Config>) {
     {
         // The splice(2) probe is a few blocking system calls: here, not in
         // the first relay session (it runs once per process).
-        crate::splice::pipe::supported();
+        crate::splice::zero_copy_supported();
     }
 }
 

@@ -94,7 +94,9 @@ impl Listening {
         });
         let bound = match (&listener, &endpoint) {
             (Listener::Tcp(l), _) => l.local_addr().ok().map(Bound::Tcp),
+            #[cfg(keyhole_unix)]
             (Listener::Unix(..), Endpoint::Unix(path)) => Some(Bound::Unix(path)),
+            #[cfg(keyhole_unix)]
             (Listener::Unix(..), Endpoint::Tcp(_)) => None,
         };
         let line = bound.map(|at| {

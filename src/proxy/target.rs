@@ -79,7 +79,7 @@ struct FrontendParts {
     fixed_user: Option<String>,
     tokens: Option<Arc<TokenLogin>>,
     metrics: Arc<TargetMetrics>,
-    pipe: crate::splice::pipe::PipeConfig,
+    pipe: crate::splice::PipeConfig,
     /// `password-file=`, as read when the target was built.
     password: Option<config::cloudsql::Secret>,
     /// `pool=session`, what drains its pools when keyhole starts draining,
@@ -816,7 +816,7 @@ async fn prepare_target(
         fixed_user: target.user.clone(),
         tokens: tokens.clone(),
         metrics: metrics.clone(),
-        pipe: crate::splice::pipe::PipeConfig {
+        pipe: crate::splice::PipeConfig {
             size: config.pipe_size,
         },
     };

@@ -35,14 +35,21 @@ pub(super) type Job = Box<dyn FnOnce(Socket) -> Pin<Box<dyn Future<Output = ()> 
 /// runtime's reactor, registered with the data thread's.
 enum Detached {
     Tcp(std::net::TcpStream),
+    #[cfg(keyhole_unix)]
     Unix(std::os::unix::net::UnixStream),
+    /// In memory: no reactor to leave or join.
+    #[cfg(not(keyhole_unix))]
+    Memory(tokio::io::DuplexStream),
 }
 
 impl Detached {
     fn from_socket(socket: Socket) -> io::Result<Detached> {
         match socket {
             Socket::Tcp(s) => s.into_std().map(Detached::Tcp),
+            #[cfg(keyhole_unix)]
             Socket::Unix(s) => s.into_std().map(Detached::Unix),
+            #[cfg(not(keyhole_unix))]
+            Socket::Memory(s) => Ok(Detached::Memory(s)),
         }
     }
 
@@ -50,7 +57,10 @@ impl Detached {
     fn attach(self) -> io::Result<Socket> {
         match self {
             Detached::Tcp(s) => tokio::net::TcpStream::from_std(s).map(Socket::Tcp),
+            #[cfg(keyhole_unix)]
             Detached::Unix(s) => tokio::net::UnixStream::from_std(s).map(Socket::Unix),
+            #[cfg(not(keyhole_unix))]
+            Detached::Memory(s) => Ok(Socket::Memory(s)),
         }
     }
 }

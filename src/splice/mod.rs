@@ -29,6 +29,9 @@
 //! on the path to end a session early.
 
 pub mod buffer;
+// splice(2) needs file descriptors: every Unix builds it, and it says at run
+// time whether it works (Linux only: src/platform/).
+#[cfg(keyhole_unix)]
 pub mod pipe;
 
 use std::future::Future;
@@ -164,10 +167,34 @@ macro_rules! plain_leg {
 
 plain_leg!(
     tokio::net::TcpStream,
-    tokio::net::UnixStream,
     tokio::io::DuplexStream,
-    crate::net::Socket,
+    crate::net::Socket
 );
+#[cfg(keyhole_unix)]
+plain_leg!(tokio::net::UnixStream);
+
+/// Pipe settings for `pipe::PipeSplice` (`--pipe-size`), kept on every
+/// system so a configuration reads the same everywhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipeConfig {
+    /// Bytes of pipe buffer to ask the kernel for (F_SETPIPE_SZ; it rounds
+    /// up to a power-of-two number of pages). None keeps the kernel's
+    /// default, 64 KiB on Linux.
+    pub size: Option<usize>,
+}
+
+/// Whether two plain legs can take splice(2) here: probed once on Linux,
+/// false elsewhere ([`crate::platform`]).
+pub fn zero_copy_supported() -> bool {
+    #[cfg(keyhole_unix)]
+    {
+        pipe::supported()
+    }
+    #[cfg(not(keyhole_unix))]
+    {
+        false
+    }
+}
 
 /// Bytes delivered so far, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

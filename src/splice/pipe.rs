@@ -242,14 +242,7 @@ where
     Ok(())
 }
 
-/// Pipe settings for [`PipeSplice`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PipeConfig {
-    /// Bytes of pipe buffer to ask the kernel for (F_SETPIPE_SZ; it rounds
-    /// up to a power-of-two number of pages). None keeps the kernel's
-    /// default, 64 KiB on Linux.
-    pub size: Option<usize>,
-}
+pub use super::PipeConfig;
 
 /// A pipe: both ends non-blocking and close-on-exec, closed on drop.
 #[derive(Debug)]

@@ -31,6 +31,7 @@
 //! type here that holds them implements `Debug`.
 
 use std::io;
+#[cfg(keyhole_unix)]
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::OnceLock;
 
@@ -856,10 +857,13 @@ use unsupported as sys;
 #[cfg(not(linux_native))]
 mod unsupported {
     use std::io;
-    use std::os::fd::BorrowedFd;
 
-    pub(super) const EBUSY: i32 = libc::EBUSY;
-    pub(super) const ENOENT: i32 = libc::ENOENT;
+    use super::BorrowedFd;
+
+    // Never compared with a real error (every call fails as Unsupported):
+    // POSIX's numbers, without asking libc for them.
+    pub(super) const EBUSY: i32 = 16;
+    pub(super) const ENOENT: i32 = 2;
     pub(super) const SOL_TCP: i32 = 0;
     pub(super) const TCP_ULP: i32 = 0;
     pub(super) const SOL_TLS: i32 = 0;
@@ -879,6 +883,30 @@ mod unsupported {
     pub(super) fn send_record(_: BorrowedFd<'_>, _: u8, _: &[u8]) -> io::Result<usize> {
         Err(unsupported())
     }
+}
+
+// Without file descriptors (Windows) kernel TLS is never installed; these
+// stand-ins for std's let the calls above compile there, and the calls fail.
+#[cfg(not(keyhole_unix))]
+use no_fds::{AsFd, BorrowedFd};
+
+#[cfg(not(keyhole_unix))]
+mod no_fds {
+    use std::marker::PhantomData;
+
+    /// Names no descriptor.
+    #[derive(Debug, Clone, Copy)]
+    pub struct BorrowedFd<'a>(PhantomData<&'a ()>);
+
+    pub trait AsFd {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            BorrowedFd(PhantomData)
+        }
+    }
+
+    impl AsFd for std::net::TcpStream {}
+    impl AsFd for tokio::net::TcpStream {}
+    impl AsFd for crate::net::Socket {}
 }
 
 #[cfg(test)]

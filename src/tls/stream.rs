@@ -211,18 +211,18 @@ impl TlsStream {
                     }
                 }
             }
-            (KernelTls::Auto, Socket::Unix(_)) => {
-                tracing::debug!(
-                    "TLS records stay in keyhole's record layer: kernel TLS needs a TCP socket, \
-                     and this one is a local channel (an SSH hop)"
-                );
-                None
-            }
             (KernelTls::Auto, Socket::Tcp(_)) => {
                 // The kernel reads records from the socket; these are already out of it.
                 tracing::debug!(
                     "TLS records stay in keyhole's record layer: the server sent records \
                      with its last handshake flight"
+                );
+                None
+            }
+            (KernelTls::Auto, _) => {
+                tracing::debug!(
+                    "TLS records stay in keyhole's record layer: kernel TLS needs a TCP socket, \
+                     and this one is a local channel (a hop's)"
                 );
                 None
             }

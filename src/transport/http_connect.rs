@@ -86,16 +86,15 @@ impl Proxy {
                         ),
                     })?;
                 tunnel(name, &mut tls, &request, host, port).await?;
-                let (ours, theirs) =
-                    tokio::net::UnixStream::pair().map_err(|e| HopError::Unreachable {
-                        hop: name.clone(),
-                        reason: format!("no local socket pair: {e}"),
-                    })?;
+                let (ours, theirs) = crate::net::pair().map_err(|e| HopError::Unreachable {
+                    hop: name.clone(),
+                    reason: format!("no local socket pair: {e}"),
+                })?;
                 tokio::spawn(async move {
                     let mut theirs = theirs;
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut theirs).await;
                 });
-                Ok(Socket::Unix(ours))
+                Ok(ours)
             }
         }
     }

@@ -28,6 +28,9 @@ pub mod http_connect;
 #[cfg_attr(not(feature = "gcp"), path = "without/iap.rs")]
 pub mod iap;
 pub mod socks5;
+// SSH hops need Unix (a shared OpenSSH master over a Unix control socket, and
+// passed descriptors): without it, the stand-in in without/ (src/platform/).
+#[cfg_attr(not(keyhole_unix), path = "without/ssh.rs")]
 pub mod ssh;
 #[cfg_attr(not(feature = "aws"), path = "without/ssm.rs")]
 pub mod ssm;

@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 use super::websocket::{self, HandshakeError, Limits};
 use crate::http::client::Url;
-use crate::net::Socket;
 
 /// A byte stream a WebSocket runs on: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -99,13 +98,6 @@ fn bracketed(host: &str) -> String {
     } else {
         host.to_owned()
     }
-}
-
-/// A connected pair: the [`Socket`] keyhole's upstream uses, and the end
-/// the tunnel's task relays.
-pub fn pair() -> std::io::Result<(Socket, UnixStream)> {
-    let (ours, tunnel) = UnixStream::pair()?;
-    Ok((Socket::Unix(ours), tunnel))
 }
 
 /// The TLS settings for a cloud endpoint: the system's roots (which honour

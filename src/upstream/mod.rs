@@ -555,12 +555,12 @@ impl Upstream {
 /// Before keyhole asks for TLS the server has nothing more to say: bytes
 /// waiting now were injected (or the server is broken), and must never be
 /// read as if they came through TLS.
-pub(crate) fn ensure_nothing_buffered(socket: &Socket, addr: &Peer) -> Result<(), UpstreamError> {
+pub(crate) fn ensure_nothing_buffered(
+    socket: &mut Socket,
+    addr: &Peer,
+) -> Result<(), UpstreamError> {
     let mut probe = [0u8; 1];
-    let read = match socket {
-        Socket::Tcp(s) => s.try_read(&mut probe),
-        Socket::Unix(s) => s.try_read(&mut probe),
-    };
+    let read = socket.try_read_now(&mut probe);
     let addr = addr.clone();
     match read {
         Ok(0) => Err(UpstreamError::ClosedDuringSetup { addr }),

@@ -110,7 +110,7 @@ impl Upstream {
             Conn::Tunnel(stream) => return Ok(stream),
         };
         // Nothing may arrive between the greeting and our SSLRequest.
-        super::ensure_nothing_buffered(&tcp, &addr)?;
+        super::ensure_nothing_buffered(&mut tcp, &addr)?;
         let mut request = BytesMut::with_capacity(4 + mysql::SSL_REQUEST_LEN);
         mysql::encode_packet(
             &mut request,

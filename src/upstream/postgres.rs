@@ -51,7 +51,7 @@ impl Upstream {
             byte => return Err(UpstreamError::NotTls { addr, byte }),
         }
         // CVE-2021-23222: nothing may arrive between 'S' and our ClientHello.
-        super::ensure_nothing_buffered(&tcp, &addr)?;
+        super::ensure_nothing_buffered(&mut tcp, &addr)?;
         self.handshake(tcp).await
     }
 

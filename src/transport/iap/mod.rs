@@ -29,7 +29,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use self::frame::Frame;
@@ -41,7 +40,7 @@ use crate::credentials::gcp::GcpTokenSource;
 use crate::credentials::impersonate::CLOUD_PLATFORM_SCOPE;
 use crate::credentials::{TokenCache, TokenRequest};
 use crate::http::client::{percent_encode, Url};
-use crate::net::Socket;
+use crate::net::{Socket, TunnelEnd};
 
 /// `--iap-endpoint`'s default.
 pub const DEFAULT_ENDPOINT: &str = "wss://tunnel.cloudproxy.app";
@@ -97,7 +96,7 @@ impl Iap {
 
     /// A stream to the VM's `port`, once the relay has connected to it.
     pub async fn open(self: &Arc<Self>, port: u16, timeout: Duration) -> Result<Socket, HopError> {
-        let (socket, end) = wss::pair().map_err(|e| HopError::Tunnel {
+        let (socket, end) = crate::net::pair().map_err(|e| HopError::Tunnel {
             hop: self.name.clone(),
             reason: format!("cannot make a socket pair: {e}"),
         })?;
@@ -112,7 +111,7 @@ impl Iap {
         self: &Arc<Self>,
         port: u16,
         timeout: Duration,
-        end: UnixStream,
+        end: TunnelEnd,
     ) -> Result<(), HopError> {
         let started = Instant::now();
         let path = format!(
@@ -382,8 +381,8 @@ enum Stop {
 }
 
 impl Relay {
-    async fn run(mut self, end: UnixStream) {
-        let (mut local_rx, mut local_tx) = end.into_split();
+    async fn run(mut self, end: TunnelEnd) {
+        let (mut local_rx, mut local_tx) = crate::net::split_end(end);
         let mut buf = vec![0u8; frame::MAX_DATA];
         let mut out = BytesMut::with_capacity(frame::MAX_DATA + 6);
         let mut ack_at: Option<Instant> = None;
@@ -484,7 +483,7 @@ impl Relay {
     async fn take(
         &mut self,
         frames: Vec<Frame>,
-        local: &mut tokio::net::unix::OwnedWriteHalf,
+        local: &mut crate::net::TunnelWrite,
         ack_at: &mut Option<Instant>,
     ) -> Result<(), Stop> {
         for frame in frames {

@@ -43,7 +43,7 @@ impl Under {
         }
     }
 
-    async fn open_into(&self, end: tokio::net::UnixStream) -> Result<(), HopError> {
+    async fn open_into(&self, end: crate::net::TunnelEnd) -> Result<(), HopError> {
         match self {
             Under::Iap(iap) => {
                 iap.open_into(iap.vm_port(22, true), OPEN_TIMEOUT, end)

@@ -11,6 +11,14 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+/// Linux's `send` flag against SIGPIPE. macOS has none (it sets it per
+/// socket); keyhole ignores SIGPIPE anyway, as every Rust program does, so
+/// a gone peer is EPIPE either way.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const NO_SIGPIPE: libc::c_int = 0;
+
 /// Sends `fd` over `socket` (a connected Unix stream socket). May report
 /// `WouldBlock` on a non-blocking socket: call it again when writable.
 pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -44,7 +52,7 @@ pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
     }
     loop {
         // SAFETY: `msg` and everything it points at outlive the call.
-        let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, NO_SIGPIPE) };
         match sent {
             1 => return Ok(()),
             0 => return Err(io::ErrorKind::WriteZero.into()),

@@ -42,7 +42,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +58,7 @@ use super::websocket::Message;
 use super::wss::{self, DialError, WsReader, WsWriter};
 use super::HopError;
 use crate::config::via::{SsmHop, SSM_DEFAULT_DOCUMENT};
-use crate::net::Socket;
+use crate::net::{Socket, TunnelEnd};
 
 /// How long the agent may take to send its handshake, and to finish it.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -108,7 +107,7 @@ struct SessionHandle {
 }
 
 struct Attach {
-    end: UnixStream,
+    end: TunnelEnd,
     done: oneshot::Sender<()>,
 }
 
@@ -151,8 +150,8 @@ impl Ssm {
         port: u16,
         timeout: Duration,
     ) -> Result<Socket, HopError> {
-        let (socket, end) =
-            wss::pair().map_err(|e| self.tunnel(format!("cannot make a socket pair: {e}")))?;
+        let (socket, end) = crate::net::pair()
+            .map_err(|e| self.tunnel(format!("cannot make a socket pair: {e}")))?;
         self.open_into(host, port, end, timeout).await?;
         Ok(socket)
     }
@@ -163,7 +162,7 @@ impl Ssm {
         self: &Arc<Self>,
         host: &str,
         port: u16,
-        end: UnixStream,
+        end: TunnelEnd,
         timeout: Duration,
     ) -> Result<(), HopError> {
         let deadline = Instant::now() + timeout;
@@ -211,8 +210,8 @@ impl Ssm {
         &self,
         host: &str,
         port: u16,
-        mut end: UnixStream,
-    ) -> Result<Option<UnixStream>, HopError> {
+        mut end: TunnelEnd,
+    ) -> Result<Option<TunnelEnd>, HopError> {
         while let Some(session) = self.live_session(host, port) {
             match attach(&session, end).await {
                 Ok(()) => return Ok(None),
@@ -429,12 +428,12 @@ impl Ssm {
 /// Why a connection did not join a session.
 enum NotJoined {
     /// The session's task is gone; the socket is handed back.
-    Back(UnixStream),
+    Back(TunnelEnd),
     /// The task took the socket and ended before it opened the stream.
     Lost,
 }
 
-async fn attach(session: &SessionHandle, end: UnixStream) -> Result<(), NotJoined> {
+async fn attach(session: &SessionHandle, end: TunnelEnd) -> Result<(), NotJoined> {
     let (done, joined) = oneshot::channel();
     if let Err(mpsc::error::SendError(back)) = session.attach.send(Attach { end, done }).await {
         return Err(NotJoined::Back(back.end));
@@ -848,11 +847,11 @@ impl SessionTask {
 /// session's chunks to its socket.
 fn spawn_connection(
     id: u32,
-    end: UnixStream,
+    end: TunnelEnd,
     to_session: mpsc::Sender<FromLocal>,
     mut from_session: mpsc::Receiver<Bytes>,
 ) {
-    let (mut reader, mut writer) = end.into_split();
+    let (mut reader, mut writer) = crate::net::split_end(end);
     tokio::spawn(async move {
         let mut buf = vec![0u8; READ_CHUNK];
         loop {

@@ -9,10 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixStream;
-
 use crate::config::via::IapHop;
-use crate::net::Socket;
+use crate::net::{Socket, TunnelEnd};
 use crate::transport::HopError;
 
 /// The same default as the real module's, for `--iap-endpoint`.
@@ -47,7 +45,7 @@ impl Iap {
         self: &Arc<Self>,
         _port: u16,
         _timeout: Duration,
-        _end: UnixStream,
+        _end: TunnelEnd,
     ) -> Result<(), HopError> {
         match **self {}
     }

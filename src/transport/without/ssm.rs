@@ -8,10 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixStream;
-
 use crate::config::via::SsmHop;
-use crate::net::Socket;
+use crate::net::{Socket, TunnelEnd};
 use crate::transport::HopError;
 
 /// An `ssm://` hop that opens nothing.
@@ -46,7 +44,7 @@ impl Ssm {
         self: &Arc<Self>,
         _host: &str,
         _port: u16,
-        _end: UnixStream,
+        _end: TunnelEnd,
         _timeout: Duration,
     ) -> Result<(), HopError> {
         Err(self.refused())
