@@ -3,9 +3,9 @@
 # scripts/bench.sh: keyhole's end-to-end benchmark, next to the same workloads going
 # straight to the server and through the proxies a user would pick instead. Run it by
 # hand on a quiet machine; CI runs only a small --quick pass of it, direct and keyhole
-# (scripts/test.sh), to check the harness. One command sets everything up on
-# loopback, runs every workload on every path in one run, and reports medians and
-# ratios to the direct path, with keyhole's targets next to them.
+# (with keyhole portable beside it; scripts/test.sh), to check the harness. One command
+# sets everything up on loopback, runs every workload on every path in one run, and
+# reports medians and ratios to the direct path, with keyhole's targets next to them.
 #
 #   scripts/bench.sh                  run everything, print the markdown report
 #   scripts/bench.sh --out DIR        also write DIR/bench.md (the report), DIR/bench.json
@@ -60,6 +60,19 @@
 #              sysbench asks for TLS but its client library does not verify)
 #   keyhole    target/release/keyhole --ca-file CA 'postgres://...?server-name=localhost'
 #              (mysql://... in front of MariaDB)
+#   keyhole-portable  ("keyhole portable" in the report; main table only) the same
+#              flags and targets as keyhole, each on its own port, from a binary built
+#              with RUSTFLAGS="--cfg keyhole_portable" (cargo build --release --locked
+#              --bin keyhole into TARGET/portable-release, TARGET being CARGO_TARGET_DIR
+#              or target, so that neither build evicts the other): the data path macOS
+#              and Windows get, one buffered copy instead of splice(2) and rustls' record
+#              layer instead of kernel TLS, so a laptop user knows what to expect. No
+#              target judges it. It runs whenever the keyhole path does (BENCH_PATHS
+#              naming keyhole brings it along; naming keyhole-portable alone runs it
+#              alone), unless BENCH_PORTABLE=0. splice(2) only joins two plain legs and
+#              every server here speaks TLS, so the two builds part only where keyhole
+#              uses kernel TLS (BENCH_KEYHOLE_FLAGS="--kernel-tls auto" on a kernel with
+#              the tls ULP): the report says under its table which it was
 #   keyhole-pool  ("keyhole pool=session" in the report; main table, PostgreSQL only)
 #              the same keyhole and flags with --http-port PORT --prometheus and the
 #              target 'postgres://...?server-name=localhost&user=bench&password-file=
@@ -80,12 +93,14 @@
 #              hand), with keyhole direct to 'postgres://127.0.0.1:PORT?server-name=localhost'
 #   via=socks5 keyhole '...&via=socks5://127.0.0.1:SOCKS'   (microsocks)
 #   via=http   keyhole '...&via=http://127.0.0.1:HTTP'      (tinyproxy)
-# and, in the latency group, every path above but keyhole-pool with the relay between it
-# and PostgreSQL (direct: pgbench -> relay -> PostgreSQL; a proxy: pgbench -> proxy ->
-# relay -> PostgreSQL, the proxy next to its client as a sidecar would be).
+# and, in the latency group, every path above but keyhole-pool and keyhole-portable with
+# the relay between it and PostgreSQL (direct: pgbench -> relay -> PostgreSQL; a proxy:
+# pgbench -> proxy -> relay -> PostgreSQL, the proxy next to its client as a sidecar
+# would be).
 # Proxies are reached over plain TCP on 127.0.0.1. Each proxy runs once per server it
-# fronts (PostgreSQL, synthetic and the relay; keyhole-pool PostgreSQL only; only
-# keyhole fronts MariaDB: no proxy that speaks MySQL is packaged here, see MySQL below).
+# fronts (PostgreSQL, synthetic and the relay; keyhole-pool PostgreSQL only;
+# keyhole-portable PostgreSQL, synthetic and MariaDB; only keyhole and keyhole-portable
+# front MariaDB: no proxy that speaks MySQL is packaged here, see MySQL below).
 #
 # Workloads, the same for every path, interleaved (every round runs each workload on
 # every path, in an order that rotates each round) and the median over rounds kept:
@@ -114,12 +129,12 @@
 #                 threads: TPS, latency, the proxy's CPU per query (µs); a bulk read
 #                 (mariadb --quick, select repeat('x', 1000) from a sequence, about
 #                 BENCH_COPY_MB MB, to /dev/null): MB/s, proxy CPU s/GB. Direct and
-#                 keyhole only: pgbouncer and goproxy speak PostgreSQL only, stunnel
-#                 (and haproxy) cannot do MySQL's TLS upgrade inside the protocol, and
-#                 none of the MySQL-speaking proxies that verify the server's
-#                 certificate (proxysql, mysql-router, maxscale; mysql-proxy) is in
-#                 Debian's packages: the run looks them up (apt-cache policy) and the
-#                 report says what it found
+#                 keyhole (both builds) only: pgbouncer and goproxy speak PostgreSQL
+#                 only, stunnel (and haproxy) cannot do MySQL's TLS upgrade inside the
+#                 protocol, and none of the MySQL-speaking proxies that verify the
+#                 server's certificate (proxysql, mysql-router, maxscale; mysql-proxy)
+#                 is in Debian's packages: the run looks them up (apt-cache policy) and
+#                 the report says what it found
 #   Cloud SQL     keyhole's connector (the instance as its target) through the fake,
 #                 next to direct and keyhole with its ordinary postgres:// target to
 #                 the same PostgreSQL, and stunnel through the same fake (with a
@@ -163,7 +178,11 @@
 # pgbouncer, stunnel4, golang-go, python3, sysbench, gnuplot-nox, and for the via= group
 # openssh-server, openssh-client, microsocks, tinyproxy; a peer that cannot be
 # installed is skipped), cargo build --release of keyhole and the synthetic,
-# cloudsql_fake and latency_relay examples, go build of goproxy into the temporary
+# cloudsql_fake and latency_relay examples, for the keyhole-portable path
+# RUSTFLAGS="--cfg keyhole_portable" cargo build --release --locked --bin keyhole into
+# TARGET/portable-release (once per run; a failed build skips the path with a note),
+# the kernel's TLS ULP probed (setsockopt TCP_ULP "tls" on a loopback connection, for
+# the report's line on the two keyhole builds), go build of goproxy into the temporary
 # directory, the servers, pgbench -i -s 10, sysbench prepare, the relay, the proxies
 # (each once more with the relay as its upstream), the fake Cloud SQL instance and the
 # connector, the hops (sshd, ssh -L, microsocks, tinyproxy) and keyhole through each,
@@ -186,9 +205,13 @@
 #   BENCH_IDLE_LARGE=N        idle connections to the synthetic upstream (default 10000;
 #                             lowered, with a note, when the open-files hard limit cannot
 #                             be raised to 2 N + 256, e.g. without CAP_SYS_RESOURCE)
-#   BENCH_PATHS="..."         the paths to run (default: direct keyhole keyhole-pool
-#                             pgbouncer stunnel goproxy); direct is always included, for
-#                             the ratios
+#   BENCH_PATHS="..."         the paths to run (default: direct keyhole keyhole-portable
+#                             keyhole-pool pgbouncer stunnel goproxy); direct is always
+#                             included, for the ratios, and keyhole brings keyhole-portable
+#   BENCH_PORTABLE=0          leave out the keyhole-portable path (and its build); it runs
+#                             by default, in --quick runs too (about a minute more there,
+#                             besides its first build: about 7 minutes on 2 cores, then
+#                             nothing while the sources stay the same)
 #   BENCH_MYSQL=0             leave out MariaDB and the MySQL workloads
 #   BENCH_CLOUDSQL=0          leave out the Cloud SQL connector's workloads (they run
 #                             only when the keyhole path does)
@@ -209,14 +232,17 @@
 #   BENCH_KEYHOLE_FLAGS="..."  extra flags for keyhole (split on spaces), e.g.
 #                             "--kernel-tls auto" on a kernel with the TLS ULP
 #   KEYHOLE_BIN=PATH          use this keyhole binary instead of building one
+#   KEYHOLE_PORTABLE_BIN=PATH use this keyhole binary for the keyhole-portable path
+#                             instead of building one (it should be a --cfg
+#                             keyhole_portable build: nothing here checks)
 #   BENCH_SYNTHETIC_BIN=PATH  use this synthetic binary instead of building one
 #   BENCH_CLOUDSQL_BIN=PATH   use this cloudsql_fake binary instead of building one
 #   BENCH_RELAY_BIN=PATH      use this latency_relay binary instead of building one
 #   KEYHOLE_PEERS_DIR=DIR     the benchmark peers (default: ../shared/peers from the repo)
 #   KEYHOLE_SKIP_PACKAGES=1   don't check system packages
 #   KEYHOLE_PG_BINDIR=DIR     where initdb/pg_ctl/postgres live (default: found)
-# With the defaults a run takes about 41 minutes on 2 cores (the via= group about 4 of
-# them, the latency group about 4); --quick about 7.
+# With the defaults a run takes about 46 minutes on 2 cores (the via= group about 4 of
+# them, the latency group about 4, keyhole portable about 5); --quick about 8.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME, awk and printf, whatever the caller's locale.
 export LC_ALL=C
@@ -299,6 +325,7 @@ with_mysql=${BENCH_MYSQL:-1}
 with_cloudsql=${BENCH_CLOUDSQL:-1}
 with_via=${BENCH_VIA:-1}
 with_latency=${BENCH_LATENCY:-1}
+with_portable=${BENCH_PORTABLE:-1}
 latency_delay_ms=${BENCH_LATENCY_DELAY_MS:-0.5}
 first_runs=${BENCH_FIRST_RUNS:-$d_first}
 read -r -a keyhole_flags <<<"${BENCH_KEYHOLE_FLAGS:-}"
@@ -315,6 +342,8 @@ done
 [[ $with_via == 0 || $with_via == 1 ]] || keyhole_die "BENCH_VIA: '$with_via' is neither 0 nor 1"
 [[ $with_latency == 0 || $with_latency == 1 ]] ||
   keyhole_die "BENCH_LATENCY: '$with_latency' is neither 0 nor 1"
+[[ $with_portable == 0 || $with_portable == 1 ]] ||
+  keyhole_die "BENCH_PORTABLE: '$with_portable' is neither 0 nor 1"
 if [[ ! $latency_delay_ms =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
   ! awk -v d="$latency_delay_ms" 'BEGIN { exit !(d > 0 && d <= 1000) }'; then
   keyhole_die "BENCH_LATENCY_DELAY_MS: '$latency_delay_ms' is not a number of milliseconds above 0, at most 1000"
@@ -353,7 +382,7 @@ readonly mysql_bulk_sql="select repeat('x', 1000) from seq_1_to_$copy_rows"
 readonly stream_bytes=$((stream_mb * 1000000))
 if ((quick)); then mysql_table_size=10000; else mysql_table_size=100000; fi
 readonly mysql_table_size
-readonly all_paths=(direct keyhole keyhole-pool pgbouncer stunnel goproxy)
+readonly all_paths=(direct keyhole keyhole-portable keyhole-pool pgbouncer stunnel goproxy)
 paths=(direct)
 for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   case " ${all_paths[*]} " in
@@ -361,11 +390,25 @@ for p in ${BENCH_PATHS:-${all_paths[*]}}; do
   *) keyhole_die "BENCH_PATHS: unknown path '$p' (known: ${all_paths[*]})" ;;
   esac
 done
+# keyhole portable: right after keyhole, which brings it along, or where BENCH_PATHS
+# names it without keyhole; never with BENCH_PORTABLE=0.
+portable_named=0
+[[ " ${paths[*]} " != *" keyhole-portable "* ]] || portable_named=1
+kept=()
+for p in "${paths[@]}"; do
+  [[ $p == keyhole-portable ]] && continue
+  kept+=("$p")
+  if ((with_portable)) && { [[ $p == keyhole ]] ||
+    [[ $p == direct && $portable_named == 1 && " ${paths[*]} " != *" keyhole "* ]]; }; then
+    kept+=(keyhole-portable)
+  fi
+done
+paths=("${kept[@]}")
 if ((!run_main)); then
-  # keyhole pool=session is a column of the main table only.
+  # keyhole pool=session and keyhole portable are columns of the main table only.
   kept=()
   for p in "${paths[@]}"; do
-    [[ $p == keyhole-pool ]] || kept+=("$p")
+    [[ $p == keyhole-pool || $p == keyhole-portable ]] || kept+=("$p")
   done
   paths=("${kept[@]}")
 fi
@@ -491,11 +534,11 @@ log_summary() {
   local quiet_fake='^$|^(api|proxy|instance|call) '
   # (tinyproxy, run as a user of its own choosing, says it would rather have one)
   local tp_bad='^(ERROR|CRITICAL|WARNING) ' tp_quiet='SHOULD set a UserName'
-  for name in keyhole keyhole-pool pgbouncer stunnel goproxy synthetic latency_relay cloudsql_fake sshd ssh tinyproxy; do
+  for name in keyhole keyhole-portable keyhole-pool pgbouncer stunnel goproxy synthetic latency_relay cloudsql_fake sshd ssh tinyproxy; do
     for file in "$tmp/$name".*.log; do
       [[ -s $file ]] || continue
       case $name in
-      keyhole | keyhole-pool) count=$(grep -cE ' (WARN|ERROR) ' "$file" || true) ;;
+      keyhole | keyhole-portable | keyhole-pool) count=$(grep -cE ' (WARN|ERROR) ' "$file" || true) ;;
       pgbouncer) count=$(grep -cE ' (WARNING|ERROR|FATAL) ' "$file" || true) ;;
       stunnel) count=$(grep -cE 'LOG[0-4]\[' "$file" || true) ;;
       goproxy | synthetic | latency_relay) count=$(grep -cvE '^$|^listening ' "$file" || true) ;;
@@ -507,7 +550,7 @@ log_summary() {
       ((count > 0)) || continue
       keyhole_log "$(basename "$file"): $count warning/error lines; the first ones:"
       case $name in
-      keyhole | keyhole-pool) grep -E ' (WARN|ERROR) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
+      keyhole | keyhole-portable | keyhole-pool) grep -E ' (WARN|ERROR) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       pgbouncer) grep -E ' (WARNING|ERROR|FATAL) ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       stunnel) grep -E 'LOG[0-4]\[' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
       goproxy | synthetic | latency_relay) grep -vE '^$|^listening ' "$file" | head -n 5 | cut -c1-400 | sed 's/^/  /' ;;
@@ -722,7 +765,8 @@ proxy_command() {
   up=${upstream_port[$server]:-}
   proxy_as_caller=0
   case $name in
-  keyhole)
+  keyhole | keyhole-portable)
+    # (keyhole portable: the same, from its own build; the main table's servers only)
     cmd=(env)
     # Only the flags configure it: no KEYHOLE_* variable from the caller's shell, and
     # none of the caller's proxy settings (ALL_PROXY would be a hop for every target,
@@ -741,7 +785,7 @@ proxy_command() {
       cmd+=("$cs_instance")
       ;;
     *)
-      cmd+=("$tmp/bin/keyhole" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
+      cmd+=("$tmp/bin/$name" --port "$port" --max-connections 0 --ca-file "$tmp/certs/ca.crt"
         "${keyhole_flags[@]}")
       # The via= group: the same target, through a hop (vtun: direct, to ssh -L).
       target="$scheme://127.0.0.1:$up?server-name=localhost"
@@ -1017,7 +1061,7 @@ servers_of() {
     return 0
   fi
   case $1 in
-  direct | keyhole) printf 'pg syn my' ;;
+  direct | keyhole | keyhole-portable) printf 'pg syn my' ;;
   keyhole-pool) printf 'pg' ;;
   *) printf 'pg syn' ;;
   esac
@@ -1025,12 +1069,13 @@ servers_of() {
 
 # proxy_servers PATH: the servers the path's proxy is started for: those of the main
 # table (without it, keyhole's PostgreSQL only, the other groups' baseline), and the
-# latency relay when the latency group runs (but for keyhole pool=session, a column of
-# the main table only).
+# latency relay when the latency group runs (but for keyhole pool=session and keyhole
+# portable, columns of the main table only).
 proxy_servers() {
   local list=""
   if ((run_main)) || [[ $1 == keyhole ]]; then list=$(servers_of "$1"); fi
-  ((!run_latency)) || [[ -n $latency_note || $1 == keyhole-pool ]] || list+=" lat"
+  ((!run_latency)) || [[ -n $latency_note || $1 == keyhole-pool || $1 == keyhole-portable ]] ||
+    list+=" lat"
   printf '%s' "${list# }"
 }
 
@@ -1440,7 +1485,7 @@ shown_command() {
   fi
   for ((; i < n; i++)); do
     arg=${cmd[i]}
-    [[ $arg != "$tmp/bin/keyhole" ]] || arg=keyhole
+    [[ $arg != "$tmp/bin/keyhole" && $arg != "$tmp/bin/keyhole-portable" ]] || arg=keyhole
     arg=${arg//"$tmp"/TMP}
     if [[ $arg =~ ^[A-Za-z0-9_./:@=,+-]+$ ]]; then out+=" $arg"; else out+=" '$arg'"; fi
   done
@@ -1731,12 +1776,16 @@ version_of() {
     proxy_command keyhole-pool@pg
     printf '%s; %s' "$(version_of keyhole)" "$(shown_command)"
     ;;
-  keyhole)
-    printf '%s' "$("$tmp/bin/keyhole" --version 2>/dev/null | head -n 1)"
-    if [[ -n ${KEYHOLE_BIN:-} ]]; then
+  keyhole | keyhole-portable)
+    printf '%s' "$("$tmp/bin/$1" --version 2>/dev/null | head -n 1)"
+    if [[ $1 == keyhole && -n ${KEYHOLE_BIN:-} ]]; then
       printf ' (KEYHOLE_BIN)'
+    elif [[ $1 == keyhole-portable && -n ${KEYHOLE_PORTABLE_BIN:-} ]]; then
+      printf ' (KEYHOLE_PORTABLE_BIN)'
     else
-      printf ' (built from %s)' "$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo '?')"
+      printf ' (built from %s' "$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo '?')"
+      [[ $1 == keyhole ]] || printf ' with RUSTFLAGS="--cfg keyhole_portable"'
+      printf ')'
     fi
     ((${#keyhole_flags[@]} == 0)) || printf ', with %s' "${keyhole_flags[*]}"
     ;;
@@ -1821,6 +1870,9 @@ write_context() {
     printf '  "mysql_note": %s,\n  "fd_note": %s,\n' "$(json_str "$mysql_note")" "$(json_str "$fd_note")"
     printf '  "mysql_proxies": %s, "mysql_proxies_how": %s,\n' "$(json_map mysql_proxies)" \
       "$(json_str "$mysql_proxies_how")"
+    # (probed only with the keyhole-portable path)
+    printf '  "kernel_tls": {"available": %s, "probe": %s, "asked": %s},\n' "$(json_str "$ktls_available")" \
+      "$(json_str "$ktls_probe")" "$(json_bool "$ktls_asked")"
     # (the versions of what ran; a probe that fails leaves its line empty or partial)
     printf '  "versions": {'
     sep=""
@@ -2005,6 +2057,69 @@ fi
 [[ $relay_bin == none || -x $relay_bin ]] || keyhole_die "no latency_relay binary at $relay_bin"
 [[ -n $cloudsql_note || -x $cloudsql_bin ]] || keyhole_die "no cloudsql_fake binary at $cloudsql_bin"
 
+# keyhole portable: keyhole built for the data path macOS and Windows get, into a target
+# directory of its own (other RUSTFLAGS rebuild every crate: in the shared one, the two
+# builds would evict each other), once per run.
+portable_bin=""
+if [[ " ${paths[*]} " == *" keyhole-portable "* ]]; then
+  if [[ -n ${KEYHOLE_PORTABLE_BIN:-} ]]; then
+    step "keyhole portable binary (KEYHOLE_PORTABLE_BIN)"
+    portable_bin=$KEYHOLE_PORTABLE_BIN
+    [[ -x $portable_bin ]] || keyhole_die "no keyhole binary at $portable_bin (KEYHOLE_PORTABLE_BIN)"
+  else
+    portable_target=${CARGO_TARGET_DIR:-target}
+    [[ $portable_target == /* ]] || portable_target=$repo_root/$portable_target
+    portable_target+=/portable-release
+    step "build keyhole portable: RUSTFLAGS=\"--cfg keyhole_portable\" cargo build --release --bin keyhole"
+    keyhole_cargo_on_path
+    locked=()
+    [[ -f Cargo.lock ]] && locked=(--locked)
+    # The caller's flags, and the cfg; cargo takes CARGO_ENCODED_RUSTFLAGS over
+    # RUSTFLAGS when both are set.
+    if [[ -n ${CARGO_ENCODED_RUSTFLAGS:-} ]]; then
+      portable_env=("CARGO_ENCODED_RUSTFLAGS=$CARGO_ENCODED_RUSTFLAGS"$'\x1f--cfg\x1fkeyhole_portable')
+    else
+      portable_env=("RUSTFLAGS=${RUSTFLAGS:+$RUSTFLAGS }--cfg keyhole_portable")
+    fi
+    if env "${portable_env[@]}" CARGO_TARGET_DIR="$portable_target" \
+      cargo build --release "${locked[@]}" --bin keyhole; then
+      portable_bin=$portable_target/release/keyhole
+      keyhole_log "keyhole portable: $portable_bin"
+    else
+      skip_note[keyhole-portable]="skipped: its build failed (RUSTFLAGS=\"--cfg keyhole_portable\" cargo build --release --bin keyhole)"
+      keyhole_warn "${skip_note[keyhole-portable]}"
+    fi
+  fi
+fi
+# Whether this kernel has kernel TLS (the TLS ULP), the one place where the two keyhole
+# builds can part here (every server speaks TLS: splice(2) joins plain legs only), and
+# whether keyhole is asked to use it: for the report's line on keyhole portable.
+ktls_available="" ktls_probe="" ktls_asked=0
+if [[ " ${paths[*]} " == *" keyhole-portable "* ]]; then
+  ktls_probe=$(python3 - <<'PY' 2>&1
+import socket
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+client = socket.create_connection(listener.getsockname())
+server, _ = listener.accept()
+try:
+    client.setsockopt(socket.IPPROTO_TCP, 31, b"tls")  # TCP_ULP
+    print("yes")
+except OSError as e:
+    print("no: setsockopt TCP_ULP \"tls\" failed: %s" % (e.strerror or e))
+PY
+  ) || ktls_probe="?: the probe failed: $ktls_probe"
+  ktls_available=${ktls_probe%%:*}
+  for ((i = 0; i < ${#keyhole_flags[@]}; i++)); do
+    case ${keyhole_flags[i]} in
+    --kernel-tls=auto) ktls_asked=1 ;;
+    --kernel-tls) [[ ${keyhole_flags[i + 1]:-} != auto ]] || ktls_asked=1 ;;
+    esac
+  done
+  keyhole_log "kernel TLS: ${ktls_probe}; asked for in keyhole's flags: $( ((ktls_asked)) && echo yes || echo no)"
+fi
+
 # =================================================================================
 step "temporary directory, CA and certificates"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keyhole-bench.XXXXXX")
@@ -2012,6 +2127,7 @@ mkdir "$tmp/bin" "$tmp/results" "$tmp/results/cloudsql" "$tmp/results/via" "$tmp
   "$tmp/sysbench"
 keyhole_pg_prepare "$tmp" "the servers and the proxies (they refuse root)"
 install -m 0755 "$keyhole_bin" "$tmp/bin/keyhole"
+[[ -z $portable_bin ]] || install -m 0755 "$portable_bin" "$tmp/bin/keyhole-portable"
 [[ $synthetic_bin == none ]] || install -m 0755 "$synthetic_bin" "$tmp/bin/synthetic"
 [[ $relay_bin == none ]] || install -m 0755 "$relay_bin" "$tmp/bin/latency_relay"
 [[ -n $cloudsql_note ]] || install -m 0755 "$cloudsql_bin" "$tmp/bin/cloudsql_fake"

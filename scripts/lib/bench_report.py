@@ -7,8 +7,8 @@ scripts/bench.sh runs it once the rounds are done:
 
 Inputs:
   --results DIR   the samples. DIR/PATH.METRIC holds one value a line, one line per
-                  round (PATH: direct, keyhole, keyhole-pool, pgbouncer, stunnel,
-                  goproxy; METRIC:
+                  round (PATH: direct, keyhole, keyhole-portable, keyhole-pool,
+                  pgbouncer, stunnel, goproxy; METRIC:
                   tps_s8, copy_out_cpu, ...), and DIR/PATH.METRIC.fail one reason a
                   line, one line per failed round. DIR/cloudsql/KEY.METRIC,
                   DIR/via/KEY.METRIC and DIR/latency/PATH.METRIC likewise for the
@@ -17,7 +17,8 @@ Inputs:
                   write_context): the settings, the paths and why any was skipped, the
                   servers each path is measured against, the versions of the servers,
                   clients and proxies, the notes, the Cloud SQL, via= and latency
-                  columns, the MySQL-speaking proxies looked for. Its keys are the
+                  columns, the MySQL-speaking proxies looked for, whether this
+                  kernel has kernel TLS (for the line on keyhole portable). Its keys are the
                   fields of Run, CloudSqlGroup, ViaGroup and LatencyGroup below.
   --out DIR       where the files go; without it the markdown report goes to stdout.
 
@@ -148,6 +149,9 @@ class Run:
     # the pool size of the pooled paths in front of PostgreSQL: pgbouncer's
     # default_pool_size and keyhole pool=session's pool-size (0: not recorded)
     pool_size: int = 0
+    # kernel TLS, probed with the keyhole-portable path: available (yes, no, ?, or empty:
+    # not probed), probe (what the probe said), asked (keyhole's flags ask for it)
+    kernel_tls: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path):
@@ -366,6 +370,9 @@ DERIVED_KINDS = ("added", "pool")
 # keyhole pool=session, the pooled keyhole in the main table, and the pooler it is
 # measured against.
 POOL_PATH, POOLER = "keyhole-pool", "pgbouncer"
+# keyhole built for the data path macOS and Windows get (--cfg keyhole_portable): the
+# buffered copy instead of splice(2), rustls' record layer instead of kernel TLS.
+PORTABLE_PATH = "keyhole-portable"
 
 
 def pgbench_metrics(clients, server="pg"):
@@ -648,7 +655,7 @@ class MainTable(Table):
     """Every path to PostgreSQL, the synthetic upstream and MariaDB; ratios to direct."""
 
     baseline = "direct"
-    headings = {POOL_PATH: "keyhole pool=session"}
+    headings = {POOL_PATH: "keyhole pool=session", PORTABLE_PATH: "keyhole portable"}
     # keyhole pool=session's figures that keyhole's target on the row does not judge:
     # a pooled session goes through a relay with two 16 KiB buffers, not the splice
     unjudged = ("rss_pg",)
@@ -936,13 +943,78 @@ splice path's.
 """
 
 
+def portable_ratios(report):
+    """keyhole portable's medians over keyhole's, this run: (metric id, what, ratio),
+    for the rows both have."""
+    run, table = report.run, report.main
+    items = [("cpu_tps_s%d" % c, "CPU per transaction at -c %d" % c) for c in run.pgbench_clients]
+    items += [("copy_out_mbs", "COPY out MB/s"), ("copy_in_mbs", "COPY in MB/s"),
+              ("syn_mbs", "synthetic stream MB/s"), ("syn_cpu", "synthetic stream CPU s/GB")]
+    if run.mysql:
+        items += [("my_cpu", "MySQL CPU per query"), ("my_bulk_mbs", "MySQL bulk read MB/s")]
+    out = []
+    for metric_id, what in items:
+        m, k = table.median(PORTABLE_PATH, metric_id), table.median("keyhole", metric_id)
+        if m is not None and k is not None and k > 0:
+            out.append((metric_id, what, m / k))
+    return out
+
+
+def kernel_tls_used(run):
+    """keyhole (the Linux build) uses kernel TLS in this run: the kernel has it, and
+    keyhole's flags ask for it."""
+    return run.kernel_tls.get("available") == "yes" and bool(run.kernel_tls.get("asked"))
+
+
+def portable_markdown(report):
+    """The line under the main table on keyhole portable: what can set it apart from
+    keyhole on this machine, and by how much it did."""
+    run = report.run
+    k = run.kernel_tls
+    available, probe = k.get("available", ""), k.get("probe", "")
+    detail = probe.split(": ", 1)[1] if ": " in probe else probe
+    if available == "no":
+        kernel = "kernel TLS is unavailable on this kernel (%s)" % detail
+    elif available != "yes":
+        kernel = "whether this kernel has kernel TLS is not known (%s)" % (detail or "not probed")
+    elif k.get("asked"):
+        kernel = "this kernel has kernel TLS and keyhole runs with `--kernel-tls auto`"
+    else:
+        kernel = ("this kernel has kernel TLS, but keyhole runs without it (`--kernel-tls` is off by default; "
+                  "BENCH_KEYHOLE_FLAGS=\"--kernel-tls auto\" turns it on)")
+    out = ("\nkeyhole portable (the same keyhole built with `--cfg keyhole_portable`: the data path macOS and "
+           "Windows get, no target judges it): %s. Every server here speaks TLS and every client leg is plain "
+           "TCP, so splice(2), which only joins two plain legs, moves no byte in either build" % kernel)
+    if kernel_tls_used(run):
+        out += ("; the two columns differ by kernel TLS alone: keyhole moves the servers' TLS records in the "
+                "kernel where it offers the negotiated suite, keyhole portable in rustls' record layer.")
+    else:
+        out += ("; both builds therefore run the same data path here (through keyhole's memory, TLS records in "
+                "rustls' record layer), and the two columns differ by their build and by noise only: whatever "
+                "splice(2) and kernel TLS save the Linux build, this machine cannot show it.")
+    ratios = portable_ratios(report)
+    if ratios:
+        out += " keyhole portable over keyhole, this run: " + ", ".join(
+            "%s %.2f×" % (what, value) for _, what, value in ratios) + "."
+    return out + "\n"
+
+
+def portable_json(report):
+    run = report.run
+    out = {"ran": PORTABLE_PATH in run.paths and run.ran(PORTABLE_PATH), "kernel_tls": run.kernel_tls,
+           "kernel_tls_used": kernel_tls_used(run)}
+    out["over_keyhole"] = {metric_id: fixed(value, 4) for metric_id, _, value in portable_ratios(report)}
+    return out
+
+
 def mysql_markdown(report):
     """Which paths the MySQL rows have, and why no other: the MySQL-speaking proxies
     looked for and what was found."""
     run = report.run
     out = "\n## MySQL paths\n\n"
+    keyholes = "keyhole and keyhole portable" if PORTABLE_PATH in run.paths and run.ran(PORTABLE_PATH) else "keyhole"
     out += (
-        "The MySQL rows have direct and keyhole only. pgbouncer and goproxy speak PostgreSQL only; "
+        "The MySQL rows have direct and " + keyholes + " only. pgbouncer and goproxy speak PostgreSQL only; "
         "stunnel (like haproxy) puts TLS around the connection from its first byte (its `protocol =` "
         "options know pgsql but not MySQL), while MySQL's TLS starts inside the protocol (the server's "
         "greeting in the clear, then the client's SSL request), so neither can stand in. "
@@ -1236,6 +1308,8 @@ def report_markdown(report):
     if run.main:
         out += report.main.markdown()
         out += "\n" + targets_line(report)
+        if PORTABLE_PATH in run.paths and run.ran(PORTABLE_PATH):
+            out += portable_markdown(report)
         out += MAIN_LEGEND
         if POOL_PATH in run.paths:
             out += POOL_LEGEND % (run.pool_size or "?")
@@ -1384,6 +1458,7 @@ def report_json(report):
         "cloudsql": cloudsql_json(report),
         "via": via_json(report),
         "latency": latency_json(report),
+        "keyhole_portable": portable_json(report),
         "mysql_proxies": {"looked_up": run.mysql_proxies_how, "candidates": run.mysql_proxies},
         # (the main rows, then the Cloud SQL ones, then those over the latency relay)
         "metrics": Lines(report.main.json_rows() + report.cloudsql.json_rows() + report.latency.json_rows()),
@@ -1431,8 +1506,8 @@ def chart_rows(report, items):
 
 
 # Each proxy's colour in the chart (the same in every run); others by their place.
-CHART_COLORS = {"keyhole": "#1f77b4", POOL_PATH: "#17becf", "pgbouncer": "#ff7f0e", "stunnel": "#2ca02c",
-                "goproxy": "#d62728"}
+CHART_COLORS = {"keyhole": "#1f77b4", PORTABLE_PATH: "#aec7e8", POOL_PATH: "#17becf", "pgbouncer": "#ff7f0e",
+                "stunnel": "#2ca02c", "goproxy": "#d62728"}
 SPARE_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
@@ -1566,6 +1641,8 @@ def write_out(report, out_dir):
         write_chart(report, png)
         log("")
         sys.stdout.write(report.main.markdown())
+        if PORTABLE_PATH in run.paths and run.ran(PORTABLE_PATH):
+            sys.stdout.write(portable_markdown(report))
     if run.cloudsql.keys:
         log("")
         log("Cloud SQL connector (ratios to keyhole -> PostgreSQL):")
