@@ -21,7 +21,8 @@
 #      then clippy on each other feature combination (no cloud, aws alone, gcp alone)
 #      and, under each, the unit tests that a target needing a missing feature is refused
 #   6. (full runs only) the benchmark harness end to end, small: scripts/bench.sh
-#      --quick on the direct path and keyhole, PostgreSQL, the synthetic upstream and
+#      --quick on the direct path, keyhole and keyhole portable (the --cfg keyhole_portable
+#      release build, in target/portable-release), PostgreSQL, the synthetic upstream and
 #      MariaDB; it fails if any workload failed or left a figure out. It checks that
 #      the harness works, not how fast anything is (no figure is compared).
 #   7. (full runs only) the Debian package: scripts/package-deb.sh builds it (cargo-deb is
@@ -31,7 +32,11 @@
 #   8. (full runs only) the portable build: RUSTFLAGS="--cfg keyhole_portable" (the data
 #      path, process metrics and calls macOS and Windows get; src/platform/) in its own
 #      target directory (target/portable, so the two builds do not evict each other):
-#      clippy on every target, then the whole test suite (lib, bins, integration tests)
+#      clippy on every target, then the whole test suite (lib, bins, integration tests);
+#      and the Windows-shaped check: clippy on the library and binary with
+#      --cfg keyhole_windows_shape as well (target/windows-shape), which builds the crate
+#      without its Unix code and denies the Unix-only APIs clippy.toml lists, as close
+#      to a Windows compile as a machine without Windows' standard library gets
 #   9. cargo test: doc tests first, then the OpenTelemetry test with its feature
 #      (cargo test --features otel --test otel, and the library's unit tests with it),
 #      then the library, binaries and integration tests, so the output closes on
@@ -206,7 +211,7 @@ for features in "" "gcp" "aws"; do
 done
 
 if (($# == 0)) && [[ ${KEYHOLE_SKIP_BENCH:-} != 1 ]]; then
-  step bench "benchmark harness, small: scripts/bench.sh --quick (direct and keyhole)"
+  step bench "benchmark harness, small: scripts/bench.sh --quick (direct, keyhole and keyhole portable)"
   bench_dir=$(mktemp -d)
   if ! BENCH_PATHS=keyhole BENCH_DURATION=2 BENCH_COPY_MB=16 BENCH_STREAM_MB=64 \
     BENCH_IDLE_CONNS=50 BENCH_IDLE_LARGE=50 scripts/bench.sh --quick --out "$bench_dir" \
@@ -231,7 +236,7 @@ for name in ("bench.md", "bench.png"):
     path = os.path.join(out, name)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         problems.append(f"{name} is missing or empty")
-print(f"benchmark harness: {len(report['metrics'])} workloads on direct and keyhole")
+print(f"benchmark harness: {len(report['metrics'])} workloads on direct, keyhole and keyhole portable")
 for p in problems:
     print(f"  problem: {p}")
 sys.exit(1 if problems else 0)
@@ -252,12 +257,15 @@ if (($# == 0)); then
 fi
 
 if (($# == 0)); then
-  step portable "the portable build (--cfg keyhole_portable): clippy, then the whole test suite"
+  step portable "the portable build (--cfg keyhole_portable): clippy, the whole test suite, the Windows-shaped check"
   # RUSTFLAGS rebuilds every crate: its own target directory keeps both builds.
   portable=(env RUSTFLAGS="${RUSTFLAGS:-} --cfg keyhole_portable"
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/portable")
   "${portable[@]}" cargo clippy --all-targets "${locked[@]}" -- -D warnings || fail
   "${portable[@]}" cargo test "${locked[@]}" --tests || fail
+  env RUSTFLAGS="${RUSTFLAGS:-} --cfg keyhole_portable --cfg keyhole_windows_shape" \
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/windows-shape" \
+    cargo clippy --lib --bins "${locked[@]}" -- -D warnings || fail
 fi
 
 if (($# > 0)); then
