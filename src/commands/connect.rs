@@ -26,9 +26,8 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -336,7 +335,8 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
     let mut keyhole = Command::new(&exe);
     // Kept until keyhole has stopped: its socket is in it.
     let mut _private: Option<PrivateDir> = None;
-    if options.tcp {
+    // Without Unix sockets (Windows) a loopback port is the only way.
+    if options.tcp || !crate::platform::UNIX_SOCKETS {
         let port =
             free_port().map_err(|e| (EXIT_FAILED, format!("no free port on 127.0.0.1: {e}")))?;
         keyhole.args(["--address", "127.0.0.1", "--port", &port.to_string()]);
@@ -360,16 +360,16 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
         .env("KEYHOLE_LOG_FORMAT", "text")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        // Not in the terminal's foreground group: Ctrl-C is the client's.
-        .process_group(0);
+        .stderr(Stdio::piped());
+    // Not in the terminal's foreground group: Ctrl-C is the client's.
+    crate::platform::child::away_from_the_terminal(&mut keyhole);
     // However `connect` ends (a closed terminal included), keyhole ends too.
-    crate::transport::ssh::sys::end_with_keyhole(&mut keyhole);
+    crate::platform::child::end_with_parent(&mut keyhole);
     let mut child = keyhole
         .spawn()
         .map_err(|e| (EXIT_FAILED, format!("cannot start keyhole: {e}")))?;
     let Some(stderr) = child.stderr.take() else {
-        stop(&mut child);
+        crate::platform::child::stop(&mut child);
         return Err((EXIT_FAILED, "keyhole's output is not readable".into()));
     };
     let (lines_tx, lines) = mpsc::channel::<String>();
@@ -385,7 +385,7 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
         Ok(ready) => ready,
         Err(said) => {
             let status = child.wait().ok().and_then(|s| s.code());
-            stop(&mut child);
+            crate::platform::child::stop(&mut child);
             let code = match status {
                 Some(c) if c > 0 && c < 256 => c as u8,
                 _ => EXIT_USAGE,
@@ -407,18 +407,21 @@ fn run(options: &Options) -> Result<ExitCode, (u8, String)> {
     let (program, args) = match command {
         Ok(command) => command,
         Err(e) => {
-            stop(&mut child);
+            crate::platform::child::stop(&mut child);
             return Err((EXIT_USAGE, e));
         }
     };
     let client = Command::new(&program).args(&args).spawn();
     // The client has the terminal now: Ctrl-C and Ctrl-\ are its (psql
     // cancels the query); `connect` waits for it and stops keyhole after.
-    ignore_terminal_signals();
+    crate::platform::child::leave_interrupts_to_the_client();
     let status = client.and_then(|mut client| client.wait());
-    stop(&mut child);
+    crate::platform::child::stop(&mut child);
     match status {
-        Ok(status) => Ok(ExitCode::from(exit_code(status))),
+        Ok(status) => Ok(ExitCode::from(crate::platform::child::exit_code(
+            status,
+            EXIT_FAILED,
+        ))),
         Err(e) => Err((
             EXIT_FAILED,
             format!("cannot run {}: {e}", OsStr::new(&program).to_string_lossy()),
@@ -504,45 +507,6 @@ fn field(line: &str, name: &str) -> Option<String> {
     let value = &line[start..];
     let value = value.split_whitespace().next()?;
     Some(value.trim_matches('"').to_owned())
-}
-
-/// SIGINT and SIGQUIT from the terminal are the client's to act on.
-fn ignore_terminal_signals() {
-    for signal in [libc::SIGINT, libc::SIGQUIT] {
-        // SAFETY: setting a signal's disposition to SIG_IGN has no
-        // preconditions; the client was spawned before, with its defaults.
-        unsafe {
-            libc::signal(signal, libc::SIG_IGN);
-        }
-    }
-}
-
-/// SIGTERM, then a bounded wait, then SIGKILL.
-fn stop(child: &mut Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The client's exit code; 128 + the signal that ended it, as shells say.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code).unwrap_or(EXIT_FAILED),
-        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(EXIT_FAILED),
-        _ => EXIT_FAILED,
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! That flag lets Linux (and CI) build and test the path macOS users get,
 //! and the Windows one as far as a Unix can stand in for it.
 
+pub mod child;
 pub mod process;
 pub mod signals;
 

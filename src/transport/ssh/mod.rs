@@ -295,7 +295,7 @@ impl Bastion {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        sys::end_with_keyhole(command.as_std_mut());
+        crate::platform::child::end_with_parent(command.as_std_mut());
         let started = Instant::now();
         let mut child = command.spawn().map_err(|e| HopError::Ssh {
             hop: self.name.clone(),

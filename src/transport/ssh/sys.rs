@@ -3,10 +3,11 @@
 //! - [`send_fd`]: a file descriptor over a Unix socket (`SCM_RIGHTS`), as
 //!   OpenSSH's `mm_send_fd` does: one byte of data carries one descriptor
 //!   (any Unix).
-//! - [`end_with_keyhole`]: on Linux the master (and `keyhole connect`'s
-//!   keyhole) gets `PR_SET_PDEATHSIG`, so it ends however its parent ends. Elsewhere (and in the portable build,
-//!   `--cfg keyhole_portable`) it ends at keyhole's shutdown
-//!   ([`super::Bastion::shutdown`]) or when its handle is dropped.
+//!
+//! The master's end with keyhole (`PR_SET_PDEATHSIG` on Linux) is
+//! [`crate::platform::child::end_with_parent`]'s, shared with `keyhole
+//! connect`; elsewhere the master ends at keyhole's shutdown
+//! ([`super::Bastion::shutdown`]) or when its handle is dropped.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -65,27 +66,6 @@ pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
         }
     }
 }
-
-/// Arranges for the process started by `command` (the ssh master, or
-/// `keyhole connect`'s keyhole) to end with its parent.
-#[cfg(linux_native)]
-pub fn end_with_keyhole(command: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs in the child
-    // before exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// See the module docs: the master ends at shutdown or when dropped.
-#[cfg(not(linux_native))]
-pub fn end_with_keyhole(_command: &mut std::process::Command) {}
 
 #[cfg(test)]
 mod tests {
