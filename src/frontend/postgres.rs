@@ -30,7 +30,7 @@ use crate::protocol::postgres::{
 };
 use crate::splice::PipeConfig;
 use crate::splice::Splice;
-use crate::upstream::{SharedUpstream, UpstreamError, UpstreamStream};
+use crate::upstream::{SharedUpstream, UpstreamError};
 
 /// How much of the server's login messages keyhole holds before passing
 /// them on (it sends them in one write where it can).
@@ -496,7 +496,7 @@ impl Session<'_> {
         // bytes, socket to pipe to socket, and they never enter keyhole.
         // (splice(2) needs file descriptors: Unix only, and it works on Linux.)
         #[cfg(keyhole_unix)]
-        if let (ClientStream::Plain(client), UpstreamStream::Plain(relay)) =
+        if let (ClientStream::Plain(client), crate::upstream::UpstreamStream::Plain(relay)) =
             (&mut self.client.stream, &mut server.stream)
         {
             if crate::splice::zero_copy_supported() {

@@ -175,7 +175,7 @@ impl std::fmt::Debug for TlsStream {
 fn kernel_socket(socket: &Socket) -> io::Result<&TcpStream> {
     match socket {
         Socket::Tcp(tcp) => Ok(tcp),
-        Socket::Unix(_) => Err(io::Error::other("internal: kernel TLS on a local socket")),
+        _ => Err(io::Error::other("internal: kernel TLS on a local socket")),
     }
 }
 

@@ -24,8 +24,8 @@ impl ControlDir {
     }
 }
 
-/// An SSH bastion: none can exist here.
-pub enum Bastion {}
+/// An SSH bastion: none can exist here (its one field has no value).
+pub struct Bastion(std::convert::Infallible);
 
 impl Bastion {
     pub(super) fn new(
@@ -46,23 +46,23 @@ impl Bastion {
         _port: u16,
         _timeout: Duration,
     ) -> Result<Socket, HopError> {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn session_manager(&self) -> Option<Arc<crate::transport::ssm::Ssm>> {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn not_ready(&self) -> Option<String> {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn login_in_background(self: Arc<Bastion>) {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn shutdown(&self) {
-        match *self {}
+        match self.0 {}
     }
 }
 
