@@ -375,7 +375,7 @@ fn the_homebrew_formula_builds_the_tagged_source() {
     assert!(
         install.contains(r#"generate_completions_from_executable(bin/"keyhole", "completions")"#)
     );
-    assert!(install.contains(r#"system bin/"keyhole", "man", "--out-dir", buildpath/"man""#));
+    assert!(install.contains(r#"system bin/"keyhole", "man", "--out-dir", "man""#));
     for shell in ["bash", "zsh", "fish"] {
         let out = keyhole(&["completions", shell]);
         assert!(
@@ -383,12 +383,16 @@ fn the_homebrew_formula_builds_the_tagged_source() {
             "keyhole completions {shell} printed nothing"
         );
     }
+    // As Homebrew runs it: in the build directory, a relative --out-dir.
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let out_dir = dir.path().to_str().expect("UTF-8");
-    keyhole(&["man", "--out-dir", out_dir]);
+    keyhole_in(
+        dir.path(),
+        &["man", "--out-dir", "man"],
+        "keyhole man --out-dir man",
+    );
     assert!(
-        dir.path().join("keyhole.1").is_file(),
-        "keyhole man --out-dir wrote no keyhole.1, which {FORMULA} installs"
+        dir.path().join("man/keyhole.1").is_file(),
+        "keyhole man --out-dir man wrote no man/keyhole.1, which {FORMULA} installs"
     );
 }
 

@@ -20,8 +20,8 @@ class Keyhole < Formula
     # keyhole writes its own completions and man pages, from the same definitions
     # as its flags (as the Debian package does).
     generate_completions_from_executable(bin/"keyhole", "completions")
-    system bin/"keyhole", "man", "--out-dir", buildpath/"man"
-    man1.install Dir[buildpath/"man/*.1"]
+    system bin/"keyhole", "man", "--out-dir", "man"
+    man1.install Dir["man/*.1"]
   end
 
   test do
