@@ -16,6 +16,8 @@
 //! unless the build says `RUSTFLAGS="--cfg keyhole_portable"`. That flag lets
 //! Linux (and CI) build and test exactly the path macOS and Windows users get.
 
+pub mod files;
+
 /// How bytes cross keyhole once a session is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
