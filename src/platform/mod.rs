@@ -17,6 +17,7 @@
 //! Linux (and CI) build and test exactly the path macOS and Windows users get.
 
 pub mod files;
+pub mod home;
 
 /// How bytes cross keyhole once a session is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

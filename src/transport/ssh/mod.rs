@@ -1,7 +1,8 @@
 //! An SSH bastion, reached with the system's OpenSSH client so that
 //! whatever the user's OpenSSH setup says holds for keyhole too: `HostName`,
 //! `User`, `Port`, `IdentityFile`, the agent, `ProxyJump`,
-//! `UserKnownHostsFile`, `StrictHostKeyChecking` (from `~/.ssh/config`, or
+//! `UserKnownHostsFile`, `StrictHostKeyChecking` (from the user's
+//! `~/.ssh/config`, [`crate::platform::home::ssh_config_file`], or
 //! `--ssh-config`).
 //!
 //! One master connection per bastion (`ssh -M -N`, a child of keyhole,
