@@ -26,6 +26,7 @@ use crate::config::{self, Cli, Config, ConfigError, Protocol, TargetConfig, TlsM
 use crate::credentials::aws;
 #[cfg(feature = "gcp")]
 use crate::credentials::gcp::GcpTokenSource;
+use crate::platform::home::{self, Os};
 use crate::proxy;
 
 /// `check-config`'s command line: keyhole's own, described for completions
@@ -93,7 +94,7 @@ pub fn check(config: &Config, env: &HashMap<String, String>) -> Result<String, S
         "# each option: value, then where it came from (flag, KEYHOLE_* variable, config file, or default)"
     );
     out.push('\n');
-    render_options(&mut out, config);
+    render_options(&mut out, config, env);
 
     let mut skipped: Vec<(String, String)> = config
         .skipped
@@ -166,7 +167,7 @@ const PER_TARGET_OPTIONS: &[&str] = &[
     "via",
 ];
 
-fn render_options(out: &mut String, config: &Config) {
+fn render_options(out: &mut String, config: &Config, env: &HashMap<String, String>) {
     let duration = |d: std::time::Duration| crate::upstream::humanize(d);
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     let first = config.targets.first();
@@ -262,12 +263,13 @@ fn render_options(out: &mut String, config: &Config) {
         ("debug-logs", config.debug_logs.to_string()),
         (
             "ssh-config",
-            config
-                .ssh_config
-                .as_ref()
-                .map_or("- (~/.ssh/config, as ssh reads it)".into(), |p| {
-                    p.display().to_string()
-                }),
+            config.ssh_config.as_ref().map_or_else(
+                || {
+                    let file = home::ssh_config_shown(Os::current(), &home::map_env(env));
+                    format!("- ({file}, as ssh reads it)")
+                },
+                |p| p.display().to_string(),
+            ),
         ),
         ("iap-endpoint", config.iap_endpoint.clone()),
         (
@@ -544,22 +546,29 @@ fn token_login(
     }
 }
 
-/// The first source of the AWS chain the environment points at.
+/// The first source of the AWS chain the environment points at; profiles
+/// with the files they are in on this system.
 #[cfg(feature = "aws")]
-fn aws_source(env: &HashMap<String, String>) -> &'static str {
+fn aws_source(env: &HashMap<String, String>) -> String {
+    aws_source_on(Os::current(), env)
+}
+
+#[cfg(feature = "aws")]
+fn aws_source_on(os: Os, env: &HashMap<String, String>) -> String {
     let set = |k: &str| env.get(k).is_some_and(|v| !v.is_empty());
+    let files = || home::aws_files_shown(os, &home::map_env(env));
     if set("AWS_ACCESS_KEY_ID") {
-        "environment variables"
+        "environment variables".into()
     } else if set("AWS_PROFILE") {
-        "the AWS_PROFILE profile"
+        format!("the AWS_PROFILE profile in {}", files())
     } else if set("AWS_WEB_IDENTITY_TOKEN_FILE") {
-        "web identity"
+        "web identity".into()
     } else if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
         || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
     {
-        "the ECS container endpoint"
+        "the ECS container endpoint".into()
     } else {
-        "the default profile, else instance metadata"
+        format!("the default profile in {}, else instance metadata", files())
     }
 }
 
@@ -569,6 +578,8 @@ const CREDENTIAL_VARIABLES: &[(&str, bool)] = &[
     ("AWS_REGION", false),
     ("AWS_DEFAULT_REGION", false),
     ("AWS_PROFILE", false),
+    ("AWS_CONFIG_FILE", false),
+    ("AWS_SHARED_CREDENTIALS_FILE", false),
     ("AWS_ACCESS_KEY_ID", false),
     ("AWS_SECRET_ACCESS_KEY", true),
     ("AWS_SESSION_TOKEN", true),
@@ -579,6 +590,7 @@ const CREDENTIAL_VARIABLES: &[(&str, bool)] = &[
     ("AWS_CONTAINER_AUTHORIZATION_TOKEN", true),
     ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", false),
     ("GOOGLE_APPLICATION_CREDENTIALS", false),
+    ("CLOUDSDK_CONFIG", false),
     ("GCE_METADATA_HOST", false),
 ];
 
@@ -748,6 +760,64 @@ mod tests {
         );
         assert!(
             report.contains("region eu-west-1 (from the host name), credentials from the AWS chain (environment variables)"),
+            "{report}"
+        );
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_profiles_are_named_with_their_files_on_each_system() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let unix = env(&[("HOME", "/home/ana")]);
+        assert_eq!(
+            aws_source_on(Os::Linux, &unix),
+            "the default profile in /home/ana/.aws/{config,credentials}, else instance metadata"
+        );
+        let windows = env(&[
+            ("USERPROFILE", "C:\\Users\\ana"),
+            ("AWS_PROFILE", "dev"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "D:\\aws\\credentials"),
+        ]);
+        assert_eq!(
+            aws_source_on(Os::Windows, &windows),
+            "the AWS_PROFILE profile in C:\\Users\\ana\\.aws\\config and D:\\aws\\credentials"
+        );
+        assert_eq!(
+            aws_source_on(Os::MacOs, &env(&[("AWS_PROFILE", "dev")])),
+            "the AWS_PROFILE profile in ~/.aws (no home directory: HOME is unset)"
+        );
+        assert_eq!(
+            aws_source_on(Os::Linux, &env(&[("AWS_ACCESS_KEY_ID", "AKIA")])),
+            "environment variables"
+        );
+    }
+
+    #[test]
+    fn the_ssh_config_line_names_the_users_file() {
+        let (config, env) = load(&["postgres://10.0.0.5"], &[("HOME", "/home/ana")]);
+        let report = check(&config, &env).unwrap();
+        let expected = home::ssh_config_shown(Os::current(), &home::map_env(&env));
+        if Os::current() != Os::Windows {
+            assert_eq!(expected, "/home/ana/.ssh/config");
+        }
+        assert!(
+            report.contains(&format!("- ({expected}, as ssh reads it)")),
+            "{report}"
+        );
+        let (config, env) = load(
+            &["--ssh-config", "/etc/keyhole/ssh", "postgres://10.0.0.5"],
+            &[],
+        );
+        let report = check(&config, &env).unwrap();
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("ssh-config ") && l.contains("= /etc/keyhole/ssh ")),
             "{report}"
         );
     }

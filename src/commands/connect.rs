@@ -189,7 +189,6 @@ impl PrivateDir {
     /// the temporary directory. The name is short: a socket's path has a
     /// limit of about 100 bytes, and a Cloud SQL instance's name goes in it.
     fn create() -> Result<PrivateDir, String> {
-        use std::os::unix::fs::DirBuilderExt;
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|d| d.is_dir())
@@ -202,7 +201,7 @@ impl PrivateDir {
                 .map_or(0, |d| d.subsec_nanos());
             let dir = base.join(format!("keyhole-{pid}-{:x}", nanos ^ attempt));
             // mode 0700 from the start: no moment where others may enter.
-            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            match crate::platform::files::create_private_dir(&dir) {
                 Ok(()) => return Ok(PrivateDir(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
                 Err(e) => {
@@ -625,14 +624,11 @@ mod tests {
 
     #[test]
     fn the_private_directory_is_the_users_alone_and_goes_with_connect() {
-        use std::os::unix::fs::PermissionsExt;
+        use crate::platform::files;
         let dir = PrivateDir::create().expect("created");
         let path = dir.0.clone();
-        let mode = std::fs::metadata(&path)
-            .expect("exists")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        let mode = files::mode(&std::fs::metadata(&path).expect("exists"));
+        assert_eq!(mode, Some(files::PRIVATE_DIR_MODE), "{}", path.display());
         std::fs::write(path.join(".s.PGSQL.5432"), b"").expect("writable");
         drop(dir);
         assert!(!path.exists(), "{} left behind", path.display());

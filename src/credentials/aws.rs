@@ -27,6 +27,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 
 use super::{CredentialsError, SourceContext, Token, TokenFuture, TokenRequest, TokenSource};
 use crate::config::Iam;
+use crate::platform::home::{self, Os};
 
 const PROVIDER: &str = "aws";
 /// How long RDS accepts a token (the longest it allows).
@@ -217,8 +218,9 @@ fn describe_chain_error(e: AwsError) -> CredentialsError {
         AwsError::CredentialsNotLoaded(_) => CredentialsError::Missing {
             provider: PROVIDER,
             reason: format!(
-                "{reason} (keyhole looks where the AWS SDKs do: AWS_ACCESS_KEY_ID, AWS_PROFILE and ~/.aws, \
-                 web identity, the ECS container endpoint, EC2 instance metadata)"
+                "{reason} (keyhole looks where the AWS SDKs do: AWS_ACCESS_KEY_ID, AWS_PROFILE and {}, \
+                 web identity, the ECS container endpoint, EC2 instance metadata)",
+                home::aws_files_shown(Os::current(), &home::process_env)
             ),
         },
         _ => CredentialsError::Source {

@@ -5,8 +5,9 @@
 //! 1. `GOOGLE_APPLICATION_CREDENTIALS`, naming a service account key file or
 //!    a user credentials file;
 //! 2. gcloud's well-known file, `application_default_credentials.json` in
-//!    `$CLOUDSDK_CONFIG` or `~/.config/gcloud` (written by
-//!    `gcloud auth application-default login`);
+//!    `$CLOUDSDK_CONFIG` or `~/.config/gcloud` (`%APPDATA%\gcloud` on
+//!    Windows: [`crate::platform::home::gcloud_dir`]), written by
+//!    `gcloud auth application-default login`;
 //! 3. the metadata server of Cloud Run, GCE and GKE.
 //!
 //! Files are read once, at startup, so that a missing or broken file is an
@@ -36,6 +37,7 @@ use serde_json::{json, Map, Value};
 use super::{CredentialsError, Token, TokenFuture, TokenRequest, TokenSource};
 use crate::config::Protocol;
 use crate::http::client::{self as http, HttpError, HttpErrorKind, Request, Response, Url};
+use crate::platform::home::{self, Os};
 
 const PROVIDER: &str = "gcp";
 
@@ -442,12 +444,18 @@ fn non_empty<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a str
     env.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
-/// gcloud's file, if it is there.
+/// gcloud's file, if it is there: in gcloud's directory on this system
+/// ([`home::gcloud_dir`]).
 fn gcloud_file(env: &HashMap<String, String>) -> Result<Option<PathBuf>, CredentialsError> {
-    let dir = match (non_empty(env, "CLOUDSDK_CONFIG"), non_empty(env, "HOME")) {
-        (Some(config), _) => PathBuf::from(config),
-        (None, Some(home)) => Path::new(home).join(".config").join("gcloud"),
-        (None, None) => return Ok(None),
+    gcloud_file_on(Os::current(), env)
+}
+
+fn gcloud_file_on(
+    os: Os,
+    env: &HashMap<String, String>,
+) -> Result<Option<PathBuf>, CredentialsError> {
+    let Some(dir) = home::gcloud_dir(os, &home::map_env(env)) else {
+        return Ok(None);
     };
     let path = dir.join("application_default_credentials.json");
     match std::fs::metadata(&path) {
@@ -959,6 +967,40 @@ mod tests {
             describe(&[("GOOGLE_APPLICATION_CREDENTIALS", home_file)]),
             format!("user credentials file {home_file}")
         );
+    }
+
+    #[test]
+    fn gcloud_file_is_where_gcloud_puts_it_on_each_system() {
+        const FILE: &str = "application_default_credentials.json";
+        let dir = tempfile::tempdir().expect("temp dir");
+        let home = dir.path().join("home");
+        let in_home = write(&home.join(".config/gcloud").join(FILE), "{}");
+        // The Windows rule joins with `\`: on Unix that is part of one name,
+        // on Windows a separator, so the file is found on either.
+        let appdata = dir.path().join("appdata");
+        let appdata = appdata.to_str().expect("path");
+        let in_appdata = write(&Path::new(&format!("{appdata}\\gcloud")).join(FILE), "{}");
+        let (home, empty) = (home.to_str().expect("path"), "");
+        let found = |os, pairs: &[(&str, &str)]| gcloud_file_on(os, &env(pairs)).expect("no error");
+
+        let both = [("HOME", home), ("APPDATA", appdata)];
+        for os in [Os::Linux, Os::MacOs] {
+            assert_eq!(found(os, &both), Some(in_home.clone()), "{os:?}");
+            assert_eq!(found(os, &[("APPDATA", appdata)]), None, "{os:?}");
+            assert_eq!(found(os, &[("HOME", empty)]), None, "{os:?}");
+        }
+        assert_eq!(found(Os::Windows, &both), Some(in_appdata));
+        // Windows does not look in HOME.
+        assert_eq!(found(Os::Windows, &[("HOME", home)]), None);
+        // CLOUDSDK_CONFIG is the directory everywhere.
+        let config = in_home.parent().expect("dir").to_str().expect("path");
+        for os in [Os::Linux, Os::MacOs, Os::Windows] {
+            assert_eq!(
+                found(os, &[("CLOUDSDK_CONFIG", config), ("APPDATA", empty)]),
+                Some(in_home.clone()),
+                "{os:?}"
+            );
+        }
     }
 
     #[test]

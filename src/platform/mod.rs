@@ -22,6 +22,9 @@ pub mod child;
 pub mod process;
 pub mod signals;
 
+pub mod files;
+pub mod home;
+
 /// How bytes cross keyhole once a session is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {

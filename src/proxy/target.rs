@@ -846,19 +846,17 @@ async fn prepare_target(
 /// The password in `path` (`password-file=`): the file's text without its
 /// final line break. Read at start and at each reload that rebuilds the
 /// target. A file others may read is used, with a warning (Kubernetes
-/// mounts secrets 0644 unless told otherwise). No error shows the content.
+/// mounts secrets 0644 unless told otherwise); on Windows, which has no
+/// modes, that check is skipped. No error shows the content.
 fn read_password_file(path: &std::path::Path) -> Result<config::cloudsql::Secret, String> {
     let shown = path.display();
     let text = std::fs::read(path).map_err(|e| format!("password-file {shown}: {e}"))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(file = %shown, mode = format!("{mode:o}"), "password-file can be read by other users than its owner: chmod 600 it");
-            }
-        }
+    // Unix only: Windows has no modes to check (platform::files).
+    let open = std::fs::metadata(path)
+        .ok()
+        .and_then(|meta| crate::platform::files::open_to_others(&meta));
+    if let Some(mode) = open {
+        tracing::warn!(file = %shown, mode = format!("{mode:o}"), "password-file can be read by other users than its owner: chmod 600 it");
     }
     let mut text = String::from_utf8(text)
         .map_err(|_| format!("password-file {shown}: the password is not UTF-8 text"))?;

@@ -282,7 +282,9 @@ pub struct Transports {
 }
 
 impl Transports {
-    /// `ssh_config`: `--ssh-config`, else the user's `~/.ssh/config`.
+    /// `ssh_config`: `--ssh-config`, else (`None`) the file `ssh` reads
+    /// by itself, the user's `~/.ssh/config`
+    /// ([`crate::platform::home::ssh_config_file`] says where that is).
     pub fn new(ssh_config: Option<PathBuf>, cloud: CloudSettings) -> Transports {
         Transports::with_registry(ssh_config, cloud, metrics::global())
     }

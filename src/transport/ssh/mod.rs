@@ -1,7 +1,8 @@
 //! An SSH bastion, reached with the system's OpenSSH client so that
 //! whatever the user's OpenSSH setup says holds for keyhole too: `HostName`,
 //! `User`, `Port`, `IdentityFile`, the agent, `ProxyJump`,
-//! `UserKnownHostsFile`, `StrictHostKeyChecking` (from `~/.ssh/config`, or
+//! `UserKnownHostsFile`, `StrictHostKeyChecking` (from the user's
+//! `~/.ssh/config`, [`crate::platform::home::ssh_config_file`], or
 //! `--ssh-config`).
 //!
 //! One master connection per bastion (`ssh -M -N`, a child of keyhole,
@@ -60,22 +61,18 @@ pub struct ControlDir {
 
 impl ControlDir {
     pub fn create() -> Result<ControlDir, String> {
-        use std::os::unix::fs::DirBuilderExt;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         // Short: a socket path has about 100 bytes on every Unix.
         let path =
             std::env::temp_dir().join(format!("keyhole-ssh-{}-{nanos:x}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| {
-                format!(
-                    "cannot create the SSH control directory {}: {e}",
-                    path.display()
-                )
-            })?;
+        crate::platform::files::create_private_dir(&path).map_err(|e| {
+            format!(
+                "cannot create the SSH control directory {}: {e}",
+                path.display()
+            )
+        })?;
         Ok(ControlDir { path })
     }
 
@@ -726,10 +723,9 @@ mod tests {
         }
         assert_eq!(args.last().map(String::as_str), Some("bastion"));
         assert!(joined.contains(&format!("ControlPath={}/0", dir.path().display())));
-        let mode = std::fs::metadata(dir.path()).map(|m| {
-            use std::os::unix::fs::PermissionsExt;
-            m.permissions().mode() & 0o777
-        });
-        assert_eq!(mode.ok(), Some(0o700));
+        let mode = std::fs::metadata(dir.path())
+            .ok()
+            .and_then(|m| crate::platform::files::mode(&m));
+        assert_eq!(mode, Some(crate::platform::files::PRIVATE_DIR_MODE));
     }
 }
