@@ -19,12 +19,12 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 /// The permission bits of a file (`rwxrwxrwx`, the low nine bits of its
 /// mode), or `None` on a system without modes (Windows).
 pub fn mode(meta: &Metadata) -> Option<u32> {
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         Some(meta.permissions().mode() & 0o777)
     }
-    #[cfg(not(unix))]
+    #[cfg(not(keyhole_unix))]
     {
         let _ = meta;
         None
@@ -50,13 +50,17 @@ pub fn open_to_others(meta: &Metadata) -> Option<u32> {
 /// directory on Windows, which inherits its parent's ACL. Fails, as
 /// `create_dir` does, if `path` exists.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     {
         use std::os::unix::fs::DirBuilderExt;
-        builder.mode(PRIVATE_DIR_MODE);
+        std::fs::DirBuilder::new()
+            .mode(PRIVATE_DIR_MODE)
+            .create(path)
     }
-    builder.create(path)
+    #[cfg(not(keyhole_unix))]
+    {
+        std::fs::DirBuilder::new().create(path)
+    }
 }
 
 #[cfg(test)]
@@ -76,7 +80,7 @@ mod tests {
         assert!(!others_may_access(0o4600));
     }
 
-    #[cfg(unix)]
+    #[cfg(keyhole_unix)]
     #[test]
     fn a_file_readable_by_others_is_reported_with_its_mode() {
         use std::os::unix::fs::PermissionsExt;
@@ -95,7 +99,7 @@ mod tests {
         assert_eq!(open_to_others(&meta), None);
     }
 
-    #[cfg(not(unix))]
+    #[cfg(not(keyhole_unix))]
     #[test]
     fn without_modes_nothing_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -111,7 +115,7 @@ mod tests {
         create_private_dir(&private).expect("created");
         let meta = std::fs::metadata(&private).expect("exists");
         assert!(meta.is_dir());
-        #[cfg(unix)]
+        #[cfg(keyhole_unix)]
         assert_eq!(mode(&meta), Some(PRIVATE_DIR_MODE));
         let again = create_private_dir(&private).expect_err("exists already");
         assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);

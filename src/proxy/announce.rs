@@ -19,6 +19,8 @@ use crate::config::Protocol;
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Bound<'a> {
     Tcp(SocketAddr),
+    // Made only where there are Unix-socket listeners (src/platform/).
+    #[cfg_attr(not(keyhole_unix), allow(dead_code))]
     Unix(&'a Path),
 }
 
