@@ -980,15 +980,18 @@ fn systemd_is_told_ready_reloading_stopping_and_fed_its_watchdog() {
         .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="))
         .unwrap_or_else(|| panic!("no RELOADING=1 before READY=1: {got:?}"));
     assert!(reloading < got.len() - 1, "{got:?}");
-    // The startup log names the data path once; a reload does not repeat it.
+    // The ready line names the data path, once; a reload does not repeat it.
     let logs = keyhole.logs();
     let path = if cfg!(linux_native) {
-        "data path: splice(2) between plain legs"
+        "data_path=splice+ktls"
     } else {
-        "data path: portable"
+        "data_path=portable"
     };
-    assert_eq!(logs.matches("data path: ").count(), 1, "{logs}");
-    assert!(logs.contains(path), "{logs}");
+    assert_eq!(logs.matches("data_path=").count(), 1, "{logs}");
+    assert!(
+        logs.lines().any(|l| l.contains("keyhole is ready") && l.contains(path)),
+        "{logs}"
+    );
 
     keyhole.signal(libc::SIGTERM);
     let got = notifications_until(&socket, "STOPPING=1", PATIENCE);

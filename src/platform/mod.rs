@@ -73,22 +73,6 @@ pub fn version() -> String {
     )
 }
 
-/// The startup log's one line about the data path, for operators who
-/// compare figures across machines.
-pub fn log_data_path() {
-    let path = DataPath::of_this_build();
-    match path {
-        DataPath::SpliceKtls => tracing::info!(
-            data_path = %path,
-            "data path: splice(2) between plain legs, kernel TLS for upstream records where the kernel has it"
-        ),
-        DataPath::Portable => tracing::info!(
-            data_path = %path,
-            "data path: portable (a buffered copy per direction, TLS records in rustls; splice(2) and kernel TLS are Linux-only)"
-        ),
-    }
-}
-
 /// Whether listeners (and `keyhole connect`) can use Unix sockets: every
 /// Unix, macOS included. Windows refuses a Unix-socket option at start.
 pub const UNIX_SOCKETS: bool = cfg!(keyhole_unix);

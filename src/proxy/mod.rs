@@ -269,9 +269,11 @@ impl Proxy {
             }
         }
         lifecycle.advance(Phase::Serving);
+        // The data path (splice+ktls or portable), said once, here.
         tracing::info!(
             targets = served.len(),
             data_threads = serving.data_threads(),
+            data_path = %crate::platform::DataPath::of_this_build(),
             "keyhole is ready"
         );
         crate::systemd::ready(&format!("serving {} target(s)", served.len()));
@@ -404,9 +406,6 @@ async fn shutdown(
 /// Probes, once, what the configuration needs of the platform (and that
 /// `before`, the running configuration, did not need yet).
 fn probe_platform(config: &Config, before: Option<&Config>) {
-    if before.is_none() {
-        crate::platform::log_data_path();
-    }
     let auto = crate::tls::KernelTls::Auto;
     if config.kernel_tls == auto && before.is_none_or(|b| b.kernel_tls != auto) {
         match crate::tls::ktls::availability() {
