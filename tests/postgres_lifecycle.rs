@@ -989,7 +989,8 @@ fn systemd_is_told_ready_reloading_stopping_and_fed_its_watchdog() {
     };
     assert_eq!(logs.matches("data_path=").count(), 1, "{logs}");
     assert!(
-        logs.lines().any(|l| l.contains("keyhole is ready") && l.contains(path)),
+        logs.lines()
+            .any(|l| l.contains("keyhole is ready") && l.contains(path)),
         "{logs}"
     );
 

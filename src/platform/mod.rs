@@ -1,29 +1,43 @@
 //! The platform seam: everything keyhole does differently per operating
-//! system, one place per concern. The rest of the crate asks this module
-//! (or the one file it names) and carries no `cfg` of its own for the OS.
+//! system, and where each difference lives. One build-time choice drives it
+//! (`build.rs`):
 //!
-//! | concern | Linux build | portable build (macOS, Windows, `--cfg keyhole_portable`) | where |
-//! |---|---|---|---|
-//! | data path between plain legs | splice(2) through lent pipes | the buffered copy TLS sessions use | `splice/pipe.rs` (its `sys`) |
-//! | upstream TLS records | kernel TLS where the kernel has it | rustls' record layer | `tls/ktls.rs` (its `sys`) |
-//! | stop and reload requests | SIGTERM, SIGINT, SIGHUP | Unix: the same; Windows: Ctrl-C, Ctrl-Break, console close | [`signals`] |
-//! | Unix-socket listeners | yes | every Unix; Windows refuses them at start | [`UNIX_SOCKETS`], `listener.rs` |
-//! | process metrics | `/proc` | what the OS reports; the rest absent | [`process`] |
-//! | key and credential file modes | checked | checked on every Unix; Windows has no modes | [`files`] |
-//! | where the SDKs keep their files | `~/.aws`, `~/.config/gcloud`, `~/.ssh` | the same on macOS; `%USERPROFILE%`, `%APPDATA%` on Windows | [`home`] |
+//! - `cfg(linux_native)`: the Linux-only calls (splice(2), pipe2(2) and pipe
+//!   sizes, kernel TLS, `/proc`, `PR_SET_PDEATHSIG`). Set on Linux unless
+//!   the build says `RUSTFLAGS="--cfg keyhole_portable"`: the portable build,
+//!   the path macOS and Windows users get, which CI tests on Linux.
+//! - `cfg(keyhole_unix)`: what needs Unix (Unix sockets, file descriptors,
+//!   signals, file modes). Set on every Unix; Windows lacks it, and so does
+//!   the Windows-shaped check on Linux (`--cfg keyhole_windows_shape`),
+//!   which CI compiles with `libc` out of reach and clippy denying the
+//!   Unix-only parts of std and tokio (`clippy.toml`).
 //!
-//! `build.rs` makes the one choice: `cfg(linux_native)` (the Linux-only
-//! calls: splice(2), pipe2(2), kernel TLS, `/proc`, `PR_SET_PDEATHSIG`) is
-//! set on Linux unless the build says `RUSTFLAGS="--cfg keyhole_portable"`.
-//! That flag lets Linux (and CI) build and test the path macOS users get,
-//! and the Windows one as far as a Unix can stand in for it.
+//! | concern | Linux | macOS (and the portable build) | Windows | where |
+//! |---|---|---|---|---|
+//! | bytes between plain legs | splice(2) through lent pipes | the buffered copy TLS sessions use | the same | `splice/pipe.rs` (its `sys`), [`crate::splice::zero_copy_supported`] |
+//! | upstream TLS records | kernel TLS where the kernel has it | rustls' record layer | the same | `tls/ktls.rs` (its `sys`) |
+//! | stop and reload requests | SIGTERM, SIGINT, SIGHUP | the same | Ctrl-C, Ctrl-Break, console close; no reload signal | [`signals`] |
+//! | listeners and sockets | TCP, Unix sockets | the same | TCP; a Unix-socket option is refused at start | [`check_target`], `listener.rs`, `net.rs` |
+//! | a hop's local end | a Unix socket pair | the same | a pipe in memory | `net.rs` ([`crate::net::pair`]) |
+//! | SSH hops (`via=ssh://`) | one OpenSSH master, descriptors passed | the same | refused at start | [`check_target`], `transport/without/ssh.rs` |
+//! | processes keyhole starts | end with keyhole (parent-death signal) | end at keyhole's shutdown | the same as macOS | [`child`] |
+//! | service manager | systemd notifications | the same code (no systemd there) | none | `systemd.rs`, `no_systemd.rs` |
+//! | process metrics | all six from `/proc` | CPU time, descriptors, start time | start time | [`process`] |
+//! | key and credential file modes | checked | checked | no modes: skipped | [`files`] |
+//! | where the SDKs keep their files | `~/.aws`, `~/.config/gcloud`, `~/.ssh` | the same | `%USERPROFILE%`, `%APPDATA%` | [`home`] |
+//!
+//! Outside this folder, `cfg` appears only where a Unix-only type is part of
+//! a value (the socket and listener enums in `net.rs`, `listener.rs`,
+//! `proxy/workers.rs` and `proxy/serve.rs`, the fd-based splice in
+//! `splice/`, kernel TLS's descriptors in `tls/ktls.rs`), in the one call
+//! site that picks splice(2) (`frontend/postgres.rs`), and in
+//! `commands/tunnel_fd.rs`, which exists for the SSH hop.
 
 pub mod child;
-pub mod process;
-pub mod signals;
-
 pub mod files;
 pub mod home;
+pub mod process;
+pub mod signals;
 
 /// How bytes cross keyhole once a session is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
