@@ -156,6 +156,8 @@ keyhole_token_expiry_seconds{{target=\"a\"}} 0
 
 #[test]
 fn the_process_metrics_are_in_the_scrape() {
+    // As main does: where the system cannot say when the process started.
+    crate::platform::process::note_start();
     let rendered = Registry::new().render();
     for (name, kind) in [
         ("process_resident_memory_bytes", "gauge"),
