@@ -33,10 +33,11 @@
 #      path, process metrics and calls macOS and Windows get; src/platform/) in its own
 #      target directory (target/portable, so the two builds do not evict each other):
 #      clippy on every target, then the whole test suite (lib, bins, integration tests);
-#      and the Windows-shaped check: clippy on the library and binary with
-#      --cfg keyhole_windows_shape as well (target/windows-shape), which builds the crate
-#      without its Unix code and denies the Unix-only APIs clippy.toml lists, as close
-#      to a Windows compile as a machine without Windows' standard library gets
+#      and the Windows-shaped check: clippy on the library and binary, their unit tests
+#      included, with --cfg keyhole_windows_shape as well (target/windows-shape), which
+#      builds the crate without its Unix code and denies the Unix-only APIs clippy.toml
+#      lists, as close to a Windows compile as a machine without Windows' standard
+#      library gets
 #   9. cargo test: doc tests first, then the OpenTelemetry test with its feature
 #      (cargo test --features otel --test otel, and the library's unit tests with it),
 #      then the library, binaries and integration tests, so the output closes on
@@ -265,7 +266,7 @@ if (($# == 0)); then
   "${portable[@]}" cargo test "${locked[@]}" --tests || fail
   env RUSTFLAGS="${RUSTFLAGS:-} --cfg keyhole_portable --cfg keyhole_windows_shape" \
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/windows-shape" \
-    cargo clippy --lib --bins "${locked[@]}" -- -D warnings || fail
+    cargo clippy --lib --bins --profile test "${locked[@]}" -- -D warnings || fail
 fi
 
 if (($# > 0)); then

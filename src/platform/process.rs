@@ -176,7 +176,6 @@ fn max_fds() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::ProcessSnapshot as Snapshot;
 
     #[test]
     fn stat_fields_count_from_the_last_parenthesis() {
