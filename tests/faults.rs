@@ -384,6 +384,11 @@ fn an_upstream_reset_ends_only_the_affected_session() {
     still_answers(&rt, &bystander, "after two resets");
     wait_outcomes(|| keyhole.logs(), http, &[("upstream_io", 2)]);
     let closed = closed_line(&keyhole, "upstream_io");
+    assert_eq!(
+        field(&closed, "level"),
+        "WARN",
+        "a server's failure: {closed:?}"
+    );
     assert!(
         field(&closed, "error").contains("server connection failed"),
         "{closed:?}"
@@ -463,7 +468,7 @@ fn an_upstream_stall_holds_the_client_and_nothing_else() {
     wait_outcomes(
         || keyhole.logs(),
         http,
-        &[("ok", 1), ("client_gone_cancelled", 1)],
+        &[("client_closed", 1), ("client_gone_cancelled", 1)],
     );
     memory.assert_peak_bounded("after the stalls");
 }
@@ -581,8 +586,12 @@ fn a_rotated_certificate_is_checked_on_the_next_connection() {
     proxy.set_upstream(pg_addr(old));
     assert_eq!(psql_ok(keyhole.port(), port_sql), old.port.to_string());
 
-    wait_outcomes(|| keyhole.logs(), http, &[("upstream_tls", 2), ("ok", 1)]);
-    wait_outcomes(|| rotated.logs(), rotated_http, &[("ok", 1)]);
+    wait_outcomes(
+        || keyhole.logs(),
+        http,
+        &[("upstream_tls", 2), ("client_closed", 1)],
+    );
+    wait_outcomes(|| rotated.logs(), rotated_http, &[("client_closed", 1)]);
 }
 
 /// A server that accepts TCP and then says nothing: not to keyhole's
@@ -683,7 +692,7 @@ fn a_server_answering_byte_by_byte() {
     wait_outcomes(
         || keyhole.logs(),
         http,
-        &[("upstream_timeout", 1), ("ok", 1)],
+        &[("upstream_timeout", 1), ("client_closed", 1)],
     );
     memory.assert_peak_bounded("after trickling servers");
 }
@@ -921,7 +930,7 @@ fn a_dns_answer_that_changes_between_connections_is_followed() {
     wait_outcomes(
         || keyhole.logs(),
         keyhole.http,
-        &[("ok", 2), ("upstream_connect", 1)],
+        &[("client_closed", 2), ("upstream_connect", 1)],
     );
 }
 
@@ -1046,7 +1055,7 @@ fn slowloris_clients_are_cut_at_the_startup_timeout() {
     wait_outcomes(
         || tail(&keyhole.logs(), 20),
         http,
-        &[("startup_timeout", SLOWLORIS as u64), ("ok", 1)],
+        &[("startup_timeout", SLOWLORIS as u64), ("client_closed", 1)],
     );
     assert!(
         !keyhole.logs().contains("panicked"),
@@ -1113,13 +1122,13 @@ fn a_client_that_stops_reading_holds_back_the_server_not_keyholes_memory() {
     wait_outcomes(
         || keyhole.logs(),
         http,
-        &[("client_gone_cancelled", 1), ("ok", 1)],
+        &[("client_gone_cancelled", 1), ("client_closed", 1)],
     );
     memory.assert_peak_bounded("after the client that did not read");
 }
 
 /// Clients that reset their connection: one idle between statements
-/// (`client_io`: the server ends its session at keyhole's close), one in
+/// (`client_reset`: the server ends its session at keyhole's close), one in
 /// the middle of a large result (`client_gone_cancelled`: its statement is
 /// cancelled). The bystander goes on.
 #[test]
@@ -1136,7 +1145,7 @@ fn client_resets_end_only_their_own_sessions() {
     let mut idle = raw_session(keyhole.port(), idle_app);
     raw_query(&mut idle, "select 1");
     reset(idle);
-    wait_outcomes(|| keyhole.logs(), http, &[("client_io", 1)]);
+    wait_outcomes(|| keyhole.logs(), http, &[("client_reset", 1)]);
     wait_until(
         "the reset idle session's backend is gone",
         PATIENCE,
@@ -1168,7 +1177,7 @@ fn client_resets_end_only_their_own_sessions() {
     wait_outcomes(
         || keyhole.logs(),
         http,
-        &[("client_io", 1), ("client_gone_cancelled", 1)],
+        &[("client_reset", 1), ("client_gone_cancelled", 1)],
     );
     let closed = closed_line(&keyhole, "client_gone_cancelled");
     assert!(

@@ -82,7 +82,7 @@ fn postgres_sessions_take_the_kernels_records_where_it_offers_them() {
         "a query's answer through keyhole"
     );
     keyhole.wait_for_log(path, 2);
-    keyhole.wait_for_log("outcome=\"ok\"", 2);
+    keyhole.wait_for_log("outcome=\"client_closed\"", 2);
 }
 
 #[test]
@@ -102,5 +102,5 @@ fn mysql_sessions_take_the_kernels_records_where_it_offers_them() {
     let text = clients::expect_success(&out, "a query through keyhole with --kernel-tls=auto");
     assert_eq!(text.trim(), "300000", "the answer through keyhole");
     keyhole.wait_for_log(path, 1);
-    keyhole.wait_for_log("outcome=\"ok\"", 1);
+    keyhole.wait_for_log("outcome=\"client_closed\"", 1);
 }

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use support::certs::TestPki;
 use support::clients::{self, expect_success};
 use support::keyhole::{Keyhole, Ready};
+use support::logs::{closed_lines, field};
 use support::mariadb::{
     self, MariaDb, MariaDbOptions, CLIENT_SSL, DATABASE, ED25519_PASS, ED25519_USER, MARIADB_FLAGS,
     MARIADB_TIMEOUT, NATIVE_PASS, NATIVE_USER,
@@ -170,7 +171,7 @@ fn mariadb_cli_with_default_settings_logs_in_over_verified_tls() {
             "{user} with a wrong password"
         );
     }
-    keyhole.wait_for_log("outcome=\"ok\"", 2);
+    keyhole.wait_for_log("outcome=\"client_closed\"", 2);
     let logs = keyhole.wait_for_log("outcome=\"server_refused\"", 2);
     for user in [NATIVE_USER, ED25519_USER] {
         assert!(
@@ -257,7 +258,7 @@ fn mysql_async_runs_parameterized_and_prepared_statements() {
             conn.disconnect().await.expect("disconnect");
         }
     });
-    keyhole.wait_for_log("outcome=\"ok\"", 2);
+    keyhole.wait_for_log("outcome=\"client_closed\"", 2);
 }
 
 #[test]
@@ -437,8 +438,14 @@ fn client_negotiated_features_pass_through() {
         drop(result);
         conn.disconnect().await.expect("disconnect");
     });
-    let logs = keyhole.wait_for_log("outcome=\"ok\"", 5);
-    assert!(!logs.contains("outcome=\"client"), "{logs}");
+    let logs = keyhole.wait_for_log("outcome=\"client_closed\"", 5);
+    let closed = closed_lines(&logs);
+    assert!(
+        closed
+            .iter()
+            .all(|f| field(f, "outcome") == "client_closed"),
+        "{logs}"
+    );
 }
 
 /// Connection attributes (CLIENT_CONNECT_ATTRS) reach the server as the
@@ -635,7 +642,7 @@ fn two_hundred_megabytes_each_way_arrive_intact() {
     );
     db.admin_sql(&format!("drop table {table}"));
     // Both went through keyhole: its closed lines count them.
-    let logs = keyhole.wait_for_log("outcome=\"ok\"", 2);
+    let logs = keyhole.wait_for_log("outcome=\"client_closed\"", 2);
     let most = |field: &str| {
         logs.lines()
             .filter(|line| line.contains("connection closed"))
@@ -719,12 +726,14 @@ fn two_hundred_mysql_async_clients_at_once() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), CLIENTS, "200 distinct server sessions");
-    let logs = keyhole.wait_for_log("outcome=\"ok\"", CLIENTS);
+    let logs = keyhole.wait_for_log("outcome=\"client_closed\"", CLIENTS);
     // Besides the 200 sessions, only ed25519 logins the driver got wrong
     // (see `connect`) and tried again.
     let others: Vec<&str> = logs
         .lines()
-        .filter(|line| line.contains("connection closed") && !line.contains("outcome=\"ok\""))
+        .filter(|line| {
+            line.contains("connection closed") && !line.contains("outcome=\"client_closed\"")
+        })
         .collect();
     assert!(
         others
@@ -816,7 +825,7 @@ fn kill_query_and_ctrl_c_through_keyhole_interrupt_only_the_statement() {
     // and its KILL connection).
     let out = mariadb::mariadb(port, NATIVE_USER, Some(NATIVE_PASS), "select 'after'");
     assert_eq!(expect_success(&out, "after the kills"), "after");
-    let logs = keyhole.wait_for_log("outcome=\"ok\"", 5);
+    let logs = keyhole.wait_for_log("outcome=\"client_closed\"", 5);
     assert_eq!(logs.matches("connection closed").count(), 5, "{logs}");
 }
 

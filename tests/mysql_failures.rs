@@ -1142,7 +1142,7 @@ fn clients_over_the_limit_get_1040_and_the_next_one_fits_again() {
         .expect("close the first session");
 
     // The slot is free once keyhole has seen the first session end.
-    keyhole.wait_for_log("outcome=\"ok\"", 1);
+    keyhole.wait_for_log("outcome=\"client_closed\"", 1);
     assert_eq!(
         query(port, WHO_TLS_PORT),
         who_tls_port(db),

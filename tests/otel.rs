@@ -147,7 +147,7 @@ fn each_connection_is_a_trace_with_its_phases_and_metrics_match_the_scrape() {
             assert!(kid.span.start_time_unix_nano >= root.span.start_time_unix_nano);
             assert!(kid.span.end_time_unix_nano <= root.span.end_time_unix_nano);
         }
-        if outcome == "ok" {
+        if outcome == "client_closed" {
             assert_eq!(
                 names,
                 [
@@ -335,7 +335,12 @@ fn a_collector_that_refuses_or_is_down_costs_one_warning_and_no_connection() {
     assert!(!logs.contains(SECRET), "{logs}");
     let closed = closed_lines(&logs);
     assert_eq!(closed.len(), 6, "{logs}");
-    assert!(closed.iter().all(|l| field(l, "outcome") == "ok"), "{logs}");
+    assert!(
+        closed
+            .iter()
+            .all(|l| field(l, "outcome") == "client_closed"),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -372,7 +377,10 @@ fn a_graceful_shutdown_sends_the_last_spans_and_metrics() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", keyhole.logs());
     let spans = receiver.spans();
     assert_eq!(roots(&spans).len(), 1, "{spans:#?}");
-    assert_eq!(roots(&spans)[0].attributes["keyhole.outcome"], "ok");
+    assert_eq!(
+        roots(&spans)[0].attributes["keyhole.outcome"],
+        "client_closed"
+    );
     let metrics: HashMap<_, _> = receiver.last_metrics().unwrap_or_default();
     let total = metrics
         .get("keyhole_connections_total")

@@ -284,6 +284,21 @@ fn psql_verifies_keyholes_local_certificate() {
         "{}",
         clients::stderr(&out)
     );
+    // A client that insists on binding fails by design, with libpq's own
+    // message (the README's security model says what to use instead).
+    let out = clients::psql_conninfo(
+        &conninfo(SCRAM_USER, "channel_binding=require"),
+        Some(SCRAM_PASS),
+        "select 1",
+    );
+    assert!(!out.status.success());
+    assert!(
+        clients::stderr(&out).contains(
+            "channel binding is required, but server did not offer an authentication method that supports channel binding"
+        ),
+        "{}",
+        clients::stderr(&out)
+    );
     let out = clients::psql_conninfo(
         &conninfo(SCRAM_USER, "channel_binding=disable"),
         Some(SCRAM_PASS),

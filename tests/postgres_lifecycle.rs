@@ -317,7 +317,13 @@ fn client_vanishing_mid_query_ends_the_server_backend() {
     assert_eq!(field(&closed, "database"), "postgres");
     // Which comes first: the server's own check, or keyhole's cancel.
     assert!(
-        ["ok", "client_io", "client_gone_cancelled"].contains(&field(&closed, "outcome")),
+        [
+            "client_vanished",
+            "client_reset",
+            "client_io",
+            "client_gone_cancelled"
+        ]
+        .contains(&field(&closed, "outcome")),
         "unexpected outcome for a client that went away: {closed:?}"
     );
 
@@ -522,7 +528,7 @@ fn sigterm_lets_open_sessions_finish_and_exits_0() {
     assert_eq!(exit_code(status), Some(0), "log:\n{}", keyhole.logs());
     let closed = closed_lines(&keyhole.logs());
     assert_eq!(closed.len(), 1, "log:\n{}", keyhole.logs());
-    assert_eq!(field(&closed[0], "outcome"), "ok");
+    assert_eq!(field(&closed[0], "outcome"), "client_closed");
 }
 
 /// Opens a session, sends `signals` (waiting for keyhole to take in the
@@ -556,6 +562,7 @@ fn shutdown_cuts_open_session(delay: &str, signals: &[libc::c_int], code: i32) {
     let closed = closed_lines(&logs);
     assert_eq!(closed.len(), 1, "log:\n{logs}");
     assert_eq!(field(&closed[0], "outcome"), "cut_at_shutdown", "{logs}");
+    assert_eq!(field(&closed[0], "level"), "WARN", "a drain's cut: {logs}");
     assert_eq!(field(&closed[0], "user"), SCRAM_USER);
 
     let err = simple_query(&rt, &client, "select 1").expect_err("the session was cut");
@@ -831,7 +838,7 @@ fn logs_are_json_on_request_and_never_show_a_password() {
                 );
             }
             match members["outcome"].as_str() {
-                "ok" => assert!(
+                "client_closed" => assert!(
                     members["bytes_to_client"] != "0" && !members.contains_key("error"),
                     "{members:?}"
                 ),
@@ -841,7 +848,7 @@ fn logs_are_json_on_request_and_never_show_a_password() {
         }
         let mut users: Vec<&str> = closed
             .iter()
-            .filter(|m| m["outcome"] == "ok")
+            .filter(|m| m["outcome"] == "client_closed")
             .map(|m| m["user"].as_str())
             .collect();
         users.sort_unstable();

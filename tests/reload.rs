@@ -296,7 +296,7 @@ fn sighup_removes_a_target_whose_open_session_goes_on_until_it_ends() {
         .iter()
         .find(|f| field(f, "conn") == "1")
         .unwrap_or_else(|| panic!("no closed line for the session:\n{logs}"));
-    assert_eq!(field(session, "outcome"), "ok", "{logs}");
+    assert_eq!(field(session, "outcome"), "client_closed", "{logs}");
 }
 
 #[test]

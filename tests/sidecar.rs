@@ -663,7 +663,12 @@ fn sigterm_drains_readiness_but_accepts_during_the_min_delay_then_refuses() {
     );
     let closed = closed_lines(&logs);
     assert_eq!(closed.len(), 2, "{logs}");
-    assert!(closed.iter().all(|f| field(f, "outcome") == "ok"), "{logs}");
+    assert!(
+        closed
+            .iter()
+            .all(|f| field(f, "outcome") == "client_closed"),
+        "{logs}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -723,7 +728,7 @@ fn min_then_max_delay_in_sequence_and_a_session_ending_in_the_max_delay_exits_0(
     assert!(logs.contains("all connections ended"), "{logs}");
     let closed = closed_lines(&logs);
     assert_eq!(closed.len(), 1, "{logs}");
-    assert_eq!(field(&closed[0], "outcome"), "ok", "{logs}");
+    assert_eq!(field(&closed[0], "outcome"), "client_closed", "{logs}");
 }
 
 #[test]
@@ -1630,7 +1635,7 @@ fn metrics_follow_a_session_from_open_to_close() {
                 && metric(
                     s,
                     "keyhole_connections_closed_total",
-                    &[("target", t), ("outcome", "ok")],
+                    &[("target", t), ("outcome", "client_closed")],
                 ) == Some(1.0)
         },
     );
@@ -1705,7 +1710,7 @@ fn metrics_count_failed_connections_by_outcome() {
             .find(|f| field(f, "target") == name.as_str())
             .unwrap_or_else(|| panic!("no closed line for {name}:\n{}", keyhole.logs()));
         let outcome = field(line, "outcome").to_owned();
-        assert_ne!(outcome, "ok", "{line:?}");
+        assert_ne!(outcome, "client_closed", "{line:?}");
         wait_metrics(
             &keyhole,
             http_port,

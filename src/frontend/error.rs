@@ -46,6 +46,11 @@ pub struct SessionReport {
     /// The client's last message in the session was its goodbye
     /// (Terminate, COM_QUIT): what it sent before, it meant to see through.
     pub client_said_goodbye: bool,
+    /// Whether keyhole could see the goodbye: not where the kernel moves
+    /// the bytes (splice(2)) or compression hides the messages.
+    pub goodbye_watched: bool,
+    /// The side that ended the session first, once it was relayed.
+    pub first_to_end: Option<Side>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,47 +180,6 @@ enum Answer {
 }
 
 impl SessionError {
-    /// A short stable name for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            SessionError::StartupTimeout { .. } => "startup_timeout",
-            SessionError::ClientClosed | SessionError::ClientIo(_) => "client_io",
-            SessionError::Startup(_)
-            | SessionError::ClientMessage(_)
-            | SessionError::ClientPacket(_)
-            | SessionError::Handshake(_)
-            | SessionError::UnexpectedClientMessage(_)
-            | SessionError::RepeatedUpgrade(_)
-            | SessionError::DataAfterUpgrade
-            | SessionError::MissingAlpn => "client_protocol",
-            SessionError::LocalTlsNotConfigured | SessionError::ClientTls(_) => "client_tls",
-            SessionError::TooManyConnections(_) => "too_many_connections",
-            SessionError::NotAllowed => "not_allowed",
-            SessionError::Credentials { .. } => "credentials",
-            SessionError::TokenNotAsked { .. } => "token_not_asked",
-            SessionError::OwnLogin { .. } => "own_login",
-            SessionError::Pool(crate::pool::PoolError::Exhausted { .. }) => "pool_exhausted",
-            SessionError::Pool(crate::pool::PoolError::Closed) => "pool_closed",
-            SessionError::Upstream(e) => e.label(),
-            SessionError::UpstreamStalled(_) => "upstream_timeout",
-            SessionError::UpstreamClosed | SessionError::UpstreamIo(_) => "upstream_io",
-            SessionError::UpstreamProtocol(_) | SessionError::ChannelBinding(_) => {
-                "upstream_protocol"
-            }
-            SessionError::ServerRefused(_) => "server_refused",
-            SessionError::UnknownCancelKey => "unknown_cancel_key",
-            SessionError::Cut => "cut_at_shutdown",
-            SessionError::ClientGone(Abandoned::Cancelled) => "client_gone_cancelled",
-            SessionError::ClientGone(Abandoned::CancelFailed(_)) => "client_gone_cancel_failed",
-            SessionError::ClientGone(_) => "client_gone",
-            SessionError::Splice(e) if e.is_truncation() => "upstream_truncated",
-            SessionError::Splice(e) => match e.side {
-                Side::Client => "client_io",
-                Side::Server => "upstream_io",
-            },
-        }
-    }
-
     fn answer(&self) -> Answer {
         use mysql::code;
         let client_fault = Answer::Send {

@@ -4,9 +4,11 @@
 mod error;
 mod legs;
 pub mod mysql;
+mod outcome;
 pub mod postgres;
 
 pub use error::{Abandoned, Admission, SessionError, SessionReport};
+pub use outcome::{Ending, Outcome};
 
 use std::future::Future;
 use std::io;
@@ -228,6 +230,8 @@ async fn relay_until_cut(
     report.transferred = relay.delivered();
     report.metered = relay.reported();
     report.client_said_goodbye = relay.client_said_goodbye();
+    report.goodbye_watched = relay.watches_goodbye();
+    report.first_to_end = relay.first_to_end();
     result
 }
 

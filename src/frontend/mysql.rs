@@ -667,6 +667,9 @@ impl Session<'_> {
         };
         report.transferred.client_to_server += moved.0;
         report.transferred.server_to_client += moved.1;
+        // The pooled relay frames every message: it sees a goodbye.
+        report.goodbye_watched = true;
+        report.first_to_end = end.as_ref().and_then(RelayEnd::first_to_end);
         let splice_error =
             |side, source| SessionError::Splice(crate::splice::SpliceError { side, source });
         let discard = |ready: Ready, reason: CloseReason, abrupt: bool| async move {

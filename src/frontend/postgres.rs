@@ -293,6 +293,9 @@ impl Session<'_> {
         };
         report.transferred.client_to_server += moved.0;
         report.transferred.server_to_client += moved.1;
+        // The pooled relay frames every message: it sees a goodbye.
+        report.goodbye_watched = true;
+        report.first_to_end = end.as_ref().and_then(RelayEnd::first_to_end);
         // The key routes to this client's statements only while it holds
         // the connection.
         drop(registration);

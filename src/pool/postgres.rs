@@ -267,6 +267,18 @@ pub enum RelayEnd {
     Protocol(&'static str),
 }
 
+impl RelayEnd {
+    /// The side that ended the session.
+    pub fn first_to_end(&self) -> Option<crate::splice::Side> {
+        use crate::splice::Side;
+        match self {
+            RelayEnd::Clean | RelayEnd::Dirty | RelayEnd::ClientGone { .. } => Some(Side::Client),
+            RelayEnd::ServerGone(_) => Some(Side::Server),
+            RelayEnd::Protocol(_) => None,
+        }
+    }
+}
+
 /// Session state read off the messages.
 struct Frames {
     /// ReadyForQuery messages the server still owes (one per Query,

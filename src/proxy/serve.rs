@@ -20,7 +20,7 @@ use super::announce::{self, Bound};
 use super::target::Target;
 use super::workers::Workers;
 use crate::cidr;
-use crate::frontend::{Admission, SessionError, SessionReport};
+use crate::frontend::{Admission, Outcome, SessionReport};
 use crate::listener::{self, Endpoint, Listener, Peer};
 use crate::metrics::RefusedReason;
 use crate::net;
@@ -337,15 +337,11 @@ async fn serve_connection(
     let serving = crate::telemetry::otel::within(trace.as_ref(), serving);
     let result = serving.await;
     let moved = generation.is_some_and(CancellationToken::is_cancelled);
-    let (outcome, error) = match &result {
-        Ok(()) if report.cancel_forwarded => ("cancel_forwarded", None),
-        Ok(()) => ("ok", None),
-        Err(SessionError::Cut) if moved => (
-            "instance_moved",
-            Some("the DNS name now points to another Cloud SQL instance; connections to the old one are closed after --max-sigterm-delay".to_owned()),
-        ),
-        Err(e) => (e.label(), Some(e.to_string())),
-    };
+    let Outcome {
+        ending,
+        label: outcome,
+        error,
+    } = Outcome::of(&result, &report, moved);
     let unmetered = report.transferred - report.metered;
     target
         .metrics
@@ -369,16 +365,23 @@ async fn serve_connection(
         report.transferred.server_to_client,
         started.elapsed().as_millis() as u64,
     );
-    match error {
-        None => tracing::info!(
+    // What the client did to its own connection is INFO; what the server,
+    // a limit, a drain or keyhole's setup did is WARN (see `Ending`).
+    match (ending.is_warning(), error) {
+        (false, None) => tracing::info!(
             conn = id, client = %peer, target = name, user = fields.0, database = fields.1,
             bytes_from_client = fields.2, bytes_to_client = fields.3, duration_ms = fields.4,
             outcome, "connection closed"
         ),
-        Some(error) => tracing::warn!(
+        (false, Some(error)) => tracing::info!(
             conn = id, client = %peer, target = name, user = fields.0, database = fields.1,
             bytes_from_client = fields.2, bytes_to_client = fields.3, duration_ms = fields.4,
             outcome, error, "connection closed"
+        ),
+        (true, error) => tracing::warn!(
+            conn = id, client = %peer, target = name, user = fields.0, database = fields.1,
+            bytes_from_client = fields.2, bytes_to_client = fields.3, duration_ms = fields.4,
+            outcome, error = error.as_deref().unwrap_or("-"), "connection closed"
         ),
     }
 }

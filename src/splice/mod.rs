@@ -255,7 +255,7 @@ impl SpliceError {
     }
 }
 
-fn truncation() -> SpliceError {
+pub(crate) fn truncation() -> SpliceError {
     SpliceError {
         side: Side::Server,
         source: io::Error::new(
@@ -285,6 +285,8 @@ pub struct Splice<'a, C: ?Sized, S: ?Sized> {
     farewell: Option<&'a mut dyn Farewell>,
     /// The server closed without close_notify before the client said goodbye.
     truncated: bool,
+    /// The side whose direction ended first.
+    first_to_end: Option<Side>,
 }
 
 impl<'a, C, S> Splice<'a, C, S>
@@ -301,6 +303,7 @@ where
             metering: Metering::default(),
             farewell: None,
             truncated: false,
+            first_to_end: None,
         }
     }
 
@@ -378,6 +381,7 @@ where
             Side::Client,
             Side::Server,
         )?;
+        note_end(&mut this.first_to_end, up, Side::Client);
         let down = this
             .downstream
             .poll_copy(cx, &mut *this.server, &mut *this.client, None);
@@ -393,6 +397,7 @@ where
             Side::Server,
             Side::Client,
         )?;
+        note_end(&mut this.first_to_end, down, Side::Server);
         if up && down {
             Poll::Ready(if this.truncated {
                 Err(truncation())
@@ -422,6 +427,14 @@ fn settle(
         Poll::Ready(Err(e)) if other_done && e.is_closed() => Ok(true),
         Poll::Ready(Err(e)) => Err(e.attribute(reader, writer)),
         Poll::Pending => Ok(false),
+    }
+}
+
+/// Notes `side` as the first to end if its direction has just ended and
+/// the other's had not; what both copy futures share.
+fn note_end(first: &mut Option<Side>, ended: bool, side: Side) {
+    if ended && first.is_none() {
+        *first = Some(side);
     }
 }
 
@@ -457,6 +470,14 @@ pub trait Relay: Future<Output = Result<(), SpliceError>> + Unpin {
     /// server's goes on: the client has gone, and the server has not
     /// followed yet.
     fn client_gone(&self) -> bool;
+    /// The side whose direction ended first (its EOF passed on), if one
+    /// has: who ended the session, as far as the bytes tell.
+    fn first_to_end(&self) -> Option<Side>;
+    /// Whether a [`Farewell`] watches the client's messages: without
+    /// one, [`Relay::client_said_goodbye`] cannot know.
+    fn watches_goodbye(&self) -> bool {
+        false
+    }
     /// The client's last message was its goodbye (as far as a
     /// [`Farewell`] watches; false without one).
     fn client_said_goodbye(&self) -> bool {
@@ -473,6 +494,12 @@ impl<C: Leg + ?Sized, S: Leg + ?Sized> Relay for Splice<'_, C, S> {
     }
     fn client_gone(&self) -> bool {
         self.upstream.state == HalfState::Done && self.downstream.state != HalfState::Done
+    }
+    fn first_to_end(&self) -> Option<Side> {
+        self.first_to_end
+    }
+    fn watches_goodbye(&self) -> bool {
+        self.farewell.is_some()
     }
     fn client_said_goodbye(&self) -> bool {
         self.farewell.as_ref().is_some_and(|w| w.said_goodbye())
@@ -750,6 +777,32 @@ mod tests {
                 server_to_client: 3
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_side_that_ends_first_is_named() {
+        for first in [Side::Client, Side::Server] {
+            let (mut client_app, mut client_leg) = duplex(64);
+            let (mut server_leg, mut server_app) = duplex(64);
+            let task = tokio::spawn(async move {
+                let mut s = Splice::new(&mut client_leg, &mut server_leg);
+                let r = (&mut s).await;
+                (r.is_ok(), s.first_to_end())
+            });
+            let (ender, other) = match first {
+                Side::Client => (&mut client_app, &mut server_app),
+                Side::Server => (&mut server_app, &mut client_app),
+            };
+            ender.shutdown().await.expect("the first shutdown");
+            let mut rest = Vec::new();
+            other
+                .read_to_end(&mut rest)
+                .await
+                .expect("the EOF passed on");
+            other.shutdown().await.expect("the answer to it");
+            ender.read_to_end(&mut rest).await.expect("the other EOF");
+            assert_eq!(task.await.expect("join"), (true, Some(first)));
+        }
     }
 
     #[tokio::test]

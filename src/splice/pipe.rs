@@ -73,7 +73,9 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{is_closed, settle, HalfError, Meter, Metering, Relay, Side, SpliceError, Transferred};
+use super::{
+    is_closed, note_end, settle, HalfError, Meter, Metering, Relay, Side, SpliceError, Transferred,
+};
 use crate::net::Socket;
 
 /// Idle pipes the process-wide pool keeps; pipes given back beyond this are
@@ -460,6 +462,8 @@ pub struct PipeSplice<'a, C: ?Sized, S: ?Sized> {
     metering: Metering<'a>,
     /// A fallback has been logged for this connection.
     announced: bool,
+    /// The side whose direction ended first.
+    first_to_end: Option<Side>,
 }
 
 impl<'a, C, S> PipeSplice<'a, C, S>
@@ -475,6 +479,7 @@ where
             downstream: Flow::new(*config, &POOL),
             metering: Metering::default(),
             announced: false,
+            first_to_end: None,
         }
     }
 
@@ -550,6 +555,7 @@ where
             Side::Client,
             Side::Server,
         )?;
+        note_end(&mut self.first_to_end, up, Side::Client);
         let down = self.downstream.poll_copy(cx, &*self.server, &*self.client);
         let down = settle(
             down,
@@ -557,6 +563,7 @@ where
             Side::Server,
             Side::Client,
         )?;
+        note_end(&mut self.first_to_end, down, Side::Server);
         if up && down {
             Poll::Ready(Ok(()))
         } else {
@@ -578,6 +585,9 @@ where
     }
     fn client_gone(&self) -> bool {
         self.upstream.state == FlowState::Done && self.downstream.state != FlowState::Done
+    }
+    fn first_to_end(&self) -> Option<Side> {
+        self.first_to_end
     }
 }
 

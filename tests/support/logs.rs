@@ -38,11 +38,21 @@ pub fn text_fields(line: &str) -> HashMap<String, String> {
     fields
 }
 
-/// The fields of every "connection closed" line of a text log.
+/// The fields of every "connection closed" line of a text log, with the
+/// line's level (`INFO`, `WARN`, ...) under `level`.
 pub fn closed_lines(logs: &str) -> Vec<HashMap<String, String>> {
     logs.lines()
         .filter(|l| l.contains(" connection closed "))
-        .map(text_fields)
+        .map(|line| {
+            let mut fields = text_fields(line);
+            if let Some(level) = line
+                .split_whitespace()
+                .find(|w| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(w))
+            {
+                fields.insert("level".to_owned(), level.to_owned());
+            }
+            fields
+        })
         .collect()
 }
 
