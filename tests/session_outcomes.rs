@@ -269,3 +269,54 @@ fn a_killed_mysql_client_is_client_vanished_not_an_upstream_error() {
         keyhole.logs()
     );
 }
+
+/// `KILL CONNECTION` from an administrator ends the session at the
+/// server, which MariaDB does without TLS close_notify: nothing on the path
+/// can tell that from a cut (a forged FIN), so it is the server's failure
+/// and a warning, as any truncation is. The client's query after it fails.
+#[test]
+fn a_mysql_session_killed_at_the_server_is_an_upstream_warning() {
+    use mysql_async::prelude::Queryable;
+    let db = MariaDb::shared();
+    let (keyhole, http) = keyhole_with_metrics(&db.pki().ca, &db.keyhole_target());
+    let rt = support::runtime();
+    let mut conn = rt
+        .block_on(mysql_async::Conn::new(mariadb::native_driver_opts(
+            keyhole.port(),
+        )))
+        .expect("a session through keyhole");
+    let id: u64 = rt
+        .block_on(conn.query_first("select connection_id()"))
+        .expect("its id")
+        .expect("one row");
+    db.admin_sql(&format!("KILL CONNECTION {id}"));
+    wait_until(
+        "the killed session is gone from the server",
+        PATIENCE,
+        || {
+            db.admin_sql(&format!(
+                "select count(*) from information_schema.processlist where id = {id}"
+            )) == "0"
+        },
+        || db.log_tail(20),
+    );
+    let err = rt
+        .block_on(conn.query_drop("select 1"))
+        .expect_err("the session was killed");
+    assert!(
+        matches!(
+            err,
+            mysql_async::Error::Io(_) | mysql_async::Error::Server(_)
+        ),
+        "{err:?}"
+    );
+    drop(conn);
+    let closed = wait_closed(&keyhole, 1);
+    let (outcome, level) = endings(&closed).remove(0);
+    assert!(
+        ["upstream_truncated", "upstream_io"].contains(&outcome.as_str()) && level == "WARN",
+        "{}",
+        keyhole.logs()
+    );
+    assert_eq!(closed_count(http, &outcome), 1.0);
+}

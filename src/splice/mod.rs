@@ -369,12 +369,15 @@ where
 {
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceError>> {
         let this = self;
-        let up = this.upstream.poll_copy(
-            cx,
-            &mut *this.client,
-            &mut *this.server,
-            this.farewell.as_deref_mut(),
-        );
+        // A goodbye counts only before the server's end: one sent after it
+        // (the client had not noticed) did not end the session.
+        let farewell = match this.downstream.state {
+            HalfState::Done => None,
+            _ => this.farewell.as_deref_mut(),
+        };
+        let up = this
+            .upstream
+            .poll_copy(cx, &mut *this.client, &mut *this.server, farewell);
         let up = settle(
             up,
             this.downstream.state == HalfState::Done,
@@ -921,6 +924,38 @@ mod tests {
         }
         let (result, ()) = tokio::join!(&mut s, hang_up);
         result
+    }
+
+    #[tokio::test]
+    async fn a_goodbye_after_the_servers_end_is_not_one() {
+        let (mut client_app, mut client_leg) = duplex(64);
+        let (mut server_leg, mut server_app) = duplex(64);
+        let mut watch = Watch::default();
+        let client = async move {
+            client_app.write_all(b"SELECT").await.expect("a statement");
+            let mut rest = Vec::new();
+            // The server's end reaches the client, which then says goodbye.
+            client_app.read_to_end(&mut rest).await.expect("the EOF");
+            client_app.write_all(b"bye").await.expect("a late goodbye");
+            client_app.shutdown().await.expect("shutdown");
+        };
+        let server = async move {
+            let mut got = [0u8; 6];
+            server_app
+                .read_exact(&mut got)
+                .await
+                .expect("the statement");
+            server_app.shutdown().await.expect("the server ends");
+            let mut rest = Vec::new();
+            server_app.read_to_end(&mut rest).await.expect("the rest");
+            rest
+        };
+        let mut s = Splice::new(&mut client_leg, &mut server_leg).watching(&mut watch);
+        let (result, (), late) = tokio::join!(&mut s, client, server);
+        result.expect("a clean end");
+        assert_eq!(late, b"bye", "the late goodbye is still passed on");
+        assert_eq!(s.first_to_end(), Some(Side::Server));
+        assert!(!s.client_said_goodbye());
     }
 
     #[tokio::test]
