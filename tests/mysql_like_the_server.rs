@@ -288,6 +288,17 @@ fn rows() -> Vec<Row> {
             Answer::Closed,
             "a client that leaves before a byte is let go without one",
         ),
+        differs(
+            "sends nothing, and waits",
+            vec![],
+            Answer::Closed,
+            bad_handshake(1),
+            "both give up after 10 s by default (the server's connect_timeout, \
+             keyhole's --startup-timeout); the server closes without a byte, \
+             keyhole says which of its limits ran out (\"client sent no handshake \
+             response within 10s\"), with the code it gives every client that \
+             breaks off the handshake",
+        ),
         mirrors(
             "closes after its SSLRequest",
             vec![Send(ssl_request(1)), HalfClose],
