@@ -259,6 +259,11 @@ impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Rewind<S> {
         Rewind { prefix, inner }
     }
+
+    /// The stream itself, without whatever of the prefix was not read.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

@@ -32,7 +32,8 @@ use support::certs::TestPki;
 use support::clients;
 use support::keyhole::Keyhole;
 use support::mariadb::{
-    self, MariaDb, MariaDbOptions, CLIENT_SSL, DATABASE, NATIVE_PASS, NATIVE_USER,
+    self, packet, response_header, MariaDb, MariaDbOptions, CLIENT_SSL, DATABASE, NATIVE_PASS,
+    NATIVE_USER,
 };
 use support::process::{describe_output, KillAfter};
 
@@ -40,6 +41,10 @@ use support::process::{describe_output, KillAfter};
 const TOO_MANY_CONNECTIONS: u16 = 1040;
 /// ER_HANDSHAKE_ERROR: what keyhole answers a client that breaks the protocol.
 const BAD_HANDSHAKE: u16 = 1043;
+/// ER_NET_PACKET_TOO_LARGE: a handshake packet over keyhole's cap.
+const PACKET_TOO_LARGE: u16 = 1153;
+/// ER_NET_PACKETS_OUT_OF_ORDER: a client packet with the wrong sequence id.
+const OUT_OF_ORDER: u16 = 1156;
 /// CR_CONN_HOST_ERROR: the server could not be reached.
 const CANNOT_CONNECT: u16 = 1429;
 /// CR_SSL_CONNECTION_ERROR: TLS to the server failed or was refused.
@@ -175,7 +180,9 @@ fn assert_server_error(err: &mysql_async::ServerError, code: u16, state: &str, m
     );
 }
 
-/// One ERR packet as a raw socket reads it.
+/// One ERR packet as a raw socket reads it; `state` is empty in the
+/// protocol 4.0 form (no SQLSTATE), which a client without
+/// CLIENT_PROTOCOL_41 gets.
 #[derive(Debug, PartialEq, Eq)]
 struct ErrPacket {
     seq: u8,
@@ -203,16 +210,6 @@ fn connect_raw(port: u16) -> TcpStream {
     stream
 }
 
-/// `payload` framed as one packet with sequence id `seq`.
-fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("a short payload");
-    assert!(len < 1 << 24, "one packet holds less than 16 MiB");
-    let mut out = len.to_le_bytes()[..3].to_vec();
-    out.push(seq);
-    out.extend_from_slice(payload);
-    out
-}
-
 /// Reads one packet: its sequence id and payload.
 fn read_packet(stream: &mut impl Read) -> (u8, Vec<u8>) {
     let mut header = [0u8; 4];
@@ -227,15 +224,16 @@ fn read_packet(stream: &mut impl Read) -> (u8, Vec<u8>) {
     (header[3], payload)
 }
 
-/// Reads one packet, which must be a protocol 4.1 ERR, and then the end of
-/// the connection: nothing may follow the ERR.
+/// Reads one packet, which must be an ERR, and then the end of the
+/// connection: nothing may follow the ERR.
 fn read_err(stream: &mut TcpStream) -> ErrPacket {
     let (seq, payload) = read_packet(stream);
     assert!(
-        payload.len() >= 9 && payload[0] == 0xff && payload[3] == b'#',
-        "expected an ERR packet with a SQLSTATE, got {:?}",
+        payload.len() >= 3 && payload[0] == 0xff,
+        "expected an ERR packet, got {:?}",
         String::from_utf8_lossy(&payload)
     );
+    let with_state = payload.len() >= 9 && payload[3] == b'#';
     let mut rest = Vec::new();
     // A reset instead of a FIN is fine; more bytes are not.
     let _ = stream.read_to_end(&mut rest);
@@ -243,11 +241,16 @@ fn read_err(stream: &mut TcpStream) -> ErrPacket {
         rest.is_empty(),
         "keyhole sent more after its ERR packet: {rest:02x?}"
     );
+    let (state, message) = if with_state {
+        (&payload[4..9], &payload[9..])
+    } else {
+        (&[][..], &payload[3..])
+    };
     ErrPacket {
         seq,
         code: u16::from_le_bytes([payload[1], payload[2]]),
-        state: String::from_utf8_lossy(&payload[4..9]).into_owned(),
-        message: String::from_utf8_lossy(&payload[9..]).into_owned(),
+        state: String::from_utf8_lossy(state).into_owned(),
+        message: String::from_utf8_lossy(message).into_owned(),
     }
 }
 
@@ -264,15 +267,6 @@ fn greeted(port: u16) -> TcpStream {
         "keyhole without --listen-cert offers no TLS: {greeting:?}"
     );
     stream
-}
-
-/// The fixed part of a HandshakeResponse41 (an SSLRequest is exactly this).
-fn response_header(capabilities: u32) -> Vec<u8> {
-    let mut p = capabilities.to_le_bytes().to_vec();
-    p.extend_from_slice(&(16u32 << 20).to_le_bytes()); // max packet size
-    p.push(45); // utf8mb4_general_ci
-    p.extend_from_slice(&[0; 23]);
-    p
 }
 
 /// A complete HandshakeResponse41 for `user` with a made-up 20-byte
@@ -803,28 +797,27 @@ fn malformed_clients_get_an_err_packet_and_keyhole_keeps_serving() {
     let keyhole = Keyhole::start(&["--ca-file", path_arg(&db.pki().ca), &db.keyhole_target()]);
     let port = keyhole.port();
     let bad = |seq, message: &str| ErrPacket::new(seq, BAD_HANDSHAKE, COMMUNICATION_ERROR, message);
+    // To a client without CLIENT_PROTOCOL_41, as the server answers it:
+    // the 4.0 form, without SQLSTATE.
+    let bad_40 = |seq, message: &str| ErrPacket::new(seq, BAD_HANDSHAKE, "", message);
     let refused = |bytes: &[u8]| {
         let mut raw = greeted(port);
         raw.write_all(bytes).expect("send to keyhole");
         read_err(&mut raw)
     };
 
-    // HTTP where the handshake response should be: its first three bytes,
-    // read as a packet length, are far over the handshake cap. (Its
-    // "sequence id" is a space: there is no right one to check.)
+    // HTTP where the handshake response should be: its fourth byte, read
+    // as a sequence id, is a space. As the server does, keyhole refuses it
+    // as out of order (before it looks at the length, far over the cap),
+    // with the id the client should have sent.
     let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    let http_len = usize::from(b'G') | usize::from(b'E') << 8 | usize::from(b'T') << 16;
-    let err = refused(http);
     assert_eq!(
-        (err.code, err.state.as_str(), err.message.as_str()),
-        (
-            BAD_HANDSHAKE,
+        refused(http),
+        ErrPacket::new(
+            1,
+            OUT_OF_ORDER,
             COMMUNICATION_ERROR,
-            format!(
-                "invalid packet from client: packet of {http_len} bytes is larger than \
-                 the {HANDSHAKE_CAP} allowed during the handshake"
-            )
-            .as_str()
+            "invalid packet from client: packet out of order: sequence id 32, expected 1"
         )
     );
 
@@ -833,7 +826,7 @@ fn malformed_clients_get_an_err_packet_and_keyhole_keeps_serving() {
     let caps = u32::from_le_bytes([b'G', b'E', b'T', b' ']);
     assert_eq!(caps & CLIENT_PROTOCOL_41, 0);
     let too_old = "invalid handshake response: the client does not speak protocol 4.1 (too old)";
-    assert_eq!(refused(&packet(1, http)), bad(2, too_old));
+    assert_eq!(refused(&packet(1, http)), bad_40(2, too_old));
 
     // A protocol 4.0 response: two bytes of capabilities (no
     // CLIENT_PROTOCOL_41), three of max packet size, user, scramble.
@@ -841,7 +834,7 @@ fn malformed_clients_get_an_err_packet_and_keyhole_keeps_serving() {
     old.extend_from_slice(&[0, 0, 0]);
     old.extend_from_slice(NATIVE_USER.as_bytes());
     old.extend_from_slice(b"\0abcdefgh\0");
-    assert_eq!(refused(&packet(1, &old)), bad(2, too_old));
+    assert_eq!(refused(&packet(1, &old)), bad_40(2, too_old));
 
     // Truncated responses.
     let whole = handshake_response(CLIENT_41, NATIVE_USER);
@@ -864,15 +857,15 @@ fn malformed_clients_get_an_err_packet_and_keyhole_keeps_serving() {
         );
     }
 
-    // A header announcing the largest packet there is (16 MiB - 1). Its
-    // sequence id is not checked here: keyhole answers 1 where the client,
-    // having sent 1, expects 2 (see
+    // A header announcing the largest packet there is (16 MiB - 1): over
+    // keyhole's cap, refused with what a server answers a packet over its
+    // max_allowed_packet (the sequence id is checked in
     // `an_oversized_packet_is_answered_in_sequence`).
     let err = refused(&[0xff, 0xff, 0xff, 1]);
     assert_eq!(
         (err.code, err.state.as_str(), err.message.as_str()),
         (
-            BAD_HANDSHAKE,
+            PACKET_TOO_LARGE,
             COMMUNICATION_ERROR,
             oversized_message().as_str()
         )
@@ -915,7 +908,12 @@ fn an_oversized_packet_is_answered_in_sequence() {
         .expect("send a packet header");
     assert_eq!(
         read_err(&mut raw),
-        ErrPacket::new(2, BAD_HANDSHAKE, COMMUNICATION_ERROR, &oversized_message())
+        ErrPacket::new(
+            2,
+            PACKET_TOO_LARGE,
+            COMMUNICATION_ERROR,
+            &oversized_message()
+        )
     );
 }
 

@@ -9,7 +9,10 @@
 //! - `parse_greeting` agrees with an independent reading of HandshakeV10,
 //!   and `with_capabilities` changes the four capability bytes and nothing
 //!   else (the copy re-parses with the new capabilities);
-//! - `parse_client_hello` reads the flags and user from where they are;
+//! - `parse_client_hello` reads the flags and user from where they are
+//!   (two bytes without `CLIENT_PROTOCOL_41` are already a 4.0 client);
+//!   `parse_first_hello` reads the same, except that `CLIENT_SSL` in 32
+//!   bytes or more is an SSLRequest;
 //!   `with_user` output re-parses with the new user and everything else
 //!   equal, and keeps the 32-byte header and the bytes after the user;
 //! - `ssl_request`, `with_client_capabilities` and
@@ -18,8 +21,8 @@
 
 use bytes::{Bytes, BytesMut};
 use keyhole::protocol::mysql::{
-    self, caps, decode_packet, parse_client_hello, parse_greeting, ClientHello, GreetingError,
-    PacketError, ResponseError, SSL_REQUEST_LEN,
+    self, caps, decode_packet, parse_client_hello, parse_first_hello, parse_greeting, ClientHello,
+    GreetingError, PacketError, ResponseError, SSL_REQUEST_LEN,
 };
 
 use super::input::Input;
@@ -65,6 +68,9 @@ pub fn packet_stream(data: &[u8], max: usize) -> Vec<Bytes> {
                 assert_eq!((Some(len), m), (declared, max));
                 assert!(len > max);
                 return payloads;
+            }
+            Err(e @ PacketError::OutOfOrder { .. }) => {
+                panic!("decode_packet checks no sequence ids, yet: {e}")
             }
             Ok(Some(packet)) => {
                 let len = declared.expect("a header");
@@ -178,9 +184,27 @@ fn cstr(bytes: &[u8]) -> Option<&[u8]> {
 pub fn client_hello(p: &[u8], user: &str) {
     let parsed = parse_client_hello(p);
     let flags = (p.len() >= 4).then(|| le32(p));
+    let speaks_41 = match p {
+        [low, high, ..] => u32::from(u16::from_le_bytes([*low, *high])) & caps::PROTOCOL_41 != 0,
+        _ => true,
+    };
+    assert_eq!(mysql::client_speaks_41(p), speaks_41);
+    let first = parse_first_hello(p);
+    match (&parsed, flags) {
+        (Ok(ClientHello::Response(h)), Some(f)) if f & caps::SSL != 0 => {
+            assert_eq!(h.capabilities, f);
+            assert_eq!(first, Ok(ClientHello::SslRequest { capabilities: f }));
+        }
+        (Err(ResponseError::Malformed(_)), Some(f))
+            if f & caps::SSL != 0 && p.len() >= SSL_REQUEST_LEN =>
+        {
+            assert_eq!(first, Ok(ClientHello::SslRequest { capabilities: f }));
+        }
+        _ => assert_eq!(first, parsed, "before TLS as after, without CLIENT_SSL"),
+    }
     match flags {
+        _ if !speaks_41 => assert_eq!(parsed, Err(ResponseError::Protocol40)),
         None => assert_eq!(parsed, Err(ResponseError::Malformed("no capability flags"))),
-        Some(f) if f & caps::PROTOCOL_41 == 0 => assert_eq!(parsed, Err(ResponseError::Protocol40)),
         Some(_) if p.len() < SSL_REQUEST_LEN => {
             assert_eq!(
                 parsed,

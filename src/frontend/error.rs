@@ -174,6 +174,11 @@ enum Answer {
         mysql_code: u16,
         mysql_sqlstate: &'static str,
     },
+    /// An ERR packet for a MySQL client; nothing for a Postgres one.
+    MysqlOnly {
+        mysql_code: u16,
+        mysql_sqlstate: &'static str,
+    },
     /// The client is gone, mid-TLS, already has the server's own error, or
     /// (cancel) expects nothing by protocol.
     Nothing,
@@ -188,10 +193,28 @@ impl SessionError {
             mysql_sqlstate: "08S01",
         };
         match self {
+            // What a MySQL server answers a packet over its
+            // max_allowed_packet, or one out of sequence.
+            SessionError::ClientPacket(PacketError::TooLarge { .. }) => Answer::Send {
+                sqlstate: sqlstate::PROTOCOL_VIOLATION,
+                mysql_code: code::PACKET_TOO_LARGE,
+                mysql_sqlstate: "08S01",
+            },
+            SessionError::ClientPacket(PacketError::OutOfOrder { .. }) => Answer::Send {
+                sqlstate: sqlstate::PROTOCOL_VIOLATION,
+                mysql_code: code::PACKETS_OUT_OF_ORDER,
+                mysql_sqlstate: "08S01",
+            },
+            // A MySQL server answers a failed TLS handshake in plain text
+            // (the client may still read it); a Postgres client gets nothing
+            // it could read in the middle of TLS.
+            SessionError::ClientTls(_) => Answer::MysqlOnly {
+                mysql_code: code::BAD_HANDSHAKE,
+                mysql_sqlstate: "08S01",
+            },
             SessionError::StartupTimeout { .. }
             | SessionError::Startup(_)
             | SessionError::ClientMessage(_)
-            | SessionError::ClientPacket(_)
             | SessionError::Handshake(_)
             | SessionError::UnexpectedClientMessage(_)
             | SessionError::RepeatedUpgrade(_)
@@ -253,7 +276,6 @@ impl SessionError {
             },
             SessionError::ClientClosed
             | SessionError::ClientIo(_)
-            | SessionError::ClientTls(_)
             | SessionError::ServerRefused(_)
             | SessionError::UnknownCancelKey
             | SessionError::Cut
@@ -266,7 +288,7 @@ impl SessionError {
     pub fn postgres_answer(&self) -> Option<&'static str> {
         match self.answer() {
             Answer::Send { sqlstate, .. } => Some(sqlstate),
-            Answer::Nothing => None,
+            Answer::MysqlOnly { .. } | Answer::Nothing => None,
         }
     }
 
@@ -277,6 +299,10 @@ impl SessionError {
                 mysql_code,
                 mysql_sqlstate,
                 ..
+            }
+            | Answer::MysqlOnly {
+                mysql_code,
+                mysql_sqlstate,
             } => Some((mysql_code, mysql_sqlstate)),
             Answer::Nothing => None,
         }

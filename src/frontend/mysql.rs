@@ -16,6 +16,17 @@
 //! Every failure before the splice that the client can still read reaches it
 //! as an ERR packet with the sequence id it expects next.
 //!
+//! Until the server has the client's response, keyhole stands in for the
+//! server, and answers a client that breaks the protocol as MariaDB does
+//! (`tests/mysql_like_the_server.rs` compares the two): a packet out of
+//! sequence gets 1156 with the id the client should have sent, checked
+//! before its length; a client without `CLIENT_PROTOCOL_41` gets its ERR in
+//! the 4.0 form, without SQLSTATE; any first packet with `CLIENT_SSL` starts
+//! TLS; a failed TLS handshake is answered with 1043 in plain text. Where
+//! keyhole checks more than the server, its message names the check: it
+//! reads at most 256 KiB in one handshake packet (1153, where the server
+//! waits for up to its `max_allowed_packet`).
+//!
 //! Where keyhole logs in itself (`pool=session`, `password-file=`), the
 //! session takes another path ([`Session::run_own_login`]): keyhole greets
 //! the client with a greeting of its own (the server's version and
@@ -42,7 +53,7 @@ use crate::net::{Rewind, Socket};
 use crate::pool::mysql::{self as pooled, MyConn, PooledRelay, RelayEnd, Shape};
 use crate::pool::{CloseReason, Grant, Key, Lease, Pool, Slot};
 use crate::protocol::farewell::ComQuit;
-use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet};
+use crate::protocol::mysql::{self, caps, reply, ClientHello, Packet, PacketError};
 use crate::splice::Splice;
 use crate::upstream::mysql::Greeted;
 use crate::upstream::SharedUpstream;
@@ -81,12 +92,14 @@ impl MysqlFrontend {
             frontend: self,
             client: ClientLeg::new(socket),
             next_seq: 0,
+            speaks_41: true,
         };
         let result = session.run(admission, cut, report).await;
         let answer = result.as_ref().err().and_then(|err| {
             let (code, state) = err.mysql_answer()?;
             let mut out = BytesMut::new();
-            mysql::encode_err(&mut out, session.next_seq, code, state, &err.to_string());
+            let state = session.speaks_41.then_some(state);
+            mysql::encode_err_as(&mut out, session.next_seq, code, state, &err.to_string());
             Some(out)
         });
         session.client.close(answer, report).await;
@@ -100,6 +113,9 @@ struct Session<'a> {
     client: ClientLeg,
     /// The sequence id the client expects on keyhole's next packet.
     next_seq: u8,
+    /// Whether the client's ERR packets carry a SQLSTATE (see
+    /// [`mysql::client_speaks_41`]).
+    speaks_41: bool,
 }
 
 impl Session<'_> {
@@ -184,10 +200,10 @@ impl Session<'_> {
         let splice = Splice::new(&mut self.client.stream, &mut server.stream)
             .metered(&*frontend.login.metrics);
         // The compressed protocol hides the packets in its frames: there,
-        // a bare close from the server is not judged.
-        // (The client's bits alone decide: it asks only for what the
-        // greeting offered, and the greeting came before TLS.)
-        let compressed = hello.capabilities & (caps::COMPRESS | caps::ZSTD_COMPRESSION) != 0;
+        // a bare close from the server is not judged. A client's bit counts
+        // only where the greeting offered it: the server ignores the rest.
+        let compressed =
+            hello.capabilities & advertised & (caps::COMPRESS | caps::ZSTD_COMPRESSION) != 0;
         let mut farewell = ComQuit::default();
         let splice = if compressed {
             splice
@@ -251,7 +267,7 @@ impl Session<'_> {
             let step = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
                     packet = read_server_packet(server) => Ok::<_, SessionError>((true, packet?)),
-                    packet = self.read_packet() => Ok((false, packet?)),
+                    packet = self.read_packet(false) => Ok((false, packet?)),
                 }
             })
             .await;
@@ -342,14 +358,15 @@ impl Session<'_> {
                 waited: timeout,
             }
         };
-        let first = tokio::time::timeout(timeout, self.read_packet())
+        let first = tokio::time::timeout(timeout, self.read_packet(true))
             .await
             .map_err(waited("handshake response"))??;
+        self.speaks_41 = mysql::client_speaks_41(&first.payload);
         Ok(
-            match mysql::parse_client_hello(&first.payload).map_err(SessionError::Handshake)? {
+            match mysql::parse_first_hello(&first.payload).map_err(SessionError::Handshake)? {
                 ClientHello::SslRequest { .. } => {
                     Box::pin(self.accept_tls()).await?;
-                    let full = tokio::time::timeout(timeout, self.read_packet())
+                    let full = tokio::time::timeout(timeout, self.read_packet(true))
                         .await
                         .map_err(waited("handshake response"))??;
                     match mysql::parse_client_hello(&full.payload)
@@ -381,12 +398,22 @@ impl Session<'_> {
         // client may send its ClientHello right behind it: whatever is
         // buffered belongs to the TLS handshake.
         let hello = self.client.buf.split().freeze();
-        let tls = acceptor
+        match acceptor
             .accept(Rewind::new(hello, socket))
+            .into_fallible()
             .await
-            .map_err(SessionError::ClientTls)?;
-        self.client.stream = ClientStream::Tls(Box::new(tls));
-        Ok(())
+        {
+            Ok(tls) => {
+                self.client.stream = ClientStream::Tls(Box::new(tls));
+                Ok(())
+            }
+            Err((e, socket)) => {
+                // The server answers a failed handshake in plain text, after
+                // its TLS alert if it had one: the socket is kept for that.
+                self.client.stream = ClientStream::Plain(socket.into_inner());
+                Err(SessionError::ClientTls(e))
+            }
+        }
     }
 
     async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), SessionError> {
@@ -397,18 +424,26 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads one packet from the client (cancel-safe: partial bytes stay buffered).
-    async fn read_packet(&mut self) -> Result<Packet, SessionError> {
+    /// Reads one packet from the client (cancel-safe: partial bytes stay
+    /// buffered). `in_sequence`: it must carry the id that comes next, as a
+    /// server checks the client's packets before the login.
+    async fn read_packet(&mut self, in_sequence: bool) -> Result<Packet, SessionError> {
         loop {
-            let decoded = mysql::decode_packet(&mut self.client.buf, mysql::MAX_HANDSHAKE_PAYLOAD)
-                .map_err(|e| {
-                    // Refused from its header alone: still answer in the
-                    // client's sequence.
-                    if let Some(&seq) = self.client.buf.get(3) {
-                        self.next_seq = seq.wrapping_add(1);
-                    }
-                    SessionError::ClientPacket(e)
-                })?;
+            let (buf, max) = (&mut self.client.buf, mysql::MAX_HANDSHAKE_PAYLOAD);
+            let decoded = if in_sequence {
+                mysql::decode_packet_in_sequence(buf, max, self.next_seq)
+            } else {
+                mysql::decode_packet(buf, max)
+            };
+            let decoded = decoded.map_err(|e| {
+                // Refused from its header alone: still answer in the
+                // client's sequence. Out of order, the answer carries the id
+                // the client should have sent, as the server's does.
+                if let (PacketError::TooLarge { .. }, Some(&seq)) = (&e, self.client.buf.get(3)) {
+                    self.next_seq = seq.wrapping_add(1);
+                }
+                SessionError::ClientPacket(e)
+            })?;
             if let Some(packet) = decoded {
                 self.next_seq = packet.seq.wrapping_add(1);
                 return Ok(packet);

@@ -61,6 +61,11 @@ pub mod code {
     pub const CANNOT_CONNECT: u16 = 1429;
     /// ER_NET_READ_ERROR, "Got an error reading communication packets".
     pub const SERVER_LOST: u16 = 1158;
+    /// ER_NET_PACKET_TOO_LARGE: a packet over the reader's limit (the
+    /// server's `max_allowed_packet`, keyhole's handshake cap).
+    pub const PACKET_TOO_LARGE: u16 = 1153;
+    /// ER_NET_PACKETS_OUT_OF_ORDER: a packet with the wrong sequence id.
+    pub const PACKETS_OUT_OF_ORDER: u16 = 1156;
     /// ER_SECURE_TRANSPORT_REQUIRED: no going on without verified TLS.
     pub const TLS_ERROR: u16 = 3159;
     /// ER_ACCESS_DENIED_ERROR: the login cannot succeed as configured.
@@ -83,6 +88,8 @@ pub struct Packet {
 pub enum PacketError {
     #[error("packet of {len} bytes is larger than the {max} allowed during the handshake")]
     TooLarge { len: usize, max: usize },
+    #[error("packet out of order: sequence id {seq}, expected {expected}")]
+    OutOfOrder { seq: u8, expected: u8 },
 }
 
 /// Decodes one packet, refusing payloads over `max`.
@@ -103,6 +110,20 @@ pub fn decode_packet(buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, P
     Ok(Some(Packet { seq, payload }))
 }
 
+/// [`decode_packet`] for a reader that knows which sequence id comes next
+/// (the client's packets before the login): like a MySQL server, it refuses
+/// a packet out of order from its header, before it looks at its length.
+pub fn decode_packet_in_sequence(
+    buf: &mut BytesMut,
+    max: usize,
+    expected: u8,
+) -> Result<Option<Packet>, PacketError> {
+    match buf.get(3) {
+        Some(&seq) if seq != expected => Err(PacketError::OutOfOrder { seq, expected }),
+        _ => decode_packet(buf, max),
+    }
+}
+
 /// Appends a packet with `payload` (at most [`MAX_PAYLOAD`] bytes).
 pub fn encode_packet(out: &mut BytesMut, seq: u8, payload: &[u8]) {
     debug_assert!(payload.len() <= MAX_PAYLOAD);
@@ -116,17 +137,44 @@ pub fn encode_packet(out: &mut BytesMut, seq: u8, payload: &[u8]) {
 /// Appends an ERR packet (protocol 4.1 form, with SQLSTATE). Messages are
 /// keyhole's own, a line long.
 pub fn encode_err(out: &mut BytesMut, seq: u8, code: u16, sqlstate: &str, message: &str) {
+    encode_err_as(out, seq, code, Some(sqlstate), message);
+}
+
+/// Appends an ERR packet; `sqlstate` `None` is the protocol 4.0 form (no
+/// `#` and SQLSTATE), which servers send to a client that does not speak
+/// 4.1 (see [`client_speaks_41`]).
+pub fn encode_err_as(
+    out: &mut BytesMut,
+    seq: u8,
+    code: u16,
+    sqlstate: Option<&str>,
+    message: &str,
+) {
     let mut payload = BytesMut::with_capacity(9 + message.len());
     payload.put_u8(reply::ERR);
     payload.put_u16_le(code);
-    payload.put_u8(b'#');
-    let mut state = [b'H', b'Y', b'0', b'0', b'0'];
-    for (dst, src) in state.iter_mut().zip(sqlstate.bytes()) {
-        *dst = src;
+    if let Some(sqlstate) = sqlstate {
+        payload.put_u8(b'#');
+        let mut state = [b'H', b'Y', b'0', b'0', b'0'];
+        for (dst, src) in state.iter_mut().zip(sqlstate.bytes()) {
+            *dst = src;
+        }
+        payload.put_slice(&state);
     }
-    payload.put_slice(&state);
     payload.put_slice(message.as_bytes());
     encode_packet(out, seq, &payload);
+}
+
+/// Whether a client whose first packet after the greeting is `payload`
+/// reads ERR packets with a SQLSTATE: MariaDB and MySQL take the client's
+/// capabilities from the packet's first two bytes and leave the SQLSTATE
+/// out for a client without `CLIENT_PROTOCOL_41`; with fewer than two bytes
+/// nothing is known and the 4.1 form is used.
+pub fn client_speaks_41(payload: &[u8]) -> bool {
+    match payload {
+        [low, high, ..] => u32::from(u16::from_le_bytes([*low, *high])) & caps::PROTOCOL_41 != 0,
+        _ => true,
+    }
 }
 
 /// The code, SQLSTATE and message of an ERR payload.
@@ -450,20 +498,46 @@ pub enum ClientHello {
     Response(HandshakeResponse),
 }
 
+/// The client's packet after the greeting, or after TLS: an SSLRequest is
+/// a packet of exactly 32 bytes with `CLIENT_SSL`. (Before TLS, a server
+/// takes more than that for one: see [`parse_first_hello`].)
 pub fn parse_client_hello(payload: &[u8]) -> Result<ClientHello, ResponseError> {
-    if payload.len() < 4 {
-        return Err(ResponseError::Malformed("no capability flags"));
-    }
-    let capabilities = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-    if capabilities & caps::PROTOCOL_41 == 0 {
-        return Err(ResponseError::Protocol40);
-    }
-    if payload.len() < SSL_REQUEST_LEN {
-        return Err(ResponseError::Malformed("shorter than 32 bytes"));
-    }
+    let capabilities = hello_capabilities(payload)?;
     if payload.len() == SSL_REQUEST_LEN && capabilities & caps::SSL != 0 {
         return Ok(ClientHello::SslRequest { capabilities });
     }
+    parse_response(payload, capabilities)
+}
+
+/// The client's first packet after the greeting, read as MariaDB and MySQL
+/// read it: any packet of at least 32 bytes with `CLIENT_SSL` asks for TLS,
+/// whatever follows the 32 bytes (it is dropped, and TLS starts).
+pub fn parse_first_hello(payload: &[u8]) -> Result<ClientHello, ResponseError> {
+    let capabilities = hello_capabilities(payload)?;
+    if capabilities & caps::SSL != 0 {
+        return Ok(ClientHello::SslRequest { capabilities });
+    }
+    parse_response(payload, capabilities)
+}
+
+/// The capability flags of a client's SSLRequest or HandshakeResponse41,
+/// which must speak 4.1 and carry the 32-byte fixed part.
+fn hello_capabilities(payload: &[u8]) -> Result<u32, ResponseError> {
+    if !client_speaks_41(payload) {
+        return Err(ResponseError::Protocol40);
+    }
+    let Some(&[c0, c1, c2, c3]) = payload.get(..4) else {
+        return Err(ResponseError::Malformed("no capability flags"));
+    };
+    let capabilities = u32::from_le_bytes([c0, c1, c2, c3]);
+    if payload.len() < SSL_REQUEST_LEN {
+        return Err(ResponseError::Malformed("shorter than 32 bytes"));
+    }
+    Ok(capabilities)
+}
+
+/// A HandshakeResponse41 whose capability flags are `capabilities`.
+fn parse_response(payload: &[u8], capabilities: u32) -> Result<ClientHello, ResponseError> {
     let mut rest = &payload[SSL_REQUEST_LEN..];
     let user = take_cstr(&mut rest).ok_or(ResponseError::Malformed("user name"))?;
     // The auth response: length-encoded, one-byte length, or NUL-terminated.
@@ -720,6 +794,8 @@ mod tests {
         let ours = [
             code::TOO_MANY_CONNECTIONS,
             code::BAD_HANDSHAKE,
+            code::PACKET_TOO_LARGE,
+            code::PACKETS_OUT_OF_ORDER,
             code::CANNOT_CONNECT,
             code::SERVER_LOST,
             code::TLS_ERROR,
@@ -931,8 +1007,13 @@ mod tests {
     #[test]
     fn malformed_responses_are_refused() {
         assert_eq!(
-            parse_client_hello(&[0, 0]),
+            parse_client_hello(&[0, 2]),
             Err(ResponseError::Malformed("no capability flags"))
+        );
+        assert_eq!(
+            parse_client_hello(&[0, 0]),
+            Err(ResponseError::Protocol40),
+            "two bytes already say 4.0"
         );
         assert_eq!(
             parse_client_hello(&[0, 0, 0, 0, 0]),
@@ -947,6 +1028,105 @@ mod tests {
         ));
         let garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
         assert!(parse_client_hello(garbage).is_err());
+    }
+
+    #[test]
+    fn out_of_order_packets_are_refused_from_their_header() {
+        // Wrong sequence id: refused before the (huge) length is looked at.
+        let mut http = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert_eq!(
+            decode_packet_in_sequence(&mut http, MAX_HANDSHAKE_PAYLOAD, 1),
+            Err(PacketError::OutOfOrder {
+                seq: b' ',
+                expected: 1
+            })
+        );
+        assert_eq!(
+            PacketError::OutOfOrder {
+                seq: 0,
+                expected: 1
+            }
+            .to_string(),
+            "packet out of order: sequence id 0, expected 1"
+        );
+        let mut header_only = BytesMut::from(&[5, 0, 0, 0][..]);
+        assert!(decode_packet_in_sequence(&mut header_only, 16, 2).is_err());
+        // The right one: decoded, or bounded, as by `decode_packet`.
+        let mut short = BytesMut::from(&[5, 0, 0][..]);
+        assert_eq!(decode_packet_in_sequence(&mut short, 16, 2), Ok(None));
+        let mut good = BytesMut::from(&[1, 0, 0, 2, 9][..]);
+        let p = decode_packet_in_sequence(&mut good, 16, 2)
+            .expect("in order")
+            .expect("whole");
+        assert_eq!((p.seq, &p.payload[..]), (2, &[9][..]));
+        let mut big = BytesMut::from(&[0xff, 0xff, 0xff, 1][..]);
+        assert_eq!(
+            decode_packet_in_sequence(&mut big, MAX_HANDSHAKE_PAYLOAD, 1),
+            Err(PacketError::TooLarge {
+                len: MAX_PAYLOAD,
+                max: MAX_HANDSHAKE_PAYLOAD
+            })
+        );
+    }
+
+    #[test]
+    fn a_4_0_client_gets_its_err_without_sqlstate() {
+        let mut out = BytesMut::new();
+        encode_err_as(&mut out, 2, code::BAD_HANDSHAKE, None, "Bad");
+        assert_eq!(&out[..], b"\x06\x00\x00\x02\xff\x13\x04Bad");
+        let mut with_state = BytesMut::new();
+        encode_err_as(
+            &mut with_state,
+            2,
+            code::BAD_HANDSHAKE,
+            Some("08S01"),
+            "Bad",
+        );
+        let mut same = BytesMut::new();
+        encode_err(&mut same, 2, code::BAD_HANDSHAKE, "08S01", "Bad");
+        assert_eq!(&with_state[..], b"\x0c\x00\x00\x02\xff\x13\x04#08S01Bad");
+        assert_eq!(with_state, same);
+
+        assert!(client_speaks_41(&[]), "nothing known: 4.1");
+        assert!(client_speaks_41(&[0x00]), "nothing known: 4.1");
+        assert!(!client_speaks_41(&[0x05, 0x80]));
+        assert!(!client_speaks_41(b"GET / HTTP/1.1"));
+        assert!(client_speaks_41(&[0x00, 0x02]));
+        let c = caps::PROTOCOL_41 | caps::SECURE_CONNECTION;
+        assert!(client_speaks_41(&response(c, &[1; 20], None, None)));
+    }
+
+    #[test]
+    fn before_tls_any_response_with_the_ssl_flag_asks_for_tls() {
+        let c = caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH | caps::SSL;
+        let full = response(c, &[1; 20], None, Some("mysql_native_password"));
+        assert_eq!(
+            parse_first_hello(&full),
+            Ok(ClientHello::SslRequest { capabilities: c })
+        );
+        assert_eq!(
+            parse_first_hello(&full[..SSL_REQUEST_LEN]),
+            Ok(ClientHello::SslRequest { capabilities: c })
+        );
+        assert_eq!(
+            parse_first_hello(&full[..31]),
+            Err(ResponseError::Malformed("shorter than 32 bytes"))
+        );
+        // After TLS the same bytes are the response they look like.
+        assert!(matches!(
+            parse_client_hello(&full),
+            Ok(ClientHello::Response(h)) if h.user == "alice"
+        ));
+        let plain = response(c & !caps::SSL, &[1; 20], None, None);
+        assert!(matches!(
+            parse_first_hello(&plain),
+            Ok(ClientHello::Response(h)) if h.capabilities == c & !caps::SSL
+        ));
+        assert_eq!(
+            parse_first_hello(&[0x05, 0x88, 0, 0]),
+            Err(ResponseError::Protocol40),
+            "no 4.1, TLS or not"
+        );
     }
 
     #[test]

@@ -197,6 +197,27 @@ pub struct Greeting {
     pub auth_plugin: Option<String>,
 }
 
+/// `payload` framed as one packet with sequence id `seq`, for hand-made
+/// clients and servers.
+pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("a short payload");
+    assert!(len < 1 << 24, "one packet holds less than 16 MiB");
+    let mut out = len.to_le_bytes()[..3].to_vec();
+    out.push(seq);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The fixed part of a hand-made HandshakeResponse41 with `capabilities`
+/// (an SSLRequest is exactly this): a 16 MiB packet limit, utf8mb4.
+pub fn response_header(capabilities: u32) -> Vec<u8> {
+    let mut p = capabilities.to_le_bytes().to_vec();
+    p.extend_from_slice(&(16u32 << 20).to_le_bytes()); // max packet size
+    p.push(45); // utf8mb4_general_ci
+    p.extend_from_slice(&[0; 23]);
+    p
+}
+
 /// mysql_async options for native_user on `DATABASE` through `port` on
 /// 127.0.0.1. Without `prefer_socket(false)` the driver would look up the
 /// server's Unix socket and reconnect there, around keyhole.
