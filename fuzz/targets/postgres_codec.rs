@@ -22,7 +22,7 @@
 use bytes::{BufMut, BytesMut};
 use keyhole::protocol::postgres::{
     self as pg, auth, decode_message, decode_startup, Message, SaslError, StartupError,
-    StartupPacket, MAX_STARTUP_PACKET_LEN,
+    StartupPacket, STARTUP_PACKET_LENGTHS,
 };
 
 use super::input::Input;
@@ -70,7 +70,7 @@ pub fn check_startup(stream: &[u8], buf: &mut BytesMut, new_user: &str) -> Optio
             assert_eq!(buf.len(), before, "Ok(None) consumed bytes");
             if let Some(len) = len {
                 assert!(
-                    (8..=MAX_STARTUP_PACKET_LEN).contains(&len) && before < len,
+                    STARTUP_PACKET_LENGTHS.contains(&len) && before < len,
                     "waits for more although {before} bytes hold a {len}-byte packet"
                 );
             }
@@ -78,12 +78,12 @@ pub fn check_startup(stream: &[u8], buf: &mut BytesMut, new_user: &str) -> Optio
         }
         Err(StartupError::BadLength(n)) => {
             assert_eq!(Some(n), len);
-            assert!(!(8..=MAX_STARTUP_PACKET_LEN).contains(&n));
+            assert!(!STARTUP_PACKET_LENGTHS.contains(&n));
             None
         }
         Err(_) => {
             let len = len.expect("a refusal with a length");
-            assert!((8..=MAX_STARTUP_PACKET_LEN).contains(&len) && len <= before);
+            assert!(STARTUP_PACKET_LENGTHS.contains(&len) && len <= before);
             None
         }
         Ok(Some(packet)) => {
@@ -201,7 +201,7 @@ fn check_startup_message(msg: &pg::StartupMessage, new_user: &str) {
     let mut again = BytesMut::from(&rewritten.raw[..]);
     match decode_startup(&mut again) {
         Ok(Some(StartupPacket::Startup(m))) => assert_eq!(m, rewritten),
-        Err(StartupError::BadLength(n)) => assert!(n > MAX_STARTUP_PACKET_LEN),
+        Err(StartupError::BadLength(n)) => assert!(n > *STARTUP_PACKET_LENGTHS.end()),
         other => panic!("the rewrite for {user:?} does not decode: {other:?}"),
     }
     // With one user parameter, rewriting to the same user is the identity.
