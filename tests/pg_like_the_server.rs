@@ -165,54 +165,57 @@ impl Side {
         let mut conn = Conn::Plain(socket);
         let mut seen = Vec::new();
         for step in steps {
-            match step {
-                Step::Send(bytes) => conn.send(bytes),
-                Step::DirectTls | Step::Answer => {
-                    if matches!(step, Step::Answer) {
-                        let mut byte = [0u8; 1];
-                        match conn.read(&mut byte) {
-                            Ok(1) if byte[0] == b'S' => seen.push(Seen::Answer(b'S')),
-                            Ok(1) if byte[0] == b'N' => {
-                                seen.push(Seen::Answer(b'N'));
-                                continue;
-                            }
-                            Ok(1) if byte[0] == b'G' => {
-                                // GSSAPI encryption from here on, which this
-                                // client cannot do (no Kerberos credentials):
-                                // it hangs up, as libpq without them would.
-                                seen.push(Seen::Answer(b'G'));
-                                conn.finish();
-                                seen.push(read_to_close(&mut conn));
-                                return seen;
-                            }
-                            Ok(1) => {
-                                let mut rest = read_to_close(&mut conn);
-                                if let Seen::Rest { bytes, .. } = &mut rest {
-                                    bytes.insert(0, byte[0]);
-                                }
-                                seen.push(rest);
-                                return seen;
-                            }
-                            _ => {
-                                seen.push(read_to_close(&mut conn));
-                                return seen;
-                            }
-                        }
-                    }
-                    let Conn::Plain(socket) = conn else {
-                        panic!("an encryption request answered 'S' inside TLS")
+            let tls_now = match step {
+                Step::Send(bytes) => {
+                    conn.send(bytes);
+                    false
+                }
+                Step::DirectTls => true,
+                Step::Answer => {
+                    let mut byte = [0u8; 1];
+                    let answer = match conn.read(&mut byte) {
+                        Ok(1) => Some(byte[0]),
+                        _ => None,
                     };
-                    match self.handshake(socket) {
-                        Some(tls) => {
-                            conn = tls;
-                            seen.push(Seen::Tls);
+                    match answer {
+                        Some(b'S') => {
+                            seen.push(Seen::Answer(b'S'));
+                            true
                         }
-                        None => {
-                            seen.push(Seen::NoTls);
+                        Some(b'N') => {
+                            seen.push(Seen::Answer(b'N'));
+                            false
+                        }
+                        Some(b'G') => {
+                            // GSSAPI encryption from here on, which this client
+                            // cannot do (no Kerberos credentials): it hangs up,
+                            // as libpq without them would.
+                            seen.push(Seen::Answer(b'G'));
+                            break;
+                        }
+                        // Not a one-byte answer: the first byte of the last
+                        // answer (an error), or the close.
+                        first => {
+                            let mut rest = read_to_close(&mut conn);
+                            if let (Some(first), Seen::Rest { bytes, .. }) = (first, &mut rest) {
+                                bytes.insert(0, first);
+                            }
+                            seen.push(rest);
                             return seen;
                         }
                     }
                 }
+            };
+            if tls_now {
+                let Conn::Plain(socket) = conn else {
+                    panic!("TLS requested inside TLS")
+                };
+                let Some(tls) = self.handshake(socket) else {
+                    seen.push(Seen::NoTls);
+                    return seen;
+                };
+                conn = tls;
+                seen.push(Seen::Tls);
             }
         }
         conn.finish();
@@ -277,15 +280,24 @@ fn messages(bytes: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = bytes;
     while let Some(&tag) = rest.first() {
-        // A protocol-2 error: 'E' and a C string, no length word.
+        // A protocol-2 error: 'E' and a C string, no length word. Shown
+        // with its newline, without the range's last number.
         if tag == b'E' && rest.get(1).is_some_and(|&b| b != 0) {
-            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            let Some(end) = rest.iter().position(|&b| b == 0) else {
+                out.push(format!(
+                    "unterminated:{:?}",
+                    rest.escape_ascii().to_string()
+                ));
+                break;
+            };
             let text = String::from_utf8_lossy(&rest[1..end]);
-            let text = text
-                .trim_end_matches('\n')
-                .trim_end_matches(|c: char| c.is_ascii_digit());
-            out.push(format!("E2{text:?}"));
-            rest = rest.get(end + 1..).unwrap_or_default();
+            let (text, newline) = match text.strip_suffix('\n') {
+                Some(line) => (line, "\n"),
+                None => (&*text, ""),
+            };
+            let text = text.trim_end_matches(|c: char| c.is_ascii_digit());
+            out.push(format!("E2{:?}", format!("{text}…{newline}")));
+            rest = &rest[end + 1..];
             continue;
         }
         let Some(len) = rest
@@ -326,6 +338,7 @@ fn collapsed(line: &str) -> String {
 // --- the rows' bytes ---------------------------------------------------------
 
 const V3_0: u32 = 3 << 16;
+const SSL_REQUEST_CODE: u32 = (1234 << 16) | 5679;
 
 fn send(bytes: impl Into<Vec<u8>>) -> Step {
     Step::Send(bytes.into())
@@ -530,6 +543,12 @@ fn table() -> Vec<Row> {
             Mirrors("once answered, an SSLRequest's code reads as protocol 1234.5679: FATAL 0A000"),
         ),
         row(
+            "GSSENCRequest inside TLS",
+            Codes,
+            over_tls(vec![send(GSSENC_REQUEST)]),
+            Mirrors("after TLS, a GSSENCRequest's code reads as protocol 1234.5680: FATAL 0A000"),
+        ),
+        row(
             "GSSENCRequest twice",
             Codes,
             vec![send(GSSENC_REQUEST), Step::Answer, send(GSSENC_REQUEST)],
@@ -557,6 +576,17 @@ fn table() -> Vec<Row> {
             },
         ),
         row(
+            "SSLRequest with a 4-byte body, then a login",
+            Codes,
+            vec![
+                send(packet(SSL_REQUEST_CODE, &[0, 0, 0, 0])),
+                Step::Answer,
+                send(trust_startup(V3_0)),
+                send(TERMINATE),
+            ],
+            Mirrors("the code alone makes the request (the body is ignored): 'S', TLS, the login"),
+        ),
+        row(
             "CancelRequest of 12 bytes",
             Exact,
             vec![send(cancel_request(&[0, 0, 0, 1]))],
@@ -573,6 +603,12 @@ fn table() -> Vec<Row> {
             Exact,
             vec![send(cancel_request(&[0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]))],
             Mirrors("a cancel is never answered: closes without a byte"),
+        ),
+        row(
+            "CancelRequest with an unknown key, inside TLS",
+            Exact,
+            over_tls(vec![send(cancel_request(&[0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]))]),
+            Mirrors("a cancel may come over TLS too, and is never answered: 'S', TLS, closed without a byte"),
         ),
         row(
             "the trust user's login over TLS",

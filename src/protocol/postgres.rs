@@ -161,9 +161,7 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Start
     let code = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     let body = raw.slice(8..);
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if len != 8 => {
-            Err(StartupError::Malformed("encryption request with a body"))
-        }
+        // The server goes by the code alone: a body after it is ignored.
         SSL_REQUEST_CODE => Ok(Some(StartupPacket::SslRequest)),
         GSSENC_REQUEST_CODE => Ok(Some(StartupPacket::GssEncRequest)),
         CANCEL_REQUEST_CODE => {
@@ -580,6 +578,22 @@ mod tests {
         );
         assert!(buf.is_empty());
         assert_eq!(SSL_REQUEST_CODE, (1234 << 16) | 5679);
+    }
+
+    #[test]
+    fn an_encryption_request_with_a_body_is_still_one() {
+        for (code, expected) in [
+            (SSL_REQUEST_CODE, StartupPacket::SslRequest),
+            (GSSENC_REQUEST_CODE, StartupPacket::GssEncRequest),
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(12);
+            buf.put_u32(code);
+            buf.put_u32(0);
+            buf.put_slice(b"next");
+            assert_eq!(decode_startup(&mut buf), Ok(Some(expected)));
+            assert_eq!(&buf[..], b"next", "the body is consumed with the request");
+        }
     }
 
     #[test]
