@@ -7,7 +7,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::certs::TestPki;
@@ -232,23 +231,6 @@ fn cancel_request_after_ssl_request_reaches_the_server() {
 
 // --- TLS on the local leg ---------------------------------------------------
 
-fn tls_client_config(pki: &TestPki, alpn: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&pki.ca).expect("ca");
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-        roots.add(cert.expect("pem")).expect("add root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    if let Some(alpn) = alpn {
-        config.alpn_protocols = vec![alpn.to_vec()];
-    }
-    Arc::new(config)
-}
-
 fn local_tls_keyhole(cluster: &PgCluster) -> (Keyhole, TestPki) {
     let local = TestPki::generate(&["localhost"]);
     let cert = local.server_cert.to_str().expect("utf-8").to_owned();
@@ -322,8 +304,7 @@ async fn direct_tls_needs_alpn_postgresql() {
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
 
     // PG17 direct TLS: a ClientHello first, ALPN "postgresql".
-    let connector =
-        tokio_rustls::TlsConnector::from(tls_client_config(&local, Some(b"postgresql")));
+    let connector = tokio_rustls::TlsConnector::from(local.tls_client_config(Some(b"postgresql")));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", keyhole.port()))
         .await
         .expect("tcp");
@@ -347,7 +328,7 @@ async fn direct_tls_needs_alpn_postgresql() {
     assert_eq!(seen[0], b'R', "authentication first");
 
     // Without ALPN the handshake may complete, but the session is refused.
-    let connector = tokio_rustls::TlsConnector::from(tls_client_config(&local, None));
+    let connector = tokio_rustls::TlsConnector::from(local.tls_client_config(None));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", keyhole.port()))
         .await
         .expect("tcp");

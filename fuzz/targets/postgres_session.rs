@@ -193,7 +193,7 @@ fn session(
         _ => startup,
     };
     // keyhole sends startup.raw upstream: the server decodes it as keyhole did.
-    if startup.raw.len() <= pg::MAX_STARTUP_PACKET_LEN {
+    if pg::STARTUP_PACKET_LENGTHS.contains(&startup.raw.len()) {
         let mut sent = BytesMut::from(&startup.raw[..]);
         match decode_startup(&mut sent) {
             Ok(Some(StartupPacket::Startup(seen))) => assert_eq!(seen, startup),

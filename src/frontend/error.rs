@@ -180,7 +180,11 @@ enum Answer {
         mysql_sqlstate: &'static str,
     },
     /// The client is gone, mid-TLS, already has the server's own error, or
-    /// (cancel) expects nothing by protocol.
+    /// (cancel) expects nothing by protocol; or PostgreSQL itself would close
+    /// without a word here (a startup length out of its range, which is what
+    /// a typed message before the startup packet looks like, or a
+    /// CancelRequest of the wrong length), and keyhole, standing in for it,
+    /// does the same: its log line says why, as the server's log would.
     Nothing,
 }
 
@@ -189,6 +193,14 @@ impl SessionError {
         use mysql::code;
         let client_fault = Answer::Send {
             sqlstate: sqlstate::PROTOCOL_VIOLATION,
+            mysql_code: code::BAD_HANDSHAKE,
+            mysql_sqlstate: "08S01",
+        };
+        // What PostgreSQL answers a protocol version it does not speak with;
+        // a repeated SSLRequest or GSSENCRequest is one, since the server
+        // reads its code as a version once the request was answered.
+        let unsupported = Answer::Send {
+            sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
             mysql_code: code::BAD_HANDSHAKE,
             mysql_sqlstate: "08S01",
         };
@@ -212,12 +224,21 @@ impl SessionError {
                 mysql_code: code::BAD_HANDSHAKE,
                 mysql_sqlstate: "08S01",
             },
+            SessionError::Startup(e) => match e {
+                StartupError::BadLength(_) | StartupError::BadCancelLength(_) => Answer::Nothing,
+                StartupError::OldVersion(_) | StartupError::UnsupportedVersion(_) => unsupported,
+                StartupError::NoUser => Answer::Send {
+                    sqlstate: sqlstate::INVALID_AUTHORIZATION,
+                    mysql_code: code::BAD_HANDSHAKE,
+                    mysql_sqlstate: "08S01",
+                },
+                StartupError::Malformed(_) => client_fault,
+            },
+            SessionError::RepeatedUpgrade(_) => unsupported,
             SessionError::StartupTimeout { .. }
-            | SessionError::Startup(_)
             | SessionError::ClientMessage(_)
             | SessionError::Handshake(_)
             | SessionError::UnexpectedClientMessage(_)
-            | SessionError::RepeatedUpgrade(_)
             | SessionError::DataAfterUpgrade
             | SessionError::MissingAlpn => client_fault,
             // Over plain text (MySQL: before any TLS): still readable.

@@ -2,9 +2,15 @@
 //! direct TLS, CancelRequest, StartupMessage), open the verified upstream,
 //! relay authentication, then hand both legs to the splice loop.
 //!
-//! Every failure before the splice loop that the client can still read
-//! reaches it as an ErrorResponse with a SQLSTATE; nothing closes silently
-//! except where the protocol leaves no room for a message.
+//! Until the server's session exists, keyhole stands in for the server and
+//! answers as PostgreSQL does (tests/pg_like_the_server.rs compares the
+//! two): an ErrorResponse with the server's severity and SQLSTATE (its own
+//! clearer text), a protocol-2 client's refusal in the protocol-2 format, and
+//! a close without a word where the server closes without one (a length out
+//! of range, which is what a typed message sent before the startup packet
+//! looks like; a CancelRequest). Its own checks (the startup timeout, data
+//! pipelined behind an SSLRequest, non-UTF-8 names, the connection limit)
+//! answer with a message that names them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +86,14 @@ impl PostgresFrontend {
         let answer = result.as_ref().err().and_then(|err| {
             let code = err.postgres_answer()?;
             let mut out = BytesMut::new();
-            pg::encode_error_response(&mut out, code, &err.to_string());
+            match err {
+                // A 2.x client reads the protocol-2 format only, as the
+                // server answers it: the refusal's own text, no SQLSTATE.
+                SessionError::Startup(refusal @ pg::StartupError::OldVersion(_)) => {
+                    pg::encode_v2_fatal(&mut out, &refusal.to_string())
+                }
+                _ => pg::encode_error_response(&mut out, code, &err.to_string()),
+            }
             Some(out)
         });
         session.client.close(answer, report).await;

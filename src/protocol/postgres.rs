@@ -7,8 +7,13 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-/// The server's cap on startup packets (`MAX_STARTUP_PACKET_LENGTH`).
+/// The server's cap on a startup packet's body, after its length word
+/// (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
+/// The lengths a server reads a startup packet of (the length word counts
+/// itself): at least the word and a code, at most the cap after the word.
+/// Any other length the server closes on without a word, and so does keyhole.
+pub const STARTUP_PACKET_LENGTHS: std::ops::RangeInclusive<usize> = 8..=4 + MAX_STARTUP_PACKET_LEN;
 /// Largest typed message accepted while keyhole itself reads the stream
 /// (authentication and session start). After that the splice loop reads no
 /// message boundaries at all.
@@ -103,12 +108,39 @@ pub struct StartupMessage {
     pub raw: Bytes,
 }
 
+/// Why a startup-phase packet is refused. Each kind is answered as
+/// PostgreSQL answers it (`SessionError::answer` maps them): some with no
+/// answer at all.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StartupError {
-    #[error("startup packet length {0} is out of range (8 to {MAX_STARTUP_PACKET_LEN} bytes)")]
+    /// A length word outside [`STARTUP_PACKET_LENGTHS`] (a typed message or
+    /// text where a startup packet belongs reads as one): the server closes
+    /// without a word.
+    #[error("startup packet length {0} is out of range (8 to {max} bytes)", max = STARTUP_PACKET_LENGTHS.end())]
     BadLength(usize),
-    #[error("unsupported protocol version {0}")]
+    /// A CancelRequest too short for a key or longer than a 3.2 key: the
+    /// server closes without a word (it expects no answer either way).
+    #[error("cancel request of invalid length {0} (16 to {max} bytes)", max = 8 + 4 + MAX_CANCEL_SECRET_LEN)]
+    BadCancelLength(usize),
+    /// Major version below 3: refused in the protocol-2 error format, which
+    /// is what such a client reads. The text is the whole message.
+    ///
+    /// keyhole passes every 3.x on and the server behind it negotiates the
+    /// minor; 3.2 (PostgreSQL 18) is the newest one keyhole reads messages of,
+    /// so that is the range the message names.
+    #[error("unsupported frontend protocol {0}: server supports {min} to {max}", min = ProtocolVersion::V3_0, max = ProtocolVersion::V3_2)]
+    OldVersion(ProtocolVersion),
+    /// Major version above 3, or a special code that is not one of the three
+    /// requests (1234.5678-5680): refused as unsupported (0A000), with the
+    /// same range as [`StartupError::OldVersion`].
+    #[error("unsupported frontend protocol {0}: server supports {min} to {max}", min = ProtocolVersion::V3_0, max = ProtocolVersion::V3_2)]
     UnsupportedVersion(ProtocolVersion),
+    /// No `user` parameter, or an empty one (28000).
+    #[error("no user name in startup packet")]
+    NoUser,
+    /// The parameters are not pairs of C strings ending in one NUL exactly at
+    /// the packet's end (08P01), or (keyhole's own check) a user, database or
+    /// application name is not UTF-8.
     #[error("{0}")]
     Malformed(&'static str),
 }
@@ -119,7 +151,7 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Start
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if !(8..=MAX_STARTUP_PACKET_LEN).contains(&len) {
+    if !STARTUP_PACKET_LENGTHS.contains(&len) {
         return Err(StartupError::BadLength(len));
     }
     if buf.len() < len {
@@ -129,23 +161,21 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Start
     let code = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     let body = raw.slice(8..);
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if len != 8 => {
-            Err(StartupError::Malformed("encryption request with a body"))
-        }
+        // The server goes by the code alone: a body after it is ignored.
         SSL_REQUEST_CODE => Ok(Some(StartupPacket::SslRequest)),
         GSSENC_REQUEST_CODE => Ok(Some(StartupPacket::GssEncRequest)),
         CANCEL_REQUEST_CODE => {
-            // Int32 pid, then a secret of 4 (3.0) to 256 (3.2) bytes.
+            // Int32 pid, then a secret of 4 (3.0) to 256 (3.2) bytes. (A 3.0
+            // server takes exactly 4; keyhole also fronts 3.2 servers.)
             if body.len() < 8 || body.len() > 4 + MAX_CANCEL_SECRET_LEN {
-                return Err(StartupError::Malformed("cancel request of invalid length"));
+                return Err(StartupError::BadCancelLength(len));
             }
             Ok(Some(StartupPacket::Cancel(CancelKey(body))))
         }
         version if version >> 16 == 3 => decode_startup_message(ProtocolVersion(version), raw),
-        version if version >> 16 < 3 => {
-            Err(StartupError::UnsupportedVersion(ProtocolVersion(version)))
-        }
-        _ => Err(StartupError::Malformed("unknown startup packet code")),
+        version if version >> 16 < 3 => Err(StartupError::OldVersion(ProtocolVersion(version))),
+        // 4.0 and up, and unknown special codes (major 1234) alike.
+        version => Err(StartupError::UnsupportedVersion(ProtocolVersion(version))),
     }
 }
 
@@ -183,9 +213,7 @@ fn decode_startup_message(
             "bytes after the startup parameters",
         ));
     }
-    let user = user
-        .filter(|u| !u.is_empty())
-        .ok_or(StartupError::Malformed("no user name in startup packet"))?;
+    let user = user.filter(|u| !u.is_empty()).ok_or(StartupError::NoUser)?;
     Ok(Some(StartupPacket::Startup(StartupMessage {
         version,
         user,
@@ -453,6 +481,17 @@ pub fn encode_error_response(out: &mut BytesMut, sqlstate: &str, message: &str) 
     out.put_u8(0);
 }
 
+/// Appends a FATAL error in the protocol-2 format, for a client that opened
+/// with a 2.x startup packet: `E`, then the text (severity first, a newline
+/// last) as one C string, with no length word and no fields.
+pub fn encode_v2_fatal(out: &mut BytesMut, message: &str) {
+    out.reserve(11 + message.len());
+    out.put_u8(tag::ERROR_RESPONSE);
+    out.put_slice(b"FATAL:  ");
+    out.extend(message.bytes().filter(|&b| b != 0));
+    out.put_slice(b"\n\0");
+}
+
 /// The fields of an ErrorResponse, for logs and tests.
 pub fn error_fields(msg: &Message) -> Vec<(u8, String)> {
     let mut out = Vec::new();
@@ -542,6 +581,22 @@ mod tests {
     }
 
     #[test]
+    fn an_encryption_request_with_a_body_is_still_one() {
+        for (code, expected) in [
+            (SSL_REQUEST_CODE, StartupPacket::SslRequest),
+            (GSSENC_REQUEST_CODE, StartupPacket::GssEncRequest),
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(12);
+            buf.put_u32(code);
+            buf.put_u32(0);
+            buf.put_slice(b"next");
+            assert_eq!(decode_startup(&mut buf), Ok(Some(expected)));
+            assert_eq!(&buf[..], b"next", "the body is consumed with the request");
+        }
+    }
+
+    #[test]
     fn gssenc_request_decodes() {
         let mut buf = BytesMut::from(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30][..]);
         assert_eq!(
@@ -587,12 +642,35 @@ mod tests {
     }
 
     #[test]
-    fn startup_without_user_is_refused() {
-        let mut buf = startup(ProtocolVersion::V3_0.0, &[("database", "db")]);
-        assert_eq!(
-            decode_startup(&mut buf),
-            Err(StartupError::Malformed("no user name in startup packet"))
-        );
+    fn startup_without_user_or_with_an_empty_one_is_refused() {
+        for params in [&[("database", "db")][..], &[("user", "")]] {
+            let mut buf = startup(ProtocolVersion::V3_0.0, params);
+            assert_eq!(decode_startup(&mut buf), Err(StartupError::NoUser));
+        }
+    }
+
+    #[test]
+    fn every_parameter_layout_error_is_malformed() {
+        let packet = |body: &[u8]| {
+            let mut buf = BytesMut::new();
+            buf.put_u32(8 + body.len() as u32);
+            buf.put_u32(ProtocolVersion::V3_0.0);
+            buf.put_slice(body);
+            buf
+        };
+        for body in [
+            &b""[..],             // a bare version, no terminator
+            b"user\0",            // a name, then the packet ends
+            b"user\0\0",          // a name and an empty value, no terminator
+            b"user\0u\0\0junk\0", // bytes after the terminator
+        ] {
+            let mut buf = packet(body);
+            assert!(
+                matches!(decode_startup(&mut buf), Err(StartupError::Malformed(_))),
+                "{body:?}"
+            );
+            assert!(buf.is_empty(), "the packet is consumed: {body:?}");
+        }
     }
 
     #[test]
@@ -608,38 +686,97 @@ mod tests {
     }
 
     #[test]
-    fn oversized_and_undersized_lengths_are_refused_before_buffering() {
-        let mut buf = BytesMut::from(&10_001u32.to_be_bytes()[..]);
-        assert_eq!(
-            decode_startup(&mut buf),
-            Err(StartupError::BadLength(10_001))
-        );
-        let mut buf = BytesMut::from(&[0, 0, 0, 4][..]);
-        assert_eq!(decode_startup(&mut buf), Err(StartupError::BadLength(4)));
-        // Text where a length belongs ("GET / HTTP/1.1") is far out of range.
-        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
-        assert!(matches!(
-            decode_startup(&mut buf),
-            Err(StartupError::BadLength(_))
-        ));
+    fn lengths_out_of_the_servers_range_are_refused_from_the_length_word_alone() {
+        for (bytes, len) in [
+            (&[0, 0, 0, 0][..], 0),
+            (&[0, 0, 0, 4], 4),
+            (&[0, 0, 0, 7], 7),
+            (&[0, 0, 0x27, 0x15], 10_005),
+            (&[0x80, 0, 0, 0], 1 << 31),
+            // Terminate and Query, typed messages sent before any startup.
+            (b"X\0\0\0\x04", 0x5800_0000),
+            (b"Q\0\0\0\x0dselect 1\0", 0x5100_0000),
+            // Text where a length belongs ("GET ").
+            (b"GET / HTTP/1.1\r\n", 0x4745_5420),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert_eq!(
+                decode_startup(&mut buf),
+                Err(StartupError::BadLength(len)),
+                "{bytes:?}"
+            );
+        }
     }
 
     #[test]
-    fn old_and_unknown_codes_are_refused() {
-        let mut buf = BytesMut::new();
-        buf.put_u32(8);
-        buf.put_u32(2 << 16);
+    fn the_longest_startup_packet_the_server_reads_is_10004_bytes() {
+        let short = startup(ProtocolVersion::V3_0.0, &[("user", "u"), ("x", "")]);
+        let padding = "a".repeat(10_004 - short.len());
+        let longest = startup(ProtocolVersion::V3_0.0, &[("user", "u"), ("x", &padding)]);
+        assert_eq!(longest.len(), 10_004);
+        assert_eq!(&longest[..4], &[0, 0, 0x27, 0x14]);
+        let Ok(Some(StartupPacket::Startup(m))) = decode_startup(&mut longest.clone()) else {
+            panic!("decodes")
+        };
+        assert_eq!(&m.raw[..], &longest[..]);
+    }
+
+    #[test]
+    fn old_new_and_unknown_versions_are_refused_as_the_server_refuses_them() {
+        let refusal = |version: u32| decode_startup(&mut startup(version, &[("user", "u")]));
         assert_eq!(
-            decode_startup(&mut buf),
-            Err(StartupError::UnsupportedVersion(ProtocolVersion(2 << 16)))
+            refusal(2 << 16),
+            Err(StartupError::OldVersion(ProtocolVersion(2 << 16)))
         );
-        let mut buf = BytesMut::new();
-        buf.put_u32(8);
-        buf.put_u32((1234 << 16) | 9999);
+        for version in [4 << 16, (1234 << 16) | 5681] {
+            assert_eq!(
+                refusal(version),
+                Err(StartupError::UnsupportedVersion(ProtocolVersion(version)))
+            );
+        }
+        // A newer 3.x minor goes on: the server negotiates it down.
+        assert!(matches!(
+            refusal((3 << 16) | 9),
+            Ok(Some(StartupPacket::Startup(_)))
+        ));
         assert_eq!(
-            decode_startup(&mut buf),
-            Err(StartupError::Malformed("unknown startup packet code"))
+            StartupError::UnsupportedVersion(ProtocolVersion((1234 << 16) | 5681)).to_string(),
+            "unsupported frontend protocol 1234.5681: server supports 3.0 to 3.2"
         );
+    }
+
+    #[test]
+    fn a_protocol_2_refusal_is_in_the_protocol_2_format() {
+        let mut out = BytesMut::new();
+        let text = StartupError::OldVersion(ProtocolVersion(2 << 16)).to_string();
+        encode_v2_fatal(&mut out, &text);
+        assert_eq!(
+            &out[..],
+            &b"EFATAL:  unsupported frontend protocol 2.0: server supports 3.0 to 3.2\n\0"[..]
+        );
+    }
+
+    #[test]
+    fn cancel_requests_of_other_lengths_are_refused_by_length() {
+        for total in [12usize, 15, 8 + 4 + 257] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(total as u32);
+            buf.put_u32(CANCEL_REQUEST_CODE);
+            buf.put_bytes(7, total - 8);
+            assert_eq!(
+                decode_startup(&mut buf),
+                Err(StartupError::BadCancelLength(total))
+            );
+        }
+        // 20 bytes: a 3.2 key with an 8-byte secret (a 3.0 server refuses it).
+        let mut buf = BytesMut::new();
+        buf.put_u32(20);
+        buf.put_u32(CANCEL_REQUEST_CODE);
+        buf.put_bytes(7, 12);
+        assert!(matches!(
+            decode_startup(&mut buf),
+            Ok(Some(StartupPacket::Cancel(_)))
+        ));
     }
 
     #[test]

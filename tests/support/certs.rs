@@ -73,4 +73,25 @@ impl TestPki {
             .expect("a server TLS configuration");
         tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
     }
+
+    /// A TLS client configuration that trusts this CA (and nothing else),
+    /// offering `alpn` if given.
+    pub fn tls_client_config(&self, alpn: Option<&[u8]>) -> std::sync::Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&self.ca).expect("read the CA");
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+            roots
+                .add(cert.expect("a PEM certificate"))
+                .expect("add the root");
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if let Some(alpn) = alpn {
+            config.alpn_protocols = vec![alpn.to_vec()];
+        }
+        std::sync::Arc::new(config)
+    }
 }

@@ -566,7 +566,7 @@ async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, 
         .await
         .map_err(io_err("read a startup packet"))?;
     let n = u32::from_be_bytes(len) as usize;
-    if !(8..=pg::MAX_STARTUP_PACKET_LEN).contains(&n) {
+    if !pg::STARTUP_PACKET_LENGTHS.contains(&n) {
         return Err(format!("startup packet length {n} out of range"));
     }
     let mut buf = BytesMut::zeroed(n);
