@@ -1042,7 +1042,7 @@ fn slowloris_clients_are_cut_at_the_startup_timeout() {
                 'E',
                 "FATAL".to_owned(),
                 "08P01".to_owned(),
-                "client sent no startup packet within 3s".to_owned()
+                "client sent no startup packet within 3s (--startup-timeout)".to_owned()
             ),
             "slowloris connection {i}"
         );

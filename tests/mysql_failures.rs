@@ -933,7 +933,7 @@ fn a_silent_client_is_timed_out_with_an_err_packet() {
         1,
         BAD_HANDSHAKE,
         COMMUNICATION_ERROR,
-        "client sent no handshake response within 1s",
+        "client sent no handshake response within 1s (--startup-timeout)",
     );
 
     let mut silent = greeted(port);

@@ -296,7 +296,7 @@ fn rows() -> Vec<Row> {
             "both give up after 10 s by default (the server's connect_timeout, \
              keyhole's --startup-timeout); the server closes without a byte, \
              keyhole says which of its limits ran out (\"client sent no handshake \
-             response within 10s\"), with the code it gives every client that \
+             response within 10s (--startup-timeout)\"), with the code it gives every client that \
              breaks off the handshake",
         ),
         mirrors(

@@ -204,14 +204,20 @@ fn a_silent_client_is_timed_out_with_an_error() {
     let (code, msg) = error_fields(&read_all(&mut silent));
     assert_eq!(
         (code.as_str(), msg.as_str()),
-        ("08P01", "client sent no startup packet within 1s")
+        (
+            "08P01",
+            "client sent no startup packet within 1s (--startup-timeout)"
+        )
     );
 
     // Half a packet, then nothing: the same.
     let mut slow = connect(keyhole.port());
     slow.write_all(&[0, 0, 0, 40, 0, 3]).expect("partial");
     let (_, msg) = error_fields(&read_all(&mut slow));
-    assert_eq!(msg, "client sent no startup packet within 1s");
+    assert_eq!(
+        msg,
+        "client sent no startup packet within 1s (--startup-timeout)"
+    );
     keyhole.wait_for_log("outcome=\"startup_timeout\"", 2);
 }
 

@@ -55,7 +55,7 @@ pub struct SessionReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("client sent no {what} within {}", humanize(*.waited))]
+    #[error("client sent no {what} within {} (--startup-timeout)", humanize(*.waited))]
     StartupTimeout {
         what: &'static str,
         waited: Duration,
