@@ -25,7 +25,9 @@
 //! A plain TCP login to this server is refused only after the response (on
 //! 10.11: 1045 access denied, see `support/mariadb.rs`), so rows that log in
 //! do TLS on both legs, but for the one row that shows that difference; the
-//! other rows are refused before that check and say so. After a failed TLS handshake MariaDB sends a TLS alert and then its
+//! other rows are refused before that check and say so.
+//!
+//! After a failed TLS handshake MariaDB sends a TLS alert and then its
 //! ERR in plain text; keyhole (rustls) sends an alert only where TLS defines
 //! one (none for a client that closes), so leading TLS alert records are
 //! skipped before the packets are compared.
