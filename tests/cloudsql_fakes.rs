@@ -553,21 +553,6 @@ async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
     (header[3], payload)
 }
 
-/// The 20-byte scramble of a MySQL greeting (auth data parts 1 and 2).
-fn greeting_scramble(payload: &[u8]) -> Vec<u8> {
-    let nul = payload[1..]
-        .iter()
-        .position(|&b| b == 0)
-        .expect("server version")
-        + 1;
-    let rest = &payload[nul + 1..];
-    // connection id (4), part 1 (8), filler (1), caps (2), charset (1),
-    // status (2), caps (2), auth length (1), reserved (10), part 2 (12 + NUL).
-    let mut scramble = rest[4..12].to_vec();
-    scramble.extend_from_slice(&rest[31..43]);
-    scramble
-}
-
 /// `mysql_native_password`: SHA1(pw) XOR SHA1(scramble + SHA1(SHA1(pw))).
 fn native_password(password: &str, scramble: &[u8]) -> Vec<u8> {
     let sha1 = |parts: &[&[u8]]| {
@@ -596,7 +581,7 @@ async fn mysql_login<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = if password.is_empty() {
         Vec::new()
     } else {
-        native_password(password, &greeting_scramble(&greeting))
+        native_password(password, &mariadb::greeting_scramble(&greeting))
     };
     // LONG_PASSWORD | CONNECT_WITH_DB | PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH
     let caps: u32 = 0x1 | 0x8 | 0x200 | 0x8000 | 0x8_0000;

@@ -270,6 +270,91 @@ fn a_killed_mysql_client_is_client_vanished_not_an_upstream_error() {
     );
 }
 
+/// One MySQL packet: its sequence id and payload.
+fn read_mysql_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).expect("a packet header");
+    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).expect("a packet payload");
+    (header[3], payload)
+}
+
+/// A MySQL session of native_user through keyhole's `port`, logged in by
+/// hand (mysql_native_password, plain to keyhole): the socket and the
+/// server connection's id from the greeting.
+fn mysql_session(port: u16) -> (TcpStream, u32) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to keyhole");
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let (_, greeting) = read_mysql_packet(&mut s);
+    let id = mariadb::parse_greeting(&greeting)
+        .expect("a greeting")
+        .connection_id;
+    let auth = keyhole::protocol::mysql::native_password(
+        NATIVE_PASS.as_bytes(),
+        &mariadb::greeting_scramble(&greeting),
+    );
+    // LONG_PASSWORD | CONNECT_WITH_DB | PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH
+    let mut response = mariadb::response_header(0x1 | 0x8 | 0x200 | 0x8000 | 0x8_0000);
+    for part in [
+        NATIVE_USER.as_bytes(),
+        &[0],
+        &[20],
+        &auth,
+        DATABASE.as_bytes(),
+        &[0],
+    ] {
+        response.extend_from_slice(part);
+    }
+    response.extend_from_slice(b"mysql_native_password\0");
+    s.write_all(&mariadb::packet(1, &response))
+        .expect("the login");
+    let (_, ok) = read_mysql_packet(&mut s);
+    assert_eq!(ok.first(), Some(&0), "OK: {ok:?}");
+    (s, id)
+}
+
+/// A client whose statement is killed (`KILL QUERY`) and which then resets
+/// its socket: the reset is the client's own doing, not a warning.
+#[test]
+fn a_mysql_client_that_resets_after_kill_query_is_client_reset() {
+    let db = MariaDb::shared();
+    let (keyhole, http) = keyhole_with_metrics(&db.pki().ca, &db.keyhole_target());
+    let (mut session, id) = mysql_session(keyhole.port());
+    let mut query = vec![3u8];
+    query.extend_from_slice(b"select sleep(60)");
+    session
+        .write_all(&mariadb::packet(0, &query))
+        .expect("a long statement");
+    wait_until(
+        "the statement runs",
+        PATIENCE,
+        || {
+            db.admin_sql(&format!(
+                "select count(*) from information_schema.processlist where id = {id} and info like 'select sleep%'"
+            )) == "1"
+        },
+        || db.log_tail(20),
+    );
+    db.admin_sql(&format!("KILL QUERY {id}"));
+    // The statement ends early (an interrupted SLEEP answers 1): its
+    // result set's first packet, the column count, is the sign.
+    let (_, columns) = read_mysql_packet(&mut session);
+    assert_eq!(columns, [1], "a one-column result");
+    let reset = socket2::Socket::from(session);
+    reset.set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+    drop(reset);
+
+    let closed = wait_closed(&keyhole, 1);
+    assert_eq!(
+        endings(&closed),
+        pairs(&[("client_reset", "INFO")]),
+        "{}",
+        keyhole.logs()
+    );
+    assert_eq!(closed_count(http, "client_reset"), 1.0);
+}
+
 /// `KILL CONNECTION` from an administrator ends the session at the
 /// server, which MariaDB does without TLS close_notify: nothing on the path
 /// can tell that from a cut (a forged FIN), so it is the server's failure

@@ -197,6 +197,21 @@ pub struct Greeting {
     pub auth_plugin: Option<String>,
 }
 
+/// The 20-byte scramble of a MySQL greeting (auth data parts 1 and 2).
+pub fn greeting_scramble(payload: &[u8]) -> Vec<u8> {
+    let nul = payload[1..]
+        .iter()
+        .position(|&b| b == 0)
+        .expect("server version")
+        + 1;
+    let rest = &payload[nul + 1..];
+    // connection id (4), part 1 (8), filler (1), caps (2), charset (1),
+    // status (2), caps (2), auth length (1), reserved (10), part 2 (12 + NUL).
+    let mut scramble = rest[4..12].to_vec();
+    scramble.extend_from_slice(&rest[31..43]);
+    scramble
+}
+
 /// `payload` framed as one packet with sequence id `seq`, for hand-made
 /// clients and servers.
 pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
