@@ -4,11 +4,13 @@
 //!
 //! What a client does to its own connection (a goodbye, a close without
 //! one, a reset) is logged at INFO, as the server keyhole stands in front
-//! of takes it in stride; so is a server that ends the session itself. A
-//! server that fails under a session, a limit and a drain are warnings:
-//! those are in `faults.rs` (`an_upstream_reset_ends_only_the_affected_session`),
-//! `postgres_startup.rs` (the connection limit) and `postgres_lifecycle.rs`
-//! (sessions cut at shutdown), which check their lines' levels too.
+//! of takes it in stride; so is a server that ends the session with a
+//! proper TLS close. A server that fails under a session (or closes it
+//! without close_notify, which nothing on the path can tell from a cut), a
+//! limit and a drain are warnings. Besides the tests here, `faults.rs`
+//! (`an_upstream_reset_ends_only_the_affected_session`) and
+//! `postgres_lifecycle.rs` (sessions cut at shutdown) check their lines'
+//! levels too.
 
 mod support;
 
