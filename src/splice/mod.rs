@@ -416,9 +416,13 @@ where
 /// One direction's poll, as the splice sees it: Ok(true) once it has ended
 /// cleanly, Ok(false) while it runs, or the error that ends the splice,
 /// attributed to the side that failed. Once the other direction has ended,
-/// a reset is how many peers close (the server after a client's quit, say):
-/// a clean end. Both copy futures ([`Splice`], [`pipe::PipeSplice`]) join
-/// their directions with this rule.
+/// the session is ending, and a failure of this one is the peer's answer to
+/// that: a reset is how many peers close (the server after a client's quit,
+/// say), and MariaDB's TLS library answers the bare FIN of a client that
+/// left without COM_QUIT with an alert. Either is a clean end, and the side
+/// that ended first ([`Relay::first_to_end`]) tells who ended the session.
+/// Both copy futures ([`Splice`], [`pipe::PipeSplice`]) join their
+/// directions with this rule.
 fn settle(
     poll: Poll<Result<(), HalfError>>,
     other_done: bool,
@@ -427,7 +431,7 @@ fn settle(
 ) -> Result<bool, SpliceError> {
     match poll {
         Poll::Ready(Ok(())) => Ok(true),
-        Poll::Ready(Err(e)) if other_done && e.is_closed() => Ok(true),
+        Poll::Ready(Err(_)) if other_done => Ok(true),
         Poll::Ready(Err(e)) => Err(e.attribute(reader, writer)),
         Poll::Pending => Ok(false),
     }
@@ -527,12 +531,6 @@ fn is_closed(e: &io::Error) -> bool {
 }
 
 impl HalfError {
-    fn is_closed(&self) -> bool {
-        match self {
-            HalfError::Read(e) | HalfError::Write(e) => is_closed(e),
-        }
-    }
-
     fn attribute(self, reader: Side, writer: Side) -> SpliceError {
         match self {
             HalfError::Read(source) => SpliceError {
@@ -809,6 +807,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_servers_failure_after_the_client_left_ends_the_splice_cleanly() {
+        let (client_app, mut client_leg) = duplex(64);
+        let mut server = AbruptPeer::alerting();
+        drop(client_app);
+        let mut s = Splice::new(&mut client_leg, &mut server);
+        (&mut s).await.expect("the alert answers the client's FIN");
+        assert_eq!(s.first_to_end(), Some(Side::Client));
+    }
+
+    #[tokio::test]
     async fn error_keeps_counts_and_names_the_side() {
         let (mut client_app, mut client_leg) = duplex(64);
         let (mut server_leg, server_app) = duplex(64);
@@ -828,10 +836,38 @@ mod tests {
         assert_eq!(s.transferred().client_to_server, 5);
     }
 
-    /// Reads `data`, then fails as a TLS peer does that closes without
-    /// close_notify; writes go nowhere.
+    /// A TLS server that ends badly; writes go nowhere.
     struct AbruptPeer {
         data: &'static [u8],
+        /// What its reads fail with once `data` is read.
+        fails_with: io::ErrorKind,
+        /// Whether it fails only once the splice has shut down its write
+        /// side (the client's FIN passed on), and lets that shutdown succeed.
+        answers_shutdown: bool,
+        shut_down: bool,
+    }
+
+    impl AbruptPeer {
+        /// Sends `data`, then closes without close_notify.
+        fn closing(data: &'static [u8]) -> AbruptPeer {
+            AbruptPeer {
+                data,
+                fails_with: io::ErrorKind::UnexpectedEof,
+                answers_shutdown: false,
+                shut_down: false,
+            }
+        }
+
+        /// Answers the client's bare FIN with a fatal alert, as MariaDB's
+        /// TLS library may.
+        fn alerting() -> AbruptPeer {
+            AbruptPeer {
+                data: b"",
+                fails_with: io::ErrorKind::InvalidData,
+                answers_shutdown: true,
+                shut_down: false,
+            }
+        }
     }
 
     impl AsyncRead for AbruptPeer {
@@ -841,7 +877,10 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             if self.data.is_empty() {
-                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                if self.answers_shutdown && !self.shut_down {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(self.fails_with.into()));
             }
             let n = self.data.len().min(buf.remaining());
             buf.put_slice(&self.data[..n]);
@@ -863,7 +902,11 @@ mod tests {
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.answers_shutdown {
+                self.shut_down = true;
+                return Poll::Ready(Ok(()));
+            }
             Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
         }
     }
@@ -871,9 +914,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_closing_without_close_notify_ends_cleanly() {
         let (mut client_app, mut client_leg) = duplex(64);
-        let mut server = AbruptPeer {
-            data: b"last words",
-        };
+        let mut server = AbruptPeer::closing(b"last words");
         client_app.shutdown().await.expect("client quits");
         let mut s = Splice::new(&mut client_leg, &mut server);
         (&mut s).await.expect("a clean end, not an error");
@@ -908,9 +949,7 @@ mod tests {
         watch: Option<&mut Watch>,
     ) -> Result<(), SpliceError> {
         let (mut client_app, mut client_leg) = duplex(64);
-        let mut server = AbruptPeer {
-            data: b"last words",
-        };
+        let mut server = AbruptPeer::closing(b"last words");
         client_app.write_all(said).await.expect("client writes");
         let hang_up = async move {
             let mut got = Vec::new();
