@@ -8,10 +8,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 
 use support::cloud::{
@@ -21,7 +19,7 @@ use support::cloud::{
 use support::fake_rds::{
     ensure_mysql_iam_user, FakeRds, PgAsk, SwitchData, TokenCheck, DEFAULT_ENDPOINT, IAM_USER,
 };
-use support::mariadb::{MariaDb, DATABASE};
+use support::mariadb::{read_packet, MariaDb, DATABASE};
 use support::postgres::{PgCluster, TRUST_USER};
 use support::sigv4::{self, RdsExpectation, RdsSigner};
 use support::wire;
@@ -1049,21 +1047,9 @@ fn tls_to(fake: &FakeRds, tcp: TcpStream) -> TlsStream {
 }
 
 fn tls_to_with_alpn(fake: &FakeRds, tcp: TcpStream, alpn: Option<&[u8]>) -> TlsStream {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&fake.pki().ca).expect("CA") {
-        roots.add(cert.expect("pem")).expect("add root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut config = config;
-    if let Some(alpn) = alpn {
-        config.alpn_protocols = vec![alpn.to_vec()];
-    }
+    let config = fake.pki().tls_client_config(alpn);
     let name = rustls::pki_types::ServerName::try_from(fake.endpoint().to_owned()).expect("name");
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let conn = rustls::ClientConnection::new(config, name).expect("client");
     rustls::StreamOwned::new(conn, tcp)
 }
 
@@ -1239,15 +1225,6 @@ fn fake_rds_postgres_takes_direct_tls_and_forwards_cancel_requests() {
 }
 
 // MySQL by hand: just enough of the client side of the connection phase.
-
-fn read_packet(stream: &mut impl Read) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).expect("packet header");
-    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).expect("packet payload");
-    (header[3], payload)
-}
 
 fn write_packet(stream: &mut impl Write, seq: u8, payload: &[u8]) {
     let mut packet = (payload.len() as u32).to_le_bytes()[..3].to_vec();

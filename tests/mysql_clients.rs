@@ -983,18 +983,9 @@ fn a_client_hello_pipelined_behind_the_ssl_request_starts_tls() {
     let mut greeting = vec![0u8; usize::from(header[0]) | usize::from(header[1]) << 8];
     tcp.read_exact(&mut greeting).expect("greeting");
 
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&local.ca).expect("ca");
-    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = local.tls_client_config(None);
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut conn = rustls::ClientConnection::new(config, name).expect("client");
 
     // SSLRequest (seq 1): PROTOCOL_41 | SSL | SECURE_CONNECTION | PLUGIN_AUTH, then the ClientHello.
     let caps: u32 = 0x200 | 0x800 | 0x8000 | (1 << 19);

@@ -32,8 +32,8 @@ use support::certs::TestPki;
 use support::clients;
 use support::keyhole::Keyhole;
 use support::mariadb::{
-    self, packet, response_header, MariaDb, MariaDbOptions, CLIENT_SSL, DATABASE, NATIVE_PASS,
-    NATIVE_USER,
+    self, packet, read_packet, response_header, MariaDb, MariaDbOptions, CLIENT_SSL, DATABASE,
+    NATIVE_PASS, NATIVE_USER,
 };
 use support::process::{describe_output, KillAfter};
 
@@ -208,20 +208,6 @@ fn connect_raw(port: u16) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("set a read timeout");
     stream
-}
-
-/// Reads one packet: its sequence id and payload.
-fn read_packet(stream: &mut impl Read) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 4];
-    stream
-        .read_exact(&mut header)
-        .expect("a packet header from keyhole");
-    let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
-    let mut payload = vec![0u8; len];
-    stream
-        .read_exact(&mut payload)
-        .expect("a whole packet from keyhole");
-    (header[3], payload)
 }
 
 /// Reads one packet, which must be an ERR, and then the end of the

@@ -440,24 +440,6 @@ impl Read for Wire {
     }
 }
 
-/// A TLS client configuration trusting both the server's and keyhole's CA
-/// (both certificates name localhost).
-fn tls_config(cas: &[&std::path::Path]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        let pem = std::fs::read(ca).expect("read a CA");
-        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-            roots.add(cert.expect("a PEM certificate")).expect("a root");
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
 /// The 20-byte scramble of a greeting payload (both parts).
 fn scramble(greeting: &[u8]) -> Vec<u8> {
     let at = greeting_fields(greeting);
@@ -744,7 +726,8 @@ fn before_the_login_keyhole_answers_like_the_server() {
         &target,
     ]);
     let plain_keyhole = Keyhole::start(&["--ca-file", &ca, &target]);
-    let tls = tls_config(&[&db.pki().ca, &local.ca]);
+    // Both certificates name localhost.
+    let tls = support::certs::tls_client_config_trusting(&[&db.pki().ca, &local.ca], None);
 
     let mut table = Vec::new();
     let mut failures = Vec::new();

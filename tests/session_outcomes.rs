@@ -68,10 +68,16 @@ fn endings(closed: &[HashMap<String, String>]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
+/// Waits for as many "connection closed" lines as `want` has, checks their
+/// (outcome, level) in order, and returns them.
+fn expect_endings(keyhole: &Keyhole, want: &[(&str, &str)]) -> Vec<HashMap<String, String>> {
+    let closed = wait_closed(keyhole, want.len());
+    let want: Vec<(String, String)> = want
+        .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
+        .collect();
+    assert_eq!(endings(&closed), want, "{}", keyhole.logs());
+    closed
 }
 
 /// `keyhole_connections_closed_total{outcome}` on `http`.
@@ -120,17 +126,13 @@ fn postgres_clients_that_close_vanish_or_reset_are_info_each_under_its_own_label
     let reset = socket2::Socket::from(pg_session(port, "outcome_reset"));
     reset.set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
     drop(reset);
-    let closed = wait_closed(&keyhole, 3);
-
-    assert_eq!(
-        endings(&closed),
-        pairs(&[
+    let closed = expect_endings(
+        &keyhole,
+        &[
             ("client_closed", "INFO"),
             ("client_vanished", "INFO"),
             ("client_reset", "INFO"),
-        ]),
-        "{}",
-        keyhole.logs()
+        ],
     );
     assert!(
         closed[..2].iter().all(|f| !f.contains_key("error")),
@@ -169,13 +171,7 @@ fn a_postgres_server_that_ends_the_session_is_upstream_closed() {
     assert!(rest.is_empty(), "nothing after the FATAL: {rest:?}");
     drop(session);
 
-    let closed = wait_closed(&keyhole, 1);
-    assert_eq!(
-        endings(&closed),
-        pairs(&[("upstream_closed", "INFO")]),
-        "{}",
-        keyhole.logs()
-    );
+    expect_endings(&keyhole, &[("upstream_closed", "INFO")]);
     assert_eq!(closed_count(http, "upstream_closed"), 1.0);
 }
 
@@ -196,12 +192,9 @@ fn a_client_over_the_connection_limit_is_a_warning() {
 
     held.write_all(&[b'X', 0, 0, 0, 4]).expect("Terminate");
     drop(held);
-    let closed = wait_closed(&keyhole, 2);
-    assert_eq!(
-        endings(&closed),
-        pairs(&[("too_many_connections", "WARN"), ("client_closed", "INFO")]),
-        "{}",
-        keyhole.logs()
+    expect_endings(
+        &keyhole,
+        &[("too_many_connections", "WARN"), ("client_closed", "INFO")],
     );
 }
 
@@ -244,13 +237,7 @@ fn a_killed_mysql_client_is_client_vanished_not_an_upstream_error() {
         child.kill().expect("SIGKILL the client");
         let _ = child.wait();
     }
-    let closed = wait_closed(&keyhole, KILLED);
-    assert_eq!(
-        endings(&closed),
-        vec![("client_vanished".to_owned(), "INFO".to_owned()); KILLED],
-        "{}",
-        keyhole.logs()
-    );
+    expect_endings(&keyhole, &[("client_vanished", "INFO"); KILLED]);
     assert_eq!(closed_count(http, "client_vanished"), KILLED as f64);
 
     // The CLI's own exit sends COM_QUIT: a goodbye.
@@ -258,28 +245,14 @@ fn a_killed_mysql_client_is_client_vanished_not_an_upstream_error() {
     drop(child.stdin.take());
     let status = child.wait().expect("mariadb exits");
     assert!(status.success(), "{status:?}");
-    let closed = wait_closed(&keyhole, KILLED + 1);
-    assert_eq!(
-        endings(&closed[KILLED..]),
-        pairs(&[("client_closed", "INFO")]),
-        "{}",
-        keyhole.logs()
-    );
+    let mut want = vec![("client_vanished", "INFO"); KILLED];
+    want.push(("client_closed", "INFO"));
+    expect_endings(&keyhole, &want);
     assert!(
         !keyhole.logs().contains(" WARN "),
         "no warning for any of it:\n{}",
         keyhole.logs()
     );
-}
-
-/// One MySQL packet: its sequence id and payload.
-fn read_mysql_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 4];
-    s.read_exact(&mut header).expect("a packet header");
-    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).expect("a packet payload");
-    (header[3], payload)
 }
 
 /// A MySQL session of native_user through keyhole's `port`, logged in by
@@ -288,7 +261,7 @@ fn read_mysql_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
 fn mysql_session(port: u16) -> (TcpStream, u32) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to keyhole");
     s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let (_, greeting) = read_mysql_packet(&mut s);
+    let (_, greeting) = mariadb::read_packet(&mut s);
     let id = mariadb::parse_greeting(&greeting)
         .expect("a greeting")
         .connection_id;
@@ -311,7 +284,7 @@ fn mysql_session(port: u16) -> (TcpStream, u32) {
     response.extend_from_slice(b"mysql_native_password\0");
     s.write_all(&mariadb::packet(1, &response))
         .expect("the login");
-    let (_, ok) = read_mysql_packet(&mut s);
+    let (_, ok) = mariadb::read_packet(&mut s);
     assert_eq!(ok.first(), Some(&0), "OK: {ok:?}");
     (s, id)
 }
@@ -341,19 +314,13 @@ fn a_mysql_client_that_resets_after_kill_query_is_client_reset() {
     db.admin_sql(&format!("KILL QUERY {id}"));
     // The statement ends early (an interrupted SLEEP answers 1): its
     // result set's first packet, the column count, is the sign.
-    let (_, columns) = read_mysql_packet(&mut session);
+    let (_, columns) = mariadb::read_packet(&mut session);
     assert_eq!(columns, [1], "a one-column result");
     let reset = socket2::Socket::from(session);
     reset.set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
     drop(reset);
 
-    let closed = wait_closed(&keyhole, 1);
-    assert_eq!(
-        endings(&closed),
-        pairs(&[("client_reset", "INFO")]),
-        "{}",
-        keyhole.logs()
-    );
+    expect_endings(&keyhole, &[("client_reset", "INFO")]);
     assert_eq!(closed_count(http, "client_reset"), 1.0);
 }
 

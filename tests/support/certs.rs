@@ -77,21 +77,32 @@ impl TestPki {
     /// A TLS client configuration that trusts this CA (and nothing else),
     /// offering `alpn` if given.
     pub fn tls_client_config(&self, alpn: Option<&[u8]>) -> std::sync::Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&self.ca).expect("read the CA");
+        tls_client_config_trusting(&[&self.ca], alpn)
+    }
+}
+
+/// A TLS client configuration (keyhole's crypto provider) trusting the CA
+/// certificates in the PEM files `cas`, offering `alpn` if given.
+pub fn tls_client_config_trusting(
+    cas: &[&std::path::Path],
+    alpn: Option<&[u8]>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        let pem = std::fs::read(ca).expect("read a CA");
         for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
             roots
                 .add(cert.expect("a PEM certificate"))
                 .expect("add the root");
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        if let Some(alpn) = alpn {
-            config.alpn_protocols = vec![alpn.to_vec()];
-        }
-        std::sync::Arc::new(config)
     }
+    let mut config = rustls::ClientConfig::builder_with_provider(keyhole::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if let Some(alpn) = alpn {
+        config.alpn_protocols = vec![alpn.to_vec()];
+    }
+    std::sync::Arc::new(config)
 }

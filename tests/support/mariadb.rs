@@ -212,6 +212,17 @@ pub fn greeting_scramble(payload: &[u8]) -> Vec<u8> {
     scramble
 }
 
+/// Reads one packet from a hand-made client's socket: its sequence id and
+/// payload.
+pub fn read_packet(stream: &mut impl Read) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).expect("a packet header");
+    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).expect("a whole packet");
+    (header[3], payload)
+}
+
 /// `payload` framed as one packet with sequence id `seq`, for hand-made
 /// clients and servers.
 pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
